@@ -1,0 +1,63 @@
+"""Export the encoder as a timm ``VisionTransformer`` state dict plus the ``create_model`` kwargs it needs.
+
+Usage on a machine with timm::
+
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, **timm_kwargs(encoder))
+    model.load_state_dict(timm_state_dict(encoder))  # strict
+
+The kwargs pin every architectural choice, so any plain ``vit_*`` model name works as the base. timm's
+``dynamic_img_size`` resizes ``pos_embed`` bicubically like wildssl, but with antialiasing on, so features
+of crops *smaller* than ``img_size`` differ slightly between the two; at ``img_size`` and above they agree.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from wildssl.models.vit import VisionTransformer
+
+WILDSSL_ONLY_KEYS = ("mask_token",)
+
+
+def _unwrap(model: nn.Module) -> VisionTransformer:
+    # DDP/FSDP wrappers keep the model in `.module`, torch.compile in `._orig_mod`.
+    while not isinstance(model, VisionTransformer):
+        inner = getattr(model, "module", None)
+        if inner is None:
+            inner = getattr(model, "_orig_mod", None)
+        if inner is None:
+            raise TypeError(f"expected a wildssl VisionTransformer, got {type(model).__name__}")
+        model = inner
+    return model
+
+
+def timm_state_dict(encoder: nn.Module) -> dict[str, torch.Tensor]:
+    """The encoder's state dict under timm's names: wildssl-only keys dropped, contiguous CPU tensors."""
+    state = _unwrap(encoder).state_dict()
+    return {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()
+            if name not in WILDSSL_ONLY_KEYS}
+
+
+def timm_kwargs(encoder: nn.Module) -> dict:
+    """Keyword arguments of ``timm.create_model`` that rebuild this encoder's architecture (JSON-safe)."""
+    vit = _unwrap(encoder)
+    return {
+        "img_size": vit.img_size,
+        "patch_size": vit.patch_size,
+        "in_chans": vit.in_chans,
+        "embed_dim": vit.embed_dim,
+        "depth": vit.depth,
+        "num_heads": vit.num_heads,
+        "mlp_ratio": vit.mlp_ratio,
+        "qkv_bias": True,
+        "init_values": None,  # no LayerScale; explicit because timm's DINOv2 presets set one
+        "class_token": True,
+        "reg_tokens": vit.num_register_tokens,
+        "no_embed_class": True,  # pos_embed covers the patches only (see wildssl.models.vit)
+        "pre_norm": False,
+        "fc_norm": False,
+        "global_pool": "token",
+        "dynamic_img_size": True,
+        "num_classes": 0,
+    }
