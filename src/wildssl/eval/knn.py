@@ -1,0 +1,118 @@
+"""Weighted k-nearest-neighbour classification on frozen features (Wu et al. 2018; DINO's eval_knn protocol).
+
+Each test image votes with its ``k`` most cosine-similar training images; a neighbour with similarity
+``s`` adds ``exp(s / T)`` to its class. The class with the largest summed vote wins.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from wildssl.errors import DataError
+
+
+def _check_labels(labels: torch.Tensor, num_classes: int, what: str) -> None:
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        unlabelled = int((labels < 0).sum())
+        raise DataError(
+            f"k-NN {what} labels span [{int(labels.min())}, {int(labels.max())}] ({unlabelled} unlabelled, -1); "
+            f"every image needs a label in [0, {num_classes - 1}]"
+        )
+
+
+def knn_class_scores(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Summed neighbour votes per class: ``(N_test, num_classes)`` float32.
+
+    ``train_features``: ``(N_train, D)``; ``train_labels``: ``(N_train,)`` long in ``[0, num_classes)``;
+    ``test_features``: ``(N_test, D)``. Features are l2-normalized here (a no-op for the output of
+    :func:`wildssl.eval.features.extract_features`), so similarities are cosines. ``k`` larger than the
+    training set uses every training image. Test rows are processed ``chunk_size`` at a time to bound the
+    ``(chunk, N_train)`` similarity matrix; everything runs on the device of ``train_features``.
+    """
+    if train_features.ndim != 2 or test_features.ndim != 2 or train_features.shape[1] != test_features.shape[1]:
+        raise ValueError(
+            f"k-NN needs (N_train, D) and (N_test, D) features, got {tuple(train_features.shape)} "
+            f"and {tuple(test_features.shape)}"
+        )
+    if train_labels.shape != (train_features.shape[0],):
+        raise ValueError(
+            f"k-NN train labels have shape {tuple(train_labels.shape)}, expected ({train_features.shape[0]},)"
+        )
+    if train_features.shape[0] == 0:
+        raise DataError("k-NN has no training images; the train source of the evaluation is empty")
+    if k < 1 or temperature <= 0 or chunk_size < 1:
+        raise ValueError(f"k-NN needs k >= 1, temperature > 0, chunk_size >= 1; got {k}, {temperature}, {chunk_size}")
+    _check_labels(train_labels, num_classes, "train")
+
+    device = train_features.device
+    train = F.normalize(train_features.float(), dim=1)
+    train_labels = train_labels.to(device).long()
+    k = min(k, train.shape[0])
+    scores = []
+    for start in range(0, test_features.shape[0], chunk_size):
+        test = F.normalize(test_features[start : start + chunk_size].to(device).float(), dim=1)
+        similarity, neighbour = (test @ train.T).topk(k, dim=1)  # (chunk, k)
+        votes = torch.zeros(test.shape[0], num_classes, device=device)
+        votes.scatter_add_(1, train_labels[neighbour], (similarity / temperature).exp())
+        scores.append(votes)
+    if not scores:
+        return torch.zeros(0, num_classes, device=device)
+    return torch.cat(scores)
+
+
+def knn_classify(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Predicted class of every test image, ``(N_test,)`` long; arguments as :func:`knn_class_scores`.
+
+    A tie between classes goes to the lowest class index.
+    """
+    scores = knn_class_scores(train_features, train_labels, test_features, num_classes, k, temperature, chunk_size)
+    return scores.argmax(dim=1)
+
+
+def knn_accuracy(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk_size: int = 1024,
+) -> dict[str, float]:
+    """k-NN accuracy as fractions in [0, 1]: ``{"top1": ...}``, plus ``"top5"`` when ``num_classes >= 5``.
+
+    ``test_labels``: ``(N_test,)`` long in ``[0, num_classes)``; other arguments as
+    :func:`knn_class_scores`. Top-5 counts a test image as correct when its label is among the five
+    classes with the largest votes.
+    """
+    if test_labels.shape != (test_features.shape[0],):
+        raise ValueError(
+            f"k-NN test labels have shape {tuple(test_labels.shape)}, expected ({test_features.shape[0]},)"
+        )
+    if test_features.shape[0] == 0:
+        raise DataError("k-NN has no test images; the test source of the evaluation is empty")
+    _check_labels(test_labels, num_classes, "test")
+    scores = knn_class_scores(train_features, train_labels, test_features, num_classes, k, temperature, chunk_size)
+    test_labels = test_labels.to(scores.device).long()
+    accuracy = {"top1": (scores.argmax(dim=1) == test_labels).float().mean().item()}
+    if num_classes >= 5:
+        top5 = scores.topk(5, dim=1).indices
+        accuracy["top5"] = (top5 == test_labels[:, None]).any(dim=1).float().mean().item()
+    return accuracy

@@ -1,0 +1,155 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from wildssl.errors import ConfigError, DataError
+from wildssl.eval.features import IMAGENET_MEAN, IMAGENET_STD, extract_features
+from wildssl.eval.knn import knn_accuracy, knn_class_scores, knn_classify
+
+
+def reference_knn_scores(train, train_labels, test, num_classes, k, temperature):
+    """Per test sample: cosine similarities, sorted, k best vote exp(sim / T) for their class (float64)."""
+    train = train.double() / train.double().norm(dim=1, keepdim=True)
+    test = test.double() / test.double().norm(dim=1, keepdim=True)
+    scores = []
+    for query in test:
+        similarities = sorted(((float(query @ t), int(c)) for t, c in zip(train, train_labels)), reverse=True)
+        votes = [0.0] * num_classes
+        for similarity, label in similarities[:k]:
+            votes[label] += math.exp(similarity / temperature)
+        scores.append(votes)
+    return torch.tensor(scores, dtype=torch.float64)
+
+
+def random_problem(seed, n_train=30, n_test=11, dim=6, num_classes=6):
+    generator = torch.Generator().manual_seed(seed)
+    train = torch.randn(n_train, dim, generator=generator)
+    labels = torch.randint(0, num_classes, (n_train,), generator=generator)
+    test = torch.randn(n_test, dim, generator=generator)
+    test_labels = torch.randint(0, num_classes, (n_test,), generator=generator)
+    return train, labels, test, test_labels
+
+
+@pytest.mark.parametrize("k, chunk_size", [(1, 4), (5, 3), (7, 100)])
+def test_votes_and_predictions_equal_brute_force_reference(k, chunk_size):
+    train, labels, test, _ = random_problem(seed=k)
+    expected = reference_knn_scores(train, labels, test, 6, k, 0.1)
+    scores = knn_class_scores(train, labels, test, 6, k=k, temperature=0.1, chunk_size=chunk_size)
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-4, atol=1e-6)
+    predictions = knn_classify(train, labels, test, 6, k=k, temperature=0.1, chunk_size=chunk_size)
+    assert predictions.dtype == torch.long
+    assert torch.equal(predictions, expected.argmax(dim=1))
+
+
+def test_k_larger_than_train_set_uses_every_train_sample():
+    train, labels, test, _ = random_problem(seed=10, n_train=5)
+    scores = knn_class_scores(train, labels, test, 6, k=50, temperature=0.07)
+    expected = reference_knn_scores(train, labels, test, 6, 5, 0.07)
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_accuracy_top1_and_top5_equal_reference():
+    train, labels, test, test_labels = random_problem(seed=11, n_test=40)
+    expected = reference_knn_scores(train, labels, test, 6, 4, 0.5)
+    top5 = expected.topk(5, dim=1).indices
+    accuracy = knn_accuracy(train, labels, test, test_labels, 6, k=4, temperature=0.5, chunk_size=7)
+    assert accuracy["top1"] == pytest.approx((expected.argmax(1) == test_labels).double().mean().item())
+    assert accuracy["top5"] == pytest.approx((top5 == test_labels[:, None]).any(1).double().mean().item())
+    assert accuracy["top1"] <= accuracy["top5"]
+
+
+def test_separable_clusters_are_classified_perfectly():
+    generator = torch.Generator().manual_seed(12)
+    centres = torch.eye(3, 8) * 5
+    train_labels = torch.arange(3).repeat_interleave(10)
+    test_labels = torch.arange(3).repeat(4)
+    train = centres[train_labels] + 0.3 * torch.randn(30, 8, generator=generator)
+    test = centres[test_labels] + 0.3 * torch.randn(12, 8, generator=generator)
+    accuracy = knn_accuracy(train, train_labels, test, test_labels, num_classes=3, k=20)
+    assert accuracy == {"top1": 1.0}  # no top-5 with fewer than 5 classes
+
+
+def test_unlabelled_train_images_are_rejected():
+    train, labels, test, _ = random_problem(seed=13)
+    labels[0] = -1
+    with pytest.raises(DataError, match="unlabelled"):
+        knn_classify(train, labels, test, 6)
+
+
+class RecordingEncoder(nn.Module):
+    """Returns per-channel means of its input as the class token and constant patches, and records inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs: list[torch.Tensor] = []
+        self.modes: list[bool] = []
+
+    def forward(self, x):
+        self.inputs.append(x)
+        self.modes.append(self.training)
+        cls = x.mean(dim=(2, 3))
+        patch = torch.stack([cls, cls.flip(-1) + 1], dim=1)  # (B, 2, 3), average pool not parallel to cls
+        return {"cls": cls, "patch": patch}
+
+
+def constant_image_batches():
+    colours = torch.tensor([[10, 200, 90], [255, 0, 128], [40, 40, 40]], dtype=torch.uint8)
+    images = colours[:, :, None, None].expand(3, 3, 12, 12).contiguous()
+    return colours, [
+        {"image": images[:2], "label": torch.tensor([4, 1])},
+        {"image": images[2:], "label": torch.tensor([0])},
+    ]
+
+
+def test_features_are_normalized_imagenet_inputs_at_eval_size():
+    colours, batches = constant_image_batches()
+    encoder = RecordingEncoder().train()
+    features, labels = extract_features(encoder, batches, "cpu", image_size=8, pool="cls")
+    # A constant image stays constant under resizing, so the encoder sees (v / 255 - mean) / std per channel.
+    normalized = (colours.double() / 255 - torch.tensor(IMAGENET_MEAN, dtype=torch.float64)) / torch.tensor(
+        IMAGENET_STD, dtype=torch.float64
+    )
+    torch.testing.assert_close(torch.cat(encoder.inputs).mean(dim=(2, 3)).double(), normalized, rtol=1e-5, atol=1e-5)
+    assert all(x.shape[-2:] == (8, 8) and x.dtype == torch.float32 for x in encoder.inputs)
+    expected = normalized / normalized.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(features.double(), expected, rtol=1e-5, atol=1e-6)
+    assert features.dtype == torch.float32 and labels.dtype == torch.long
+    assert labels.tolist() == [4, 1, 0]
+    assert encoder.modes == [False, False] and encoder.training
+
+
+def test_features_resize_with_antialiasing_and_average_pool():
+    # Every fourth column white: a plain bilinear 4x downsampling samples between two black columns and
+    # returns black; an antialiased one averages to a grey near the pattern's mean of 255 / 4.
+    image = torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
+    image[..., ::4] = 255
+    encoder = RecordingEncoder().eval()
+    batch = {"image": image, "label": torch.tensor([0])}
+    features, _ = extract_features(encoder, [batch], "cpu", image_size=4, pool="avg")
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    pixels = (encoder.inputs[0] * std + mean) * 255
+    assert pixels.shape == (1, 3, 4, 4)
+    assert pixels.min() > 40 and pixels.max() < 90
+    cls = encoder.inputs[0].mean(dim=(2, 3))
+    average = (cls + cls.flip(-1) + 1) / 2
+    torch.testing.assert_close(features, average / average.norm(dim=1, keepdim=True))
+    assert not encoder.training
+
+
+def test_feature_extraction_errors_name_the_problem():
+    encoder = RecordingEncoder()
+    with pytest.raises(ConfigError, match="pool"):
+        extract_features(encoder, [], "cpu", pool="max")
+    with pytest.raises(DataError, match="no batches"):
+        extract_features(encoder, [], "cpu")
+    float_batch = [{"image": torch.rand(1, 3, 4, 4), "label": torch.tensor([0])}]
+    with pytest.raises(DataError, match="uint8"):
+        extract_features(encoder, float_batch, "cpu", image_size=4)
+    features, _ = extract_features(encoder, float_batch, "cpu", image_size=4, normalize_images=False)
+    torch.testing.assert_close(encoder.inputs[-1], float_batch[0]["image"])
+    assert features.shape == (1, 3)
