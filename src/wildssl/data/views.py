@@ -1,0 +1,284 @@
+"""Batched RandomResizedCrop views on the device, each remembering its box and flip; multi-crop.
+
+A batch of uint8 images ``(B, 3, S, S)`` (sources resize every image to a square, keeping normalized
+coordinates and reporting the original W/H as ``aspect``) becomes one :class:`ViewBatch` per
+:class:`CropSpec`. Crop boxes are sampled as torchvision's ``RandomResizedCrop`` does, but in
+normalized coordinates of the *original* image and vectorized over the batch; cropping, resizing and
+flipping are one ``grid_sample`` call; the photometric pipelines are in
+:mod:`wildssl.data.photometric`. Every random draw comes from the ``torch.Generator`` passed in, made
+on that generator's device, so a CPU generator gives bit-identical views on CPU for the same seed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from wildssl.data.photometric import PIPELINES, apply_pipeline
+from wildssl.errors import ConfigError, DataError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# torchvision's RandomResizedCrop makes 10 attempts before falling back to a centre crop.
+_CANDIDATES = 10
+
+
+def _rand(
+    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
+) -> torch.Tensor:
+    """Uniform [0, 1) draws on the generator's device (for reproducibility), moved to ``device``."""
+    source = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=source).to(device)
+
+
+def _check_range(name: str, value: tuple[float, float], low: float, high: float) -> None:
+    if len(value) != 2 or not low < value[0] <= value[1] <= high:
+        raise ConfigError(f"crop {name} {tuple(value)} invalid; need ({low} <) min <= max (<= {high})")
+
+
+def sample_crop_boxes(
+    batch_size: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    aspect: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """RandomResizedCrop boxes ``(B, 4)`` (normalized x0, y0, x1, y1 of the original image), float32.
+
+    Per image: area fraction ``f ~ U(scale)``, pixel aspect ratio ``r = w_px / h_px`` with
+    ``log r ~ U(log ratio)``. With the original image's ``aspect = W / H`` (``(B,)``, default 1), the
+    normalized size solves ``wn * hn = f`` and ``(wn W) / (hn H) = r``:
+    ``wn = sqrt(f r / aspect)``, ``hn = sqrt(f aspect / r)``.
+    Ten candidates are drawn per image at once and the first that fits (``wn, hn <= 1``) is kept, its
+    position uniform among the positions inside the image. Images where none fits get torchvision's
+    fallback: the largest centred box whose pixel ratio is ``aspect`` clamped into ``ratio``.
+    Boxes are continuous (not rounded to pixels); views are resampled with ``grid_sample`` anyway.
+    """
+    _check_range("scale", scale, 0.0, 1.0)
+    _check_range("ratio", ratio, 0.0, math.inf)
+    if device is None:
+        device = aspect.device if aspect is not None else torch.device("cpu")
+    device = torch.device(device)
+    if aspect is None:
+        aspect = torch.ones(batch_size, device=device)
+    elif aspect.shape != (batch_size,):
+        raise DataError(f"crop sampling: aspect has shape {tuple(aspect.shape)}, expected ({batch_size},)")
+    aspect = aspect.to(device=device, dtype=torch.float32).unsqueeze(1)
+
+    draws = _rand((batch_size, 2 * _CANDIDATES + 2), generator, device)
+    area = scale[0] + (scale[1] - scale[0]) * draws[:, :_CANDIDATES]
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    pixel_ratio = torch.exp(log_low + (log_high - log_low) * draws[:, _CANDIDATES : 2 * _CANDIDATES])
+    position = draws[:, 2 * _CANDIDATES :]
+
+    # Normalized width / height = pixel ratio / image aspect.
+    normalized_ratio = pixel_ratio / aspect
+    widths = torch.sqrt(area * normalized_ratio)
+    heights = torch.sqrt(area / normalized_ratio)
+    fits = (widths <= 1.0) & (heights <= 1.0)
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # argmax returns the first maximum
+    width = widths.gather(1, first).squeeze(1)
+    height = heights.gather(1, first).squeeze(1)
+    x0 = position[:, 0] * (1.0 - width)
+    y0 = position[:, 1] * (1.0 - height)
+
+    aspect = aspect.squeeze(1)
+    fallback_width = (ratio[1] / aspect).clamp(max=1.0)
+    fallback_height = (aspect / ratio[0]).clamp(max=1.0)
+    fallback = ~fits.any(dim=1)
+    width = torch.where(fallback, fallback_width, width)
+    height = torch.where(fallback, fallback_height, height)
+    x0 = torch.where(fallback, (1.0 - fallback_width) / 2, x0)
+    y0 = torch.where(fallback, (1.0 - fallback_height) / 2, y0)
+    # Rounding can push x0 + width a hair past 1.
+    return torch.stack((x0, y0, x0 + width, y0 + height), dim=1).clamp(0.0, 1.0)
+
+
+def _output_size(size: int | tuple[int, int]) -> tuple[int, int]:
+    height, width = (size, size) if isinstance(size, int) else size
+    if height < 1 or width < 1:
+        raise ConfigError(f"crop size {size} invalid; need positive height and width")
+    return height, width
+
+
+def crop_and_resize(
+    images: torch.Tensor,
+    boxes: torch.Tensor,
+    size: int | tuple[int, int],
+    flip: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Crop ``boxes`` out of ``images`` and resample them to ``size``, optionally mirrored.
+
+    ``images`` ``(B, C, H, W)`` float; ``boxes`` ``(B, 4)`` normalized x0, y0, x1, y1 -> ``(B, C, h, w)``,
+    or ``(B, K, 4)`` (K crops per image) -> ``(B, K, C, h, w)``; ``flip`` ``(B,)`` / ``(B, K)`` bool.
+    Output pixel ``(i, j)`` samples the image at the box point ``(x0 + (j + 0.5) / w * (x1 - x0),
+    y0 + (i + 0.5) / h * (y1 - y0))`` (pixel centres map onto pixel centres), bilinearly with
+    ``align_corners=False``; a flip takes column ``w - 1 - j`` instead. The sampling grid is the affine
+    map of the box written out directly, so the K crops of an image share one ``grid_sample`` call
+    (laid side by side) without copying the image. Edges replicate (``padding_mode="border"``), so
+    sample points within half a pixel of the image edge are not blended with black. No antialiasing:
+    boxes much larger than the output alias, as plain bilinear resizing does.
+    """
+    height, width = _output_size(size)
+    single = boxes.dim() == 2
+    if single:
+        boxes = boxes.unsqueeze(1)
+        flip = flip.unsqueeze(1) if flip is not None else None
+    batch, crops = boxes.shape[:2]
+    if images.dim() != 4 or boxes.shape != (images.shape[0], crops, 4):
+        raise DataError(
+            f"crop_and_resize: images {tuple(images.shape)} and boxes {tuple(boxes.shape)} do not match; "
+            "expected images (B, C, H, W) with boxes (B, 4) or (B, K, 4)"
+        )
+    boxes = boxes.to(images.dtype)
+    x0, y0, x1, y1 = boxes.unbind(dim=-1)  # (B, K) each
+    if flip is not None:
+        x0, x1 = torch.where(flip, x1, x0), torch.where(flip, x0, x1)
+    cols = (torch.arange(width, device=images.device, dtype=images.dtype) + 0.5) / width
+    rows = (torch.arange(height, device=images.device, dtype=images.dtype) + 0.5) / height
+    # grid_sample coordinates: -1 and 1 are the outer edges of the image (align_corners=False).
+    grid_x = 2.0 * (x0.unsqueeze(-1) + (x1 - x0).unsqueeze(-1) * cols) - 1.0  # (B, K, w)
+    grid_y = 2.0 * (y0.unsqueeze(-1) + (y1 - y0).unsqueeze(-1) * rows) - 1.0  # (B, K, h)
+    grid = torch.stack(
+        (
+            grid_x.unsqueeze(1).expand(batch, height, crops, width),
+            grid_y.transpose(1, 2).unsqueeze(-1).expand(batch, height, crops, width),
+        ),
+        dim=-1,
+    ).reshape(batch, height, crops * width, 2)
+    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out = out.view(batch, images.shape[1], height, crops, width).permute(0, 3, 1, 2, 4)
+    return out[:, 0] if single else out
+
+
+@dataclass
+class ViewBatch:
+    """One view of every image in a batch.
+
+    ``images`` ``(B, 3, h, w)`` float, normalized; ``boxes`` ``(B, 4)`` the crop in normalized coordinates
+    of the original image (independent of the flip); ``flipped`` ``(B,)`` bool, True where the view is
+    mirrored; ``source_index`` ``(B,)`` long, the batch row each view was cut from.
+    """
+
+    images: torch.Tensor
+    boxes: torch.Tensor
+    flipped: torch.Tensor
+    source_index: torch.Tensor
+
+
+@dataclass(frozen=True)
+class CropSpec:
+    """How to make one view: output ``size`` (pixels), RandomResizedCrop ``scale`` (area fraction) and
+    ``ratio`` (pixel aspect), horizontal flip probability, and a photometric pipeline name from
+    :data:`wildssl.data.photometric.PIPELINES` (None: no photometric augmentation)."""
+
+    size: int
+    scale: tuple[float, float]
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_prob: float = 0.5
+    photometric: str | None = None
+
+    def __post_init__(self) -> None:
+        _output_size(self.size)
+        _check_range("scale", self.scale, 0.0, 1.0)
+        _check_range("ratio", self.ratio, 0.0, math.inf)
+        if not 0.0 <= self.flip_prob <= 1.0:
+            raise ConfigError(f"crop flip_prob {self.flip_prob} is outside [0, 1]")
+        if self.photometric is not None and self.photometric not in PIPELINES:
+            raise ConfigError(
+                f"crop photometric {self.photometric!r} is unknown; choose one of {sorted(PIPELINES)} or None"
+            )
+
+
+def simclr_specs(size: int = 224) -> list[CropSpec]:
+    """SimCLR's two views: RandomResizedCrop(size, scale=(0.08, 1)), flip 0.5, the ``simclr`` pipeline."""
+    return [CropSpec(size=size, scale=(0.08, 1.0), photometric="simclr") for _ in range(2)]
+
+
+def dino_specs(
+    global_size: int = 224,
+    local_size: int = 96,
+    n_local: int = 8,
+    global_scale: tuple[float, float] = (0.4, 1.0),
+    local_scale: tuple[float, float] = (0.05, 0.4),
+) -> list[CropSpec]:
+    """DINO multi-crop: two global views (pipelines ``dino_global1``, ``dino_global2``) then ``n_local``
+    local views (``dino_local``), all flipped with probability 0.5.
+
+    Defaults are the ``main_dino.py`` argparse defaults (global (0.4, 1), 8 local crops of 96 px at
+    (0.05, 0.4)). The released ViT-S/16 and ViT-B/16 runs instead used global (0.25, 1) and 10 local
+    crops at (0.05, 0.25); recipes that reproduce them should pass those values.
+    """
+    return [
+        CropSpec(size=global_size, scale=global_scale, photometric="dino_global1"),
+        CropSpec(size=global_size, scale=global_scale, photometric="dino_global2"),
+    ] + [CropSpec(size=local_size, scale=local_scale, photometric="dino_local") for _ in range(n_local)]
+
+
+def make_views(
+    images: torch.Tensor,
+    specs: Sequence[CropSpec],
+    generator: torch.Generator,
+    aspect: torch.Tensor | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> list[ViewBatch]:
+    """One :class:`ViewBatch` per spec, in order, from uint8 ``images`` ``(B, 3, H, W)``.
+
+    The images are converted to float [0, 1] once; per spec, boxes and flips are sampled, the crops
+    resampled, the photometric pipeline applied per sample and the result normalized with
+    ``mean``/``std``. Runs of consecutive identical specs (e.g. DINO's local crops) are processed as
+    one batch of ``K * B`` views. ``aspect`` ``(B,)``: W/H of the original images (default: W/H of
+    ``images``).
+    """
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+        raise DataError(
+            f"make_views: images are {images.dtype} {tuple(images.shape)}; expected uint8 (B, 3, H, W)"
+        )
+    if not specs:
+        raise ConfigError("make_views: no crop specs given; pass at least one CropSpec")
+    batch, _, height, width = images.shape
+    device = images.device
+    if aspect is None:
+        aspect = torch.full((batch,), width / height, device=device)
+    elif aspect.shape != (batch,):
+        raise DataError(f"make_views: aspect has shape {tuple(aspect.shape)}, expected ({batch},)")
+    pixels = images.float().div_(255.0)
+    mean_t = torch.tensor(mean, device=device, dtype=pixels.dtype).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=device, dtype=pixels.dtype).view(1, 3, 1, 1)
+    source_index = torch.arange(batch, device=device)
+
+    views: list[ViewBatch] = []
+    start = 0
+    while start < len(specs):
+        spec = specs[start]
+        end = start + 1
+        while end < len(specs) and specs[end] == spec:
+            end += 1
+        crops = end - start
+        # Rows are ordered (crop, image): row k * B + b is crop k of image b.
+        boxes = sample_crop_boxes(
+            crops * batch, spec.scale, spec.ratio, aspect.repeat(crops), generator, device
+        )
+        flipped = _rand((crops * batch,), generator, device) < spec.flip_prob
+        out = crop_and_resize(
+            pixels,
+            boxes.view(crops, batch, 4).transpose(0, 1),
+            spec.size,
+            flipped.view(crops, batch).transpose(0, 1),
+        )
+        out = out.transpose(0, 1).reshape(crops * batch, 3, *out.shape[-2:])
+        if spec.photometric is not None:
+            out = apply_pipeline(spec.photometric, out, generator)
+        out = (out - mean_t) / std_t
+        for k in range(crops):
+            rows = slice(k * batch, (k + 1) * batch)
+            views.append(ViewBatch(out[rows], boxes[rows], flipped[rows], source_index))
+        start = end
+    return views

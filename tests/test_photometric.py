@@ -1,0 +1,223 @@
+from __future__ import annotations
+
+import colorsys
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from wildssl.data.photometric import (
+    PIPELINES,
+    adjust_brightness,
+    adjust_contrast,
+    adjust_hue,
+    adjust_saturation,
+    apply_pipeline,
+    color_jitter,
+    gaussian_blur,
+    hsv_to_rgb,
+    random_grayscale,
+    rgb_to_hsv,
+    solarize,
+)
+from wildssl.errors import ConfigError
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def images(batch: int, size: int, seed: int, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
+    x = torch.rand(batch, 3, size, size, generator=generator(seed), dtype=torch.float64)
+    return low + (high - low) * x
+
+
+def luma(x: torch.Tensor) -> torch.Tensor:
+    return 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+
+
+# --- colour spaces --------------------------------------------------------------------------------
+
+
+def test_hsv_conversions_match_colorsys_and_round_trip():
+    x = images(2, 5, seed=0)
+    x[0, :, 0, 0] = torch.tensor([0.3, 0.3, 0.3])  # grey: hue and saturation 0
+    x[0, :, 0, 1] = 0.0  # black
+    x[0, :, 0, 2] = torch.tensor([0.8, 0.8, 0.2])  # ties between max channels
+    hsv = rgb_to_hsv(x)
+    for b in range(2):
+        for i in range(5):
+            for j in range(5):
+                expected = colorsys.rgb_to_hsv(*x[b, :, i, j].tolist())
+                assert hsv[b, :, i, j].tolist() == pytest.approx(expected, abs=1e-12)
+                back = colorsys.hsv_to_rgb(*hsv[b, :, i, j].tolist())
+                assert hsv_to_rgb(hsv)[b, :, i, j].tolist() == pytest.approx(back, abs=1e-12)
+    torch.testing.assert_close(hsv_to_rgb(hsv), x)
+
+
+def test_hue_shift_rotates_hue_and_keeps_saturation_and_value():
+    x = images(3, 6, seed=1)
+    shift = torch.tensor([0.1, -0.25, 0.5], dtype=torch.float64)
+    before, after = rgb_to_hsv(x), rgb_to_hsv(adjust_hue(x, shift))
+    torch.testing.assert_close(after[:, 1:], before[:, 1:])
+    turned = torch.remainder(after[:, 0] - before[:, 0] - shift.view(-1, 1, 1) + 0.5, 1.0) - 0.5
+    torch.testing.assert_close(turned, torch.zeros_like(turned), atol=1e-9, rtol=0)
+
+
+# --- colour jitter components ---------------------------------------------------------------------
+
+
+def test_brightness_contrast_saturation_follow_torchvision_blend_formulas():
+    x = images(2, 4, seed=2)
+    factor = torch.tensor([0.6, 1.3], dtype=torch.float64)
+    f = factor.view(-1, 1, 1, 1)
+    torch.testing.assert_close(adjust_brightness(x, factor), (f * x).clamp(0, 1))
+    mean_luma = luma(x).mean(dim=(1, 2)).view(-1, 1, 1, 1)
+    torch.testing.assert_close(adjust_contrast(x, factor), (f * x + (1 - f) * mean_luma).clamp(0, 1))
+    expected_saturation = (f * x + (1 - f) * luma(x).unsqueeze(1)).clamp(0, 1)
+    torch.testing.assert_close(adjust_saturation(x, factor), expected_saturation)
+
+
+def reference_jitter(x, brightness, contrast, saturation, hue, prob, seed):
+    """Redraw color_jitter's documented random draws and apply the adjustments one sample at a time."""
+    g = generator(seed)
+    n = x.shape[0]
+    applied = torch.rand(n, generator=g) < prob
+    order = torch.rand(n, 4, generator=g).argsort(dim=1)
+    factors = [
+        max(0.0, 1 - s) + (1 + s - max(0.0, 1 - s)) * torch.rand(n, generator=g)
+        for s in (brightness, contrast, saturation)
+    ]
+    shift = -hue + 2 * hue * torch.rand(n, generator=g)
+    out = x.clone()
+    for b in range(n):
+        if not applied[b]:
+            continue
+        sample = x[b : b + 1]
+        for op in order[b].tolist():
+            if op == 3:
+                sample = adjust_hue(sample, shift[b : b + 1])
+            else:
+                adjust = (adjust_brightness, adjust_contrast, adjust_saturation)[op]
+                sample = adjust(sample, factors[op][b : b + 1])
+        out[b] = sample[0]
+    return out
+
+
+def test_color_jitter_equals_per_sample_adjustments_in_a_per_sample_random_order():
+    x = images(24, 5, seed=3)
+    out = color_jitter(x, 0.8, 0.8, 0.8, 0.2, prob=0.8, generator=generator(4))
+    torch.testing.assert_close(out, reference_jitter(x, 0.8, 0.8, 0.8, 0.2, 0.8, seed=4), atol=1e-9, rtol=0)
+    assert (out >= 0).all() and (out <= 1).all()
+
+
+def test_color_jitter_with_probability_zero_is_the_identity_and_skips_some_samples_at_one_half():
+    x = images(40, 4, seed=5)
+    assert torch.equal(color_jitter(x, 0.4, 0.4, 0.2, 0.1, prob=0.0, generator=generator(6)), x)
+    out = color_jitter(x, 0.4, 0.4, 0.2, 0.1, prob=0.5, generator=generator(6))
+    unchanged = (out == x).flatten(1).all(dim=1)
+    assert 5 < unchanged.sum().item() < 35
+
+
+def test_brightness_only_jitter_scales_each_image_by_one_factor_in_range():
+    x = images(16, 4, seed=7, low=0.2, high=0.6)  # no clamping for factors up to 1.4
+    out = color_jitter(x, 0.4, 0.0, 0.0, 0.0, prob=1.0, generator=generator(8))
+    ratio = (out / x).flatten(1)
+    torch.testing.assert_close(ratio, ratio[:, :1].expand_as(ratio))
+    assert ratio.min() >= 0.6 - 1e-9 and ratio.max() <= 1.4 + 1e-9
+    assert ratio[:, 0].std() > 0.05  # per-sample factors
+
+
+def test_saturation_only_jitter_keeps_luma_without_clamping():
+    x = images(8, 4, seed=9, low=0.3, high=0.7)
+    out = color_jitter(x, 0.0, 0.0, 0.2, 0.0, prob=1.0, generator=generator(10))
+    torch.testing.assert_close(luma(out), luma(x))
+    assert not torch.allclose(out, x)
+
+
+# --- grayscale, blur, solarize --------------------------------------------------------------------
+
+
+def test_grayscale_gives_equal_channels_equal_to_luma():
+    x = images(5, 6, seed=11)
+    out = random_grayscale(x, 1.0, generator(12))
+    torch.testing.assert_close(out[:, 0], luma(x))
+    assert torch.equal(out[:, 0], out[:, 1]) and torch.equal(out[:, 1], out[:, 2])
+    assert torch.equal(random_grayscale(x, 0.0, generator(12)), x)
+
+
+def test_solarize_inverts_pixels_at_or_above_the_threshold():
+    x = images(4, 6, seed=13)
+    x[:, 0, 0, 0] = 0.3
+    out = solarize(x, 1.0, generator(14))
+    torch.testing.assert_close(out, torch.where(x >= 0.5, 1 - x, x))
+    at_threshold = solarize(x, 1.0, generator(14), threshold=0.3)
+    assert at_threshold[:, 0, 0, 0].tolist() == pytest.approx([0.7] * 4)
+    half = solarize(x, 0.5, generator(15), threshold=0.3)
+    for b in range(4):
+        assert torch.equal(half[b], x[b]) or torch.equal(half[b], torch.where(x[b] >= 0.3, 1 - x[b], x[b]))
+
+
+def reference_blur(x: torch.Tensor, sigma: float, radius: int) -> torch.Tensor:
+    """Full 2-D Gaussian convolution with reflect padding, float64."""
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    weights = torch.exp(-(offsets[:, None] ** 2 + offsets[None, :] ** 2) / (2 * sigma**2))
+    weights = (weights / weights.sum()).expand(x.shape[1], 1, -1, -1)
+    padded = F.pad(x, (radius,) * 4, mode="reflect")
+    return F.conv2d(padded, weights, groups=x.shape[1])
+
+
+def test_blur_with_fixed_sigma_matches_a_2d_gaussian_convolution():
+    x = images(2, 40, seed=16)  # kernel of 10% of 40 px: radius 2
+    out = gaussian_blur(x, 1.0, generator(17), sigma=(1.3, 1.3))
+    torch.testing.assert_close(out, reference_blur(x, 1.3, radius=2))
+
+
+def test_blur_keeps_a_constant_image_and_varies_sigma_per_sample():
+    constant = torch.full((6, 3, 20, 20), 0.37, dtype=torch.float64)
+    torch.testing.assert_close(gaussian_blur(constant, 1.0, generator(18)), constant)
+    same = images(1, 30, seed=19).expand(6, -1, -1, -1).contiguous()
+    out = gaussian_blur(same, 1.0, generator(20))
+    differences = [(out[0] - out[b]).abs().max().item() for b in range(1, 6)]
+    assert min(differences) > 1e-4
+    assert torch.equal(gaussian_blur(same, 0.0, generator(20)), same)
+
+
+# --- pipelines ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(PIPELINES))
+def test_pipelines_are_reproducible_per_seed_and_stay_in_range(name):
+    x = images(6, 16, seed=21).float()
+    a = apply_pipeline(name, x, generator(22))
+    b = apply_pipeline(name, x, generator(22))
+    c = apply_pipeline(name, x, generator(23))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert a.shape == x.shape and (a >= 0).all() and (a <= 1).all()
+
+
+def test_pipelines_use_the_papers_parameters():
+    assert PIPELINES["simclr"].jitter == (0.8, 0.8, 0.8, 0.2)
+    assert (PIPELINES["simclr"].blur_prob, PIPELINES["simclr"].solarize_prob) == (0.5, 0.0)
+    blur = {name: PIPELINES[name].blur_prob for name in ("dino_global1", "dino_global2", "dino_local")}
+    assert blur == {"dino_global1": 1.0, "dino_global2": 0.1, "dino_local": 0.5}
+    assert PIPELINES["dino_global2"].solarize_prob == 0.2
+    assert all(p.jitter_prob == 0.8 and p.grayscale_prob == 0.2 for p in PIPELINES.values())
+
+
+def test_unknown_pipeline_raises_a_config_error():
+    with pytest.raises(ConfigError, match="simclr"):
+        apply_pipeline("byol", torch.rand(1, 3, 4, 4), generator(0))
+
+
+def test_blur_kernel_spans_ten_percent_of_the_image_side():
+    # The SimCLR blur kernel for 224 px images has 23 taps (radius 11).
+    x = torch.zeros(1, 3, 224, 224, dtype=torch.float64)
+    x[0, :, 112, 112] = 1.0
+    out = gaussian_blur(x, 1.0, generator(24), sigma=(50.0, 50.0))  # near-flat kernel shows its extent
+    row = out[0, 0, 112]
+    support = (row > 0).nonzero().flatten()
+    assert support.min().item() == 112 - 11 and support.max().item() == 112 + 11
+    assert math.isclose(out.sum().item(), 3.0, rel_tol=1e-9)
