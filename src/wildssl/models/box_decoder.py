@@ -1,0 +1,237 @@
+"""Box tokens, the box-query decoder and the annotation-bootstrapping head (seed 000, Alg. 2, Eq. 3-4).
+
+For an ordered crop pair (source i, target j) the student encodes crop i with the backbone, turns
+the box of crop j *in crop i's frame* into 4 query tokens, and a small transformer decoder whose
+queries are those tokens (plus one learned readout query) cross-attends to crop i's backbone
+tokens. The readout query's output is ``phi_AB(x_i, box_ij)``; the annotation head scores it
+against the base method's annotations ``l_k`` as ``t_AB * cos(phi_AB, psi_AB(l_k))``.
+
+Packing: all ``P = n (n - 1)`` pairs of all ``B`` images run in one pass. Query tokens are laid
+out ``(B * n, n - 1, Q, D)``, grouped by source crop (pairs are source-major, see
+:mod:`wildssl.data.pairs`). Self-attention runs per pair (reshaped to ``(B * P, Q, D)``, so pairs
+never see each other), cross-attention per source crop (reshaped to ``(B * n, (n - 1) Q, D)``), so
+the memory's keys and values are computed once per crop rather than copied for every pair.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wildssl.data.boxes import discretize_box
+
+# CLIP's guard: a learned logit scale above 100 makes the softmax near one-hot and training unstable.
+_MAX_LOGIT_SCALE = 100.0
+
+
+class BoxTokenizer(nn.Module):
+    """Embed a relative box as 4 tokens, one per coordinate ``(x0, y0, x1, y1)``.
+
+    Each coordinate is discretized into ``num_bins`` bins over ``value_range`` (a target crop can
+    stick out of its source crop, so the range extends past ``[0, 1]``; values outside are clamped
+    into the edge bins by :func:`wildssl.data.boxes.discretize_box`) and looked up in that
+    coordinate's own embedding table; a learned per-coordinate type embedding is added.
+
+    With ``use_box_tokens=False`` (the paper's "no box tokens" ablation) every box gets the same
+    4 tokens: one learned mask token plus the type embeddings, so the query count and the
+    decoder are unchanged and only the box information is removed. ``num_bins`` and
+    ``value_range`` are then unused.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_bins: int = 64,
+        value_range: tuple[float, float] = (-1.0, 2.0),
+        use_box_tokens: bool = True,
+    ) -> None:
+        super().__init__()
+        self.use_box_tokens = use_box_tokens
+        self.num_bins = num_bins
+        self.value_range = tuple(value_range)
+        self.type_embed = nn.Parameter(torch.zeros(4, dim))
+        if use_box_tokens:
+            # One table per coordinate, stored as one (4 * num_bins, dim) table with an offset per coordinate.
+            self.coordinate_embed = nn.Embedding(4 * num_bins, dim)
+            self.register_buffer("_offsets", torch.arange(4) * num_bins, persistent=False)
+            nn.init.normal_(self.coordinate_embed.weight, std=0.02)
+        else:
+            self.mask_token = nn.Parameter(torch.zeros(dim))
+            nn.init.normal_(self.mask_token, std=0.02)
+        nn.init.normal_(self.type_embed, std=0.02)
+
+    def forward(self, relative_boxes: torch.Tensor) -> torch.Tensor:
+        """``(..., 4)`` relative boxes -> ``(..., 4, D)`` tokens."""
+        if relative_boxes.shape[-1] != 4:
+            raise ValueError(f"relative boxes must have shape (..., 4), got {tuple(relative_boxes.shape)}")
+        if not self.use_box_tokens:
+            return (self.mask_token + self.type_embed).expand(*relative_boxes.shape, -1)
+        bins = discretize_box(relative_boxes, self.num_bins, self.value_range)
+        return self.coordinate_embed(bins + self._offsets) + self.type_embed
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(M, L, D)`` -> ``(M, L, D)``."""
+        m, length, dim = x.shape
+        q, k, v = self.qkv(x).reshape(m, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(m, length, dim))
+
+
+class _CrossAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """Queries ``(M, L, D)`` attend to memory ``(M, N, D)`` -> ``(M, L, D)``."""
+        m, length, dim = x.shape
+        head_dim = dim // self.num_heads
+        q = self.q(x).reshape(m, length, self.num_heads, head_dim).transpose(1, 2)
+        k, v = self.kv(memory).reshape(m, memory.shape[1], 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(m, length, dim))
+
+
+class _DecoderBlock(nn.Module):
+    """Pre-norm block: self-attention within each pair, cross-attention to the source crop, MLP."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.self_attn = _SelfAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.cross_attn = _CrossAttention(dim, num_heads)
+        self.norm3 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, queries: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """``queries (G, T, Q, D)``: T pairs of Q tokens per source crop; ``memory (G, N, D)``."""
+        g, targets, q, d = queries.shape
+        queries = queries + self.self_attn(self.norm1(queries).reshape(g * targets, q, d)).reshape(queries.shape)
+        queries = queries + self.cross_attn(self.norm2(queries).reshape(g, targets * q, d), memory).reshape(
+            queries.shape
+        )
+        return queries + self.mlp(self.norm3(queries))
+
+
+class BoxQueryDecoder(nn.Module):
+    """S-size transformer decoder with box-token queries, cross-attending to a source crop (seed 000).
+
+    "S-size" fixes the width and heads of ViT-S (384, 6 heads); the depth is a parameter and
+    defaults to 6 (half of ViT-S's 12): the decoder's queries are only 5 tokens per pair, so
+    its cost is dominated by projecting the memory, once per crop and layer.
+
+    Per pair the queries are the 4 box tokens of :class:`BoxTokenizer` followed by one learned
+    readout query; ``phi_AB`` is the final-normalized output of the readout query.
+
+    Args:
+        memory_dim: width of the backbone tokens (projected to ``dim`` by a Linear).
+        dim, depth, num_heads, mlp_ratio: decoder size.
+        num_bins, value_range, use_box_tokens: see :class:`BoxTokenizer`.
+    """
+
+    def __init__(
+        self,
+        memory_dim: int,
+        dim: int = 384,
+        depth: int = 6,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        num_bins: int = 64,
+        value_range: tuple[float, float] = (-1.0, 2.0),
+        use_box_tokens: bool = True,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"decoder width {dim} must be divisible by its number of heads {num_heads}")
+        self.dim = dim
+        self.memory_proj = nn.Linear(memory_dim, dim)
+        self.box_tokenizer = BoxTokenizer(dim, num_bins, value_range, use_box_tokens)
+        self.readout_query = nn.Parameter(torch.zeros(dim))
+        self.blocks = nn.ModuleList(_DecoderBlock(dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        nn.init.normal_(self.readout_query, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, memory: torch.Tensor, relative_boxes: torch.Tensor) -> torch.Tensor:
+        """Decode every ordered pair in one pass.
+
+        Args:
+            memory: ``(B, n, N, D_backbone)`` backbone tokens of each crop (image-major: crop ``i``
+                of image ``b`` at ``[b, i]``).
+            relative_boxes: ``(B, P, 4)`` target box in the source frame per pair, ``P = n (n - 1)``,
+                in the source-major order of :func:`wildssl.data.pairs.ordered_pairs` (as
+                ``pack_pairs`` returns them).
+
+        Returns ``phi_AB``: ``(B, P, dim)``.
+        """
+        if memory.ndim != 4:
+            raise ValueError(f"memory must have shape (B, n, N, D_backbone), got {tuple(memory.shape)}")
+        batch, n_crops, n_tokens, _ = memory.shape
+        num_pairs = n_crops * (n_crops - 1)
+        if relative_boxes.shape != (batch, num_pairs, 4):
+            raise ValueError(
+                f"relative_boxes must have shape (B, n(n-1), 4) = {(batch, num_pairs, 4)} for memory of shape "
+                f"{tuple(memory.shape)}, got {tuple(relative_boxes.shape)}"
+            )
+        memory = self.memory_proj(memory.reshape(batch * n_crops, n_tokens, -1))
+        box_tokens = self.box_tokenizer(relative_boxes.reshape(batch * n_crops, n_crops - 1, 4))
+        readout = self.readout_query.expand(batch * n_crops, n_crops - 1, 1, -1)
+        queries = torch.cat((box_tokens, readout), dim=2)
+        for block in self.blocks:
+            queries = block(queries, memory)
+        return self.norm(queries[:, :, -1]).reshape(batch, num_pairs, self.dim)
+
+
+class AnnotationBootstrapHead(nn.Module):
+    """The student side of annotation bootstrapping: ``phi_AB``, ``psi_AB`` and ``t_AB`` (Eq. 4).
+
+    ``psi_AB`` is a Linear map (no bias) from the base method's annotation embeddings (caption
+    embeddings, other views' projections, or DINO prototypes) into the decoder's output space;
+    the decoder itself is the deep part. Whether gradients reach the annotation embeddings is
+    the caller's choice (detach them to keep the bootstrap loss off the base method's heads).
+    ``t_AB`` is learned through its logarithm, starting at ``init_scale`` (CLIP's 1 / 0.07) and
+    capped at 100.
+    """
+
+    def __init__(self, decoder: BoxQueryDecoder, annotation_dim: int, init_scale: float = 1 / 0.07) -> None:
+        super().__init__()
+        self.decoder = decoder
+        self.annotation_proj = nn.Linear(annotation_dim, decoder.dim, bias=False)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
+        nn.init.trunc_normal_(self.annotation_proj.weight, std=0.02)
+
+    def forward(self, memory: torch.Tensor, relative_boxes: torch.Tensor) -> torch.Tensor:
+        """``phi_AB (B, P, D)``; see :meth:`BoxQueryDecoder.forward`."""
+        return self.decoder(memory, relative_boxes)
+
+    def logits(self, phi: torch.Tensor, annotation_emb: torch.Tensor) -> torch.Tensor:
+        """``t_AB * normalize(phi) . normalize(psi_AB(annotation_emb))``.
+
+        Args:
+            phi: ``(B, P, D)`` decoder outputs.
+            annotation_emb: ``(K, D_a)`` the base method's annotation embeddings.
+
+        Returns ``(B, P, K)`` logits.
+        """
+        annotations = F.normalize(self.annotation_proj(annotation_emb), dim=-1)
+        scale = self.log_scale.exp().clamp(max=_MAX_LOGIT_SCALE)
+        return scale * F.normalize(phi, dim=-1) @ annotations.T
