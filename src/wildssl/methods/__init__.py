@@ -1,0 +1,29 @@
+"""Training methods and their registry. Each method lives in its own file, named after it."""
+
+from __future__ import annotations
+
+import importlib
+
+from wildssl.errors import ConfigError
+
+# name -> "module:Class"; imported lazily so that listing methods costs nothing.
+METHODS = {
+    "simclr": "wildssl.methods.simclr:SimCLR",
+    "dino": "wildssl.methods.dino:DINO",
+}
+
+
+def method_names() -> list[str]:
+    return sorted(METHODS)
+
+
+def get_method_class(name: str):
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r} (method.name); available: {', '.join(method_names())}")
+    module_name, class_name = METHODS[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def build_method(config: dict):
+    """Instantiate the method named by ``config['method']['name']``."""
+    return get_method_class(config["method"]["name"])(config)

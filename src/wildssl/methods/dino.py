@@ -1,0 +1,97 @@
+"""DINO (Caron et al. 2021): self-distillation from an EMA teacher with multi-crop, centering and
+sharpening, over K weight-normalized prototypes."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from wildssl.data.views import dino_specs, make_views
+from wildssl.losses.dino_loss import (DINOCenter, dino_cross_entropy, entropy, teacher_probabilities,
+                                      teacher_temperature_schedule)
+from wildssl.methods.base import Method, StepContext, normalized_embedding_std, pooled
+from wildssl.models.heads import DINOHead
+
+
+class DINO(Method):
+    name = "dino"
+    defaults = {
+        "out_dim": 65536,
+        "hidden_dim": 2048,
+        "bottleneck_dim": 256,
+        "head_layers": 3,
+        "norm_last_layer": True,
+        "global_size": 224,
+        "local_size": 96,
+        "n_local": 10,
+        "global_scale": [0.25, 1.0],
+        "local_scale": [0.05, 0.25],
+        "student_temp": 0.1,
+        "teacher_temp": 0.07,
+        "warmup_teacher_temp": 0.04,
+        "teacher_temp_warmup_epochs": 30.0,
+        "center_momentum": 0.9,
+        "pool": "cls",
+    }
+
+    def __init__(self, config: dict):
+        super().__init__(config)
+        o = self.options
+        width = self.student["backbone"].embed_dim
+        self.student["head"] = DINOHead(width, o["out_dim"], o["hidden_dim"], o["bottleneck_dim"],
+                                        o["head_layers"], o["norm_last_layer"])
+        self.make_teacher()
+        self.center = DINOCenter(o["out_dim"])
+        self.specs = dino_specs(o["global_size"], o["local_size"], o["n_local"],
+                                global_scale=tuple(o["global_scale"]), local_scale=tuple(o["local_scale"]))
+        self.n_global = len(self.specs) - o["n_local"]
+
+    def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
+        o = self.options
+        # A run shorter than the warm-up (a smoke test with train.steps=2) warms up over the whole run.
+        warmup = min(int(round(o["teacher_temp_warmup_epochs"] * steps_per_epoch)), total_steps)
+        return {"teacher_temp": np.asarray(teacher_temperature_schedule(
+            o["warmup_teacher_temp"], o["teacher_temp"], warmup, total_steps), dtype=np.float64)}
+
+    def _logits(self, networks, views) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Run crops of equal size together (one backbone call per resolution); logits per crop."""
+        logits, features = [], []
+        start = 0
+        while start < len(views):
+            end = start
+            while end < len(views) and views[end].images.shape[-1] == views[start].images.shape[-1]:
+                end += 1
+            images = torch.cat([v.images for v in views[start:end]])
+            feature = pooled(networks["backbone"](images), self.options["pool"])
+            logits.extend(networks["head"](feature).chunk(end - start))
+            features.append(feature)
+            start = end
+        return logits, features[0]
+
+    def annotation_space(self, images: torch.Tensor):
+        """phi = bottleneck embedding (l2-normalized), psi = prototypes, scale = 1 / student_temp."""
+        head = self.student["head"]
+        phi = head.forward_bottleneck(pooled(self.student["backbone"](images), self.options["pool"]))
+        return phi, head.prototypes(), 1.0 / self.options["student_temp"]
+
+    def forward(self, batches: dict[str, dict], step: StepContext) -> dict:
+        batch = batches["train"]
+        views = make_views(batch["image"], self.specs, step.generator, aspect=batch["aspect"])
+        teacher_temp = step.values["teacher_temp"]
+        with torch.no_grad():
+            teacher_logits, teacher_features = self._logits(self.teacher, views[: self.n_global])
+            stacked = torch.cat(teacher_logits).float()
+            probs = teacher_probabilities(stacked, self.center.center, teacher_temp)
+            teacher_probs = list(probs.chunk(self.n_global))
+        student_logits, _ = self._logits(self.student, views)
+        loss = dino_cross_entropy([s.float() for s in student_logits], teacher_probs,
+                                  self.options["student_temp"])
+        self.center.update(stacked, self.options["center_momentum"])
+        return {"loss": loss, "metrics": {
+            "teacher_entropy": entropy(probs).mean(),
+            "uniform_loss": math.log(self.options["out_dim"]),
+            "embedding_std": normalized_embedding_std(teacher_features),
+            "teacher_temp": teacher_temp,
+        }}

@@ -1,0 +1,111 @@
+"""Metrics to JSONL and TensorBoard, and collapse alarms.
+
+``metrics.jsonl`` in the run directory gets one JSON object per logged step (``step``, ``time`` and
+every metric); TensorBoard event files go to ``<run>/tensorboard`` when the ``tensorboard`` package is
+installed (optional dependency: ``pip install wildssl[tensorboard]``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+log = logging.getLogger("wildssl")
+
+
+class MetricLogger:
+    """Append metrics to ``<run>/metrics.jsonl`` and, optionally, TensorBoard."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                log.info("tensorboard is not installed; metrics go to %s only", self.path)
+            else:
+                self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        record = {"step": step, "time": time.time(), **metrics}
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for name, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """All records of a run's ``metrics.jsonl``."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class CollapseMonitor:
+    """Warn about the three collapses users of DINO-style training hit most.
+
+    The method reports, where it can:
+    - ``uniform_loss``: ln(K) for a distillation loss over K prototypes. A loss that sits within
+      ``rel_tol`` of it means the student predicts (and the teacher gives) a uniform distribution.
+    - ``teacher_entropy``: mean entropy of the teacher's distribution, in nats. Near 0 means every
+      image gets the same one-hot target.
+    - ``embedding_std``: per-dimension std across the batch of l2-normalized embeddings, times sqrt(D)
+      (about 1 for well-spread embeddings, 0 when all embeddings coincide).
+    An alarm fires only after ``patience`` consecutive logged steps past ``after_step``.
+    """
+
+    def __init__(self, after_step: int = 0, patience: int = 3, rel_tol: float = 0.01,
+                 entropy_floor: float = 0.05, std_floor: float = 0.05):
+        self.after_step = after_step
+        self.patience = patience
+        self.rel_tol = rel_tol
+        self.entropy_floor = entropy_floor
+        self.std_floor = std_floor
+        self.counts = {"uniform": 0, "one_hot": 0, "embedding": 0}
+
+    def check(self, step: int, metrics: dict[str, float]) -> list[str]:
+        """Update counters with this step's metrics; return the alarms that fire now."""
+        findings = {name: False for name in self.counts}
+        if "uniform_loss" in metrics and "loss" in metrics and metrics["uniform_loss"] > 0:
+            findings["uniform"] = abs(metrics["loss"] - metrics["uniform_loss"]) <= (
+                self.rel_tol * metrics["uniform_loss"])
+        if "teacher_entropy" in metrics:
+            findings["one_hot"] = metrics["teacher_entropy"] < self.entropy_floor
+        if "embedding_std" in metrics:
+            findings["embedding"] = metrics["embedding_std"] < self.std_floor
+        alarms = []
+        for name, found in findings.items():
+            self.counts[name] = self.counts[name] + 1 if (found and step >= self.after_step) else 0
+            if self.counts[name] >= self.patience:
+                alarms.append(self._message(name, metrics))
+        return alarms
+
+    @staticmethod
+    def _message(name: str, metrics: dict[str, float]) -> str:
+        if name == "uniform":
+            return (f"collapse alarm: loss {metrics['loss']:.4f} sits at ln(K) = {metrics['uniform_loss']:.4f} "
+                    "(uniform collapse: check teacher temperature, centering momentum, lr)")
+        if name == "one_hot":
+            return (f"collapse alarm: teacher entropy {metrics['teacher_entropy']:.4f} nats is near 0 "
+                    "(one-hot collapse: check centering)")
+        return (f"collapse alarm: embedding std {metrics['embedding_std']:.4f} (x sqrt(D)) is near 0 "
+                "(all embeddings coincide)")
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

@@ -1,0 +1,40 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+TINY_DATA = "synthetic:scenes?n=64&size=16&split=train"
+
+TINY_MODEL = ["model.name=tiny", "model.depth=1", "model.embed_dim=32", "model.num_heads=2",
+              "model.patch_size=4", "model.img_size=16", "data.load_size=16", "data.num_workers=0",
+              f"data.train={TINY_DATA}", "train.batch_size=16", "train.log_every=1",
+              "train.progress=false", "train.tensorboard=false", "eval.knn_every=0"]
+
+TINY_METHOD = {
+    "simclr": ["method.crop_size=16", "method.proj_hidden_dim=32", "method.proj_dim=16"],
+    "dino": ["method.global_size=16", "method.local_size=8", "method.n_local=2", "method.out_dim=64",
+             "method.hidden_dim=32", "method.bottleneck_dim=16", "method.teacher_temp_warmup_epochs=1"],
+}
+
+
+def tiny_overrides(method: str, *extra: str) -> list[str]:
+    return TINY_MODEL + TINY_METHOD[method] + list(extra)
+
+
+def shared_data_dir() -> Path | None:
+    """../shared/data beside the repo (or $WILDSSL_SHARED_DATA); None when absent."""
+    env = os.environ.get("WILDSSL_SHARED_DATA")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data")
+    return next((c for c in candidates if c.is_dir()), None)
+
+
+@pytest.fixture
+def shared_data():
+    path = shared_data_dir()
+    if path is None:
+        pytest.skip("shared data not present")
+    return path

@@ -1,0 +1,102 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from wildssl.cli import main
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _train(tmp_path, capsys, method="simclr", *extra):
+    argv = ["train", f"{method}_quick", "--out", str(tmp_path / "run")]
+    for item in tiny_overrides(method, "train.steps=2", *extra):
+        argv += ["--set", item]
+    code, out, err = _run(capsys, *argv)
+    assert code == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_train_then_eval_knn_json_then_export_round_trip(tmp_path, capsys):
+    summary = _train(tmp_path, capsys, "dino")
+    assert summary["steps"] == 2
+    data = "synthetic:scenes?n=32&size=16"
+    code, out, err = _run(capsys, "eval", "knn", "--checkpoint", str(tmp_path / "run"), "--train",
+                          data + "&split=train", "--test", data + "&split=test", "--json")
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert 0.0 <= result["knn_top1"] <= 1.0
+    code, out, err = _run(capsys, "eval", "knn", "--checkpoint", str(tmp_path / "run"), "--random-init",
+                          "--train", data + "&split=train", "--test", data + "&split=test", "--json")
+    assert code == 0, err
+    assert "knn_top1" in json.loads(out.strip().splitlines()[-1])
+
+    import wildssl
+
+    trained = wildssl.load_encoder(tmp_path / "run")
+    images = torch.randn(2, 3, 16, 16)
+    for flag in ([], ["--timm"]):
+        export = tmp_path / f"export{len(flag)}.safetensors"
+        code, out, err = _run(capsys, "export", "--checkpoint", str(tmp_path / "run"), "--out", str(export), *flag)
+        assert code == 0, err
+        exported = wildssl.load_encoder(export)
+        torch.testing.assert_close(exported.forward_features(images), trained.forward_features(images))
+    tokens = trained.forward_features(images)
+    assert tokens.shape == (2, 1 + 16, 32)
+
+
+def test_teacher_is_the_default_encoder_and_student_is_selectable(tmp_path, capsys):
+    _train(tmp_path, capsys, "dino", "ema.momentum=0.5")
+    import wildssl
+
+    teacher, student = wildssl.load_encoder(tmp_path / "run"), wildssl.load_encoder(tmp_path / "run", teacher=False)
+    assert not torch.equal(teacher.cls_token, student.cls_token)
+    assert torch.equal(wildssl.load_encoder(tmp_path / "run", teacher=True).cls_token, teacher.cls_token)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["train", "simclr_quick", "--data", "/no/such/folder"], "data path not found: /no/such/folder"),
+    (["train", "simclr_quick", "--set", "optim.lrr=1"], "unknown config key 'optim.lrr'"),
+    (["train", "no_such_recipe"], "unknown recipe 'no_such_recipe'"),
+    (["eval", "knn", "--checkpoint", "/no/such/run", "--train", "synthetic:scenes", "--test", "synthetic:scenes"],
+     "checkpoint not found: /no/such/run"),
+])
+def test_bad_input_is_one_line_error_with_status_2(capsys, argv, expected):
+    code, out, err = _run(capsys, *argv)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in err
+
+
+def test_corrupt_checkpoint_is_one_line_error(tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 100)
+    code, out, err = _run(capsys, "export", "--checkpoint", str(bad), "--out", str(tmp_path / "x.safetensors"))
+    assert code == 2 and "cannot read checkpoint" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_recipes_lists_every_shipped_recipe(capsys):
+    code, out, _ = _run(capsys, "recipes")
+    assert code == 0
+    names = {line.split()[0] for line in out.splitlines()}
+    assert {"demo", "dino", "dino_quick", "simclr", "simclr_quick"} <= names
+
+
+def test_ddp_training_with_two_gloo_processes(tmp_path):
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "wildssl.cli", "train", "simclr_quick", "--out", str(tmp_path / "ddp")]
+    for item in tiny_overrides("simclr", "train.steps=2"):
+        argv += ["--set", item]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120,
+                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 2 and (tmp_path / "ddp" / "checkpoint.safetensors").is_file()

@@ -1,0 +1,117 @@
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_overrides
+from wildssl.errors import CheckpointError, ConfigError
+from wildssl.methods.dino import DINO
+from wildssl.train.checkpoint import CHECKPOINT_NAME
+from wildssl.train.config import build_config
+from wildssl.train.engine import StepBatchSampler, TrainingStopped, train
+
+
+def _config(method="dino", *extra):
+    return build_config(f"{method}_quick", tiny_overrides(method, *extra))
+
+
+def _interrupt_at(monkeypatch, cls, step_to_interrupt):
+    original = cls.forward
+
+    def forward(self, batch, step):
+        if step.step == step_to_interrupt:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, batch, step)
+
+    monkeypatch.setattr(cls, forward.__name__, forward)
+
+
+def test_resume_after_ctrl_c_is_bit_identical_to_an_unbroken_run(tmp_path, monkeypatch):
+    config = _config("dino", "train.steps=6", "train.checkpoint_every=0", "model.drop_path_rate=0.1")
+    train(config, tmp_path / "straight")
+    _interrupt_at(monkeypatch, DINO, 2)
+    with pytest.raises(KeyboardInterrupt, match="step 3"):
+        train(config, tmp_path / "broken")
+    monkeypatch.undo()
+    assert load_file(str(tmp_path / "broken" / CHECKPOINT_NAME))  # saved on Ctrl-C
+    summary = train(config, tmp_path / "broken", resume=True)
+    assert summary["start_step"] == 3
+    straight = load_file(str(tmp_path / "straight" / CHECKPOINT_NAME))
+    resumed = load_file(str(tmp_path / "broken" / CHECKPOINT_NAME))
+    assert straight.keys() == resumed.keys()
+    different = [k for k in straight if not torch.equal(straight[k], resumed[k])]
+    assert not different, different[:5]
+    assert any(k.startswith("method.teacher.") for k in straight)
+
+
+def test_training_changes_weights_and_logs_metrics(tmp_path):
+    config = _config("simclr", "train.steps=3")
+    summary = train(config, tmp_path)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and '"loss"' in lines[0] and '"images_per_s"' in lines[0]
+    assert summary["final_loss"] > 0 and (tmp_path / "config.yaml").is_file()
+
+
+def test_existing_run_directory_is_not_overwritten_without_resume(tmp_path):
+    config = _config("simclr", "train.steps=1")
+    train(config, tmp_path)
+    before = (tmp_path / CHECKPOINT_NAME).read_bytes()
+    with pytest.raises(CheckpointError, match="--resume"):
+        train(config, tmp_path)
+    assert (tmp_path / CHECKPOINT_NAME).read_bytes() == before
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path):
+    train(_config("simclr", "train.steps=1"), tmp_path)
+    with pytest.raises(ConfigError, match="optim.lr"):
+        train(_config("simclr", "train.steps=2", "optim.lr=0.5"), tmp_path, resume=True)
+
+
+def _nan_at(monkeypatch, cls, bad_steps):
+    original = cls.forward
+
+    def forward(self, batch, step):
+        output = original(self, batch, step)
+        if step.step in bad_steps:
+            output["loss"] = output["loss"] * float("nan")
+        return output
+
+    monkeypatch.setattr(cls, "forward", forward)
+
+
+def test_nonfinite_loss_is_skipped_and_counted_without_touching_weights(tmp_path, monkeypatch):
+    from wildssl.methods.simclr import SimCLR
+
+    _nan_at(monkeypatch, SimCLR, {1})
+    summary = train(_config("simclr", "train.steps=3"), tmp_path)
+    assert summary["nonfinite_steps"] == 1
+    weights = load_file(str(tmp_path / CHECKPOINT_NAME))
+    assert all(torch.isfinite(v).all() for k, v in weights.items() if v.is_floating_point())
+
+
+def test_nonfinite_loss_with_stop_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from wildssl.methods.simclr import SimCLR
+
+    _nan_at(monkeypatch, SimCLR, {2})
+    config = _config("simclr", "train.steps=4", "train.checkpoint_every=1", "train.nonfinite=stop")
+    with pytest.raises(TrainingStopped, match="last good checkpoint"):
+        train(config, tmp_path)
+    from wildssl.train.checkpoint import load_training_checkpoint
+    from wildssl.methods import build_method
+
+    assert load_training_checkpoint(tmp_path, build_method(config), None)["step"] == 2
+
+
+def test_step_sampler_covers_each_epoch_once_and_splits_ranks():
+    full = list(StepBatchSampler(10, 4, total_steps=4, seed=3))
+    epoch0 = sorted(i for batch in full[:2] for i in batch)
+    assert len(set(epoch0)) == 8 and all(len(b) == 4 for b in full)
+    rank0 = list(StepBatchSampler(10, 4, total_steps=4, seed=3, rank=0, world_size=2))
+    rank1 = list(StepBatchSampler(10, 4, total_steps=4, seed=3, rank=1, world_size=2))
+    assert [a + b for a, b in zip(rank0, rank1)] == full
+    resumed = list(StepBatchSampler(10, 4, total_steps=4, start_step=3, seed=3))
+    assert resumed == full[3:]
+    with pytest.raises(ConfigError, match="larger than the data source"):
+        StepBatchSampler(3, 4, total_steps=1)
