@@ -34,3 +34,15 @@ def test_ema_with_momentum_zero_copies_the_student():
     ema_update_(teacher, student, 0.0)
     for k, v in teacher.state_dict().items():
         assert torch.equal(v, student.state_dict()[k])
+
+
+def test_ema_pairs_parameters_by_name_when_the_student_has_extra_modules():
+    student = torch.nn.ModuleDict({"backbone": torch.nn.Linear(4, 3), "extra": torch.nn.Linear(2, 2)})
+    teacher = torch.nn.ModuleDict({"backbone": torch.nn.Linear(4, 3)})
+    expected = 0.5 * teacher["backbone"].weight + 0.5 * student["backbone"].weight
+    ema_update_(teacher, student, 0.5)
+    torch.testing.assert_close(teacher["backbone"].weight, expected)
+    import pytest
+
+    with pytest.raises(ValueError, match="no matching student parameter"):
+        ema_update_(student, teacher, 0.5)
