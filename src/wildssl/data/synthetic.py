@@ -147,7 +147,7 @@ _BOX_DRAWS = 4  # side, stretch, centre x, centre y
 _DRAWS = _HEADER_DRAWS + (1 + _MAX_DISTRACTORS) * _OBJECT_DRAWS + _BOX_DRAWS * (1 + _MAX_DISTRACTORS * _PLACEMENT_TRIES)
 
 
-def sample_scene(rng: np.random.Generator, num_classes: int) -> Scene:
+def sample_scene(rng: np.random.Generator, num_classes: int, colours: int = len(PALETTE)) -> Scene:
     """Draw a scene: main object, 1-3 distractors not touching any other object, colours, background.
 
     All randomness comes from one fixed-size block of uniforms: a scene costs one generator call, and
@@ -157,7 +157,7 @@ def sample_scene(rng: np.random.Generator, num_classes: int) -> Scene:
     split = (1 + _MAX_DISTRACTORS) * _OBJECT_DRAWS
     object_draws, box_draws = draws[:split], draws[split:]
     count_draw, background_draw, *background_jitter, angle_draw, strength_draw, noise_draw = header
-    background = int(background_draw * len(PALETTE))
+    background = int(background_draw * colours)
 
     boxes = [_box(MAIN_SIDE, box_draws[:_BOX_DRAWS])]
     for distractor in range(1 + int(count_draw * _MAX_DISTRACTORS)):
@@ -173,7 +173,7 @@ def sample_scene(rng: np.random.Generator, num_classes: int) -> Scene:
     objects = []
     for m, box in enumerate(boxes):
         shape_draw, colour_draw, *jitter = object_draws[_OBJECT_DRAWS * m : _OBJECT_DRAWS * (m + 1)]
-        colour = int(colour_draw * (len(PALETTE) - 1))
+        colour = int(colour_draw * (colours - 1))
         colour += colour >= background  # any palette entry but the background's
         rgb = _jittered(PALETTE[colour][1], jitter)
         objects.append(SceneObject(shape=int(shape_draw * num_classes), colour=colour, rgb=rgb, box=box))
@@ -235,13 +235,15 @@ class SyntheticScenes(Source):
         num_classes: how many of ``SHAPES`` are used (for the main object and the distractors).
         load_size: output side; ``None`` keeps ``size``, otherwise the render is resized (bilinear) as a
             decoded image would be.
+        colours: how many of ``PALETTE``'s colours are used (the first ones). Few colours make colour
+            useless for telling scenes apart, so self-supervised methods must look at shapes.
 
     Samples follow :class:`wildssl.data.sources.Source`; ``aspect`` is 1.0, ``boxes`` hold every object
     (main first) with its shape as box label, ``labels`` the sorted set of shapes present.
     """
 
     # what ``open_source("synthetic:scenes?...")`` accepts, with the type each query value is parsed to
-    QUERY_PARAMETERS = {"n": int, "size": int, "seed": int, "split": str, "num_classes": int}
+    QUERY_PARAMETERS = {"n": int, "size": int, "seed": int, "split": str, "num_classes": int, "colours": int}
 
     def __init__(
         self,
@@ -251,6 +253,7 @@ class SyntheticScenes(Source):
         split: str = "train",
         num_classes: int = len(SHAPES),
         load_size: int | None = None,
+        colours: int = len(PALETTE),
     ) -> None:
         where = f"synthetic:scenes (n={n}, size={size}, seed={seed}, split={split}, num_classes={num_classes})"
         if n < 1:
@@ -263,9 +266,12 @@ class SyntheticScenes(Source):
             raise DataError(f"{where}: split must be one of {', '.join(SPLITS)}")
         if not 2 <= num_classes <= len(SHAPES):
             raise DataError(f"{where}: num_classes must be in 2..{len(SHAPES)}")
+        if not 2 <= colours <= len(PALETTE):
+            raise DataError(f"{where}: colours must be in 2..{len(PALETTE)}")
         if load_size is not None and load_size < 1:
             raise DataError(f"{where}: load_size must be >= 1, got {load_size}")
         self.n, self.size, self.seed, self.split, self.num_classes = n, size, seed, split, num_classes
+        self.colours = colours
         self.load_size = size if load_size is None else load_size
         self.classes = list(SHAPES[:num_classes])
 
@@ -277,7 +283,7 @@ class SyntheticScenes(Source):
         if not 0 <= index < self.n:
             raise IndexError(f"index {index} out of range for {self.n} synthetic scenes")
         rng = np.random.default_rng([self.seed, SPLITS.index(self.split), index])
-        return sample_scene(rng, self.num_classes)
+        return sample_scene(rng, self.num_classes, self.colours)
 
     def __getitem__(self, index: int) -> dict:
         scene = self.scene(index)
