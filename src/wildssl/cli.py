@@ -1,4 +1,4 @@
-"""The ``wildssl`` command line: train, eval knn, export, demo, recipes.
+"""The ``wildssl`` command line: train, eval knn, export, plot, demo, recipes.
 
 User errors (a missing path, a bad config key, a corrupt checkpoint) print one line and exit with
 status 2; an interrupted run saves a checkpoint and exits with 130.
@@ -114,6 +114,15 @@ def cmd_export(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- plot
+
+def cmd_plot(args) -> int:
+    from wildssl.eval.plot import plot_run
+
+    print(f"wrote {plot_run(args.run, args.out)}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- recipes
 
 def cmd_recipes(args) -> int:
@@ -218,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("plot", help="plot a run's metrics (loss, k-NN, bootstrap agreement per IoU bucket)")
+    p.add_argument("run", help="run directory (holding metrics.jsonl)")
+    p.add_argument("--out", help="output PNG (default <run>/metrics.png)")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("recipes", help="list the shipped recipes")
     p.set_defaults(func=cmd_recipes)

@@ -1,0 +1,57 @@
+"""``wildssl plot RUN``: curves of a run's logged metrics, including annotation bootstrapping's top-1
+agreement per source/target IoU bucket. Needs matplotlib (``pip install wildssl[plot]``)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from wildssl.errors import ConfigError, DataError
+from wildssl.train.logging import read_metrics
+
+AGREEMENT = re.compile(r"^agreement_iou_(?P<low>[0-9.]+)-(?P<high>[0-9.]+)$")
+
+
+def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """Steps and values of ``key`` over the records that have it."""
+    pairs = [(r["step"], r[key]) for r in records if key in r]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write ``<run>/metrics.png`` (or ``out``): loss panel, k-NN panel, bootstrap-agreement panel."""
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    if not records:
+        raise DataError(f"no metrics to plot in {run_dir} (expected {run_dir / 'metrics.jsonl'})")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError("wildssl plot needs matplotlib: pip install matplotlib (or wildssl[plot])") from None
+
+    keys = sorted({k for r in records for k in r})
+    buckets = sorted((k for k in keys if AGREEMENT.match(k)), key=lambda k: float(AGREEMENT.match(k)["low"]))
+    losses = [k for k in ("loss", "base_loss", "bootstrap_loss") if k in keys]
+    knn = [k for k in ("knn_top1", "knn_top5") if k in keys]
+    panels = [("loss", losses), ("k-NN accuracy", knn),
+              ("bootstrap top-1 agreement by IoU", (["agreement"] if "agreement" in keys else []) + buckets)]
+    panels = [(title, names) for title, names in panels if names]
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for axis, (title, names) in zip(axes[0], panels):
+        for name in names:
+            steps, values = series(records, name)
+            label = name.replace("agreement_iou_", "IoU ")
+            axis.plot(steps, values, label=label, linewidth=2 if name == "agreement" else 1.2)
+        axis.set_title(title)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle(str(run_dir))
+    figure.tight_layout()
+    out = Path(out) if out else run_dir / "metrics.png"
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    return out
