@@ -24,6 +24,17 @@ def tiny_overrides(method: str, *extra: str) -> list[str]:
     return TINY_MODEL + TINY_METHOD[method] + list(extra)
 
 
+TINY_AB = ["method.ab_n_crops=3", "method.ab_crop_size=16", "method.ab_decoder_depth=1",
+           "method.ab_decoder_width=32", "method.ab_decoder_heads=2", "method.ab_num_bins=16",
+           "data.bootstrap=synthetic:scenes?n=64&size=16&split=test"]
+
+
+def tiny_ab_overrides(base: str, *extra: str) -> list[str]:
+    """A tiny annotation-bootstrapping config over ``base``; annotation stream = the tiny scenes."""
+    common = [o.replace("data.train=", "data.annotation=") for o in TINY_MODEL]
+    return [f"method.name=ab_{base}"] + common + TINY_METHOD[base] + TINY_AB + list(extra)
+
+
 def shared_data_dir() -> Path | None:
     """../shared/data beside the repo (or $WILDSSL_SHARED_DATA); None when absent."""
     env = os.environ.get("WILDSSL_SHARED_DATA")

@@ -50,6 +50,20 @@ class StepContext:
     total_steps: int
     generator: torch.Generator
     values: dict[str, float] = field(default_factory=dict)  # this step's entries of method.schedules()
+    log: bool = True  # the engine logs this step: compute costly diagnostics (GPU syncs) only then
+
+
+@dataclass
+class AnnotationSpace:
+    """A base method's distribution over a set of K annotations for M images (annotation bootstrapping).
+
+    ``logits`` ``(M, K)``: p(l | image) = softmax(logits) row-wise, every temperature, scale and centering
+    already applied. ``annotations`` ``(K, D_a)``: the annotation embeddings psi(l) that the bootstrap head
+    maps into its own space (detached: the bootstrap loss does not train the base method's heads).
+    """
+
+    logits: torch.Tensor
+    annotations: torch.Tensor
 
 
 class Method(nn.Module):
@@ -99,10 +113,21 @@ class Method(nn.Module):
             raise ValueError(f"method {self.name} has no teacher encoder")
         return (self.teacher if teacher else self.student)["backbone"]
 
-    def annotation_space(self, *args, **kwargs):
-        """(phi(x), psi(annotations), scale) such that p(l|x) = softmax(scale * phi . psi).
+    def prepare(self, sources: dict, run_dir) -> None:
+        """Called by the engine once the data sources exist and before training or resuming (e.g. CLIP
+        trains or loads its caption tokenizer here, saved in ``run_dir``). Default: nothing."""
 
-        Implemented by methods that annotation bootstrapping can wrap (CLIP, SimCLR, DINO)."""
+    def annotation_dim(self) -> int:
+        """Width D_a of :attr:`AnnotationSpace.annotations` (for annotation bootstrapping's psi_AB)."""
+        raise NotImplementedError(f"method {self.name} does not expose an annotation space")
+
+    @torch.no_grad()
+    def annotation_space(self, networks: nn.ModuleDict, images: torch.Tensor, annotation_batch: dict,
+                         step: StepContext) -> AnnotationSpace:
+        """p(annotation | image) of ``images`` ``(M, 3, h, w)`` (normalized) computed with ``networks``
+        (the EMA teacher, or the student for the no-EMA ablation), over annotations drawn from
+        ``annotation_batch`` (captions for CLIP, other images' views for SimCLR) or fixed (DINO's
+        prototypes). Implemented by the methods annotation bootstrapping can wrap."""
         raise NotImplementedError(f"method {self.name} does not expose an annotation space")
 
     def stream_batch_size(self, stream: str, first_batch_size: int) -> int:

@@ -11,7 +11,7 @@ import torch
 from wildssl.data.views import dino_specs, make_views
 from wildssl.losses.dino_loss import (DINOCenter, dino_cross_entropy, entropy, teacher_probabilities,
                                       teacher_temperature_schedule)
-from wildssl.methods.base import Method, StepContext, normalized_embedding_std, pooled
+from wildssl.methods.base import AnnotationSpace, Method, StepContext, normalized_embedding_std, pooled
 from wildssl.models.heads import DINOHead
 
 
@@ -70,11 +70,15 @@ class DINO(Method):
             start = end
         return logits, features[0]
 
-    def annotation_space(self, images: torch.Tensor):
-        """phi = bottleneck embedding (l2-normalized), psi = prototypes, scale = 1 / student_temp."""
-        head = self.student["head"]
-        phi = head.forward_bottleneck(pooled(self.student["backbone"](images), self.options["pool"]))
-        return phi, head.prototypes(), 1.0 / self.options["student_temp"]
+    def annotation_dim(self) -> int:
+        return self.options["bottleneck_dim"]
+
+    @torch.no_grad()
+    def annotation_space(self, networks, images, annotation_batch, step) -> AnnotationSpace:
+        """Annotations are the K prototypes; p(l|x) is the teacher's distribution: centered, sharpened."""
+        logits = networks["head"](pooled(networks["backbone"](images), self.options["pool"])).float()
+        probs_logits = (logits - self.center.center) / step.values["teacher_temp"]
+        return AnnotationSpace(probs_logits, networks["head"].prototypes().detach().float())
 
     def forward(self, batches: dict[str, dict], step: StepContext) -> dict:
         batch = batches["train"]

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from wildssl.data.views import CropSpec, make_views
+from wildssl.eval.features import preprocess_images
 from wildssl.losses.nt_xent import nt_xent_loss
-from wildssl.methods.base import Method, StepContext, normalized_embedding_std, pooled
+from wildssl.methods.base import AnnotationSpace, Method, StepContext, normalized_embedding_std, pooled
 from wildssl.models.heads import ProjectionHead
 
 
@@ -29,13 +32,22 @@ class SimCLR(Method):
         self.student["head"] = ProjectionHead(width, o["proj_hidden_dim"], o["proj_dim"], o["proj_layers"])
         self.specs = [CropSpec(o["crop_size"], tuple(o["crop_scale"]), photometric="simclr")] * 2
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalized views -> (B, proj_dim) projections z."""
-        return self.student["head"](pooled(self.student["backbone"](images), self.options["pool"]))
+    def embed(self, images: torch.Tensor, networks: nn.ModuleDict | None = None) -> torch.Tensor:
+        """(B, 3, H, W) normalized views -> (B, proj_dim) projections z (of the student by default)."""
+        networks = self.student if networks is None else networks
+        return networks["head"](pooled(networks["backbone"](images), self.options["pool"]))
 
-    def annotation_space(self, images: torch.Tensor, other_views: torch.Tensor):
-        """phi = projection of ``images``; psi = projections of other images' views; scale = 1/tau."""
-        return self.embed(images), self.embed(other_views), 1.0 / self.options["temperature"]
+    def annotation_dim(self) -> int:
+        return self.options["proj_dim"]
+
+    @torch.no_grad()
+    def annotation_space(self, networks, images, annotation_batch, step) -> AnnotationSpace:
+        """Annotations are the other images: the projections of the annotation batch's images (whole
+        image, resized to the crop size); p(l|x) = softmax(cos(z_x, z_l) / temperature)."""
+        others = preprocess_images(annotation_batch["image"], self.options["crop_size"])
+        z_others = F.normalize(self.embed(others, networks).float(), dim=-1)
+        z_images = F.normalize(self.embed(images, networks).float(), dim=-1)
+        return AnnotationSpace(z_images @ z_others.T / self.options["temperature"], z_others)
 
     def forward(self, batches: dict[str, dict], step: StepContext) -> dict:
         batch = batches["train"]

@@ -197,6 +197,7 @@ def train(config: dict, out_dir: str | Path, resume: bool = False,
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(dump_config(config))
+    method.prepare(sources, out_dir)
     loaders = {}
     for index, name in enumerate(streams):
         sampler = StepBatchSampler(len(sources[name]), batch_sizes[name], total_steps, start_step,
@@ -235,7 +236,8 @@ def train(config: dict, out_dir: str | Path, resume: bool = False,
                             freeze_last_layer=step < freeze_steps)
             generator = torch.Generator(device=device).manual_seed(view_seed(tcfg["seed"], step, rank))
             context = StepContext(step, total_steps, generator,
-                                  {k: float(v[step]) for k, v in method_schedules.items()})
+                                  {k: float(v[step]) for k, v in method_schedules.items()},
+                                  log=(step + 1) % tcfg["log_every"] == 0 or step + 1 == total_steps)
             with autocast_context(tcfg["precision"], device):
                 output = model(batches, context)
             loss = output["loss"]
