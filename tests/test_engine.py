@@ -115,3 +115,19 @@ def test_step_sampler_covers_each_epoch_once_and_splits_ranks():
     assert resumed == full[3:]
     with pytest.raises(ConfigError, match="larger than the data source"):
         StepBatchSampler(3, 4, total_steps=1)
+
+
+def test_training_on_a_folder_with_a_corrupt_image_skips_and_counts_it(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    for label in ("a", "b"):
+        (folder / label).mkdir(parents=True)
+        for i in range(8):
+            pixels = np.random.default_rng(i).integers(0, 255, (20, 24, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / label / f"{i}.png")
+    (folder / "a" / "0.png").write_bytes(b"not an image at all")
+    config = _config("simclr", f"data.train={folder}", "train.steps=2")
+    summary = train(config, tmp_path / "run")
+    assert summary["corrupt_images"] >= 1 and summary["steps"] == 2

@@ -144,7 +144,7 @@ def test_bpe_without_captions_is_an_error():
 
 def test_missing_tokenizers_package_names_the_fix(monkeypatch):
     monkeypatch.setitem(sys.modules, "tokenizers", None)  # makes `import tokenizers` raise ImportError
-    with pytest.raises(ConfigError, match="pip install tokenizers.*text.tokenizer=byte"):
+    with pytest.raises(ConfigError, match="pip install tokenizers.*method.tokenizer=byte"):
         BPETokenizer.train(synthetic_captions())
 
 
@@ -153,5 +153,5 @@ def test_build_tokenizer_picks_the_kind_and_rejects_unknown_ones():
     built = build_tokenizer("bpe", captions=synthetic_captions(), vocab_size=300)
     assert isinstance(built, BPETokenizer) and built.vocab_size <= 300
     assert "BPE" in built.describe() and "byte" in ByteTokenizer().describe()
-    with pytest.raises(ConfigError, match="text.tokenizer"):
+    with pytest.raises(ConfigError, match="method.tokenizer"):
         build_tokenizer("wordpiece")

@@ -10,6 +10,12 @@ from wildssl.errors import ConfigError
 METHODS = {
     "simclr": "wildssl.methods.simclr:SimCLR",
     "dino": "wildssl.methods.dino:DINO",
+    "clip": "wildssl.methods.clip:CLIP",
+    "slip": "wildssl.methods.slip:SLIP",
+    "silc": "wildssl.methods.silc:SiLC",
+    "ab_simclr": "wildssl.methods.ab:ABSimCLR",
+    "ab_dino": "wildssl.methods.ab:ABDINO",
+    "ab_clip": "wildssl.methods.ab:ABCLIP",
 }
 
 

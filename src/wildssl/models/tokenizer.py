@@ -157,7 +157,7 @@ def _import_tokenizers():
     except ImportError:
         raise ConfigError(
             "the BPE caption tokenizer needs the `tokenizers` package: pip install tokenizers "
-            "(or wildssl[text]), or use text.tokenizer=byte"
+            "(or wildssl[text]), or use method.tokenizer=byte"
         ) from None
     return tokenizers
 
@@ -217,7 +217,7 @@ class BPETokenizer(CaptionTokenizer):
 
         tokenizer.train_from_iterator(counted(), trainer)
         if seen == 0:
-            raise DataError("no captions to train the BPE tokenizer on; give captions or use text.tokenizer=byte")
+            raise DataError("no captions to train the BPE tokenizer on; give captions or use method.tokenizer=byte")
         return cls(tokenizer)
 
     @property
@@ -258,6 +258,6 @@ def build_tokenizer(
         return ByteTokenizer()
     if kind == "bpe":
         if captions is None:
-            raise ConfigError("text.tokenizer=bpe needs captions to train on; pass captions or use text.tokenizer=byte")
+            raise ConfigError("method.tokenizer=bpe needs captions to train on; pass captions or use method.tokenizer=byte")
         return BPETokenizer.train(captions, vocab_size=vocab_size, min_frequency=min_frequency)
-    raise ConfigError(f"text.tokenizer is {kind!r}; expected 'bpe' or 'byte'")
+    raise ConfigError(f"method.tokenizer is {kind!r}; expected 'bpe' or 'byte'")

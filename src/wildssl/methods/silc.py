@@ -1,0 +1,94 @@
+"""SiLC (Naeem et al. 2023): CLIP plus DINO-style local-to-global self-distillation from an EMA teacher.
+
+Each image gives two global and ``n_local`` local crops. The student's two global views are each
+contrasted with the captions (the CLIP loss is their mean): SiLC aligns every view it distils with the
+text, otherwise the two objectives pull the image tower apart. The EMA teacher (a copy of the whole
+student, text tower included) sees the global views; its DINO-head outputs, centered and sharpened, are
+the targets of the student's DINO head on every crop (DINO's Eq. 2-3, :mod:`wildssl.losses.dino_loss`).
+Loss = CLIP loss + ``distill_scale`` * distillation loss.
+
+Views are crops and flips without colour jitter or grayscale: captions name colours, and a view whose
+colours were changed would be paired with a caption that no longer describes it. SiLC keeps the teacher
+momentum fixed (a teacher whose momentum reaches 1 stops following the image-text objective), so its
+recipe sets ``ema.momentum_end`` equal to ``ema.momentum``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from wildssl.data.views import CropSpec, make_views
+from wildssl.losses.dino_loss import (DINOCenter, dino_cross_entropy, entropy, teacher_probabilities,
+                                      teacher_temperature_schedule)
+from wildssl.methods.base import StepContext
+from wildssl.methods.clip import CLIP, pooled_features
+from wildssl.models.heads import DINOHead
+
+_NUM_GLOBAL = 2
+
+
+class SiLC(CLIP):
+    name = "silc"
+    # CLIP's single view is replaced by the global crops: crop_size/crop_scale would be dead keys.
+    defaults = {
+        **{k: v for k, v in CLIP.defaults.items() if k not in ("crop_size", "crop_scale")},
+        "out_dim": 65536,
+        "hidden_dim": 2048,
+        "bottleneck_dim": 256,
+        "head_layers": 3,
+        "norm_last_layer": True,
+        "global_size": 224,
+        "local_size": 96,
+        "n_local": 8,
+        "global_scale": [0.4, 1.0],
+        "local_scale": [0.05, 0.4],
+        "student_temp": 0.1,
+        "teacher_temp": 0.07,
+        "warmup_teacher_temp": 0.04,
+        "teacher_temp_warmup_epochs": 30.0,
+        "center_momentum": 0.9,
+        "distill_scale": 1.0,
+    }
+
+    def __init__(self, config: dict):
+        super().__init__(config)
+        o = self.options
+        width = self.student["backbone"].embed_dim
+        self.student["dino_head"] = DINOHead(width, o["out_dim"], o["hidden_dim"], o["bottleneck_dim"],
+                                             o["head_layers"], o["norm_last_layer"])
+        self.make_teacher()
+        self.center = DINOCenter(o["out_dim"])
+
+    def view_specs(self) -> list[CropSpec]:
+        o = self.options
+        return ([CropSpec(o["global_size"], tuple(o["global_scale"]))] * _NUM_GLOBAL
+                + [CropSpec(o["local_size"], tuple(o["local_scale"]))] * o["n_local"])
+
+    def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
+        o = self.options
+        # A run shorter than the warm-up (a smoke test) warms up over the whole run, as DINO does.
+        warmup = min(int(round(o["teacher_temp_warmup_epochs"] * steps_per_epoch)), total_steps)
+        return {"teacher_temp": np.asarray(teacher_temperature_schedule(
+            o["warmup_teacher_temp"], o["teacher_temp"], warmup, total_steps), dtype=np.float64)}
+
+    def forward(self, batches: dict[str, dict], step: StepContext) -> dict:
+        o = self.options
+        batch = batches["train"]
+        views = make_views(batch["image"], self.specs, step.generator, aspect=batch["aspect"])
+        images = [v.images for v in views]
+        features = pooled_features(self.student["backbone"], images, o["pool"])
+        clip_part, metrics = self.contrastive(features[:_NUM_GLOBAL], batch["caption"])
+
+        teacher_temp = step.values["teacher_temp"]
+        with torch.no_grad():
+            teacher_features = pooled_features(self.teacher["backbone"], images[:_NUM_GLOBAL], o["pool"])
+            teacher_logits = self.teacher["dino_head"](torch.cat(teacher_features)).float()
+            probs = teacher_probabilities(teacher_logits, self.center.center, teacher_temp)
+        student_logits = self.student["dino_head"](torch.cat(features)).float().chunk(len(views))
+        distill_part = dino_cross_entropy(student_logits, probs.chunk(_NUM_GLOBAL), o["student_temp"])
+        self.center.update(teacher_logits, o["center_momentum"])
+
+        metrics.update(clip_loss=clip_part.detach(), distill_loss=distill_part.detach(),
+                       teacher_entropy=entropy(probs).mean(), teacher_temp=teacher_temp)
+        return {"loss": clip_part + o["distill_scale"] * distill_part, "metrics": metrics}

@@ -1,0 +1,196 @@
+"""Annotation bootstrapping: pair packing through the method, EMA invariants, and that every ablation
+switch changes what it names and nothing else."""
+
+import pytest
+import torch
+
+from conftest import tiny_ab_overrides
+from wildssl.data.boxes import box_iou
+from wildssl.data.sources import collate, open_source
+from wildssl.methods import ab as ab_module
+from wildssl.methods import build_method
+from wildssl.methods.base import StepContext
+from wildssl.train.config import build_config
+
+
+def _method(base="dino", *extra, seed=0):
+    config = build_config(None, tiny_ab_overrides(base, *extra))
+    torch.manual_seed(seed)
+    return build_method(config), config
+
+
+def _batches(config, size=6):
+    annotation = open_source(config["data"]["annotation"], load_size=16)
+    bootstrap = open_source(config["data"]["bootstrap"], load_size=16)
+    return {"annotation": collate([annotation[i] for i in range(size)]),
+            "bootstrap": collate([bootstrap[i] for i in range(size // 2)])}
+
+
+def _step(step=0):
+    generator = torch.Generator().manual_seed(1234 + step)
+    return StepContext(step, 10, generator, {"teacher_temp": 0.04}, log=True)
+
+
+class _Spy:
+    """Wraps a function in the ab module and keeps its last arguments."""
+
+    def __init__(self, monkeypatch, name):
+        self.calls = []
+        original = getattr(ab_module, name)
+
+        def spy(*args, **kwargs):
+            self.calls.append((args, kwargs))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(ab_module, name, spy)
+
+
+@pytest.mark.parametrize("base", ["dino", "simclr"])
+def test_bootstrap_loss_sees_all_n2_minus_n_ordered_pairs_with_teacher_targets(monkeypatch, base):
+    spy = _Spy(monkeypatch, "bootstrap_loss")
+    method, config = _method(base)
+    batches = _batches(config)
+    output = method(batches, _step())
+    (student_logits, teacher_logits), kwargs = spy.calls[-1]
+    n, images = 3, 3
+    assert student_logits.shape[:2] == (images, n * n - n) == teacher_logits.shape[:2]
+    assert student_logits.shape[-1] == teacher_logits.shape[-1]
+    assert student_logits.requires_grad and not teacher_logits.requires_grad
+    assert torch.isfinite(output["loss"])
+    expected = output["metrics"]["base_loss"] + config["method"]["ab_loss_ratio"] * output["metrics"]["bootstrap_loss"]
+    torch.testing.assert_close(output["loss"].detach(), expected)
+    assert 0.0 <= output["metrics"]["agreement"] <= 1.0
+
+
+def test_teacher_targets_are_the_teachers_distribution_on_the_target_crop(monkeypatch):
+    spy = _Spy(monkeypatch, "bootstrap_loss")
+    space_spy = []
+    method, config = _method("simclr")
+    original = method.annotation_space
+
+    def recording(networks, images, annotation_batch, step):
+        space = original(networks, images, annotation_batch, step)
+        space_spy.append(space)
+        return space
+
+    method.annotation_space = recording
+    method(_batches(config), _step())
+    (_, teacher_logits), _ = spy.calls[-1]
+    crop_logits = space_spy[-1].logits.view(3, 3, -1)  # (crop, image, K): crop-major
+    pairs = [(i, j) for i in range(3) for j in range(3) if i != j]
+    for image in range(3):
+        for p, (_, target) in enumerate(pairs):
+            torch.testing.assert_close(teacher_logits[image, p], crop_logits[target, image])
+
+
+def test_teacher_with_momentum_one_never_moves(tmp_path):
+    from wildssl.train.engine import train
+
+    config = build_config(None, tiny_ab_overrides("simclr", "train.steps=3", "ema.momentum=1.0",
+                                                  "ema.momentum_end=1.0"))
+    torch.manual_seed(config["train"]["seed"])
+    # weights = parameters; BatchNorm running statistics (buffers) follow the batches as in any teacher
+    initial = {k: v.detach().clone() for k, v in build_method(config).teacher.named_parameters()}
+    train(config, tmp_path)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "checkpoint.safetensors"))
+    for key, value in initial.items():
+        assert torch.equal(saved[f"method.teacher.{key}"], value), key
+    moved = [k for k in initial if not torch.equal(saved[f"method.student.{k}"], initial[k])]
+    assert moved, "the student should have trained"
+
+
+def test_bootstrap_batch_is_the_base_batch_over_n_crops():
+    method, config = _method("dino")
+    assert method.stream_batch_size("bootstrap", 16) == 16 // 3
+
+
+def _shared_state(a, b, prefix):
+    keys = [k for k in a.state_dict() if k.startswith(prefix)]
+    return all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in keys) and keys
+
+
+def test_no_box_tokens_replaces_only_the_box_tokens(monkeypatch):
+    with_boxes, config = _method("dino")
+    without, _ = _method("dino", "method.ab_box_tokens=false")
+    for prefix in ("student.backbone.", "student.head.", "teacher."):
+        assert _shared_state(with_boxes, without, prefix)
+    decoder = without.student["bootstrap"].decoder
+    boxes = torch.rand(2, 6, 4)
+    tokens = decoder.box_tokenizer(boxes)
+    assert torch.equal(tokens[0, 0], tokens[1, 5])  # every box gets the same (mask) tokens
+    with_tokens = with_boxes.student["bootstrap"].decoder.box_tokenizer(boxes)
+    assert not torch.equal(with_tokens[0, 0], with_tokens[1, 5])
+    batches = _batches(config)
+    out_a, out_b = with_boxes(batches, _step()), without(batches, _step())
+    torch.testing.assert_close(out_a["metrics"]["base_loss"], out_b["metrics"]["base_loss"])
+    assert not torch.isclose(out_a["metrics"]["bootstrap_loss"], out_b["metrics"]["bootstrap_loss"])
+
+
+def test_no_ema_target_takes_targets_from_the_student():
+    for ema_target, should_change in (("true", True), ("false", False)):
+        method, config = _method("simclr", f"method.ab_ema_target={ema_target}")
+        batches = _batches(config)
+        before = method.bootstrap(batches["bootstrap"], batches["annotation"], _step())["loss"]
+        if method.teacher is not None:
+            with torch.no_grad():
+                for param in method.teacher.parameters():
+                    param.add_(0.5 * torch.randn_like(param))
+        else:
+            assert not should_change  # SimCLR has no teacher of its own: without EMA targets none is made
+        after = method.bootstrap(batches["bootstrap"], batches["annotation"], _step())["loss"]
+        assert (not torch.isclose(before, after)) == should_change
+
+
+def test_photometric_ablation_changes_pixels_not_boxes(monkeypatch):
+    spy = _Spy(monkeypatch, "pack_pairs")
+    plain, config = _method("dino")
+    augmented, _ = _method("dino", "method.ab_photometric=simclr")
+    batches = _batches(config)
+    plain.bootstrap(batches["bootstrap"], batches["annotation"], _step())
+    augmented.bootstrap(batches["bootstrap"], batches["annotation"], _step())
+    (boxes_plain, flips_plain), _ = spy.calls[0]
+    (boxes_aug, flips_aug), _ = spy.calls[1]
+    assert torch.equal(boxes_plain, boxes_aug) and torch.equal(flips_plain, flips_aug)
+    views_plain = ab_module.make_views(batches["bootstrap"]["image"], plain.bootstrap_specs,
+                                       plain.bootstrap_generator(_step()))
+    views_aug = ab_module.make_views(batches["bootstrap"]["image"], augmented.bootstrap_specs,
+                                     augmented.bootstrap_generator(_step()))
+    assert not torch.allclose(views_plain[0].images, views_aug[0].images)
+
+
+def test_base_loss_switch_removes_only_the_base_loss():
+    with_base, config = _method("dino")
+    without, _ = _method("dino", "method.ab_base_loss=false")
+    batches = _batches(config)
+    out_a, out_b = with_base(batches, _step()), without(batches, _step())
+    assert "base_loss" not in out_b["metrics"]
+    torch.testing.assert_close(out_a["metrics"]["bootstrap_loss"], out_b["metrics"]["bootstrap_loss"])
+    torch.testing.assert_close(out_b["loss"], out_b["metrics"]["bootstrap_loss"] * config["method"]["ab_loss_ratio"])
+
+
+def test_iou_range_keeps_crops_and_masks_pairs_outside_the_range(monkeypatch):
+    loss_spy = _Spy(monkeypatch, "bootstrap_loss")
+    pair_spy = _Spy(monkeypatch, "pack_pairs")
+    everything, config = _method("dino")
+    ranged, _ = _method("dino", "method.ab_iou_range=[0.0, 0.3]")
+    batches = _batches(config)
+    everything.bootstrap(batches["bootstrap"], batches["annotation"], _step())
+    ranged.bootstrap(batches["bootstrap"], batches["annotation"], _step())
+    assert torch.equal(pair_spy.calls[0][0][0], pair_spy.calls[1][0][0])  # same crops
+    assert loss_spy.calls[0][1]["valid"] is None
+    valid = loss_spy.calls[1][1]["valid"]
+    boxes = pair_spy.calls[1][0][0]  # (B, n, 4)
+    pairs = [(i, j) for i in range(3) for j in range(3) if i != j]
+    expected = torch.stack([torch.stack([box_iou(b[i], b[j]) for i, j in pairs]) for b in boxes])
+    assert torch.equal(valid, (expected >= 0.0) & (expected <= 0.3))
+
+
+def test_unknown_ablation_value_is_a_config_error():
+    from wildssl.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        _method("dino", "method.ab_photometric=sepia")
+    with pytest.raises(ConfigError, match="ab_n_crops"):
+        _method("dino", "method.ab_n_crops=1")
