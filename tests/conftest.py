@@ -50,3 +50,39 @@ def shared_data():
     if path is None:
         pytest.skip("shared data not present")
     return path
+
+
+# -- end to end: train briefly, then k-NN of the trained encoder vs the same architecture at init --------
+# Two colours per scene make colour useless for telling scenes (and captions) apart, so methods must
+# learn the shapes; the class of a scene is the shape of its large object (8 classes, chance 12.5%).
+E2E_DATA = "synthetic:scenes?n={n}&size=32&colours=2&split={split}"
+E2E = ["model.name=tiny", "model.depth=4", "model.embed_dim=128", "model.num_heads=4", "model.patch_size=8",
+       "model.img_size=32", "data.load_size=32", "data.num_workers=0", "train.batch_size=64", "train.steps=100",
+       "train.log_every=5", "train.checkpoint_every=0", "train.progress=false", "train.tensorboard=false",
+       "eval.knn_every=0", "optim.lr=0.001", "optim.lr_batch_reference=null", "optim.warmup_epochs=0.3"]
+KNN_MARGIN = 0.05  # top-1 points the trained encoder must gain over its own initialization
+
+
+def train_and_compare_knn(recipe: str, run_dir, *extra: str, metric: str = "loss"):
+    """Train ``{recipe}_quick`` on two-colour scenes; return the logged values of ``metric`` and the
+    k-NN top-1 of the trained encoder and of the same architecture at its initial (random) weights."""
+    import json
+
+    from wildssl.eval.evaluate import evaluate_knn
+    from wildssl.methods import get_method_class
+    from wildssl.train.checkpoint import CHECKPOINT_NAME, build_encoder_from_config, load_encoder
+    from wildssl.train.config import build_config
+    from wildssl.train.engine import train
+
+    first_stream = get_method_class(build_config(f"{recipe}_quick")["method"]["name"]).streams[0]
+    data = [f"data.{first_stream}={E2E_DATA.format(n=2000, split='train')}"]
+    config = build_config(f"{recipe}_quick", E2E + data + list(extra))
+    train(config, run_dir)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r[metric] for r in records if metric in r]
+    torch.manual_seed(config["train"]["seed"])  # the engine's seed: the trained run's initial weights
+    initial = build_encoder_from_config(config["model"])
+    specs = E2E_DATA.format(n=1000, split="train"), E2E_DATA.format(n=500, split="test")
+    trained_knn = evaluate_knn(load_encoder(run_dir / CHECKPOINT_NAME), *specs, image_size=32)["knn_top1"]
+    initial_knn = evaluate_knn(initial.eval(), *specs, image_size=32)["knn_top1"]
+    return losses, trained_knn, initial_knn

@@ -100,3 +100,12 @@ def test_ddp_training_with_two_gloo_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 2 and (tmp_path / "ddp" / "checkpoint.safetensors").is_file()
+
+
+def test_demo_json_line_has_trained_and_random_knn(tmp_path, capsys):
+    code, out, err = _run(capsys, "demo", "--json", "--out", str(tmp_path / "demo"), "--set", "train.steps=2",
+                          "--set", "train.progress=false")
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert 0 <= result["knn_top1_trained"] <= 1 and 0 <= result["knn_top1_random"] <= 1
+    assert result["steps"] == 2 and result["method"] == "ab_clip"

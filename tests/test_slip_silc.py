@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from test_clip_method import one_thread  # noqa: F401 (the fixture this module uses)
-from test_clip_method import (KNN_MARGIN, TINY_DATA, reference_clip_loss, step_context, tiny_batch,
-                              train_and_compare_knn)
+from conftest import KNN_MARGIN, train_and_compare_knn
+from test_clip_method import E2E_TEXT, TINY_DATA, reference_clip_loss, step_context, tiny_batch
 from wildssl.data.sources import open_source
 from wildssl.data.views import make_views
 from wildssl.methods import build_method
@@ -165,7 +165,7 @@ E2E_FASTER = ["model.depth=2"]
 
 def test_slip_on_captioned_scenes_lowers_its_loss_and_beats_random_init_on_knn(tmp_path):
     pytest.importorskip("tokenizers")
-    losses, trained, initial = train_and_compare_knn("slip", tmp_path, *E2E_FASTER)
+    losses, trained, initial = train_and_compare_knn("slip", tmp_path, *E2E_TEXT, *E2E_FASTER)
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
     assert trained > initial + KNN_MARGIN, (trained, initial)
 
@@ -175,7 +175,7 @@ def test_silc_on_captioned_scenes_lowers_its_clip_loss_and_beats_random_init_on_
     # The distillation loss is no progress measure (its targets sharpen as the teacher learns), so the
     # falling loss checked is the CLIP part. A fast teacher (momentum 0.9) suits a 100-step run.
     losses, trained, initial = train_and_compare_knn(
-        "silc", tmp_path, *E2E_FASTER, "method.n_local=2", "method.teacher_temp_warmup_epochs=1",
+        "silc", tmp_path, *E2E_TEXT, *E2E_FASTER, "method.n_local=2", "method.teacher_temp_warmup_epochs=1",
         "ema.momentum=0.9", "ema.momentum_end=0.9", metric="clip_loss")
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
     assert trained > initial + KNN_MARGIN, (trained, initial)

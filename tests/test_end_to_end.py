@@ -1,0 +1,48 @@
+"""End to end on the CPU: each self-supervised and bootstrapping method trains briefly on two-colour
+synthetic scenes and its encoder beats the same architecture at random init on k-NN.
+
+(CLIP, SLIP and SiLC have theirs in test_clip_method.py and test_slip_silc.py.)
+
+Measured here (seed 0, 100 steps, k-NN top-1 trained vs random init, 8 classes): SimCLR 33% vs 23%;
+DINO 30.4% vs 23.2%; AB_SimCLR and AB_CLIP pass the margin; AB_DINO (150 steps) 32.4% vs 23.2%.
+"""
+
+import math
+
+import pytest
+
+from conftest import KNN_MARGIN, train_and_compare_knn
+
+SSL = ["method.temperature=0.1", "method.crop_scale=[0.25, 1.0]", "optim.lr=0.003"]
+# A 100-step run needs a fast teacher: with the recipes' 0.99+ momentum the targets stay at their
+# random initialization for the whole run.
+FAST_TEACHER = ["ema.momentum=0.9", "ema.momentum_end=0.9"]
+DISTILL = ["method.n_local=2", "method.out_dim=256", "method.teacher_temp=0.04", "optim.lr=0.002"] + FAST_TEACHER
+AB = ["method.ab_decoder_depth=1", "method.ab_n_crops=3"] + FAST_TEACHER
+TEXT = ["method.tokenizer=byte", "method.vocab_size=259", "method.context_length=32"]
+
+CASES = {
+    "simclr": SSL,
+    "dino": DISTILL,
+    "ab_simclr": SSL + AB,
+    # AB_DINO's bootstrap targets come from a teacher that has barely learned in 100 steps (measured
+    # +2 to +4 points there, with ratios 0.1-1.0); 150 steps give it time (32.4% vs 23.2%).
+    "ab_dino": DISTILL + AB + ["train.steps=150"],
+    "ab_clip": TEXT + AB,
+}
+# Distillation losses are no progress measure in a short run: at step 0 the student equals the teacher
+# (loss = teacher entropy, near 0 for a fresh head at temperature 0.04), and the loss rises as the
+# teacher's distribution spreads. For those the test checks that neither collapse happened instead.
+DISTILLATION = {"dino", "ab_dino"}
+
+
+@pytest.mark.parametrize("recipe", sorted(CASES))
+def test_training_beats_random_init_on_knn(tmp_path, recipe):
+    metric = "teacher_entropy" if recipe in DISTILLATION else "loss"
+    values, trained, initial = train_and_compare_knn(recipe, tmp_path, *CASES[recipe], metric=metric)
+    if recipe in DISTILLATION:
+        uniform = math.log(256)
+        assert 0.05 < values[-1] < 0.99 * uniform, values  # neither one-hot nor uniform collapse
+    else:
+        assert sum(values[-3:]) / 3 < sum(values[:3]) / 3, values
+    assert trained > initial + KNN_MARGIN, (trained, initial)
