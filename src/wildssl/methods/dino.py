@@ -15,26 +15,38 @@ from wildssl.methods.base import AnnotationSpace, Method, StepContext, normalize
 from wildssl.models.heads import DINOHead
 
 
+# The keys of DINO-style self-distillation (head, multi-crop, temperatures, centering), shared by DINO and
+# SiLC: the released ViT-S/16 settings (10 local crops, scales split at 0.25).
+DISTILLATION_DEFAULTS = {
+    "out_dim": 65536,
+    "hidden_dim": 2048,
+    "bottleneck_dim": 256,
+    "head_layers": 3,
+    "norm_last_layer": True,
+    "global_size": 224,
+    "local_size": 96,
+    "n_local": 10,
+    "global_scale": [0.25, 1.0],
+    "local_scale": [0.05, 0.25],
+    "student_temp": 0.1,
+    "teacher_temp": 0.07,
+    "warmup_teacher_temp": 0.04,
+    "teacher_temp_warmup_epochs": 30.0,
+    "center_momentum": 0.9,
+}
+
+
+def teacher_temp_schedule(options: dict, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
+    """``{"teacher_temp": per-step values}``: linear warm-up, then constant (DINO's schedule)."""
+    # A run shorter than the warm-up (a smoke test with train.steps=2) warms up over the whole run.
+    warmup = min(int(round(options["teacher_temp_warmup_epochs"] * steps_per_epoch)), total_steps)
+    return {"teacher_temp": np.asarray(teacher_temperature_schedule(
+        options["warmup_teacher_temp"], options["teacher_temp"], warmup, total_steps), dtype=np.float64)}
+
+
 class DINO(Method):
     name = "dino"
-    defaults = {
-        "out_dim": 65536,
-        "hidden_dim": 2048,
-        "bottleneck_dim": 256,
-        "head_layers": 3,
-        "norm_last_layer": True,
-        "global_size": 224,
-        "local_size": 96,
-        "n_local": 10,
-        "global_scale": [0.25, 1.0],
-        "local_scale": [0.05, 0.25],
-        "student_temp": 0.1,
-        "teacher_temp": 0.07,
-        "warmup_teacher_temp": 0.04,
-        "teacher_temp_warmup_epochs": 30.0,
-        "center_momentum": 0.9,
-        "pool": "cls",
-    }
+    defaults = {**DISTILLATION_DEFAULTS, "pool": "cls"}
 
     def __init__(self, config: dict):
         super().__init__(config)
@@ -49,11 +61,7 @@ class DINO(Method):
         self.n_global = len(self.specs) - o["n_local"]
 
     def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
-        o = self.options
-        # A run shorter than the warm-up (a smoke test with train.steps=2) warms up over the whole run.
-        warmup = min(int(round(o["teacher_temp_warmup_epochs"] * steps_per_epoch)), total_steps)
-        return {"teacher_temp": np.asarray(teacher_temperature_schedule(
-            o["warmup_teacher_temp"], o["teacher_temp"], warmup, total_steps), dtype=np.float64)}
+        return teacher_temp_schedule(self.options, total_steps, steps_per_epoch)
 
     def _logits(self, networks, views) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Run crops of equal size together (one backbone call per resolution); logits per crop."""

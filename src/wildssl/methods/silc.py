@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from wildssl.data.views import CropSpec, make_views
-from wildssl.losses.dino_loss import (DINOCenter, dino_cross_entropy, entropy, teacher_probabilities,
-                                      teacher_temperature_schedule)
+from wildssl.losses.dino_loss import DINOCenter, dino_cross_entropy, entropy, teacher_probabilities
 from wildssl.methods.base import StepContext
 from wildssl.methods.clip import CLIP, pooled_features
+from wildssl.methods.dino import DISTILLATION_DEFAULTS, teacher_temp_schedule
 from wildssl.models.heads import DINOHead
 
 _NUM_GLOBAL = 2
@@ -33,21 +33,10 @@ class SiLC(CLIP):
     # CLIP's single view is replaced by the global crops: crop_size/crop_scale would be dead keys.
     defaults = {
         **{k: v for k, v in CLIP.defaults.items() if k not in ("crop_size", "crop_scale")},
-        "out_dim": 65536,
-        "hidden_dim": 2048,
-        "bottleneck_dim": 256,
-        "head_layers": 3,
-        "norm_last_layer": True,
-        "global_size": 224,
-        "local_size": 96,
-        "n_local": 8,
+        **DISTILLATION_DEFAULTS,
+        "n_local": 8,  # main_dino.py's multi-crop defaults
         "global_scale": [0.4, 1.0],
         "local_scale": [0.05, 0.4],
-        "student_temp": 0.1,
-        "teacher_temp": 0.07,
-        "warmup_teacher_temp": 0.04,
-        "teacher_temp_warmup_epochs": 30.0,
-        "center_momentum": 0.9,
         "distill_scale": 1.0,
     }
 
@@ -66,11 +55,7 @@ class SiLC(CLIP):
                 + [CropSpec(o["local_size"], tuple(o["local_scale"]))] * o["n_local"])
 
     def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
-        o = self.options
-        # A run shorter than the warm-up (a smoke test) warms up over the whole run, as DINO does.
-        warmup = min(int(round(o["teacher_temp_warmup_epochs"] * steps_per_epoch)), total_steps)
-        return {"teacher_temp": np.asarray(teacher_temperature_schedule(
-            o["warmup_teacher_temp"], o["teacher_temp"], warmup, total_steps), dtype=np.float64)}
+        return teacher_temp_schedule(self.options, total_steps, steps_per_epoch)
 
     def forward(self, batches: dict[str, dict], step: StepContext) -> dict:
         o = self.options
