@@ -1,0 +1,29 @@
+"""The GPU throughput harness stays runnable: a tiny CPU smoke run of each recipe it supports."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.name=tiny", "model.depth=1", "model.embed_dim=32", "model.num_heads=2", "data.load_size=32",
+        "method.global_size=32", "method.local_size=16", "method.n_local=2", "method.out_dim=64",
+        "method.hidden_dim=32", "method.bottleneck_dim=16"]
+TINY_AB = ["method.ab_crop_size=32", "method.ab_decoder_depth=1", "method.ab_decoder_width=32",
+           "method.ab_decoder_heads=2"]
+
+
+@pytest.mark.parametrize("recipe", ["dino", "ab_dino"])
+def test_throughput_harness_runs_and_reports_a_ratio(recipe):
+    overrides = TINY + (TINY_AB if recipe == "ab_dino" else [])
+    argv = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--device", "cpu", "--recipe", recipe,
+            "--batch", "8", "--steps", "1", "--warmup", "1"]
+    for item in overrides:
+        argv += ["--set", item]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120, env={"OMP_NUM_THREADS": "1",
+                            **{k: v for k, v in __import__("os").environ.items() if k != "OMP_NUM_THREADS"}})
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["recipe"] == recipe and figures["ratio"] > 0 and figures["method_images_per_s"] > 0
