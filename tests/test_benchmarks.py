@@ -27,3 +27,14 @@ def test_throughput_harness_runs_and_reports_a_ratio(recipe):
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["recipe"] == recipe and figures["ratio"] > 0 and figures["method_images_per_s"] > 0
+
+
+def test_ab_vs_base_harness_smoke_run_reports_equal_images_seen(tmp_path):
+    argv = [sys.executable, str(ROOT / "benchmarks" / "ab_vs_base.py"), "--smoke", "--only", "dino",
+            "--out", str(tmp_path)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = json.loads((tmp_path / "results.json").read_text())
+    assert [r["method"] for r in records] == ["dino", "ab_dino"]
+    assert records[0]["images_seen"] == records[1]["images_seen"]
+    assert all(0 <= r["knn_top1"] <= 1 for r in records)
