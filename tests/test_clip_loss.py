@@ -144,6 +144,8 @@ def _distributed_worker(rank: int, world: int, port: int, image, text, results) 
         loss.backward()
         # Plain lists: tensors would travel through the manager as shared-memory handles.
         results[rank] = (loss.item(), local_image.grad.tolist(), local_text.grad.tolist(), log_scale.grad.item())
+        # No rank may tear the group down while the other still talks to it (gloo then aborts the process).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -64,6 +64,8 @@ def _worker(rank: int) -> None:
         assert (get_rank(), get_world_size(), dist.get_backend()) == (rank, WORLD_SIZE, "gloo")
         _check_nt_xent(rank)
         _check_collectives(rank)
+        # No rank may tear the group down while the other still talks to it (gloo then aborts the process).
+        dist.barrier()
     finally:
         cleanup_distributed()
 

@@ -7,14 +7,18 @@ self-attention -> final LayerNorm -> hidden state at the first EOT token -> line
 
 from __future__ import annotations
 
-from collections import OrderedDict
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from wildssl.errors import ConfigError
 from wildssl.models.tokenizer import EOT_ID
+from wildssl.models.vit import Block
+
+
+def _causal_block(width: int, heads: int) -> Block:
+    """The image ViT's pre-norm block with causal attention (PyTorch's default LayerNorm eps, as CLIP)."""
+    return Block(width, heads, mlp_ratio=4.0, is_causal=True, norm_eps=1e-5)
 
 # name -> (width, depth, heads); open_clip's text towers paired with ViT-S/B/L/H.
 TEXT_SIZES: dict[str, tuple[int, int, int]] = {
@@ -24,36 +28,6 @@ TEXT_SIZES: dict[str, tuple[int, int, int]] = {
     "large": (768, 12, 12),
     "huge": (1024, 24, 16),
 }
-
-
-class _CausalSelfAttention(nn.Module):
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, length, width = x.shape
-        q, k, v = self.qkv(x).reshape(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(out.transpose(1, 2).reshape(batch, length, width))
-
-
-class _Block(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0):
-        super().__init__()
-        hidden = int(width * mlp_ratio)
-        self.norm1 = nn.LayerNorm(width)
-        self.attn = _CausalSelfAttention(width, heads)
-        self.norm2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(
-            OrderedDict(fc1=nn.Linear(width, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, width))
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
 
 
 class TextTransformer(nn.Module):
@@ -84,7 +58,7 @@ class TextTransformer(nn.Module):
         self.eot_id = eot_id
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
-        self.blocks = nn.ModuleList([_Block(width, heads) for _ in range(depth)])
+        self.blocks = nn.ModuleList([_causal_block(width, heads) for _ in range(depth)])
         self.norm = nn.LayerNorm(width)
         self.projection = nn.Linear(width, embed_dim, bias=False)
         self._init_weights(width, depth)
