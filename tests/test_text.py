@@ -127,7 +127,7 @@ def test_named_sizes_and_overrides():
     assert TEXT_SIZES["small"] == (384, 12, 6)
     tower = build_text_tower("small", vocab_size=VOCAB, embed_dim=EMBED, context_length=CONTEXT, depth=1)
     assert tower.token_embedding.embedding_dim == 384 and len(tower.blocks) == 1
-    assert tower.blocks[0].attn.heads == 6
+    assert tower.blocks[0].attn.num_heads == 6
     assert tower.positional_embedding.shape == (CONTEXT, 384)
 
 
