@@ -46,11 +46,12 @@ def cmd_train(args) -> int:
         config = build_config(args.recipe, overrides + [f"data.{first_stream}={args.data}"])
     out = Path(args.out or Path("runs") / f"{config['method']['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
     dist.setup_distributed()
+    main_process = dist.is_main_process()  # asked before the group is gone: afterwards every rank is "rank 0"
     try:
         summary = train(config, out, resume=args.resume, knn_evaluator=make_online_knn(config, _device()))
     finally:
         dist.cleanup_distributed()
-    if dist.is_main_process():
+    if main_process:
         line = {k: v for k, v in summary.items() if k != "final_metrics"}
         line.update({k: v for k, v in summary["final_metrics"].items() if k.startswith("knn_")})
         print(json.dumps(line))
