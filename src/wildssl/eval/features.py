@@ -8,11 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wildssl.data.views import IMAGENET_MEAN, IMAGENET_STD  # the normalization every encoder sees
 from wildssl.errors import ConfigError, DataError
-
-# ImageNet statistics, the normalization every wildssl encoder sees (see docs/architecture.md).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 POOLS = ("cls", "avg")
 

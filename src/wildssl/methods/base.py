@@ -30,6 +30,7 @@ bootstrapping can wrap them without knowing which base it wraps.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -149,3 +150,21 @@ def normalized_embedding_std(embeddings: torch.Tensor) -> torch.Tensor:
 def pooled(output: dict, pool: str) -> torch.Tensor:
     """The image representation from the encoder's output dict: cls token or mean of patch tokens."""
     return output["cls"] if pool == "cls" else output["patch"].mean(dim=1)
+
+
+def pooled_features(backbone: nn.Module, images: Sequence[torch.Tensor], pool: str) -> list[torch.Tensor]:
+    """Pooled backbone features of several view batches: ``[(B_i, 3, h_i, w_i)] -> [(B_i, width)]``.
+
+    Consecutive batches of one resolution go through the backbone together (fewer, larger calls);
+    the ViT has no batch statistics, so this changes nothing but speed.
+    """
+    features: list[torch.Tensor] = []
+    start = 0
+    while start < len(images):
+        end = start + 1
+        while end < len(images) and images[end].shape[-2:] == images[start].shape[-2:]:
+            end += 1
+        group = pooled(backbone(torch.cat(list(images[start:end]))), pool)
+        features.extend(group.split([x.shape[0] for x in images[start:end]]))
+        start = end
+    return features

@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, Subset
 from wildssl.data.views import CropSpec, make_views
 from wildssl.errors import CheckpointError, ConfigError, DataError
 from wildssl.losses.clip_loss import LogitScale, clip_accuracy, clip_loss
-from wildssl.methods.base import AnnotationSpace, Method, StepContext, normalized_embedding_std, pooled
+from wildssl.methods.base import (AnnotationSpace, Method, StepContext, normalized_embedding_std, pooled,
+                                  pooled_features)
 from wildssl.models.text import build_text_tower
 from wildssl.models.tokenizer import (PAD_ID, SPECIAL_TOKENS, TOKENIZER_FILENAME, ByteTokenizer, CaptionTokenizer,
                                       build_tokenizer)
@@ -33,24 +34,6 @@ from wildssl.train import distributed as dist
 # (a source yields its captions with its images) while the other ranks wait at the barrier.
 MAX_TOKENIZER_IMAGES = 100_000
 _BYTE_VOCAB = len(SPECIAL_TOKENS) + 256
-
-
-def pooled_features(backbone: nn.Module, images: Sequence[torch.Tensor], pool: str) -> list[torch.Tensor]:
-    """Pooled backbone features of several view batches: ``[(B_i, 3, h_i, w_i)] -> [(B_i, width)]``.
-
-    Consecutive batches of one resolution go through the backbone together (fewer, larger calls);
-    the ViT has no batch statistics, so this changes nothing but speed.
-    """
-    features: list[torch.Tensor] = []
-    start = 0
-    while start < len(images):
-        end = start + 1
-        while end < len(images) and images[end].shape[-2:] == images[start].shape[-2:]:
-            end += 1
-        group = pooled(backbone(torch.cat(list(images[start:end]))), pool)
-        features.extend(group.split([x.shape[0] for x in images[start:end]]))
-        start = end
-    return features
 
 
 def _captions_of_samples(samples: list[dict]) -> list[str]:

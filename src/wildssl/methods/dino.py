@@ -11,7 +11,8 @@ import torch
 from wildssl.data.views import dino_specs, make_views
 from wildssl.losses.dino_loss import (DINOCenter, dino_cross_entropy, entropy, teacher_probabilities,
                                       teacher_temperature_schedule)
-from wildssl.methods.base import AnnotationSpace, Method, StepContext, normalized_embedding_std, pooled
+from wildssl.methods.base import (AnnotationSpace, Method, StepContext, normalized_embedding_std, pooled,
+                                  pooled_features)
 from wildssl.models.heads import DINOHead
 
 
@@ -64,19 +65,9 @@ class DINO(Method):
         return teacher_temp_schedule(self.options, total_steps, steps_per_epoch)
 
     def _logits(self, networks, views) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Run crops of equal size together (one backbone call per resolution); logits per crop."""
-        logits, features = [], []
-        start = 0
-        while start < len(views):
-            end = start
-            while end < len(views) and views[end].images.shape[-1] == views[start].images.shape[-1]:
-                end += 1
-            images = torch.cat([v.images for v in views[start:end]])
-            feature = pooled(networks["backbone"](images), self.options["pool"])
-            logits.extend(networks["head"](feature).chunk(end - start))
-            features.append(feature)
-            start = end
-        return logits, features[0]
+        """Head logits per crop, and the pooled features of all crops ``(V * B, width)``."""
+        features = torch.cat(pooled_features(networks["backbone"], [v.images for v in views], self.options["pool"]))
+        return list(networks["head"](features).chunk(len(views))), features
 
     def annotation_dim(self) -> int:
         return self.options["bottleneck_dim"]

@@ -21,7 +21,8 @@ import torch
 from wildssl.data.views import CropSpec, make_views
 from wildssl.losses.dino_loss import DINOCenter, dino_cross_entropy, entropy, teacher_probabilities
 from wildssl.methods.base import StepContext
-from wildssl.methods.clip import CLIP, pooled_features
+from wildssl.methods.base import pooled_features
+from wildssl.methods.clip import CLIP
 from wildssl.methods.dino import DISTILLATION_DEFAULTS, teacher_temp_schedule
 from wildssl.models.heads import DINOHead
 

@@ -13,7 +13,8 @@ import torch
 from wildssl.data.views import CropSpec, make_views
 from wildssl.losses.nt_xent import nt_xent_loss
 from wildssl.methods.base import StepContext
-from wildssl.methods.clip import CLIP, pooled_features
+from wildssl.methods.base import pooled_features
+from wildssl.methods.clip import CLIP
 from wildssl.models.heads import ProjectionHead
 
 
