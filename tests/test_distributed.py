@@ -13,8 +13,8 @@ import wildssl.losses.nt_xent as nt_xent_module
 from wildssl.errors import ConfigError
 from wildssl.losses.dino_loss import DINOCenter
 from wildssl.losses.nt_xent import nt_xent_loss
-from wildssl.train import distributed
-from wildssl.train.distributed import (
+from wildssl import distributed
+from wildssl.distributed import (
     all_gather_no_grad,
     all_reduce_mean,
     cleanup_distributed,
@@ -132,9 +132,10 @@ def _check_collectives(rank: int) -> None:
     # The DINO center moves towards the mean over the global batch, identically on every rank.
     generator = torch.Generator().manual_seed(1)
     teacher_logits = torch.randn(WORLD_SIZE * 4, 7, generator=generator)
-    center = DINOCenter(7)
+    center = DINOCenter(7, momentum=0.75)
     center.center.fill_(1.0)
-    center.update(teacher_logits[rank * 4 : (rank + 1) * 4], momentum=0.75)
+    center.observe(teacher_logits[rank * 4 : (rank + 1) * 4])
+    center.commit_step()
     torch.testing.assert_close(center.center, 0.75 + 0.25 * teacher_logits.mean(dim=0, keepdim=True))
 
 

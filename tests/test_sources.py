@@ -13,14 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from wildssl.data.sources import (
-    ImageFolder,
-    JsonlManifest,
-    TarShards,
-    collate,
-    expand_braces,
-    open_source,
-)
+from wildssl.data import collate, open_source
+from wildssl.data.folder import ImageFolder
+from wildssl.data.manifest import JsonlManifest
+from wildssl.data.shards import TarShards, expand_braces
 from wildssl.data.synthetic import SyntheticScenes
 from wildssl.errors import DataError
 

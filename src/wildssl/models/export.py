@@ -12,9 +12,15 @@ of crops *smaller* than ``img_size`` differ slightly between the two; at ``img_s
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from torch import nn
 
+from wildssl.io import atomic_save
+from wildssl.models.loading import (EXPORT_FORMAT, build_encoder_from_config, encoder_state_from_checkpoint,
+                                    load_state_strict)
 from wildssl.models.vit import VisionTransformer
 
 WILDSSL_ONLY_KEYS = ("mask_token",)
@@ -61,3 +67,18 @@ def timm_kwargs(encoder: nn.Module) -> dict:
         "dynamic_img_size": True,
         "num_classes": 0,
     }
+
+
+def save_encoder_export(path: Path, checkpoint: str | Path, teacher: bool | None = None,
+                        timm: bool = False) -> dict:
+    """Write the encoder alone. ``timm=True`` drops wildssl-only keys (``mask_token``) so the file is a
+    state dict timm's VisionTransformer loads with the kwargs stored in the metadata (``timm_kwargs``)."""
+    state, model_config = encoder_state_from_checkpoint(checkpoint, teacher)
+    encoder = build_encoder_from_config(model_config)
+    load_state_strict(encoder, state, str(checkpoint))
+    tensors = timm_state_dict(encoder) if timm else dict(encoder.state_dict())
+    kwargs = timm_kwargs(encoder)
+    metadata = {"format": EXPORT_FORMAT, "config": json.dumps({"model": model_config}),
+                "timm_kwargs": json.dumps(kwargs)}
+    atomic_save(tensors, metadata, Path(path))
+    return kwargs

@@ -1,0 +1,83 @@
+"""Image folders: every image file under a root; class subfolders become labels."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from wildssl.data.decode import EXPECTED_SPEC, IMAGE_EXTENSIONS, FileSource
+from wildssl.data.sample import DEFAULT_LOAD_SIZE
+from wildssl.errors import DataError
+
+
+def is_image_name(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _scan_images(root: Path) -> list[str]:
+    """Relative POSIX paths of all image files under ``root``, sorted. Hidden files and folders
+    (``.git``, macOS ``._x.jpg`` resource forks) are skipped; symlinked folders are followed once."""
+    found: list[str] = []
+    seen: set[str] = set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a symlink loop or a second link to the same folder
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        relative = Path(folder).relative_to(root).as_posix()
+        prefix = "" if relative == "." else relative + "/"
+        found.extend(prefix + name for name in files if is_image_name(name))
+    return sorted(found)
+
+
+class ImageFolder(FileSource):
+    """Every image file under ``root`` (recursive; jpg, jpeg, png, webp, bmp, gif, tif, tiff in any case),
+    in sorted path order.
+
+    When every image lies inside a first-level subfolder and there are at least two such subfolders,
+    their sorted names are the classes (the usual ``root/<class>/...`` layout); otherwise labels are -1.
+    A single subfolder is not taken as a class: ``root/images/*.jpg`` is an unlabelled folder.
+    """
+
+    def __init__(self, root: str | os.PathLike, load_size: int = DEFAULT_LOAD_SIZE) -> None:
+        super().__init__(load_size)
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataError(f"image folder not found: {self.root} ({EXPECTED_SPEC})")
+        self.paths = _scan_images(self.root)
+        if not self.paths:
+            raise DataError(
+                f"no images in folder {self.root} (searched recursively for {', '.join(IMAGE_EXTENSIONS)} files)"
+            )
+        first_parts = [p.split("/", 1)[0] if "/" in p else None for p in self.paths]
+        class_names = sorted({part for part in first_parts if part is not None})
+        if None not in first_parts and len(class_names) >= 2:
+            self.classes = class_names
+            position = {name: i for i, name in enumerate(class_names)}
+            self.labels = [position[part] for part in first_parts]
+        else:
+            self.classes = None
+            self.labels = [-1] * len(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def class_labels(self) -> list[int]:
+        return list(self.labels)
+
+    def _open(self, index: int) -> str:
+        return str(self.root / self.paths[index])
+
+    def _name(self, index: int) -> str:
+        return str(self.root / self.paths[index])
+
+    def _annotations(self, index: int, width: int, height: int) -> dict[str, Any]:
+        label = self.labels[index]
+        return {"label": label, "labels": [label] if label >= 0 else []}
+
+    def describe(self) -> str:
+        classes = f"{len(self.classes)} classes" if self.classes else "no labels"
+        return f"image folder {self.root}: {len(self)} images, {classes}"

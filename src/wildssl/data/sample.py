@@ -1,0 +1,108 @@
+"""The sample schema every source returns, the :class:`Source` interface, and batch collation.
+
+``source[i]`` is a deterministic function of ``i`` (so a run resumes exactly from a step count) and
+returns one sample dict:
+
+=============  ====================================================================================
+image          uint8 (3, S, S): decoded RGB resized to the square ``load_size`` S (Pillow bilinear,
+               anisotropic; normalized box coordinates are unchanged by it)
+aspect         float, width / height of the original image
+label          int, class index (-1 = none)
+labels         list[int], image-level multi-label (maybe empty)
+caption        str: one of ``captions``, ``captions[index % len(captions)]``, so each image keeps the
+               same caption in every epoch and different images use different caption positions;
+               "" when there is none
+captions       list[str], all captions
+boxes          float32 (M, 4) normalized x0, y0, x1, y1 of the original image (M may be 0)
+box_labels     long (M,), class index per box (-1 = none)
+index          int, the index actually returned (see below)
+num_corrupt    int, how many unreadable images were skipped to produce this sample
+=============  ====================================================================================
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+DEFAULT_LOAD_SIZE = 224
+
+
+class Source(Dataset, abc.ABC):
+    """A map-style data source; see the module docstring for the sample dict.
+
+    Attributes:
+        classes: class names indexed by ``label`` / ``labels`` / ``box_labels``, or ``None`` when the
+            labels are bare integers or there are none.
+        load_size: side S of the square images returned.
+    """
+
+    classes: list[str] | None = None
+    load_size: int
+
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
+
+    @abc.abstractmethod
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+    def class_labels(self) -> list[int] | None:
+        """The ``label`` of every item (-1 = none) without decoding any image, or None when the source
+        cannot tell without decoding. Evaluation uses it to find a labelled split cheaply."""
+        return None
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """One line for logs: kind, location, size, classes."""
+
+
+def make_sample(
+    image: torch.Tensor,
+    aspect: float,
+    index: int,
+    *,
+    label: int = -1,
+    labels: Sequence[int] = (),
+    captions: Sequence[str] = (),
+    boxes: Sequence[Sequence[float]] = (),
+    box_labels: Sequence[int] | None = None,
+    num_corrupt: int = 0,
+) -> dict[str, Any]:
+    """Assemble a sample dict (module docstring) from an image (3, S, S) uint8 and its annotations."""
+    box_tensor = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    if box_labels is None:
+        box_labels = [-1] * len(box_tensor)
+    captions = list(captions)
+    return {
+        "image": image,
+        "aspect": float(aspect),
+        "label": int(label),
+        "labels": [int(v) for v in labels],
+        "caption": captions[index % len(captions)] if captions else "",
+        "captions": captions,
+        "boxes": box_tensor,
+        "box_labels": torch.tensor(list(box_labels), dtype=torch.long),
+        "index": int(index),
+        "num_corrupt": int(num_corrupt),
+    }
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Batch sample dicts: image (B, 3, S, S) uint8, aspect (B,) float32, label (B,) long, index (B,) long,
+    num_corrupt int (sum), caption list[str]; labels, captions, boxes (M_b, 4) and box_labels (M_b,)
+    stay per-sample lists because their lengths differ."""
+    return {
+        "image": torch.stack([s["image"] for s in samples]),
+        "aspect": torch.tensor([s["aspect"] for s in samples], dtype=torch.float32),
+        "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+        "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
+        "num_corrupt": sum(s["num_corrupt"] for s in samples),
+        "caption": [s["caption"] for s in samples],
+        "captions": [s["captions"] for s in samples],
+        "labels": [s["labels"] for s in samples],
+        "boxes": [s["boxes"] for s in samples],
+        "box_labels": [s["box_labels"] for s in samples],
+    }

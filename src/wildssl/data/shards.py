@@ -1,0 +1,231 @@
+"""WebDataset tar shards in img2dataset's layout, read by seeking into indexed members."""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+import re
+import tarfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, BinaryIO, NamedTuple
+
+from wildssl.data.decode import EXPECTED_SPEC, IMAGE_EXTENSIONS, FileSource, logger
+from wildssl.data.sample import DEFAULT_LOAD_SIZE
+from wildssl.errors import DataError
+
+_BRACE_GROUP = re.compile(r"\{([^{}]*)\}")
+_NUMERIC_RANGE = re.compile(r"(-?\d+)\.\.(-?\d+)")
+GLOB_CHARS = re.compile(r"[*?\[]")
+_MAX_OPEN_SHARDS = 32  # file handles kept open per process (random access jumps between shards)
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand shell-style brace groups, in order: ``"s{00..02}.tar"`` -> ``s00.tar, s01.tar, s02.tar``;
+    ``"{a,b}/x"`` -> ``a/x, b/x``; several groups give their product. A range is zero-padded when a bound
+    is written with a leading zero, to the wider bound's width."""
+    match = _BRACE_GROUP.search(pattern)
+    if match is None or "{" in pattern[: match.start()] or "}" in pattern[: match.start()]:
+        if "{" in pattern or "}" in pattern:
+            raise DataError(f"unbalanced or nested braces in {pattern!r} (expected e.g. shards/{{00000..00009}}.tar)")
+        return [pattern]
+    body = match.group(1)
+    numeric = _NUMERIC_RANGE.fullmatch(body)
+    if numeric:
+        low, high = numeric.groups()
+        if int(high) < int(low):
+            raise DataError(f"descending range {{{body}}} in {pattern!r} (write the smaller bound first)")
+        padded = any(len(b.lstrip("-")) > 1 and b.lstrip("-").startswith("0") for b in (low, high))
+        width = max(len(low), len(high)) if padded else 0
+        choices = [str(v).zfill(width) for v in range(int(low), int(high) + 1)]
+    elif "," in body:
+        choices = body.split(",")
+    else:
+        raise DataError(f"brace group {{{body}}} in {pattern!r} is neither a range a..b nor a list a,b")
+    head, tails = pattern[: match.start()], expand_braces(pattern[match.end() :])
+    return [head + choice + tail for choice in choices for tail in tails]
+
+
+def _shard_paths(pattern: str | os.PathLike) -> list[Path]:
+    """The shard files a pattern names: a tar file, a folder (its top-level ``*.tar``, sorted), a glob
+    (sorted) or a brace pattern (in expansion order; each expanded name may itself be a glob)."""
+    text = os.fspath(pattern)
+    path = Path(text)
+    if path.is_dir():
+        shards = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(".tar"))
+        if not shards:
+            raise DataError(f"no .tar shards in folder {path} ({EXPECTED_SPEC})")
+        return shards
+    if path.is_file():
+        return [path]
+    shards: list[Path] = []
+    for name in expand_braces(text):
+        if GLOB_CHARS.search(name):
+            matches = sorted(glob.glob(name))
+            if not matches:
+                raise DataError(f"no files match {name!r} (from data pattern {text!r})")
+            shards.extend(Path(m) for m in matches)
+        elif Path(name).is_file():
+            shards.append(Path(name))
+        elif name == text:
+            raise DataError(f"data path not found: {text} ({EXPECTED_SPEC})")
+        else:
+            raise DataError(f"tar shard not found: {name} (from data pattern {text!r})")
+    return shards
+
+
+class _TarSample(NamedTuple):
+    shard: int
+    key: str
+    image_offset: int
+    image_size: int
+    text_offset: int  # -1: no caption
+    text_size: int
+    label: int
+
+
+def _split_member_name(name: str) -> tuple[str, str] | None:
+    """WebDataset convention: the key is the path up to the first dot of the file name, the extension
+    is the rest (lower-cased). Hidden files (macOS ``._x.jpg``) and names without a dot are not samples."""
+    if name.startswith("./"):
+        name = name[2:]
+    folder, _, base = name.rpartition("/")
+    stem, dot, extension = base.partition(".")
+    if not stem or not dot:
+        return None
+    return (f"{folder}/{stem}" if folder else stem), extension.lower()
+
+
+_TAR_IMAGE_EXTENSIONS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
+
+
+class TarShards(FileSource):
+    """WebDataset tar shards as img2dataset writes them: ``key.jpg`` (or png, webp, ...), ``key.txt``
+    (caption), ``key.json`` (metadata, not read), optional ``key.cls`` (integer label).
+
+    ``pattern``: a tar file, a folder of ``*.tar``, a glob or a brace pattern ``data/{00000..00009}.tar``.
+    Every shard is indexed once at construction (member offsets from ``tarfile``); samples are then read
+    by seeking into the shard. Shards must be uncompressed. Keys without an image (for instance a
+    failed download that kept its .txt/.json) are skipped, counted in ``num_missing_image`` and logged.
+    File handles are opened lazily and per process, so DataLoader workers never share a file offset.
+    """
+
+    def __init__(self, pattern: str | os.PathLike, load_size: int = DEFAULT_LOAD_SIZE) -> None:
+        super().__init__(load_size)
+        self.pattern = os.fspath(pattern)
+        self.shards = _shard_paths(pattern)
+        self.samples: list[_TarSample] = []
+        self.num_missing_image = 0
+        for shard in range(len(self.shards)):
+            self._index_shard(shard)
+        if not self.samples:
+            raise DataError(f"no images in tar shards {self.pattern} ({len(self.shards)} shards, no key with an image)")
+        self._handles: OrderedDict[int, BinaryIO] = OrderedDict()
+        self._handles_pid = os.getpid()
+
+    def _index_shard(self, shard: int) -> None:
+        path = self.shards[shard]
+        file_size = path.stat().st_size
+        members: dict[str, dict[str, tuple[int, int]]] = {}  # key -> extension -> (offset, size)
+        try:
+            archive = tarfile.open(path, mode="r:")
+        except (tarfile.TarError, OSError) as error:
+            raise DataError(
+                f"cannot read tar shard {path}: {error} (expected an uncompressed .tar in WebDataset layout)"
+            ) from None
+        with archive:
+            try:
+                for member in archive:
+                    if not member.isfile():
+                        continue
+                    if member.offset_data + member.size > file_size:
+                        raise tarfile.ReadError(f"member {member.name} ends past the end of the file")
+                    parts = _split_member_name(member.name)
+                    if parts is not None:
+                        members.setdefault(parts[0], {})[parts[1]] = (member.offset_data, member.size)
+            except tarfile.ReadError as error:
+                # a shard cut short by an interrupted download: keep its complete members
+                logger.warning(
+                    "tar shard %s is truncated (%s); indexing the %d keys before it", path, error, len(members)
+                )
+        with open(path, "rb") as raw:
+            for key, parts in members.items():
+                image = next((parts[e] for e in _TAR_IMAGE_EXTENSIONS if e in parts), None)
+                if image is None:
+                    self.num_missing_image += 1
+                    logger.warning(
+                        "tar shard %s: key %s has no image (members: %s); skipped",
+                        path, key, ", ".join(f"{key}.{e}" for e in parts),
+                    )
+                    continue
+                label = -1
+                if "cls" in parts:
+                    offset, size = parts["cls"]
+                    raw.seek(offset)
+                    text = raw.read(size).decode("utf-8", errors="replace").strip()
+                    if not text.isdigit():
+                        raise DataError(f"tar shard {path}: {key}.cls holds {text!r}, expected an integer label >= 0")
+                    label = int(text)
+                text_offset, text_size = parts.get("txt", (-1, 0))
+                self.samples.append(_TarSample(shard, key, image[0], image[1], text_offset, text_size, label))
+
+    def _shard_file(self, shard: int) -> BinaryIO:
+        if self._handles_pid != os.getpid():  # forked: the parent's handles share its file offsets
+            self._handles = OrderedDict()
+            self._handles_pid = os.getpid()
+        handle = self._handles.get(shard)
+        if handle is None:
+            handle = open(self.shards[shard], "rb")
+            self._handles[shard] = handle
+            if len(self._handles) > _MAX_OPEN_SHARDS:
+                self._handles.popitem(last=False)[1].close()
+        else:
+            self._handles.move_to_end(shard)
+        return handle
+
+    def _read(self, shard: int, offset: int, size: int) -> bytes:
+        handle = self._shard_file(shard)
+        handle.seek(offset)
+        data = handle.read(size)
+        if len(data) != size:
+            raise OSError(f"short read in {self.shards[shard]} at offset {offset}: the shard changed since indexing")
+        return data
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()  # open files cannot be pickled (spawned DataLoader workers)
+        state["_handles"] = OrderedDict()
+        return state
+
+    def close(self) -> None:
+        """Close this process's shard file handles (reopened on the next read)."""
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def class_labels(self) -> list[int]:
+        return [sample.label for sample in self.samples]
+
+    def _open(self, index: int) -> BinaryIO:
+        sample = self.samples[index]
+        return io.BytesIO(self._read(sample.shard, sample.image_offset, sample.image_size))
+
+    def _name(self, index: int) -> str:
+        sample = self.samples[index]
+        return f"{self.shards[sample.shard]}:{sample.key}"
+
+    def _annotations(self, index: int, width: int, height: int) -> dict[str, Any]:
+        sample = self.samples[index]
+        captions = []
+        if sample.text_offset >= 0:
+            text = self._read(sample.shard, sample.text_offset, sample.text_size)
+            captions.append(text.decode("utf-8", errors="replace").strip())
+        labels = [sample.label] if sample.label >= 0 else []
+        return {"label": sample.label, "labels": labels, "captions": captions}
+
+    def describe(self) -> str:
+        missing = f", {self.num_missing_image} keys without image skipped" if self.num_missing_image else ""
+        return f"tar shards {self.pattern}: {len(self)} samples in {len(self.shards)} shards{missing}"
