@@ -63,7 +63,7 @@ def main() -> None:
     if args.compile:
         method.student["backbone"].compile()
         method.teacher["backbone"].compile()
-    optimizer = build_optimizer(method)
+    optimizer = build_optimizer(method.parameter_groups())
     apply_schedules(optimizer, 1e-4, 0.04, freeze_last_layer=False)
     load = config["data"]["load_size"]
     images = torch.randint(0, 256, (args.batch, 3, load, load), dtype=torch.uint8, device=device)
@@ -82,6 +82,7 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(params, 3.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        method.commit_step()
         method.update_teacher(0.996)
 
     cuda = device.type == "cuda"

@@ -70,7 +70,7 @@ def train_and_compare_knn(recipe: str, run_dir, *extra: str, metric: str = "loss
 
     from wildssl.eval.evaluate import evaluate_knn
     from wildssl.methods import get_method_class
-    from wildssl.train.checkpoint import CHECKPOINT_NAME, build_encoder_from_config, load_encoder
+    from wildssl.models.loading import CHECKPOINT_NAME, build_encoder_from_config, load_encoder
     from wildssl.train.config import build_config
     from wildssl.train.engine import train
 

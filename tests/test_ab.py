@@ -6,7 +6,7 @@ import torch
 
 from conftest import tiny_ab_overrides
 from wildssl.data.boxes import box_iou
-from wildssl.data.sources import collate, open_source
+from wildssl.data import collate, open_source
 from wildssl.methods import ab as ab_module
 from wildssl.methods import build_method
 from wildssl.methods.base import StepContext

@@ -9,7 +9,8 @@ import torch
 import torch.multiprocessing as mp
 
 import wildssl.losses.clip_loss as clip_module
-from wildssl.losses.clip_loss import LogitScale, clip_accuracy, clip_loss
+from wildssl.losses.clip_loss import clip_accuracy, clip_loss
+from wildssl.models.logit_scale import LogitScale
 
 
 def reference_clip_loss(image: torch.Tensor, text: torch.Tensor, scale: float) -> torch.Tensor:
@@ -73,13 +74,34 @@ def test_clip_loss_keeps_fp32_logits_under_bf16_autocast():
     assert abs(got.item() - want.item()) < 1e-4
 
 
-def test_logit_scale_starts_at_one_over_0_07_and_clamps_at_100():
+def test_logit_scale_starts_at_one_over_0_07_and_its_parameter_is_clamped_to_0_ln100_after_a_step():
     scale = LogitScale()
     assert scale().item() == pytest.approx(1 / 0.07, rel=1e-6)
+    assert scale.log_scale.dim() == 0
     with torch.no_grad():
         scale.log_scale.fill_(math.log(1000.0))
+    scale.commit_step()
     assert scale().item() == pytest.approx(100.0)
-    assert scale.log_scale.dim() == 0
+    with torch.no_grad():
+        scale.log_scale.fill_(-1.0)
+    scale.commit_step()
+    assert scale.log_scale.item() == 0.0
+
+
+def test_a_logit_scale_above_100_gets_the_gradient_that_brings_it_back_down():
+    # Past ln 100 an output clamp gives exactly zero gradient, so the parameter can never come back.
+    generator = torch.Generator().manual_seed(5)
+    image, text = torch.randn(6, 4, generator=generator), torch.randn(6, 4, generator=generator)
+    module = LogitScale()
+    with torch.no_grad():
+        module.log_scale.fill_(math.log(150.0))
+    clip_loss(image, text, module(), gather=False).backward()
+    t = module.log_scale.item()
+    eps = 1e-4
+    expected = (reference_clip_loss(image, text, math.exp(t + eps)) -
+                reference_clip_loss(image, text, math.exp(t - eps))) / (2 * eps)
+    assert abs(expected.item()) > 1e-3
+    assert module.log_scale.grad.item() == pytest.approx(expected.item(), rel=1e-3)
 
 
 def test_gradient_reaches_the_logit_scale_parameter_and_matches_finite_difference():

@@ -1,12 +1,11 @@
 import copy
-import json
 import math
 
 import pytest
 import torch
 
 from conftest import KNN_MARGIN, train_and_compare_knn
-from wildssl.data.sources import collate, open_source
+from wildssl.data import collate, open_source
 from wildssl.data.views import make_views
 from wildssl.errors import CheckpointError, ConfigError, DataError
 from wildssl.methods import build_method

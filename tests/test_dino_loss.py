@@ -70,18 +70,32 @@ def test_teacher_probabilities_center_then_sharpen():
 
 def test_center_update_is_exponential_moving_average_of_batch_mean():
     torch.manual_seed(4)
-    module = DINOCenter(num_prototypes=6)
+    module = DINOCenter(num_prototypes=6, momentum=0.9)
     assert module.center.shape == (1, 6) and "center" in module.state_dict()
     first, second = torch.randn(8, 6), torch.randn(8, 6)
-    module.update(first, momentum=0.9)
-    module.update(second, momentum=0.9)
+    for logits in (first, second):
+        module.observe(logits)
+        module.commit_step()
     expected = 0.9 * (0.1 * first.double().mean(0)) + 0.1 * second.double().mean(0)
     torch.testing.assert_close(module.center.double(), expected[None], rtol=1e-6, atol=1e-7)
 
 
+def test_center_moves_only_when_the_step_is_committed():
+    module = DINOCenter(num_prototypes=6, momentum=0.5)
+    module.observe(torch.full((4, 6), float("nan")))
+    assert torch.equal(module.center, torch.zeros(1, 6))  # observing alone moves nothing
+    module.discard_step()  # a skipped step
+    module.commit_step()  # nothing pending: nothing moves
+    assert torch.equal(module.center, torch.zeros(1, 6))
+    module.observe(torch.ones(4, 6))
+    module.observe(3 * torch.ones(2, 6))  # two calls in one step: their means are averaged
+    module.commit_step()
+    torch.testing.assert_close(module.center, torch.ones(1, 6))
+
+
 def test_center_update_rejects_wrong_prototype_count():
     with pytest.raises(ValueError, match=r"\(N, 6\)"):
-        DINOCenter(6).update(torch.randn(2, 5))
+        DINOCenter(6).observe(torch.randn(2, 5))
 
 
 def test_teacher_temperature_schedule_warms_up_linearly_then_stays():

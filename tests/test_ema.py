@@ -1,6 +1,6 @@
 import torch
 
-from wildssl.train.ema import ema_update_
+from wildssl.models.ema import ema_update_
 
 
 def _pair():

@@ -8,9 +8,10 @@ from safetensors.torch import load_file
 from conftest import tiny_overrides
 from wildssl.errors import CheckpointError, ConfigError
 from wildssl.methods.dino import DINO
-from wildssl.train.checkpoint import CHECKPOINT_NAME
+from wildssl.models.loading import CHECKPOINT_NAME
 from wildssl.train.config import build_config
-from wildssl.train.engine import StepBatchSampler, TrainingStopped, train
+from wildssl.data.sampler import StepBatchSampler
+from wildssl.train.engine import TrainingStopped, train
 
 
 def _config(method="dino", *extra):

@@ -1,11 +1,9 @@
 import math
 
 import numpy as np
-import torch
 
 from wildssl.train.config import build_config
-from wildssl.train.optim import (apply_schedules, build_optimizer, build_schedules, cosine_schedule,
-                                 parameter_groups, steps_from_epochs)
+from wildssl.train.optim import apply_schedules, build_optimizer, build_schedules, cosine_schedule
 
 
 def test_cosine_schedule_matches_formula():
@@ -18,37 +16,64 @@ def test_cosine_schedule_matches_formula():
     assert values[5] == 1.0
 
 
-class _Toy(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.pos_embed = torch.nn.Parameter(torch.zeros(1, 4, 8))
-        self.linear = torch.nn.Linear(8, 8)
-        self.norm = torch.nn.LayerNorm(8)
-        self.head = torch.nn.Module()
-        self.head.last_layer = torch.nn.Linear(8, 3, bias=False)
-        self.frozen = torch.nn.Parameter(torch.zeros(3), requires_grad=False)
+def _dino(*extra):
+    from conftest import tiny_overrides
+    from wildssl.methods import build_method
+
+    config = build_config("dino_quick", tiny_overrides("dino", *extra))
+    return build_method(config), config
 
 
-def test_parameter_groups_exclude_biases_norms_tokens_from_decay_and_isolate_last_layer():
-    model = _Toy()
-    groups = parameter_groups(model)
-    by_id = {id(p): g for g in groups for p in g["params"]}
-    assert by_id[id(model.linear.weight)]["wd_scale"] == 1.0
-    for p in (model.linear.bias, model.norm.weight, model.norm.bias, model.pos_embed):
-        assert by_id[id(p)]["wd_scale"] == 0.0
-    assert by_id[id(model.head.last_layer.weight)]["is_last_layer"]
-    assert id(model.frozen) not in by_id
-    optimizer = build_optimizer(model)
+def test_method_declares_groups_without_decay_on_biases_norms_tokens_and_isolates_the_prototypes():
+    method, _ = _dino()
+    groups = method.parameter_groups()
+    by_name = {}
+    ids = {id(p): name for name, p in method.named_parameters()}
+    for group in groups:
+        for p in group["params"]:
+            by_name[ids[id(p)]] = group
+    backbone = "student.backbone."
+    assert by_name[backbone + "blocks.0.attn.qkv.weight"]["wd_scale"] == 1.0
+    for name in ("blocks.0.attn.qkv.bias", "norm.weight", "pos_embed", "cls_token"):
+        assert by_name[backbone + name]["wd_scale"] == 0.0, name
+    prototypes = [n for n, g in by_name.items() if g["is_last_layer"]]
+    assert prototypes and all(n.startswith("student.head.last_layer.") for n in prototypes)
+    assert not any(n.startswith("teacher.") for n in by_name)  # the teacher is never optimized
+    assert "student.backbone.mask_token" not in by_name  # DINO does not mask
+    optimizer = build_optimizer(groups)
     apply_schedules(optimizer, lr=0.5, weight_decay=0.1, freeze_last_layer=True)
     for group in optimizer.param_groups:
         assert group["lr"] == (0.0 if group["is_last_layer"] else 0.5)
         assert group["weight_decay"] == 0.1 * group["wd_scale"]
 
 
-def test_lr_scales_with_global_batch_and_epochs_convert_once():
+def test_layer_decay_scales_each_block_by_its_depth():
+    method, _ = _dino("optim.layer_decay=0.5", "model.depth=3")
+    depth = method.student["backbone"].depth
+    scales = {}
+    ids = {id(p): name for name, p in method.named_parameters()}
+    for group in method.parameter_groups():
+        for p in group["params"]:
+            scales[ids[id(p)]] = group["lr_scale"]
+    assert scales["student.backbone.patch_embed.proj.weight"] == 0.5 ** (depth + 1)
+    for block in range(depth):
+        assert scales[f"student.backbone.blocks.{block}.mlp.fc1.weight"] == 0.5 ** (depth - block)
+    assert scales["student.backbone.norm.weight"] == 1.0 and scales["student.head.mlp.0.weight"] == 1.0
+
+
+def test_lr_scales_with_global_batch():
     config = build_config("dino_quick", ["optim.lr=0.001", "optim.warmup_epochs=2"])
     schedules = build_schedules(config, total_steps=100, global_batch_size=512, steps_per_epoch=10)
     assert math.isclose(schedules["lr"][20], 0.001 * 512 / 256)
     assert schedules["lr"][0] == 0.0 and schedules["lr"][19] < schedules["lr"][20]
     assert schedules["momentum"][0] == config["ema"]["momentum"]
-    assert steps_from_epochs(2.5, dataset_size=1000, global_batch_size=64) == math.ceil(2.5 * 15)
+
+
+def test_budgets_in_epochs_and_images_seen_convert_to_steps_once():
+    from wildssl.train.run import total_steps_of
+
+    config = build_config("dino_quick", ["train.batch_size=64", "train.epochs=2.5"])
+    assert total_steps_of(config, first_source_size=1000, images_per_step=64) == math.ceil(2.5 * 15)
+    config = build_config("dino_quick", ["train.batch_size=64", "train.images=6400"])
+    assert total_steps_of(config, first_source_size=1000, images_per_step=80) == 80  # AB: 64 + 16 per step
+    assert total_steps_of(config, first_source_size=1000, images_per_step=64) == 100

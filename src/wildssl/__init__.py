@@ -5,8 +5,8 @@ __version__ = "0.1.0"
 
 def load_encoder(checkpoint_or_export, teacher: bool | None = None):
     """Load a trained encoder (an ``nn.Module`` with ``forward_features``) from a run directory,
-    a checkpoint file or an export. See :func:`wildssl.train.checkpoint.load_encoder`."""
-    from wildssl.train.checkpoint import load_encoder as _load
+    a checkpoint file or an export. See :func:`wildssl.models.loading.load_encoder`."""
+    from wildssl.models.loading import load_encoder as _load
 
     return _load(checkpoint_or_export, teacher=teacher)
 

@@ -1,4 +1,4 @@
-"""The ``wildssl`` command line: train, eval knn, export, plot, demo, recipes.
+"""The ``wildssl`` command line: train, config, eval knn, export, plot, demo, recipes.
 
 User errors (a missing path, a bad config key, a corrupt checkpoint) print one line and exit with
 status 2; an interrupted run saves a checkpoint and exits with 130.
@@ -31,19 +31,27 @@ def _device():
 
 # ----------------------------------------------------------------------------- train
 
-def cmd_train(args) -> int:
-    from wildssl.eval.evaluate import make_online_knn
-    from wildssl.train import distributed as dist
+def _config_from_args(args):
+    """The resolved config of ``train`` / ``config``: recipe + ``--set`` + ``--data`` + ``--val``."""
+    from wildssl.methods import get_method_class
     from wildssl.train.config import build_config
-    from wildssl.train.engine import train
 
     overrides = list(args.set or [])
     config = build_config(args.recipe, overrides)
-    if args.data:  # --data names the method's first stream (data.train for single-stream methods)
-        from wildssl.methods import get_method_class
+    extra = []
+    if getattr(args, "data", None):  # --data names the method's first stream (data.train for single-stream methods)
+        extra.append(f"data.{get_method_class(config['method']['name']).streams[0]}={args.data}")
+    if getattr(args, "val", None):
+        extra.append(f"eval.knn_test={args.val}")
+    return build_config(args.recipe, overrides + extra) if extra else config
 
-        first_stream = get_method_class(config["method"]["name"]).streams[0]
-        config = build_config(args.recipe, overrides + [f"data.{first_stream}={args.data}"])
+
+def cmd_train(args) -> int:
+    from wildssl import distributed as dist
+    from wildssl.eval.evaluate import make_online_knn
+    from wildssl.train.engine import train
+
+    config = _config_from_args(args)
     out = Path(args.out or Path("runs") / f"{config['method']['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
     dist.setup_distributed()
     main_process = dist.is_main_process()  # asked before the group is gone: afterwards every rank is "rank 0"
@@ -54,7 +62,18 @@ def cmd_train(args) -> int:
     if main_process:
         line = {k: v for k, v in summary.items() if k != "final_metrics"}
         line.update({k: v for k, v in summary["final_metrics"].items() if k.startswith("knn_")})
+        for alarm in summary["alarms"]:
+            print(f"wildssl: WARNING: {alarm}", file=sys.stderr)
         print(json.dumps(line))
+    return 0
+
+
+# ----------------------------------------------------------------------------- config
+
+def cmd_config(args) -> int:
+    from wildssl.train.config import dump_config
+
+    print(dump_config(_config_from_args(args)), end="")
     return 0
 
 
@@ -64,8 +83,7 @@ def _knn_encoder(args):
     """The encoder to evaluate and its model config: trained weights, or the same architecture at init."""
     import torch
 
-    from wildssl.train.checkpoint import (build_encoder_from_config, load_encoder,
-                                          encoder_state_from_checkpoint)
+    from wildssl.models.loading import build_encoder_from_config, encoder_state_from_checkpoint, load_encoder
 
     teacher = None if args.encoder == "auto" else args.encoder == "teacher"
     if args.checkpoint is None:
@@ -83,8 +101,11 @@ def _knn_encoder(args):
 
 def cmd_eval_knn(args) -> int:
     from wildssl.eval.evaluate import evaluate_knn
+    from wildssl.models.loading import evaluated_network
 
     encoder, model_config = _knn_encoder(args)
+    teacher = None if args.encoder == "auto" else args.encoder == "teacher"
+    network = "random-init" if args.random_init else evaluated_network(args.checkpoint, teacher)
     device = _device()
     image_size = args.image_size or model_config.get("img_size", 224)
     result = evaluate_knn(encoder.to(device), args.train, args.test, image_size=image_size,
@@ -92,8 +113,10 @@ def cmd_eval_knn(args) -> int:
                           batch_size=args.batch_size, num_workers=args.num_workers, device=device,
                           progress=not args.json)
     if args.json:
-        print(json.dumps({"knn_top1": result["knn_top1"], **{k: v for k, v in result.items() if k != "knn_top1"}}))
+        print(json.dumps({"knn_top1": result["knn_top1"], **{k: v for k, v in result.items() if k != "knn_top1"},
+                          "network": network}))
     else:
+        print(f"network: {network}")
         for name, value in result.items():
             print(f"{name}: {100 * value:.2f}%")
     return 0
@@ -102,7 +125,7 @@ def cmd_eval_knn(args) -> int:
 # ----------------------------------------------------------------------------- export
 
 def cmd_export(args) -> int:
-    from wildssl.train.checkpoint import save_encoder_export
+    from wildssl.models.export import save_encoder_export
 
     teacher = None if args.encoder == "auto" else args.encoder == "teacher"
     kwargs = save_encoder_export(Path(args.out), args.checkpoint, teacher=teacher, timm=args.timm)
@@ -152,7 +175,7 @@ def cmd_demo(args) -> int:
     import torch
 
     from wildssl.eval.evaluate import evaluate_knn
-    from wildssl.train.checkpoint import build_encoder_from_config, load_encoder
+    from wildssl.models.loading import build_encoder_from_config, load_encoder
     from wildssl.train.config import build_config
     from wildssl.train.engine import train
 
@@ -193,8 +216,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="training data SPEC: folder, .jsonl, tar shards, or synthetic:scenes?n=..")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--out", help="run directory (default runs/<method>-<time>)")
+    p.add_argument("--val", help="labelled data SPEC for the online k-NN (default: a held-out split of the "
+                                 "training data when it has labels)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("config", help="print the resolved config (YAML) that train would run")
+    p.add_argument("recipe", help="a shipped recipe name (see `wildssl recipes`) or a YAML file")
+    p.add_argument("--data", help="as for train: the method's first stream")
+    p.add_argument("--val", help="as for train: eval.knn_test")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("eval", help="evaluate an encoder")
     eval_sub = p.add_subparsers(dest="protocol", required=True)
@@ -207,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--model", default="small", help="architecture for --random-init without --checkpoint")
     k.add_argument("--patch-size", type=int, default=16, help="patch size for --random-init without --checkpoint")
     k.add_argument("--encoder", choices=("auto", "teacher", "student"), default="auto",
-                   help="which encoder of a checkpoint (auto: the EMA teacher where there is one)")
+                   help="which encoder of a checkpoint (auto: the one the method evaluates: DINO's teacher, "
+                        "SimCLR's and CLIP's student, the same for their AB variants)")
     k.add_argument("--pool", choices=("cls", "avg"), default="cls")
     k.add_argument("--image-size", type=int, help="eval resolution (default: the model's img_size)")
     k.add_argument("--load-size", type=int, help="decode size of the sources (default: the eval resolution)")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from wildssl.data.sources import Source, make_sample
+from wildssl.data.sample import Source, make_sample
 from wildssl.errors import DataError
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "ring", "diamond", "star", "hourglass")
@@ -238,7 +238,7 @@ class SyntheticScenes(Source):
         colours: how many of ``PALETTE``'s colours are used (the first ones). Few colours make colour
             useless for telling scenes apart, so self-supervised methods must look at shapes.
 
-    Samples follow :class:`wildssl.data.sources.Source`; ``aspect`` is 1.0, ``boxes`` hold every object
+    Samples follow :class:`wildssl.data.sample.Source`; ``aspect`` is 1.0, ``boxes`` hold every object
     (main first) with its shape as box label, ``labels`` the sorted set of shapes present.
     """
 
@@ -277,6 +277,9 @@ class SyntheticScenes(Source):
 
     def __len__(self) -> int:
         return self.n
+
+    def class_labels(self) -> list[int]:
+        return [self.scene(i).objects[0].shape for i in range(self.n)]
 
     def scene(self, index: int) -> Scene:
         """The scene at ``index`` (a pure function of seed, split and index)."""

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
-from wildssl.data.sources import collate, open_source
+from wildssl.data import collate, open_source
+from wildssl.data.sample import Source
 from wildssl.errors import DataError
 from wildssl.eval.features import extract_features
 from wildssl.eval.knn import knn_accuracy
+
+log = logging.getLogger("wildssl")
+
+# The online k-NN's split of a labelled training source: at most this many test images (about a fifth
+# of the source) and this many memory images, drawn by a fixed permutation.
+ONLINE_TEST_IMAGES = 1000
+ONLINE_MEMORY_IMAGES = 5000
 
 
 def _loader(source, batch_size: int, num_workers: int) -> DataLoader:
@@ -17,47 +27,99 @@ def _loader(source, batch_size: int, num_workers: int) -> DataLoader:
                       collate_fn=collate)
 
 
-def _num_classes(train_source, labels: torch.Tensor, spec: str) -> int:
+def _num_classes(source, labels: torch.Tensor, name) -> int:
     if (labels < 0).any():
-        raise DataError(f"k-NN needs a class label for every image, but {spec} has unlabeled images "
-                        "(use an image folder with class subfolders, a manifest with 'label', or synthetic:scenes)")
-    classes = getattr(train_source, "classes", None)
+        where = name if isinstance(name, str) else (source.dataset if isinstance(source, Subset) else source).describe()
+        raise DataError(f"k-NN needs a class label for every image, but {where} has unlabeled "
+                        "images (use an image folder with class subfolders, a manifest with 'label', or "
+                        "synthetic:scenes)")
+    base = source.dataset if isinstance(source, Subset) else source
+    classes = getattr(base, "classes", None)
     return len(classes) if classes else int(labels.max()) + 1
 
 
-def evaluate_knn(encoder: nn.Module, train_spec: str, test_spec: str, *, image_size: int,
-                 load_size: int | None = None, k: int = 20, temperature: float = 0.07, pool: str = "cls",
-                 batch_size: int = 256, num_workers: int = 0, device: torch.device | str = "cpu",
-                 progress: bool = False) -> dict[str, float]:
+def evaluate_knn(encoder: nn.Module, train, test, *, image_size: int, load_size: int | None = None, k: int = 20,
+                 temperature: float = 0.07, pool: str = "cls", batch_size: int = 256, num_workers: int = 0,
+                 device: torch.device | str = "cpu", progress: bool = False) -> dict[str, float]:
     """Weighted k-NN (DINO protocol, k=20, T=0.07) of frozen ``encoder`` features; accuracies in [0, 1].
 
-    Train and test sources are given as data specs; their class labels are the targets."""
+    ``train`` (the memory) and ``test`` are data specs or sources; their class labels are the targets."""
     load_size = load_size or image_size
-    train_source = open_source(train_spec, load_size=load_size)
-    test_source = open_source(test_spec, load_size=load_size)
+    train_source = open_source(train, load_size=load_size) if isinstance(train, str) else train
+    test_source = open_source(test, load_size=load_size) if isinstance(test, str) else test
     train_features, train_labels = extract_features(
         encoder, _loader(train_source, batch_size, num_workers), device, image_size, pool, progress=progress)
     test_features, test_labels = extract_features(
         encoder, _loader(test_source, batch_size, num_workers), device, image_size, pool, progress=progress)
-    num_classes = max(_num_classes(train_source, train_labels, train_spec),
-                      _num_classes(test_source, test_labels, test_spec))
+    num_classes = max(_num_classes(train_source, train_labels, train), _num_classes(test_source, test_labels, test))
     accuracy = knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes, k=k,
                             temperature=temperature)
     return {f"knn_{name}": value for name, value in accuracy.items()}
 
 
-def make_online_knn(config: dict, device: torch.device | str):
-    """The engine's periodic k-NN (``eval.knn_every``); None when no evaluation sources are configured."""
-    ecfg = config["eval"]
-    if not (ecfg["knn_every"] and ecfg["knn_train"] and ecfg["knn_test"]):
+def labelled_split(source: Source, seed: int = 0) -> tuple[Subset, Subset] | None:
+    """A memory / test split of the labelled images of ``source`` for the online k-NN, or None when the
+    source has fewer than 20 labelled images or cannot list its labels without decoding."""
+    labels = source.class_labels()
+    if labels is None:
         return None
+    labelled = torch.tensor([i for i, label in enumerate(labels) if label >= 0], dtype=torch.long)
+    if len(labelled) < 20:
+        return None
+    order = labelled[torch.randperm(len(labelled), generator=torch.Generator().manual_seed(seed))]
+    n_test = min(ONLINE_TEST_IMAGES, len(order) // 5)
+    test, memory = order[:n_test], order[n_test: n_test + ONLINE_MEMORY_IMAGES]
+    return Subset(source, memory.tolist()), Subset(source, test.tolist())
+
+
+def online_knn_data(config: dict):
+    """The (memory, test) of the online k-NN, or None (with a log line saying why) when there is none.
+
+    ``eval.knn_train`` and ``eval.knn_test`` name them. Left null, they come from the run's own data: a
+    held-out split of the labelled images of the first stream (so the number a user watches measures
+    their data, not the recipe's), or, with only ``eval.knn_test`` set (``--val``), the first stream's
+    labelled images as memory, or a split of the ``--val`` source when the training data has no labels.
+    """
+    from wildssl.methods import get_method_class
+
+    ecfg, dcfg = config["eval"], config["data"]
+    load_size = dcfg["load_size"]
+    if ecfg["knn_train"] and ecfg["knn_test"]:
+        return ecfg["knn_train"], ecfg["knn_test"]
+    first_stream = get_method_class(config["method"]["name"]).streams[0]
+    train_source = open_source(dcfg[first_stream], load_size=load_size) if dcfg[first_stream] else None
+    split = labelled_split(train_source, config["train"]["seed"]) if train_source is not None else None
+    if ecfg["knn_test"]:
+        if split is not None:
+            return split[0], ecfg["knn_test"]
+        val_split = labelled_split(open_source(ecfg["knn_test"], load_size=load_size), config["train"]["seed"])
+        if val_split is not None:
+            return val_split
+    elif split is not None:
+        return split
+    log.warning("online k-NN is off: %s has no class labels to evaluate on; give labelled images with --val "
+                "SPEC (eval.knn_test), or set eval.knn_train and eval.knn_test", dcfg[first_stream])
+    return None
+
+
+def make_online_knn(config: dict, device: torch.device | str):
+    """The engine's periodic k-NN (``eval.knn_every``), on the data :func:`online_knn_data` picks; None when
+    it is off. It evaluates the method's own evaluation network unless ``eval.encoder`` says otherwise."""
+    ecfg = config["eval"]
+    if not ecfg["knn_every"]:
+        return None
+    data = online_knn_data(config)
+    if data is None:
+        return None
+    memory, test = data
     image_size = ecfg["image_size"] or config["model"]["img_size"]
     teacher = None if ecfg["encoder"] == "auto" else ecfg["encoder"] == "teacher"
 
     def evaluate(method) -> dict[str, float]:
-        return evaluate_knn(method.encoder(teacher), ecfg["knn_train"], ecfg["knn_test"],
-                            image_size=image_size, load_size=config["data"]["load_size"], k=ecfg["knn_k"],
-                            temperature=ecfg["knn_temperature"], pool=ecfg["pool"],
-                            batch_size=ecfg["batch_size"], device=device)
+        result = evaluate_knn(method.encoder(teacher), memory, test, image_size=image_size,
+                              load_size=config["data"]["load_size"], k=ecfg["knn_k"],
+                              temperature=ecfg["knn_temperature"], pool=ecfg["pool"], batch_size=ecfg["batch_size"],
+                              device=device)
+        return result
 
     return evaluate

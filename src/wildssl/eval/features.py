@@ -66,7 +66,7 @@ def extract_features(
 
     Features stay on the CPU so that large evaluation sets do not fill accelerator memory. In a
     distributed run each rank gets the features of its own shard; gather them with
-    :func:`wildssl.train.distributed.all_gather_no_grad`.
+    :func:`wildssl.distributed.all_gather_no_grad`.
     """
     if pool not in POOLS:
         raise ConfigError(f"feature pool {pool!r} is unknown; use one of {', '.join(POOLS)}")

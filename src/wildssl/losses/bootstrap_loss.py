@@ -53,8 +53,11 @@ def bootstrap_loss(
     per_pair = -(target * F.log_softmax(student_logits.to(dtype), dim=-1)).sum(dim=-1)
     if valid is None:
         return per_pair.mean()
-    valid = valid.bool()
-    return (per_pair * valid).sum() / valid.sum().clamp(min=1)
+    # Select, do not multiply: a non-finite value in a pair that does not count must not reach the loss.
+    selected = per_pair[valid.bool()]
+    if selected.numel() == 0:
+        return per_pair[:0].sum()  # an empty sum: zero, yet in the graph (the step runs, zero gradient)
+    return selected.mean()
 
 
 @torch.no_grad()

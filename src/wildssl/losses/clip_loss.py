@@ -3,21 +3,15 @@
 Each rank scores its own ``B`` images against the ``world_size * B`` texts of all ranks (and its own
 texts against all images); the positive of local row ``i`` is global column ``rank * B + i``. The
 gather carries gradient, so after DDP averages parameter gradients the result equals the single-process
-loss on the global batch (see ``wildssl.train.distributed.gather_with_grad``).
+loss on the global batch (see ``wildssl.distributed.gather_with_grad``).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from wildssl.train.distributed import gather_with_grad, get_rank
-
-MAX_LOGIT_SCALE = 100.0
-
+from wildssl.distributed import gather_with_grad, get_rank
 
 def clip_loss(
     image_emb: torch.Tensor,
@@ -29,7 +23,7 @@ def clip_loss(
 
     ``image_emb``, ``text_emb``: ``(B, D)``, row ``i`` of each from the same pair, unnormalized (they are
     l2-normalized here). ``logit_scale``: scalar tensor, the multiplier ``exp(t)`` of the cosine logits
-    (what :class:`LogitScale` returns), not its log. With ``gather`` the negatives come from every rank
+    (what :class:`wildssl.models.logit_scale.LogitScale` returns), not its log. With ``gather`` the negatives come from every rank
     (every rank must pass the same ``B``). Returns the scalar
     ``(CE(s * I T_all^T, labels) + CE(s * T I_all^T, labels)) / 2`` with ``labels = rank * B + arange(B)``.
     """
@@ -59,19 +53,3 @@ def clip_accuracy(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tens
     similarity = F.normalize(image_emb.float(), dim=-1) @ F.normalize(text_emb.float(), dim=-1).T
     target = torch.arange(similarity.shape[0], device=similarity.device)
     return (similarity.argmax(dim=1) == target).float().mean()
-
-
-class LogitScale(nn.Module):
-    """The learned temperature of CLIP, stored as ``log_scale = log(1/T)`` (init ``T = 0.07``).
-
-    ``forward()`` returns ``exp(log_scale)`` clamped at 100 (Radford et al. 2021, Sec. 2.5: it keeps
-    training stable). The parameter is 0-dimensional, so the usual ``ndim < 2`` rule keeps it out of
-    weight decay.
-    """
-
-    def __init__(self, init_temperature: float = 0.07):
-        super().__init__()
-        self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
-
-    def forward(self) -> torch.Tensor:
-        return self.log_scale.exp().clamp(max=MAX_LOGIT_SCALE)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wildssl.errors import ConfigError
-from wildssl.train.distributed import all_reduce_mean
+from wildssl.distributed import all_reduce_mean
 
 
 def dino_cross_entropy(
@@ -82,28 +82,44 @@ class DINOCenter(nn.Module):
     """Running mean of the teacher's logits (the "center" ``c`` of DINO, Eq. 4 of the paper).
 
     The center is a buffer, so it follows ``.to(device)`` and is saved in checkpoints with the method.
+    It moves only after a finite step: :meth:`observe` records this step's batch mean, and the engine
+    applies it with :meth:`commit_step` after the optimizer step, or drops it with :meth:`discard_step`
+    when the step is skipped, so one non-finite step cannot poison the center.
     """
 
     center: torch.Tensor
 
-    def __init__(self, num_prototypes: int) -> None:
+    def __init__(self, num_prototypes: int, momentum: float = 0.9) -> None:
         super().__init__()
         self.register_buffer("center", torch.zeros(1, num_prototypes))
+        self.momentum = momentum
+        self.pending_sum: torch.Tensor | None = None
+        self.pending_count = 0
 
     @torch.no_grad()
-    def update(self, teacher_logits: torch.Tensor, momentum: float = 0.9) -> None:
-        """``c <- momentum * c + (1 - momentum) * mean(teacher_logits)``, the mean over the global batch.
-
-        ``teacher_logits``: ``(N, K)``, every teacher crop of this rank's batch stacked. The batch mean
-        is averaged over ranks (ranks hold equal ``N``), so every rank keeps the same center.
-        """
+    def observe(self, teacher_logits: torch.Tensor) -> None:
+        """Record the batch mean of ``teacher_logits`` ``(N, K)`` (every teacher crop of this rank's
+        batch stacked), averaged over ranks (ranks hold equal ``N``) so every rank keeps the same center.
+        Several calls in one step are averaged."""
         if teacher_logits.ndim != 2 or teacher_logits.shape[1] != self.center.shape[1]:
             raise ValueError(
-                f"DINOCenter.update needs teacher logits of shape (N, {self.center.shape[1]}), "
+                f"DINOCenter.observe needs teacher logits of shape (N, {self.center.shape[1]}), "
                 f"got {tuple(teacher_logits.shape)}"
             )
         batch_mean = all_reduce_mean(teacher_logits.float().mean(dim=0, keepdim=True))
-        self.center.mul_(momentum).add_(batch_mean.to(self.center.dtype), alpha=1.0 - momentum)
+        self.pending_sum = batch_mean if self.pending_sum is None else self.pending_sum + batch_mean
+        self.pending_count += 1
+
+    @torch.no_grad()
+    def commit_step(self) -> None:
+        """``c <- momentum * c + (1 - momentum) * batch mean`` with the mean :meth:`observe` recorded."""
+        if self.pending_sum is not None:
+            batch_mean = (self.pending_sum / self.pending_count).to(self.center.dtype)
+            self.center.mul_(self.momentum).add_(batch_mean, alpha=1.0 - self.momentum)
+        self.discard_step()
+
+    def discard_step(self) -> None:
+        self.pending_sum, self.pending_count = None, 0
 
 
 def teacher_temperature_schedule(

@@ -7,7 +7,7 @@ from typing import Literal, overload
 import torch
 import torch.nn.functional as F
 
-from wildssl.train.distributed import gather_with_grad, get_rank
+from wildssl.distributed import gather_with_grad, get_rank
 
 
 @overload

@@ -68,10 +68,16 @@ class AnnotationBootstrapping:
                                   o["ab_decoder_depth"], o["ab_decoder_heads"], num_bins=o["ab_num_bins"],
                                   value_range=tuple(o["ab_box_range"]), use_box_tokens=o["ab_box_tokens"])
         self.student["bootstrap"] = AnnotationBootstrapHead(decoder, self.annotation_dim())
-        self.bootstrap_specs = [CropSpec(o["ab_crop_size"], tuple(o["ab_crop_scale"]),
+        # Not flipped (the paper's Table 7): the box tokens say where a crop lies, not whether it is mirrored.
+        self.bootstrap_specs = [CropSpec(o["ab_crop_size"], tuple(o["ab_crop_scale"]), flip_prob=0.0,
                                          photometric=o["ab_photometric"])] * o["ab_n_crops"]
         low, high = o["ab_iou_range"]
         self.iou_filter = (low, high) if (low, high) != (0.0, 1.0) else None
+
+    @property
+    def may_leave_parameters_unused(self) -> bool:
+        # Without the base loss the base method's student heads get no gradient.
+        return not self.options["ab_base_loss"]
 
     def stream_batch_size(self, stream: str, first_batch_size: int) -> int:
         """The paper's bootstrap batch: base batch / n images, each with n crops."""

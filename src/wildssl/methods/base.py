@@ -1,26 +1,38 @@
 """The method interface every training method implements, and what the engine guarantees it.
 
 A method is an ``nn.Module`` holding ``student`` (an ``nn.ModuleDict`` with at least ``"backbone"``)
-and, where it distils from an EMA, ``teacher`` (same keys, no gradients). The engine owns everything
-else: devices, DDP, precision, the optimizer, schedules, checkpoints, logging.
+and, where it distils from an EMA, ``teacher`` (an ``nn.ModuleDict`` of EMA copies of some student
+modules, made by :meth:`Method.make_teacher`). The engine owns everything else: devices, DDP,
+precision, the optimizer, schedules, checkpoints, logging.
 
-Per step the engine calls ``method(batches, step)`` where ``batches`` maps each of the method's
-``streams`` (``("train",)`` by default; annotation bootstrapping uses ``("annotation", "bootstrap")``) to
-its collated uint8 batch on the device, and ``step`` is a :class:`StepContext`; the method builds its views on the device with
-``step.generator`` (seeded by the step, so resume is exact), runs its networks and returns
-``{"loss": scalar tensor, "metrics": {name: scalar tensor or float}}``. After the optimizer step the
-engine calls ``update_teacher(momentum)``.
+One training step, as the engine runs it:
 
-How the roadmap's methods map onto this interface (the hooks they need exist now):
+1. ``method(batches, step)``: ``batches`` maps each of the method's ``streams`` (``("train",)`` by
+   default; annotation bootstrapping uses ``("annotation", "bootstrap")``) to its collated uint8 batch
+   on the device, and ``step`` is a :class:`StepContext`. The method builds its views on the device
+   with ``step.generator`` (seeded by the step, so resume is exact), runs its networks and returns
+   ``{"loss": scalar tensor, "metrics": {name: scalar tensor or float}}``. It changes no state here
+   except through *pending* updates (below).
+2. If the loss and the gradient norm are finite: the optimizer steps, then :meth:`Method.commit_step`
+   (pending state is applied: DINO's center moves, learned logit scales are clamped), then
+   :meth:`Method.update_teacher`. Otherwise nothing moves: the optimizer does not step and
+   :meth:`Method.discard_step` drops the pending state.
+3. After the last step of every epoch, :meth:`Method.on_epoch_end`.
+
+Pending state: any submodule with a ``commit_step()`` method (and optionally ``discard_step()``) takes
+part in 2, so a center, queue or cache written during ``forward`` only changes after a finite step.
+
+Teachers: a teacher is always in eval mode (no drop path, no dropout, BatchNorm on running statistics
+that follow the student's by EMA), whatever mode the method is put in, so targets carry no
+stochasticity beyond the views.
+
+How the methods map onto this interface:
 
 | method | views (``wildssl.data.views``) | backbone call | teacher | loss |
 |---|---|---|---|---|
-| SimCLR | 2 x ``simclr_specs`` | ``forward`` -> cls | - | ``losses.nt_xent`` |
-| DINO | ``dino_specs`` (2 global + n local) | ``forward`` -> cls | EMA | ``losses.dino_loss`` |
+| SimCLR | 2 x ``simclr`` crops | ``forward`` -> cls | - | ``losses.nt_xent`` |
+| DINO | ``dino_specs`` (2 global + n local) | ``forward`` -> cls | EMA | :class:`~wildssl.methods.distillation.SelfDistillation` |
 | CLIP/SLIP/SiLC | 1 view (+2 SimCLR / DINO views) | ``forward`` + text tower | SiLC: EMA | ``losses.clip_loss`` |
-| MAE / I-JEPA | 1 view | ``forward(keep_indices=...)`` | I-JEPA: EMA | pixels / patch embeddings |
-| iBOT / SlotMIM | 2 global (+ local) | ``forward(mask=...)`` | EMA | patch + cls prototypes |
-| AdaSim | as DINO/SimSiam + neighbour index | ``forward`` | EMA | DINO/SimSiam on sampled pairs |
 | AB_* | base views + n crops per bootstrap image | base + box-query decoder | EMA | ``annotation_space`` of the base |
 
 Methods that learn p(annotation | image) expose :meth:`Method.annotation_space` so annotation
@@ -29,6 +41,7 @@ bootstrapping can wrap them without knowing which base it wraps.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,8 +52,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wildssl.train.checkpoint import build_encoder_from_config
-from wildssl.train.ema import ema_update_
+from wildssl.data.sampler import IndexHook
+from wildssl.errors import ConfigError
+from wildssl.models.ema import ema_update_
+from wildssl.models.loading import build_encoder_from_config
+
+POOLS = ("cls", "avg")
+EVAL_NETWORKS = ("teacher", "student")
 
 
 @dataclass
@@ -69,7 +87,7 @@ class AnnotationSpace:
 
 class Method(nn.Module):
     """Base class: subclasses set ``name``, ``defaults`` (the ``method.*`` config keys) and implement
-    :meth:`forward`. Set ``self.teacher`` to an ``nn.ModuleDict`` to get EMA updates."""
+    :meth:`forward`. Call :meth:`make_teacher` to get an EMA teacher."""
 
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
@@ -78,6 +96,11 @@ class Method(nn.Module):
     # Methods that feed masked images (iBOT, SlotMIM) train the encoder's mask token; for the others it
     # is frozen, so that DDP does not wait for a gradient that never comes.
     uses_mask_token: ClassVar[bool] = False
+    # The network that evaluation reads by default ("teacher" or "student"). A method and its variants
+    # (AB_X of X) share it, so that a comparison evaluates the same network.
+    eval_network: ClassVar[str] = "student"
+    # Student modules that never train (LiT's image tower): frozen, and kept in eval mode.
+    frozen_modules: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: dict):
         super().__init__()
@@ -88,28 +111,70 @@ class Method(nn.Module):
         self.teacher: nn.ModuleDict | None = None
 
     # -- teacher -----------------------------------------------------------------------------------
-    def make_teacher(self) -> None:
-        """Create the EMA teacher as a frozen copy of the student (same keys, same initial weights)."""
-        import copy
-
-        self.teacher = copy.deepcopy(self.student)
+    def make_teacher(self, keys: Sequence[str] | None = None) -> None:
+        """Create the EMA teacher: frozen copies of the student modules ``keys`` (all by default), with
+        the same names and initial weights, in eval mode. I-JEPA, for one, copies the backbone only."""
+        keys = list(self.student.keys()) if keys is None else list(keys)
+        missing = [k for k in keys if k not in self.student]
+        if missing:
+            raise ValueError(f"make_teacher: the student has no module {missing[0]!r} (has {list(self.student)})")
+        self.teacher = nn.ModuleDict({k: copy.deepcopy(self.student[k]) for k in keys})
         for param in self.teacher.parameters():
             param.requires_grad_(False)
+        self.teacher.eval()
+
+    def train(self, mode: bool = True) -> "Method":
+        """Set the training mode of the student; the teacher and the frozen modules stay in eval mode."""
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        for key in self.frozen_modules:
+            self.student[key].eval()
+        return self
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
         if self.teacher is not None:
             ema_update_(self.teacher, self.student, momentum)
 
-    # -- schedules and hooks -----------------------------------------------------------------------
+    # -- state that changes only after a finite step -----------------------------------------------
+    def commit_step(self) -> None:
+        """Apply every pending state update (called by the engine after a finite optimizer step)."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "commit_step"):
+                module.commit_step()
+
+    def discard_step(self) -> None:
+        """Drop every pending state update (called by the engine instead of stepping)."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "discard_step"):
+                module.discard_step()
+
+    def on_epoch_end(self, epoch: int) -> None:
+        """Called by the engine after the last step of epoch ``epoch`` (0-based). Default: nothing."""
+
+    # -- what the engine asks of the method ----------------------------------------------------------
     def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
         """Extra per-iteration schedules the method reads from ``StepContext.values``."""
         return {}
 
+    def index_hook(self, stream: str) -> IndexHook | None:
+        """A function that chooses the dataset indices a step of ``stream`` reads (see
+        :data:`wildssl.data.sampler.IndexHook`), or None to read the sampler's batch as it is. The engine
+        starts a new loader each epoch for a stream with a hook, so that the hook sees the state of the
+        step's own epoch."""
+        return None
+
+    @property
+    def may_leave_parameters_unused(self) -> bool:
+        """True when some trainable parameters can get no gradient in a step (an ablation that switches
+        a loss off): DDP must then look for them (``find_unused_parameters``), which costs a graph walk."""
+        return False
+
     def encoder(self, teacher: bool | None = None) -> nn.Module:
-        """The backbone to evaluate: the teacher where there is one (``teacher=None``), else the student."""
+        """The backbone to evaluate: :attr:`eval_network` by default (``teacher=None``)."""
         if teacher is None:
-            teacher = self.teacher is not None
+            teacher = self.eval_network == "teacher"
         if teacher and self.teacher is None:
             raise ValueError(f"method {self.name} has no teacher encoder")
         return (self.teacher if teacher else self.student)["backbone"]
@@ -118,22 +183,61 @@ class Method(nn.Module):
         """Called by the engine once the data sources exist and before training or resuming (e.g. CLIP
         trains or loads its caption tokenizer here, saved in ``run_dir``). Default: nothing."""
 
+    def stream_batch_size(self, stream: str, first_batch_size: int) -> int:
+        """Global batch of a stream after the first when ``data.<stream>_batch_size`` is null."""
+        return first_batch_size
+
+    def parameter_groups(self) -> list[dict]:
+        """AdamW parameter groups of the trainable parameters, declared by the modules themselves.
+
+        Each group has ``params``, ``wd_scale`` (0 for biases, norms, every parameter with ``ndim <= 1``
+        and the names a module lists in its ``no_weight_decay()``), ``lr_scale`` (layer-wise decay
+        ``optim.layer_decay ** (depth + 1 - layer)`` on the student backbone, from its ``layer_index``;
+        1 elsewhere) and ``is_last_layer`` (the parameters a module lists in its ``last_layer_names()``,
+        DINO's prototypes, which the engine freezes for the first ``optim.freeze_last_layer_epochs``).
+        """
+        no_decay: set[str] = set()
+        last_layer: set[str] = set()
+        for prefix, module in self.named_modules():
+            dot = f"{prefix}." if prefix else ""
+            if hasattr(module, "no_weight_decay"):
+                no_decay.update(dot + name for name in module.no_weight_decay())
+            if hasattr(module, "last_layer_names"):
+                last_layer.update(dot + name for name in module.last_layer_names())
+        layer_decay = float(self.config["optim"].get("layer_decay", 1.0))
+        backbone = self.student["backbone"]
+        groups: dict[tuple[float, float, bool], list[nn.Parameter]] = {}
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            decay = param.ndim > 1 and name not in no_decay
+            lr_scale = 1.0
+            if layer_decay != 1.0 and name.startswith("student.backbone."):
+                layer = backbone.layer_index(name[len("student.backbone."):])
+                lr_scale = layer_decay ** (backbone.depth + 1 - layer)
+            key = (1.0 if decay else 0.0, lr_scale, name in last_layer)
+            groups.setdefault(key, []).append(param)
+        return [{"params": params, "wd_scale": wd_scale, "lr_scale": lr_scale, "is_last_layer": is_last,
+                 "weight_decay": 0.0} for (wd_scale, lr_scale, is_last), params in sorted(groups.items())]
+
+    def freeze_modules(self) -> None:
+        """Stop gradients into :attr:`frozen_modules` (called at construction by methods that set them)."""
+        for key in self.frozen_modules:
+            for param in self.student[key].parameters():
+                param.requires_grad_(False)
+
+    # -- annotation bootstrapping ------------------------------------------------------------------
     def annotation_dim(self) -> int:
         """Width D_a of :attr:`AnnotationSpace.annotations` (for annotation bootstrapping's psi_AB)."""
         raise NotImplementedError(f"method {self.name} does not expose an annotation space")
 
-    @torch.no_grad()
     def annotation_space(self, networks: nn.ModuleDict, images: torch.Tensor, annotation_batch: dict,
                          step: StepContext) -> AnnotationSpace:
         """p(annotation | image) of ``images`` ``(M, 3, h, w)`` (normalized) computed with ``networks``
         (the EMA teacher, or the student for the no-EMA ablation), over annotations drawn from
-        ``annotation_batch`` (captions for CLIP, other images' views for SimCLR) or fixed (DINO's
-        prototypes). Implemented by the methods annotation bootstrapping can wrap."""
+        ``annotation_batch`` (captions for CLIP, other images for SimCLR) or fixed (DINO's prototypes).
+        Implemented by the methods annotation bootstrapping can wrap."""
         raise NotImplementedError(f"method {self.name} does not expose an annotation space")
-
-    def stream_batch_size(self, stream: str, first_batch_size: int) -> int:
-        """Global batch of a stream after the first when ``data.<stream>_batch_size`` is null."""
-        return first_batch_size
 
     def forward(self, batches: dict[str, dict], step: StepContext) -> dict:  # pragma: no cover
         raise NotImplementedError
@@ -147,9 +251,21 @@ def normalized_embedding_std(embeddings: torch.Tensor) -> torch.Tensor:
     return z.std(dim=0).mean() * math.sqrt(z.shape[-1])
 
 
+def check_pool(pool: str, where: str = "method.pool") -> str:
+    """``pool`` if it is one of :data:`POOLS`, else a one-line ConfigError naming ``where``."""
+    if pool not in POOLS:
+        raise ConfigError(f"{where}={pool!r} is not one of {', '.join(POOLS)}")
+    return pool
+
+
 def pooled(output: dict, pool: str) -> torch.Tensor:
-    """The image representation from the encoder's output dict: cls token or mean of patch tokens."""
-    return output["cls"] if pool == "cls" else output["patch"].mean(dim=1)
+    """The image representation from the encoder's output dict: the cls token (``"cls"``) or the mean
+    of the patch tokens (``"avg"``); anything else is a ConfigError."""
+    if pool == "cls":
+        return output["cls"]
+    if pool == "avg":
+        return output["patch"].mean(dim=1)
+    raise ConfigError(f"pool={pool!r} is not one of {', '.join(POOLS)}")
 
 
 def pooled_features(backbone: nn.Module, images: Sequence[torch.Tensor], pool: str) -> list[torch.Tensor]:

@@ -22,13 +22,13 @@ from torch.utils.data import DataLoader, Subset
 
 from wildssl.data.views import CropSpec, make_views
 from wildssl.errors import CheckpointError, ConfigError, DataError
-from wildssl.losses.clip_loss import LogitScale, clip_accuracy, clip_loss
-from wildssl.methods.base import (AnnotationSpace, Method, StepContext, normalized_embedding_std, pooled,
-                                  pooled_features)
+from wildssl.losses.clip_loss import clip_accuracy, clip_loss
+from wildssl.models.logit_scale import LogitScale
+from wildssl.methods.base import AnnotationSpace, Method, StepContext, check_pool, normalized_embedding_std, pooled
 from wildssl.models.text import build_text_tower
 from wildssl.models.tokenizer import (PAD_ID, SPECIAL_TOKENS, TOKENIZER_FILENAME, ByteTokenizer, CaptionTokenizer,
                                       build_tokenizer)
-from wildssl.train import distributed as dist
+from wildssl import distributed as dist
 
 # BPE merges stabilise long before this many captions; reading more would only decode more images
 # (a source yields its captions with its images) while the other ranks wait at the barrier.
@@ -80,8 +80,7 @@ class CLIP(Method):
         if not isinstance(o["vocab_size"], int) or o["vocab_size"] < _BYTE_VOCAB:
             raise ConfigError(f"method.vocab_size={o['vocab_size']!r} is too small for the {o['tokenizer']} "
                               f"tokenizer, which needs at least {_BYTE_VOCAB} ids (3 special + 256 bytes)")
-        if o["pool"] not in ("cls", "avg"):
-            raise ConfigError(f"method.pool={o['pool']!r} is not one of cls, avg")
+        check_pool(o["pool"])
         width = self.student["backbone"].embed_dim
         self.student["image_proj"] = nn.Linear(width, o["embed_dim"], bias=False)
         nn.init.normal_(self.student["image_proj"].weight, std=width**-0.5)  # open_clip's visual proj init

@@ -2,8 +2,8 @@
 
 Each image gives two global and ``n_local`` local crops. The student's two global views are each
 contrasted with the captions (the CLIP loss is their mean): SiLC aligns every view it distils with the
-text, otherwise the two objectives pull the image tower apart. The EMA teacher (a copy of the whole
-student, text tower included) sees the global views; its DINO-head outputs, centered and sharpened, are
+text, otherwise the two objectives pull the image tower apart. The EMA teacher (copies of the image
+backbone and the DINO head) sees the global views; its DINO-head outputs, centered and sharpened, are
 the targets of the student's DINO head on every crop (DINO's Eq. 2-3, :mod:`wildssl.losses.dino_loss`).
 Loss = CLIP loss + ``distill_scale`` * distillation loss.
 
@@ -19,12 +19,9 @@ import numpy as np
 import torch
 
 from wildssl.data.views import CropSpec, make_views
-from wildssl.losses.dino_loss import DINOCenter, dino_cross_entropy, entropy, teacher_probabilities
-from wildssl.methods.base import StepContext
-from wildssl.methods.base import pooled_features
+from wildssl.methods.base import StepContext, pooled_features
 from wildssl.methods.clip import CLIP
-from wildssl.methods.dino import DISTILLATION_DEFAULTS, teacher_temp_schedule
-from wildssl.models.heads import DINOHead
+from wildssl.methods.distillation import DISTILLATION_DEFAULTS, MULTI_CROP_DEFAULTS, SelfDistillation
 
 _NUM_GLOBAL = 2
 
@@ -35,20 +32,20 @@ class SiLC(CLIP):
     defaults = {
         **{k: v for k, v in CLIP.defaults.items() if k not in ("crop_size", "crop_scale")},
         **DISTILLATION_DEFAULTS,
+        **MULTI_CROP_DEFAULTS,
         "n_local": 8,  # main_dino.py's multi-crop defaults
         "global_scale": [0.4, 1.0],
         "local_scale": [0.05, 0.4],
         "distill_scale": 1.0,
     }
+    eval_network = "teacher"  # the EMA image tower, as DINO
 
     def __init__(self, config: dict):
         super().__init__(config)
         o = self.options
-        width = self.student["backbone"].embed_dim
-        self.student["dino_head"] = DINOHead(width, o["out_dim"], o["hidden_dim"], o["bottleneck_dim"],
-                                             o["head_layers"], o["norm_last_layer"])
-        self.make_teacher()
-        self.center = DINOCenter(o["out_dim"])
+        self.distillation = SelfDistillation(o)
+        self.student["dino_head"] = self.distillation.build_head(self.student["backbone"].embed_dim)
+        self.make_teacher(["backbone", "dino_head"])
 
     def view_specs(self) -> list[CropSpec]:
         o = self.options
@@ -56,7 +53,7 @@ class SiLC(CLIP):
                 + [CropSpec(o["local_size"], tuple(o["local_scale"]))] * o["n_local"])
 
     def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
-        return teacher_temp_schedule(self.options, total_steps, steps_per_epoch)
+        return self.distillation.schedules(total_steps, steps_per_epoch)
 
     def forward(self, batches: dict[str, dict], step: StepContext) -> dict:
         o = self.options
@@ -66,15 +63,14 @@ class SiLC(CLIP):
         features = pooled_features(self.student["backbone"], images, o["pool"])
         clip_part, metrics = self.contrastive(features[:_NUM_GLOBAL], batch["caption"])
 
-        teacher_temp = step.values["teacher_temp"]
+        teacher_temp = self.distillation.teacher_temp(step.values)
         with torch.no_grad():
             teacher_features = pooled_features(self.teacher["backbone"], images[:_NUM_GLOBAL], o["pool"])
-            teacher_logits = self.teacher["dino_head"](torch.cat(teacher_features)).float()
-            probs = teacher_probabilities(teacher_logits, self.center.center, teacher_temp)
-        student_logits = self.student["dino_head"](torch.cat(features)).float().chunk(len(views))
-        distill_part = dino_cross_entropy(student_logits, probs.chunk(_NUM_GLOBAL), o["student_temp"])
-        self.center.update(teacher_logits, o["center_momentum"])
+            probs = self.distillation.targets(self.teacher["dino_head"](torch.cat(teacher_features)), teacher_temp)
+        student_logits = self.student["dino_head"](torch.cat(features)).chunk(len(views))
+        distill_part = self.distillation.loss(student_logits, probs.chunk(_NUM_GLOBAL))
 
         metrics.update(clip_loss=clip_part.detach(), distill_loss=distill_part.detach(),
-                       teacher_entropy=entropy(probs).mean(), teacher_temp=teacher_temp)
+                       **self.distillation.metrics(probs, teacher_temp))
+        metrics.pop("uniform_loss")  # the total loss holds the CLIP part: it is no uniform-collapse measure
         return {"loss": clip_part + o["distill_scale"] * distill_part, "metrics": metrics}

@@ -9,7 +9,7 @@ from torch import nn
 from wildssl.data.views import CropSpec, make_views
 from wildssl.eval.features import preprocess_images
 from wildssl.losses.nt_xent import nt_xent_loss
-from wildssl.methods.base import AnnotationSpace, Method, StepContext, normalized_embedding_std, pooled
+from wildssl.methods.base import AnnotationSpace, Method, StepContext, check_pool, normalized_embedding_std, pooled
 from wildssl.models.heads import ProjectionHead
 
 
@@ -28,6 +28,7 @@ class SimCLR(Method):
     def __init__(self, config: dict):
         super().__init__(config)
         o = self.options
+        check_pool(o["pool"])
         width = self.student["backbone"].embed_dim
         self.student["head"] = ProjectionHead(width, o["proj_hidden_dim"], o["proj_dim"], o["proj_layers"])
         self.specs = [CropSpec(o["crop_size"], tuple(o["crop_scale"]), photometric="simclr")] * 2

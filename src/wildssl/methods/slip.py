@@ -8,12 +8,9 @@ Loss = CLIP loss + ``ssl_scale`` * NT-Xent (SLIP's Eq. 3).
 
 from __future__ import annotations
 
-import torch
-
 from wildssl.data.views import CropSpec, make_views
 from wildssl.losses.nt_xent import nt_xent_loss
-from wildssl.methods.base import StepContext
-from wildssl.methods.base import pooled_features
+from wildssl.methods.base import StepContext, pooled_features
 from wildssl.methods.clip import CLIP
 from wildssl.models.heads import ProjectionHead
 
@@ -48,8 +45,9 @@ class SLIP(CLIP):
         clip_features, *ssl_features = pooled_features(self.student["backbone"], [v.images for v in views],
                                                        self.options["pool"])
         clip_part, metrics = self.contrastive([clip_features], batch["caption"])
-        # One head call on both views: BatchNorm statistics over the 2B SimCLR views, as SLIP's image_mlp.
-        z_a, z_b = self.student["ssl_head"](torch.cat(ssl_features)).chunk(2)
+        # One head call per view, as SLIP's own code (models.py: image_mlp(h1), image_mlp(h2)): each view's
+        # BatchNorm statistics are its own.
+        z_a, z_b = (self.student["ssl_head"](features) for features in ssl_features)
         ssl_part, ssl_acc = nt_xent_loss(z_a, z_b, self.options["ssl_temperature"], return_accuracy=True)
         metrics.update(clip_loss=clip_part.detach(), ssl_loss=ssl_part.detach(), ssl_acc=ssl_acc)
         return {"loss": clip_part + self.options["ssl_scale"] * ssl_part, "metrics": metrics}

@@ -15,17 +15,14 @@ the memory's keys and values are computed once per crop rather than copied for e
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from wildssl.data.boxes import discretize_box
-
-# CLIP's guard: a learned logit scale above 100 makes the softmax near one-hot and training unstable.
-_MAX_LOGIT_SCALE = 100.0
-
+from wildssl.models.attention import Attention, CrossAttention
+from wildssl.models.logit_scale import LogitScale
 
 class BoxTokenizer(nn.Module):
     """Embed a relative box as 4 tokens, one per coordinate ``(x0, y0, x1, y1)``.
@@ -73,48 +70,15 @@ class BoxTokenizer(nn.Module):
         return self.coordinate_embed(bins + self._offsets) + self.type_embed
 
 
-class _SelfAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(M, L, D)`` -> ``(M, L, D)``."""
-        m, length, dim = x.shape
-        q, k, v = self.qkv(x).reshape(m, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(m, length, dim))
-
-
-class _CrossAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        """Queries ``(M, L, D)`` attend to memory ``(M, N, D)`` -> ``(M, L, D)``."""
-        m, length, dim = x.shape
-        head_dim = dim // self.num_heads
-        q = self.q(x).reshape(m, length, self.num_heads, head_dim).transpose(1, 2)
-        k, v = self.kv(memory).reshape(m, memory.shape[1], 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(m, length, dim))
-
-
 class _DecoderBlock(nn.Module):
     """Pre-norm block: self-attention within each pair, cross-attention to the source crop, MLP."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.self_attn = _SelfAttention(dim, num_heads)
+        self.self_attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim)
-        self.cross_attn = _CrossAttention(dim, num_heads)
+        self.cross_attn = CrossAttention(dim, num_heads)
         self.norm3 = nn.LayerNorm(dim)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
@@ -208,15 +172,15 @@ class AnnotationBootstrapHead(nn.Module):
     embeddings, other views' projections, or DINO prototypes) into the decoder's output space;
     the decoder itself is the deep part. Whether gradients reach the annotation embeddings is
     the caller's choice (detach them to keep the bootstrap loss off the base method's heads).
-    ``t_AB`` is learned through its logarithm, starting at ``init_scale`` (CLIP's 1 / 0.07) and
-    capped at 100.
+    ``t_AB`` is a :class:`~wildssl.models.logit_scale.LogitScale` starting at ``init_scale`` (CLIP's
+    1 / 0.07), its logarithm clamped to [0, ln 100] after every step.
     """
 
     def __init__(self, decoder: BoxQueryDecoder, annotation_dim: int, init_scale: float = 1 / 0.07) -> None:
         super().__init__()
         self.decoder = decoder
         self.annotation_proj = nn.Linear(annotation_dim, decoder.dim, bias=False)
-        self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
+        self.logit_scale = LogitScale(init_temperature=1.0 / init_scale)
         nn.init.trunc_normal_(self.annotation_proj.weight, std=0.02)
 
     def forward(self, memory: torch.Tensor, relative_boxes: torch.Tensor) -> torch.Tensor:
@@ -232,6 +196,10 @@ class AnnotationBootstrapHead(nn.Module):
 
         Returns ``(B, P, K)`` logits.
         """
-        annotations = F.normalize(self.annotation_proj(annotation_emb), dim=-1)
-        scale = self.log_scale.exp().clamp(max=_MAX_LOGIT_SCALE)
-        return scale * F.normalize(phi, dim=-1) @ annotations.T
+        annotations = self.annotation_proj(annotation_emb)
+        # Cosines times a scale near 100 need fp32 (as clip_loss and nt_xent): bf16 would round the logits
+        # by about 0.4, the size of the differences being learned.
+        dtype = torch.promote_types(phi.dtype, torch.float32)
+        with torch.autocast(device_type=phi.device.type, enabled=False):
+            annotations = F.normalize(annotations.to(dtype), dim=-1)
+            return self.logit_scale().to(dtype) * F.normalize(phi.to(dtype), dim=-1) @ annotations.T

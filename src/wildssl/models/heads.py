@@ -45,8 +45,8 @@ class DINOHead(nn.Module):
     """DINO head (Caron et al., ICCV 2021): MLP -> l2-normalized bottleneck -> weight-normalized prototypes.
 
     ``forward``: ``(B, in_dim) -> (B, out_dim)`` logits ``z_b . w_k / ||w_k|| * g_k``. The prototype layer is
-    :attr:`last_layer` (the engine freezes it early in training by a zero-lr span on names containing
-    ``last_layer``). With ``norm_last_layer=True`` every prototype's magnitude ``g_k`` is fixed at 1 and not
+    :attr:`last_layer` (the engine freezes it early in training by a zero-lr span, see
+    :meth:`last_layer_names`). With ``norm_last_layer=True`` every prototype's magnitude ``g_k`` is fixed at 1 and not
     trained, so the logits are cosine similarities, which DINO found stabilizes training.
     """
 
@@ -71,6 +71,10 @@ class DINOHead(nn.Module):
         with torch.no_grad():
             magnitude.fill_(1.0)
         magnitude.requires_grad_(not norm_last_layer)
+
+    def last_layer_names(self) -> set[str]:
+        """The prototype layer's parameter names: the engine freezes them early in training (DINO)."""
+        return {name for name, _ in self.last_layer.named_parameters(prefix="last_layer")}
 
     def forward_bottleneck(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, in_dim) -> (B, bottleneck_dim)`` unit-norm bottleneck features."""

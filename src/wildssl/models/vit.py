@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wildssl.errors import ConfigError
+from wildssl.models.attention import Attention
 
 # width, depth, heads; mlp_ratio 4 throughout.
 ENCODER_SIZES: dict[str, tuple[int, int, int]] = {
@@ -56,30 +57,6 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention ``softmax(Q K^T / sqrt(d_head)) V`` with a fused qkv projection.
-
-    The qkv output is laid out ``(3, heads, d_head)`` along the feature axis, as timm's, so the weights
-    are interchangeable.
-    """
-
-    def __init__(self, dim: int, num_heads: int, is_causal: bool = False) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.is_causal = is_causal  # token t attends to tokens <= t only (CLIP's text tower)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, T, D) -> (B, T, D)``."""
-        batch, tokens, dim = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, heads, T, d_head)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.is_causal)
-        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
 
 
 class Mlp(nn.Module):
@@ -173,6 +150,15 @@ class VisionTransformer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Parameter names exempt from weight decay (the learned tokens and position table)."""
         return {"pos_embed", "cls_token", "reg_token", "mask_token"}
+
+    def layer_index(self, name: str) -> int:
+        """Depth of parameter ``name`` for layer-wise lr decay (BEiT, MAE fine-tuning): 0 for the patch
+        embedding and the learned tokens, ``i + 1`` for block ``i``, ``depth + 1`` for the final norm."""
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        if name.startswith("norm."):
+            return self.depth + 1
+        return 0
 
     def patch_grid(self, height: int, width: int) -> tuple[int, int]:
         """Patch grid ``(h, w)`` of an image of ``height x width`` pixels; both must divide by the patch."""

@@ -30,6 +30,7 @@ DEFAULTS: dict[str, Any] = {
         "depth": None,
         "embed_dim": None,
         "num_heads": None,
+        "init_from": None,
     },
     "data": {
         "load_size": 224,
@@ -38,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "train": {
         "steps": 1000,
         "epochs": None,
+        "images": None,
         "batch_size": 256,
         "seed": 0,
         "precision": "auto",
@@ -60,6 +62,7 @@ DEFAULTS: dict[str, Any] = {
         "betas": [0.9, 0.999],
         "clip_grad": 3.0,
         "freeze_last_layer_epochs": 0.0,
+        "layer_decay": 1.0,
     },
     "ema": {"momentum": 0.996, "momentum_end": 1.0},
     "eval": {
@@ -76,12 +79,12 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         path = f"{prefix}{key}"
         if isinstance(value, dict):
-            flat.update(_flatten(value, path + "."))
+            flat.update(flatten(value, path + "."))
         else:
             flat[path] = value
     return flat
@@ -89,7 +92,7 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def valid_keys(config: dict[str, Any]) -> list[str]:
     """All dotted keys of ``config``, sorted."""
-    return sorted(_flatten(config))
+    return sorted(flatten(config))
 
 
 def _unknown_key_error(key: str, config: dict[str, Any], where: str) -> ConfigError:
@@ -123,7 +126,7 @@ def set_key(config: dict[str, Any], key: str, value: Any, where: str) -> None:
 
 def merge_tree(config: dict[str, Any], update: dict[str, Any], where: str) -> None:
     """Merge a nested ``update`` into ``config`` strictly (every key must exist)."""
-    for key, value in _flatten(update).items():
+    for key, value in flatten(update).items():
         set_key(config, key, value, where)
 
 
@@ -219,7 +222,7 @@ _CHOICES = {
 
 def validate(config: dict[str, Any]) -> None:
     """Check value types and ranges that would otherwise fail deep inside training."""
-    flat = _flatten(config)
+    flat = flatten(config)
     for key, choices in _CHOICES.items():
         if flat[key] not in choices:
             raise ConfigError(f"{key}={flat[key]!r} is not one of {', '.join(map(str, choices))}")

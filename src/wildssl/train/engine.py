@@ -1,116 +1,35 @@
 """The training loop: one engine for every method.
 
-Batches are a pure function of ``(train.seed, step)`` (:class:`StepBatchSampler`) and views are drawn
-from a generator seeded by ``(train.seed, step, rank)``, so the data position of a run is its step
-count and resuming from a checkpoint reproduces an unbroken run bit for bit on the CPU.
+:func:`train` is a flat loop over steps: build the run (:mod:`wildssl.train.run`), then per step take
+the batches, run one guarded optimization step (:mod:`wildssl.train.step`), log, evaluate, checkpoint.
+
+Batches are a pure function of ``(train.seed, step)`` (:class:`~wildssl.data.sampler.StepBatchSampler`)
+and views are drawn from a generator seeded by ``(train.seed, step, rank)``, so the data position of a
+run is its step count and resuming from a checkpoint reproduces an unbroken run bit for bit on the CPU.
 
 Definitions used everywhere:
 - ``train.batch_size`` is the **global** batch (all ranks together); each rank gets ``batch / world``.
-- An **epoch** is one pass over the data source: ``len(source) // train.batch_size`` steps (drop-last).
+- An **epoch** is one pass over the first stream's source: ``len(source) // train.batch_size`` steps.
+- The run's length is ``train.images`` (images seen, all streams), else ``train.epochs``, else
+  ``train.steps``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
-import torch
-from torch.utils.data import DataLoader, Sampler
-
-from wildssl.data.sources import collate, open_source
-from wildssl.errors import CheckpointError, ConfigError, WildsslError
-from wildssl.methods import build_method
-from wildssl.methods.base import StepContext
-from wildssl.train import distributed as dist
-from wildssl.train.checkpoint import (CHECKPOINT_NAME, load_training_checkpoint, read_checkpoint_config,
-                                      save_training_checkpoint)
-from wildssl.train.config import _flatten, dump_config
-from wildssl.train.logging import CollapseMonitor, MetricLogger, format_duration
-from wildssl.train.optim import apply_schedules, build_optimizer, build_schedules, steps_from_epochs
+from wildssl import distributed as dist
+from wildssl.train.logging import CollapseMonitor, MetricLogger, ProgressBar
+from wildssl.train.run import Run, TrainingStopped, build_run, loader_spans, make_loaders, pick_device, save_checkpoint
+from wildssl.train.step import StepResult, to_device, training_step
 
 log = logging.getLogger("wildssl")
 
-# Keys that may differ between a checkpoint's config and the config of the run that resumes it.
-RESUMABLE_CHANGES = ("train.steps", "train.epochs", "train.log_every", "train.checkpoint_every",
-                     "train.keep_every", "train.progress", "train.tensorboard", "data.num_workers",
-                     "train.compile", "train.max_nonfinite")
-
-
-class TrainingStopped(WildsslError):
-    """Training stopped on purpose (non-finite losses); the last good checkpoint is kept."""
-
-
-class StepBatchSampler(Sampler):
-    """Yields this rank's indices for steps ``start_step .. total_steps - 1``.
-
-    Step s of epoch e = s // steps_per_epoch takes the slice ``[pos * B, (pos + 1) * B)`` of a
-    permutation seeded by ``(seed, e)``; rank r keeps its contiguous share of that global batch.
-    """
-
-    def __init__(self, dataset_size: int, global_batch: int, total_steps: int, start_step: int = 0,
-                 seed: int = 0, rank: int = 0, world_size: int = 1):
-        if global_batch % world_size:
-            raise ConfigError(f"train.batch_size={global_batch} is not divisible by the world size "
-                              f"{world_size}")
-        self.steps_per_epoch = dataset_size // global_batch
-        if self.steps_per_epoch == 0:
-            raise ConfigError(f"train.batch_size={global_batch} is larger than the data source "
-                              f"({dataset_size} images); lower the batch size or add data")
-        self.dataset_size, self.global_batch = dataset_size, global_batch
-        self.total_steps, self.start_step = total_steps, start_step
-        self.seed, self.rank, self.local_batch = seed, rank, global_batch // world_size
-
-    def permutation(self, epoch: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.dataset_size, generator=generator)
-
-    def __iter__(self):
-        epoch, order = -1, None
-        for step in range(self.start_step, self.total_steps):
-            step_epoch, position = divmod(step, self.steps_per_epoch)
-            if step_epoch != epoch:
-                epoch, order = step_epoch, self.permutation(step_epoch)
-            start = position * self.global_batch + self.rank * self.local_batch
-            yield order[start: start + self.local_batch].tolist()
-
-    def __len__(self) -> int:
-        return self.total_steps - self.start_step
-
-
-def view_seed(seed: int, step: int, rank: int) -> int:
-    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
-
-
-def pick_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
-def autocast_context(precision: str, device: torch.device):
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
-def check_resume_config(saved: dict, current: dict, where: str) -> None:
-    """A resumed run must train the same thing: only :data:`RESUMABLE_CHANGES` may differ."""
-    saved_flat, current_flat = _flatten(saved), _flatten(current)
-    differing = sorted(k for k in set(saved_flat) | set(current_flat)
-                       if saved_flat.get(k) != current_flat.get(k) and k not in RESUMABLE_CHANGES
-                       and not k.startswith("eval."))
-    if differing:
-        shown = ", ".join(f"{k}: {saved_flat.get(k)!r} -> {current_flat.get(k)!r}" for k in differing[:4])
-        raise ConfigError(f"cannot resume {where}: the config differs from the checkpoint's ({shown}); "
-                          "use the same recipe and --set values, or a new --out directory")
+__all__ = ["train", "TrainingStopped", "pick_device"]
 
 
 class _InterruptFlag:
@@ -139,184 +58,134 @@ class _InterruptFlag:
         return False
 
 
-def train(config: dict, out_dir: str | Path, resume: bool = False,
-          knn_evaluator=None) -> dict:
-    """Train ``config`` into ``out_dir``; returns a summary dict (steps, final loss, k-NN, counters).
+class _Reporter:
+    """Logging of one run: metrics every ``train.log_every`` steps, alarms, progress, online k-NN."""
 
-    ``knn_evaluator(encoder) -> dict`` is called every ``eval.knn_every`` steps on the main process
-    (see :func:`wildssl.eval.online.make_online_knn`)."""
-    out_dir = Path(out_dir)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = pick_device()
-    tcfg = config["train"]
-    torch.manual_seed(tcfg["seed"])  # identical initial weights on every rank
+    def __init__(self, run: Run, knn_evaluator):
+        tcfg = run.config["train"]
+        self.run = run
+        self.knn_evaluator = knn_evaluator
+        self.logger = MetricLogger(run.out_dir, tensorboard=tcfg["tensorboard"], truncate_after=run.start_step) \
+            if run.main else None
+        self.monitor = CollapseMonitor(after_step=max(1, run.total_steps // 10))
+        self.progress = ProgressBar(run) if run.main and tcfg["progress"] else None
+        self.alarms: list[str] = []
+        self.last_metrics: dict = {}
+        self.knn_random: dict = {}
+        self.window_start, self.window_steps = time.perf_counter(), 0
 
-    method = build_method(config).to(device)
-    streams = type(method).streams
-    sources = {}
-    for name in streams:
-        spec = config["data"][name]
-        if not spec:
-            raise ConfigError(f"no data for stream {name!r}: set data.{name} to a data SPEC (a folder, a .jsonl "
-                              "manifest, tar shards or synthetic:scenes)")
-        sources[name] = open_source(spec, load_size=config["data"]["load_size"])
-    global_batch = tcfg["batch_size"]
-    batch_sizes = {name: (global_batch if index == 0 else
-                          config["data"][f"{name}_batch_size"] or method.stream_batch_size(name, global_batch))
-                   for index, name in enumerate(streams)}
-    first = sources[streams[0]]
-    steps_per_epoch = len(first) // global_batch
-    total_steps = (steps_from_epochs(tcfg["epochs"], len(first), global_batch)
-                   if tcfg["epochs"] is not None else tcfg["steps"])
-    if tcfg["compile"]:
-        for networks in (method.student, method.teacher):
-            if networks is not None:
-                networks["backbone"].compile()
-    model = method
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            method, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = build_optimizer(method, config["optim"]["betas"])
-    schedules = build_schedules(config, total_steps, global_batch, max(steps_per_epoch, 1))
-    method_schedules = method.schedules(total_steps, max(steps_per_epoch, 1))
-    freeze_steps = int(round(config["optim"]["freeze_last_layer_epochs"] * max(steps_per_epoch, 1)))
+    def alarm(self, step: int, message: str) -> None:
+        if message not in self.alarms:
+            self.alarms.append(message)
+            log.warning("step %d: %s", step, message)
 
-    start_step = 0
-    checkpoint_path = out_dir / CHECKPOINT_NAME
-    if checkpoint_path.is_file():
-        if not resume:
-            raise CheckpointError(f"run directory {out_dir} already holds a checkpoint; pass --resume to "
-                                  "continue it or choose another --out")
-        check_resume_config(read_checkpoint_config(checkpoint_path), config, str(checkpoint_path))
-        start_step = load_training_checkpoint(checkpoint_path, method, optimizer)["step"]
-        log.info("resumed %s at step %d", checkpoint_path, start_step)
-    elif resume:
-        log.info("no checkpoint in %s yet; starting at step 0", out_dir)
+    def step(self, done: int, step: int, result: StepResult) -> None:
+        run, tcfg = self.run, self.run.config["train"]
+        self.window_steps += 1
+        if not result.finite:
+            log.warning("non-finite %s at step %d (%d so far): step skipped, nothing changed",
+                        "gradient norm" if math.isfinite(float(result.loss)) else "loss", step,
+                        run.counters["nonfinite_steps"])
+        if done % tcfg["log_every"] == 0 or done == run.total_steps:
+            elapsed = time.perf_counter() - self.window_start
+            metrics = {"loss": float(result.loss), "lr": float(run.schedules["lr"][step]),
+                       "weight_decay": float(run.schedules["weight_decay"][step]),
+                       "momentum": float(run.schedules["momentum"][step]), "grad_norm": result.grad_norm,
+                       "images_per_s": self.window_steps * run.images_per_step / max(elapsed, 1e-9),
+                       "epoch": done / run.steps_per_epoch, "nonfinite_steps": run.counters["nonfinite_steps"]}
+            metrics.update({k: float(v) for k, v in result.metrics.items()})
+            for alarm in self.monitor.check(done, metrics):
+                self.alarm(done, alarm)
+            if self.logger is not None:
+                self.logger.log(done, metrics)
+            if self.progress is not None:
+                self.progress.show(done, metrics, elapsed / max(self.window_steps, 1), self.alarms)
+            self.last_metrics = metrics
+            self.window_start, self.window_steps = time.perf_counter(), 0
+        if self.progress is not None:
+            self.progress.update()
 
-    main = dist.is_main_process()
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(dump_config(config))
-    method.prepare(sources, out_dir)
-    loaders = {}
-    for index, name in enumerate(streams):
-        sampler = StepBatchSampler(len(sources[name]), batch_sizes[name], total_steps, start_step,
-                                   tcfg["seed"] + 7919 * index, rank, world)
-        loaders[name] = DataLoader(sources[name], batch_sampler=sampler, num_workers=config["data"]["num_workers"],
-                                   collate_fn=collate, pin_memory=device.type == "cuda",
-                                   generator=torch.Generator().manual_seed(tcfg["seed"]))  # global RNG untouched
-    logger = MetricLogger(out_dir, tensorboard=tcfg["tensorboard"]) if main else None
-    monitor = CollapseMonitor(after_step=max(1, total_steps // 10))
-    params = [p for p in method.parameters() if p.requires_grad]
-    summary = {"run_dir": str(out_dir), "start_step": start_step, "total_steps": total_steps,
-               "nonfinite_steps": 0, "corrupt_images": 0, "alarms": []}
-
-    def save(step: int) -> None:
-        if main:
-            extra = {k: summary[k] for k in ("nonfinite_steps", "corrupt_images")}
-            save_training_checkpoint(checkpoint_path, method, optimizer, step, config, extra)
-            if tcfg["keep_every"] and step % tcfg["keep_every"] == 0:
-                save_training_checkpoint(out_dir / f"checkpoint_{step:07d}.safetensors", method, optimizer,
-                                         step, config, extra)
+    def evaluate(self, done: int, random_init: bool = False) -> None:
+        """Online k-NN on the main process; before step 0 it measures the random initialization, the
+        floor every later figure is compared with."""
+        every = self.run.config["eval"]["knn_every"]
+        if self.knn_evaluator is None or not every:
+            return
+        if not random_init and done % every and done != self.run.total_steps:
+            return
+        if self.run.main:
+            result = self.knn_evaluator(self.run.method)
+            if random_init:
+                result = {f"{k}_random_init": v for k, v in result.items() if k.startswith("knn_top")}
+                self.knn_random = result
+            else:
+                self.last_metrics.update(result)
+                self._compare_with_random_init(done, result)
+            if self.logger is not None:
+                self.logger.log(done, result)
+            log.info("step %d: %s", done, ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                                    for k, v in result.items()))
         dist.barrier()
 
-    progress = None
-    if main and tcfg["progress"]:
-        from tqdm.auto import tqdm
+    def _compare_with_random_init(self, done: int, result: dict) -> None:
+        floor = self.knn_random.get("knn_top1_random_init")
+        if floor is None or "knn_top1" not in result:
+            return
+        if result["knn_top1"] <= floor:
+            self.alarm(done, f"quality alarm: k-NN top-1 {100 * result['knn_top1']:.1f}% is not above the same "
+                             f"encoder at random initialization ({100 * floor:.1f}%): the encoder got no better "
+                             "(check the learning rate, the augmentations and the budget for this data)")
 
-        progress = tqdm(total=total_steps, initial=start_step, desc=config["method"]["name"],
-                        unit="step", dynamic_ncols=True)
-    window_start, window_steps, last_metrics = time.perf_counter(), 0, {}
-    step = start_step
-    with _InterruptFlag() as interrupt:
-        for step, stream_batches in enumerate(zip(*loaders.values()), start=start_step):
-            batches = {name: to_device(batch, device) for name, batch in zip(streams, stream_batches)}
-            summary["corrupt_images"] += sum(int(b.get("num_corrupt", 0)) for b in batches.values())
-            apply_schedules(optimizer, float(schedules["lr"][step]), float(schedules["weight_decay"][step]),
-                            freeze_last_layer=step < freeze_steps)
-            generator = torch.Generator(device=device).manual_seed(view_seed(tcfg["seed"], step, rank))
-            context = StepContext(step, total_steps, generator,
-                                  {k: float(v[step]) for k, v in method_schedules.items()},
-                                  log=(step + 1) % tcfg["log_every"] == 0 or step + 1 == total_steps)
-            with autocast_context(tcfg["precision"], device):
-                output = model(batches, context)
-            loss = output["loss"]
-            flags = torch.tensor([float(not torch.isfinite(loss.detach()).item()), float(interrupt.raised)],
-                                 device=device)
-            if dist.is_distributed():  # every rank takes the same branch
-                torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-            if flags[0] > 0:
-                summary["nonfinite_steps"] += 1
-                optimizer.zero_grad(set_to_none=True)
-                log.warning("non-finite loss at step %d (%d so far): step skipped", step,
-                            summary["nonfinite_steps"])
-                if tcfg["nonfinite"] == "stop" or summary["nonfinite_steps"] > tcfg["max_nonfinite"]:
-                    raise TrainingStopped(
-                        f"training stopped at step {step}: {summary['nonfinite_steps']} non-finite losses "
-                        f"(train.nonfinite={tcfg['nonfinite']}, train.max_nonfinite={tcfg['max_nonfinite']}); "
-                        f"the last good checkpoint is kept in {out_dir}")
-            else:
-                loss.backward()
-                clip = config["optim"]["clip_grad"]
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                method.update_teacher(float(schedules["momentum"][step]))
-            done = step + 1
-            window_steps += 1
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        if self.logger is not None:
+            self.logger.close()
 
-            if done % tcfg["log_every"] == 0 or done == total_steps:
-                elapsed = time.perf_counter() - window_start
-                metrics = {"loss": float(loss.detach()), "lr": float(schedules["lr"][step]),
-                           "weight_decay": float(schedules["weight_decay"][step]),
-                           "momentum": float(schedules["momentum"][step]),
-                           "grad_norm": float(grad_norm) if flags[0] == 0 else float("nan"),
-                           "images_per_s": window_steps * sum(batch_sizes.values()) / max(elapsed, 1e-9),
-                           "epoch": done / max(steps_per_epoch, 1)}
-                metrics.update({k: float(v) for k, v in output.get("metrics", {}).items()})
-                alarms = monitor.check(done, metrics)
-                for alarm in alarms:
-                    if alarm not in summary["alarms"]:
-                        summary["alarms"].append(alarm)
-                        log.warning("step %d: %s", done, alarm)
-                if logger is not None:
-                    logger.log(done, metrics)
-                if progress is not None:
-                    remaining = (total_steps - done) * elapsed / max(window_steps, 1)
-                    postfix = {"loss": f"{metrics['loss']:.4f}", "img/s": f"{metrics['images_per_s']:.0f}",
-                               "eta": format_duration(remaining)}
-                    if alarms:
-                        postfix["ALARM"] = alarms[0].split(":")[1].split("(")[0].strip()
-                    progress.set_postfix(postfix, refresh=False)
-                last_metrics = metrics
-                window_start, window_steps = time.perf_counter(), 0
-            if progress is not None:
-                progress.update(1)
 
-            every = config["eval"]["knn_every"]
-            if knn_evaluator is not None and every and (done % every == 0 or done == total_steps):
-                if main:
-                    result = knn_evaluator(method)
-                    last_metrics.update(result)
-                    if logger is not None:
-                        logger.log(done, result)
-                    log.info("step %d: %s", done, ", ".join(f"{k}={v:.4f}" for k, v in result.items()))
-                dist.barrier()
+def train(config: dict, out_dir: str | Path, resume: bool = False, knn_evaluator=None) -> dict:
+    """Train ``config`` into ``out_dir``; returns a summary dict (steps, final loss, k-NN, counters, alarms).
 
-            if flags[1] > 0:
-                save(done)
-                if progress is not None:
-                    progress.close()
-                raise KeyboardInterrupt(f"interrupted at step {done}; checkpoint saved to {checkpoint_path} "
-                                        "(continue with --resume)")
-            if done == total_steps or (tcfg["checkpoint_every"] and done % tcfg["checkpoint_every"] == 0):
-                save(done)
-    if progress is not None:
-        progress.close()
-    if logger is not None:
-        logger.close()
-    summary.update({"steps": total_steps, "final_metrics": last_metrics})
-    if math.isfinite(last_metrics.get("loss", float("nan"))):
-        summary["final_loss"] = last_metrics["loss"]
+    ``knn_evaluator(method) -> dict`` is called before the first step (the random-initialization floor)
+    and every ``eval.knn_every`` steps on the main process (see
+    :func:`wildssl.eval.evaluate.make_online_knn`)."""
+    run = build_run(config, out_dir, resume)
+    tcfg = config["train"]
+    reporter = _Reporter(run, knn_evaluator)
+    if run.start_step == 0:
+        reporter.evaluate(0, random_init=True)
+    run.method.train()
+    done = run.start_step
+    try:
+        with _InterruptFlag() as interrupt:
+            for start, stop in loader_spans(run):
+                loaders = make_loaders(run, start, stop)
+                for step, stream_batches in enumerate(zip(*loaders.values()), start=start):
+                    batches = {name: to_device(batch, run.device) for name, batch in zip(run.streams, stream_batches)}
+                    run.counters["corrupt_images"] += sum(int(b.get("num_corrupt", 0)) for b in batches.values())
+                    result = training_step(run, batches, step, lambda: interrupt.raised)
+                    done = step + 1
+                    reporter.step(done, step, result)
+                    if run.counters["nonfinite_steps"] > tcfg["max_nonfinite"] or (
+                            not result.finite and tcfg["nonfinite"] == "stop"):
+                        raise TrainingStopped(
+                            f"training stopped at step {step}: {run.counters['nonfinite_steps']} non-finite steps "
+                            f"(train.nonfinite={tcfg['nonfinite']}, train.max_nonfinite={tcfg['max_nonfinite']}); "
+                            f"the last good checkpoint is {run.last_good_checkpoint or 'none (no checkpoint was written)'}")
+                    if done % run.steps_per_epoch == 0:
+                        run.method.on_epoch_end(done // run.steps_per_epoch - 1)
+                    reporter.evaluate(done)
+                    if result.interrupted:
+                        save_checkpoint(run, done)
+                        raise KeyboardInterrupt(f"interrupted at step {done}; checkpoint saved to "
+                                                f"{run.checkpoint_path} (continue with --resume)")
+                    if done == run.total_steps or (tcfg["checkpoint_every"] and done % tcfg["checkpoint_every"] == 0):
+                        save_checkpoint(run, done)
+    finally:
+        reporter.close()
+    summary = {"run_dir": str(run.out_dir), "start_step": run.start_step, "total_steps": run.total_steps,
+               "steps": done, **run.counters, "alarms": reporter.alarms,
+               "final_metrics": {**reporter.knn_random, **reporter.last_metrics}}
+    if math.isfinite(reporter.last_metrics.get("loss", float("nan"))):
+        summary["final_loss"] = reporter.last_metrics["loss"]
     return summary
-

@@ -17,11 +17,21 @@ log = logging.getLogger("wildssl")
 
 
 class MetricLogger:
-    """Append metrics to ``<run>/metrics.jsonl`` and, optionally, TensorBoard."""
+    """Append metrics to ``<run>/metrics.jsonl`` and, optionally, TensorBoard.
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    ``truncate_after``: a resumed run replays the steps after its checkpoint, so the rows logged for
+    steps past it by the interrupted run are removed first; each step is logged once.
+    """
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True, truncate_after: int | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if truncate_after is not None and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and _step_of(line) <= truncate_after]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(self.path)
         self.writer = None
         if tensorboard:
             try:
@@ -43,6 +53,13 @@ class MetricLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line).get("step", math.inf)
+    except json.JSONDecodeError:  # a line cut short by a kill
+        return math.inf
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -102,6 +119,30 @@ class CollapseMonitor:
                     "(one-hot collapse: check centering)")
         return (f"collapse alarm: embedding std {metrics['embedding_std']:.4f} (x sqrt(D)) is near 0 "
                 "(all embeddings coincide)")
+
+
+class ProgressBar:
+    """The run's tqdm bar: loss, images/s, ETA, and the first alarm."""
+
+    def __init__(self, run) -> None:
+        from tqdm.auto import tqdm
+
+        self.total = run.total_steps
+        self.bar = tqdm(total=run.total_steps, initial=run.start_step, desc=run.config["method"]["name"],
+                        unit="step", dynamic_ncols=True)
+
+    def show(self, done: int, metrics: dict, seconds_per_step: float, alarms: list[str]) -> None:
+        postfix = {"loss": f"{metrics['loss']:.4f}", "img/s": f"{metrics['images_per_s']:.0f}",
+                   "eta": format_duration((self.total - done) * seconds_per_step)}
+        if alarms:
+            postfix["ALARM"] = alarms[0].split(":")[1].split("(")[0].strip()
+        self.bar.set_postfix(postfix, refresh=False)
+
+    def update(self) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def format_duration(seconds: float) -> str:

@@ -3,20 +3,14 @@
 Every schedule is an array indexed by iteration (as DINOv2's ``build_schedulers``): the engine reads
 ``schedule[step]`` each step, so resuming at step s gives exactly the values an unbroken run had.
 Freezing the prototype layer for the first steps is a zero-lr span on its parameter group (DINO's
-"freeze last layer"), which needs no special code path in the loop.
+"freeze last layer"), which needs no special code path in the loop. The groups themselves are declared
+by the method (:meth:`wildssl.methods.base.Method.parameter_groups`).
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
-from torch import nn
-
-# Parameters that get no weight decay whatever their shape (besides biases and norm weights).
-NO_WEIGHT_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "mask_token", "logit_scale")
-
 
 def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0,
                     warmup_start: float = 0.0) -> np.ndarray:
@@ -30,30 +24,10 @@ def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: i
     return np.concatenate([warmup, cosine]).astype(np.float64)
 
 
-def parameter_groups(model: nn.Module) -> list[dict]:
-    """Split trainable parameters into four AdamW groups.
-
-    Biases, norm weights (every parameter with ``ndim <= 1``) and position/cls/register/mask tokens get
-    no weight decay (``wd_scale = 0``). Parameters whose name contains ``last_layer`` (DINO's prototype
-    layer) form their own groups so the engine can give them zero learning rate while frozen.
-    """
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        decay = param.ndim > 1 and not any(token in name for token in NO_WEIGHT_DECAY_NAMES)
-        last_layer = "last_layer" in name
-        groups.setdefault((decay, last_layer), []).append(param)
-    return [
-        {"params": params, "wd_scale": 1.0 if decay else 0.0, "is_last_layer": last_layer,
-         "weight_decay": 0.0}
-        for (decay, last_layer), params in sorted(groups.items())
-    ]
-
-
-def build_optimizer(model: nn.Module, betas=(0.9, 0.999)) -> torch.optim.AdamW:
-    """AdamW over :func:`parameter_groups`; lr and weight decay are set by :func:`apply_schedules`."""
-    return torch.optim.AdamW(parameter_groups(model), lr=0.0, betas=tuple(betas), weight_decay=0.0)
+def build_optimizer(parameter_groups: list[dict], betas=(0.9, 0.999)) -> torch.optim.AdamW:
+    """AdamW over the groups a method declares (:meth:`wildssl.methods.base.Method.parameter_groups`);
+    lr and weight decay are set every step by :func:`apply_schedules`."""
+    return torch.optim.AdamW(parameter_groups, lr=0.0, betas=tuple(betas), weight_decay=0.0)
 
 
 def build_schedules(config: dict, total_steps: int, global_batch_size: int,
@@ -78,13 +52,8 @@ def build_schedules(config: dict, total_steps: int, global_batch_size: int,
 
 def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float,
                     freeze_last_layer: bool) -> None:
-    """Write this step's lr and weight decay into every parameter group."""
+    """Write this step's lr (times the group's ``lr_scale``) and weight decay (times its ``wd_scale``)
+    into every parameter group."""
     for group in optimizer.param_groups:
-        group["lr"] = 0.0 if (freeze_last_layer and group["is_last_layer"]) else lr
+        group["lr"] = 0.0 if (freeze_last_layer and group["is_last_layer"]) else lr * group["lr_scale"]
         group["weight_decay"] = weight_decay * group["wd_scale"]
-
-
-def steps_from_epochs(epochs: float, dataset_size: int, global_batch_size: int) -> int:
-    """Convert epochs (passes over the data source) to iterations, with drop-last batches."""
-    per_epoch = dataset_size // global_batch_size
-    return max(1, int(math.ceil(epochs * per_epoch)))

@@ -1,0 +1,246 @@
+"""Building a training run: sources, method, optimizer, schedules, resume state, loaders, checkpoints.
+
+:func:`build_run` turns a resolved config into a :class:`Run`, everything the loop in
+:mod:`wildssl.train.engine` needs; :func:`make_loaders` gives the data of a span of steps;
+:func:`save_checkpoint` writes the run's state (never a non-finite tensor).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from wildssl import distributed as dist
+from wildssl.data import collate, open_source
+from wildssl.data.sampler import StepBatchSampler, stream_seed
+from wildssl.errors import CheckpointError, ConfigError, WildsslError
+from wildssl.methods import build_method
+from wildssl.methods.base import Method
+from wildssl.models.loading import CHECKPOINT_NAME, read_checkpoint_config
+from wildssl.train.checkpoint import (init_from_checkpoint, load_training_checkpoint, nonfinite_tensors,
+                                      save_training_checkpoint)
+from wildssl.train.config import dump_config, flatten
+from wildssl.train.optim import build_optimizer, build_schedules
+
+log = logging.getLogger("wildssl")
+
+# Keys that may differ between a checkpoint's config and the config of the run that resumes it.
+RESUMABLE_CHANGES = ("train.steps", "train.epochs", "train.images", "train.log_every", "train.checkpoint_every", "train.keep_every", "train.progress",
+                     "train.tensorboard", "data.num_workers", "train.compile", "train.max_nonfinite")
+# Counters that survive a resume (stored in the checkpoint).
+COUNTERS = ("nonfinite_steps", "corrupt_images")
+
+
+class TrainingStopped(WildsslError):
+    """Training stopped on purpose (non-finite steps); the last good checkpoint is kept."""
+
+
+@dataclass
+class Run:
+    """Everything one training run holds. ``model`` is the method, or its DDP wrapper."""
+
+    config: dict
+    out_dir: Path
+    device: torch.device
+    rank: int
+    world: int
+    method: Method
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    sources: dict
+    batch_sizes: dict[str, int]
+    total_steps: int
+    steps_per_epoch: int
+    schedules: dict[str, np.ndarray]
+    method_schedules: dict[str, np.ndarray]
+    freeze_steps: int
+    start_step: int
+    counters: dict = field(default_factory=lambda: {name: 0 for name in COUNTERS})
+    last_good_checkpoint: Path | None = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def streams(self) -> tuple[str, ...]:
+        return type(self.method).streams
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / CHECKPOINT_NAME
+
+    @property
+    def images_per_step(self) -> int:
+        return sum(self.batch_sizes.values())
+
+
+def pick_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def total_steps_of(config: dict, first_source_size: int, images_per_step: int) -> int:
+    """The run's length in steps from ``train.images`` (images seen, all streams together), else
+    ``train.epochs`` (passes over the first stream), else ``train.steps``; converted once, here."""
+    tcfg = config["train"]
+    first_batch = tcfg["batch_size"]
+    if tcfg["images"] is not None:
+        return max(1, math.ceil(tcfg["images"] / images_per_step))
+    if tcfg["epochs"] is not None:
+        return max(1, math.ceil(tcfg["epochs"] * (first_source_size // first_batch)))
+    return tcfg["steps"]
+
+
+def check_resume_config(saved: dict, current: dict, where: str) -> None:
+    """A resumed run must train the same thing: only :data:`RESUMABLE_CHANGES` and ``eval.*`` may differ."""
+    saved_flat, current_flat = flatten(saved), flatten(current)
+    differing = sorted(k for k in set(saved_flat) | set(current_flat)
+                       if saved_flat.get(k) != current_flat.get(k) and k not in RESUMABLE_CHANGES
+                       and not k.startswith("eval."))
+    if differing:
+        shown = ", ".join(f"{k}: {saved_flat.get(k)!r} -> {current_flat.get(k)!r}" for k in differing[:4])
+        raise ConfigError(f"cannot resume {where}: the config differs from the checkpoint's ({shown}); "
+                          "use the same recipe and --set values, or a new --out directory")
+
+
+def prepare_out_dir(out_dir: Path, resume: bool) -> None:
+    """Create the run directory (one-line errors) and remove what a killed run can leave behind."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} is a file, not a directory; choose another --out")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"cannot write the run directory {out_dir}: {error.strerror or error}; "
+                          "choose a writable --out") from None
+    for stale in out_dir.glob("*.safetensors.tmp"):  # a checkpoint write interrupted by a kill
+        stale.unlink(missing_ok=True)
+        log.info("removed %s, left by an interrupted checkpoint write", stale)
+
+
+def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
+    """Everything a run needs, restored from ``out_dir``'s checkpoint when ``resume`` finds one."""
+    out_dir = Path(out_dir)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = pick_device()
+    tcfg = config["train"]
+    checkpoint_path = out_dir / CHECKPOINT_NAME
+    if checkpoint_path.is_file() and not resume:
+        raise CheckpointError(f"run directory {out_dir} already holds a checkpoint; pass --resume to "
+                              "continue it or choose another --out")
+    if rank == 0:
+        prepare_out_dir(out_dir, resume)
+    dist.barrier()
+
+    torch.manual_seed(tcfg["seed"])  # identical initial weights on every rank
+    method = build_method(config)
+    if config["model"]["init_from"]:
+        init_from_checkpoint(method, config["model"]["init_from"])
+    method = method.to(device)
+    streams = type(method).streams
+    sources = {}
+    for name in streams:
+        spec = config["data"][name]
+        if not spec:
+            raise ConfigError(f"no data for stream {name!r}: set data.{name} to a data SPEC (a folder, a .jsonl "
+                              "manifest, tar shards or synthetic:scenes)")
+        sources[name] = open_source(spec, load_size=config["data"]["load_size"])
+    global_batch = tcfg["batch_size"]
+    batch_sizes = {name: (global_batch if index == 0 else
+                          config["data"][f"{name}_batch_size"] or method.stream_batch_size(name, global_batch))
+                   for index, name in enumerate(streams)}
+    first = sources[streams[0]]
+    steps_per_epoch = max(len(first) // global_batch, 1)
+    total_steps = total_steps_of(config, len(first), sum(batch_sizes.values()))
+    if tcfg["compile"]:
+        for networks in (method.student, method.teacher):
+            if networks is not None:
+                networks["backbone"].compile()
+    model: nn.Module = method
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            method, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=method.may_leave_parameters_unused)
+    optimizer = build_optimizer(method.parameter_groups(), config["optim"]["betas"])
+    run = Run(config=config, out_dir=out_dir, device=device, rank=rank, world=world, method=method, model=model,
+              optimizer=optimizer, sources=sources, batch_sizes=batch_sizes, total_steps=total_steps,
+              steps_per_epoch=steps_per_epoch,
+              schedules=build_schedules(config, total_steps, global_batch, steps_per_epoch),
+              method_schedules=method.schedules(total_steps, steps_per_epoch),
+              freeze_steps=int(round(config["optim"]["freeze_last_layer_epochs"] * steps_per_epoch)),
+              start_step=0)
+
+    if checkpoint_path.is_file():
+        check_resume_config(read_checkpoint_config(checkpoint_path), config, str(checkpoint_path))
+        state = load_training_checkpoint(checkpoint_path, method, optimizer)
+        run.start_step = state["step"]
+        run.counters.update({k: int(state["extra"].get(k, 0)) for k in COUNTERS})
+        run.last_good_checkpoint = checkpoint_path
+        log.info("resumed %s at step %d", checkpoint_path, run.start_step)
+    elif resume:
+        log.info("no checkpoint in %s yet; starting at step 0", out_dir)
+    if run.main:
+        (out_dir / "config.yaml").write_text(dump_config(config))
+    method.prepare(sources, out_dir)
+    return run
+
+
+def make_loaders(run: Run, start: int, stop: int) -> dict[str, DataLoader]:
+    """One DataLoader per stream yielding this rank's batches of steps ``start .. stop - 1``."""
+    tcfg, dcfg = run.config["train"], run.config["data"]
+    loaders = {}
+    for index, name in enumerate(run.streams):
+        sampler = StepBatchSampler(len(run.sources[name]), run.batch_sizes[name], run.total_steps, start,
+                                   stream_seed(tcfg["seed"], index), run.rank, run.world, stop_step=stop,
+                                   index_hook=run.method.index_hook(name))
+        loaders[name] = DataLoader(run.sources[name], batch_sampler=sampler, num_workers=dcfg["num_workers"],
+                                   collate_fn=collate, pin_memory=run.device.type == "cuda",
+                                   generator=torch.Generator().manual_seed(tcfg["seed"]))  # global RNG untouched
+    return loaders
+
+
+def loader_spans(run: Run) -> list[tuple[int, int]]:
+    """Spans of steps that share one set of loaders: the whole run, or one span per epoch when a
+    stream has an index hook (so the hook sees the state of its own epoch, whatever the prefetch)."""
+    if not any(run.method.index_hook(name) for name in run.streams):
+        return [(run.start_step, run.total_steps)]
+    spans, start = [], run.start_step
+    while start < run.total_steps:
+        stop = min((start // run.steps_per_epoch + 1) * run.steps_per_epoch, run.total_steps)
+        spans.append((start, stop))
+        start = stop
+    return spans
+
+
+def save_checkpoint(run: Run, step: int) -> None:
+    """Write the run's checkpoint at ``step`` (and a kept copy every ``train.keep_every`` steps).
+
+    A state holding a non-finite tensor is never written: the run stops, naming the last good checkpoint,
+    which stays as it was."""
+    bad = nonfinite_tensors(run.method, run.optimizer)
+    if bad:
+        kept = run.last_good_checkpoint or "none yet"
+        raise TrainingStopped(f"training stopped at step {step}: the weights hold non-finite values "
+                              f"({len(bad)} tensors, e.g. {bad[0]}); nothing was written, the last good "
+                              f"checkpoint is {kept}")
+    if run.main:
+        extra = dict(run.counters)
+        save_training_checkpoint(run.checkpoint_path, run.method, run.optimizer, step, run.config, extra)
+        keep = run.config["train"]["keep_every"]
+        if keep and step % keep == 0:
+            save_training_checkpoint(run.out_dir / f"checkpoint_{step:07d}.safetensors", run.method,
+                                     run.optimizer, step, run.config, extra)
+    run.last_good_checkpoint = run.checkpoint_path
+    dist.barrier()

@@ -1,0 +1,83 @@
+"""One optimization step, guarded: a step whose loss or gradient norm is not finite changes nothing.
+
+Nothing moves on such a step: not the weights, not the optimizer's moments, not the method's state
+(its pending updates are discarded, see :mod:`wildssl.methods.base`). Every rank takes the same branch:
+the loss flag is reduced over ranks before the backward pass, and the gradient norm is computed after
+DDP has averaged the gradients, so it is the same number on every rank.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from wildssl import distributed as dist
+from wildssl.data.sampler import view_seed
+from wildssl.methods.base import StepContext
+from wildssl.train.optim import apply_schedules
+from wildssl.train.run import Run
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # detached
+    metrics: dict
+    grad_norm: float  # nan when the step was skipped before or during the backward pass
+    finite: bool  # False: the step was skipped
+    interrupted: bool  # some rank asked to stop (Ctrl-C) during this step
+
+
+def autocast_context(precision: str, device: torch.device):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def step_context(run: Run, step: int) -> StepContext:
+    generator = torch.Generator(device=run.device).manual_seed(view_seed(run.config["train"]["seed"], step, run.rank))
+    log_every = run.config["train"]["log_every"]
+    return StepContext(step, run.total_steps, generator,
+                       {k: float(v[step]) for k, v in run.method_schedules.items()},
+                       log=(step + 1) % log_every == 0 or step + 1 == run.total_steps)
+
+
+def training_step(run: Run, batches: dict[str, dict], step: int,
+                  interrupt_requested: Callable[[], bool] = lambda: False) -> StepResult:
+    """Forward, backward, clip and step, or skip when the loss or the gradient norm is not finite.
+
+    ``interrupt_requested()`` is asked after the forward pass, and the answer reduced over ranks with the
+    loss flag, so that every rank stops at the same step boundary."""
+    config = run.config
+    apply_schedules(run.optimizer, float(run.schedules["lr"][step]), float(run.schedules["weight_decay"][step]),
+                    freeze_last_layer=step < run.freeze_steps)
+    with autocast_context(config["train"]["precision"], run.device):
+        output = run.model(batches, step_context(run, step))
+    loss = output["loss"]
+    flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
+                         torch.tensor(float(interrupt_requested()), device=loss.device)])
+    if dist.is_distributed():  # every rank takes the same branch
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    loss_finite, interrupted = flags[0].item() == 0, flags[1].item() > 0
+    grad_norm = float("nan")
+    if loss_finite:
+        loss.backward()
+        clip = config["optim"]["clip_grad"]
+        params = [p for group in run.optimizer.param_groups for p in group["params"]]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf")))
+    finite = loss_finite and math.isfinite(grad_norm)
+    if finite:
+        run.optimizer.step()
+        run.method.commit_step()
+        run.method.update_teacher(float(run.schedules["momentum"][step]))
+    else:
+        run.method.discard_step()
+        run.counters["nonfinite_steps"] += 1
+    run.optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss.detach(), output.get("metrics", {}), grad_norm, finite, interrupted)
