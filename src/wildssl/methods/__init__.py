@@ -31,5 +31,9 @@ def get_method_class(name: str):
 
 
 def build_method(config: dict):
-    """Instantiate the method named by ``config['method']['name']``."""
-    return get_method_class(config["method"]["name"])(config)
+    """Instantiate the method named by ``config['method']['name']``, its encoder initialized from
+    ``model.init_from`` when that is set."""
+    method = get_method_class(config["method"]["name"])(config)
+    if config["model"].get("init_from"):
+        method.init_encoder_from(config["model"]["init_from"])
+    return method

@@ -7,16 +7,17 @@ precision, the optimizer, schedules, checkpoints, logging.
 
 One training step, as the engine runs it:
 
-1. ``method(batches, step)``: ``batches`` maps each of the method's ``streams`` (``("train",)`` by
+1. ``method.begin_step()``, then ``method(batches, step)``: ``batches`` maps each of the method's ``streams`` (``("train",)`` by
    default; annotation bootstrapping uses ``("annotation", "bootstrap")``) to its collated uint8 batch
    on the device, and ``step`` is a :class:`StepContext`. The method builds its views on the device
    with ``step.generator`` (seeded by the step, so resume is exact), runs its networks and returns
    ``{"loss": scalar tensor, "metrics": {name: scalar tensor or float}}``. It changes no state here
-   except through *pending* updates (below).
+   except through *pending* updates (below) and the buffers of modules in training mode (BatchNorm
+   running statistics), which ``begin_step`` remembers.
 2. If the loss and the gradient norm are finite: the optimizer steps, then :meth:`Method.commit_step`
    (pending state is applied: DINO's center moves, learned logit scales are clamped), then
    :meth:`Method.update_teacher`. Otherwise nothing moves: the optimizer does not step and
-   :meth:`Method.discard_step` drops the pending state.
+   :meth:`Method.discard_step` drops the pending state and restores the remembered buffers.
 3. After the last step of every epoch, :meth:`Method.on_epoch_end`.
 
 Pending state: any submodule with a ``commit_step()`` method (and optionally ``discard_step()``) takes
@@ -42,6 +43,7 @@ bootstrapping can wrap them without knowing which base it wraps.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -55,7 +57,9 @@ from torch import nn
 from wildssl.data.sampler import IndexHook
 from wildssl.errors import ConfigError
 from wildssl.models.ema import ema_update_
-from wildssl.models.loading import build_encoder_from_config
+from wildssl.models.loading import build_encoder_from_config, encoder_state_from_checkpoint, load_state_strict
+
+log = logging.getLogger("wildssl")
 
 POOLS = ("cls", "avg")
 EVAL_NETWORKS = ("teacher", "student")
@@ -123,6 +127,25 @@ class Method(nn.Module):
             param.requires_grad_(False)
         self.teacher.eval()
 
+    def init_encoder_from(self, path) -> None:
+        """``model.init_from``: load the student backbone (and the teacher's copy of it, where there is
+        one) strictly from a run directory, checkpoint or export (MAE -> WSP).
+
+        Only the encoder is taken: whatever else the checkpoint holds (a decoder, heads, the optimizer)
+        is left out, and so is the mask token when this method does not mask. One line reports it."""
+        state, _ = encoder_state_from_checkpoint(path, teacher=False)
+        backbone = self.student["backbone"]
+        kept = []
+        if not self.uses_mask_token and "mask_token" in state:
+            state = {**state, "mask_token": backbone.state_dict()["mask_token"]}
+            kept.append("mask_token")
+        load_state_strict(backbone, state, str(path))
+        if self.teacher is not None and "backbone" in self.teacher:
+            self.teacher["backbone"].load_state_dict(backbone.state_dict())
+        values = sum(t.numel() for t in state.values())
+        log.info("model.init_from %s: loaded %d encoder tensors (%.2fM values)%s", path, len(state) - len(kept),
+                 values / 1e6, f"; kept this run's own {', '.join(kept)}" if kept else "")
+
     def train(self, mode: bool = True) -> "Method":
         """Set the training mode of the student; the teacher and the frozen modules stay in eval mode."""
         super().train(mode)
@@ -138,6 +161,14 @@ class Method(nn.Module):
             ema_update_(self.teacher, self.student, momentum)
 
     # -- state that changes only after a finite step -----------------------------------------------
+    def begin_step(self) -> None:
+        """Called by the engine before ``forward``: remembers the buffers that a forward pass in training
+        mode updates (BatchNorm running statistics; small), so that :meth:`discard_step` can put them
+        back. Any other state belongs in a pending update (``commit_step``), never in ``forward``."""
+        self._buffers_before_step = [(buffer, buffer.detach().clone()) for module in self.modules()
+                                     if isinstance(module, nn.modules.batchnorm._NormBase) and module.training
+                                     for buffer in module.buffers(recurse=False)]
+
     def commit_step(self) -> None:
         """Apply every pending state update (called by the engine after a finite optimizer step)."""
         for module in self.modules():
@@ -145,7 +176,12 @@ class Method(nn.Module):
                 module.commit_step()
 
     def discard_step(self) -> None:
-        """Drop every pending state update (called by the engine instead of stepping)."""
+        """Drop every pending state update and restore the buffers a forward pass changed (called by the
+        engine instead of stepping)."""
+        with torch.no_grad():
+            for buffer, saved in getattr(self, "_buffers_before_step", ()):
+                buffer.copy_(saved)
+        self._buffers_before_step = []
         for module in self.modules():
             if module is not self and hasattr(module, "discard_step"):
                 module.discard_step()

@@ -10,7 +10,6 @@ optimizer's non-tensor state as JSON in the file's metadata. It is written atomi
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +17,9 @@ import torch
 
 from wildssl.errors import CheckpointError
 from wildssl.io import atomic_save, read_safetensors
-from wildssl.models.loading import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, encoder_state_from_checkpoint,
-                                    load_state_strict, resolve_checkpoint)
+from wildssl.models.loading import CHECKPOINT_FORMAT, CHECKPOINT_NAME, load_state_strict, resolve_checkpoint
 
-log = logging.getLogger("wildssl")
-
-__all__ = ["CHECKPOINT_NAME", "save_training_checkpoint", "load_training_checkpoint", "init_from_checkpoint",
-           "nonfinite_tensors"]
+__all__ = ["CHECKPOINT_NAME", "save_training_checkpoint", "load_training_checkpoint", "nonfinite_tensors"]
 
 
 def _optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -108,23 +103,3 @@ def nonfinite_tensors(method: torch.nn.Module, optimizer: torch.optim.Optimizer 
                   if torch.is_tensor(v)]
     return [name for name, tensor in named
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
-
-
-def init_from_checkpoint(method: torch.nn.Module, path: str | Path) -> None:
-    """``model.init_from``: load the student backbone (and the teacher's copy of it, where there is one)
-    strictly from a run directory, checkpoint or export, before training starts (MAE -> WSP).
-
-    Only the encoder is taken; whatever else the checkpoint holds (a decoder, heads, the optimizer) is
-    left out, and so is the mask token when this method does not mask. One line reports what was loaded."""
-    state, _ = encoder_state_from_checkpoint(path, teacher=False)
-    backbone = method.student["backbone"]
-    dropped = []
-    if not method.uses_mask_token and "mask_token" in state:
-        state = {**state, "mask_token": backbone.state_dict()["mask_token"]}
-        dropped.append("mask_token")
-    load_state_strict(backbone, state, str(path))
-    if method.teacher is not None and "backbone" in method.teacher:
-        method.teacher["backbone"].load_state_dict(backbone.state_dict())
-    total = sum(t.numel() for t in state.values())
-    log.info("model.init_from %s: loaded %d encoder tensors (%.1fM values)%s", path, len(state) - len(dropped),
-             total / 1e6, f"; kept this run's initial {', '.join(dropped)}" if dropped else "")

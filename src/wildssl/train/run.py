@@ -25,8 +25,7 @@ from wildssl.errors import CheckpointError, ConfigError, WildsslError
 from wildssl.methods import build_method
 from wildssl.methods.base import Method
 from wildssl.models.loading import CHECKPOINT_NAME, read_checkpoint_config
-from wildssl.train.checkpoint import (init_from_checkpoint, load_training_checkpoint, nonfinite_tensors,
-                                      save_training_checkpoint)
+from wildssl.train.checkpoint import load_training_checkpoint, nonfinite_tensors, save_training_checkpoint
 from wildssl.train.config import dump_config, flatten
 from wildssl.train.optim import build_optimizer, build_schedules
 
@@ -145,10 +144,7 @@ def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
     dist.barrier()
 
     torch.manual_seed(tcfg["seed"])  # identical initial weights on every rank
-    method = build_method(config)
-    if config["model"]["init_from"]:
-        init_from_checkpoint(method, config["model"]["init_from"])
-    method = method.to(device)
+    method = build_method(config).to(device)
     streams = type(method).streams
     sources = {}
     for name in streams:

@@ -57,6 +57,7 @@ def training_step(run: Run, batches: dict[str, dict], step: int,
     config = run.config
     apply_schedules(run.optimizer, float(run.schedules["lr"][step]), float(run.schedules["weight_decay"][step]),
                     freeze_last_layer=step < run.freeze_steps)
+    run.method.begin_step()
     with autocast_context(config["train"]["precision"], run.device):
         output = run.model(batches, step_context(run, step))
     loss = output["loss"]
