@@ -14,15 +14,38 @@ TINY_MODEL = ["model.name=tiny", "model.depth=1", "model.embed_dim=32", "model.n
               f"data.train={TINY_DATA}", "train.batch_size=16", "train.log_every=1",
               "train.progress=false", "train.tensorboard=false", "eval.knn_every=0"]
 
+# The one tiny configuration of every method, shared by all tests (recipe "<method>_quick" + these).
+TINY_TEXT = ["method.embed_dim=16", "method.text_depth=1", "method.text_width=32", "method.text_heads=2",
+             "method.context_length=40"]
+TINY_DISTILLATION = ["method.global_size=16", "method.local_size=8", "method.n_local=2", "method.out_dim=64",
+                     "method.hidden_dim=32", "method.bottleneck_dim=16", "method.teacher_temp_warmup_epochs=1"]
 TINY_METHOD = {
     "simclr": ["method.crop_size=16", "method.proj_hidden_dim=32", "method.proj_dim=16"],
-    "dino": ["method.global_size=16", "method.local_size=8", "method.n_local=2", "method.out_dim=64",
-             "method.hidden_dim=32", "method.bottleneck_dim=16", "method.teacher_temp_warmup_epochs=1"],
+    "dino": TINY_DISTILLATION,
+    "clip": ["method.crop_size=16"] + TINY_TEXT,
+    "slip": ["method.crop_size=16", "method.ssl_hidden_dim=32", "method.ssl_dim=16"] + TINY_TEXT,
+    "silc": TINY_DISTILLATION + TINY_TEXT,
 }
 
 
 def tiny_overrides(method: str, *extra: str) -> list[str]:
+    """``--set`` overrides that make ``<method>_quick`` tiny (1 block of width 32 at 16 px, 16 images)."""
     return TINY_MODEL + TINY_METHOD[method] + list(extra)
+
+
+def tiny_config(method: str, *extra: str) -> dict:
+    """The resolved tiny config of ``method`` (see :func:`tiny_overrides`)."""
+    from wildssl.train.config import build_config
+
+    return build_config(f"{method}_quick", tiny_overrides(method, *extra))
+
+
+def tiny_batch(size: int = 8, start: int = 0) -> dict:
+    """A collated batch of the tiny synthetic scenes (uint8 16-px images with labels and captions)."""
+    from wildssl.data import collate, open_source
+
+    source = open_source(TINY_DATA)
+    return collate([source[i] for i in range(start, start + size)])
 
 
 TINY_AB = ["method.ab_n_crops=3", "method.ab_crop_size=16", "method.ab_decoder_depth=1",

@@ -4,17 +4,14 @@ import math
 import pytest
 import torch
 
-from conftest import KNN_MARGIN, train_and_compare_knn
-from wildssl.data import collate, open_source
+from conftest import KNN_MARGIN, TINY_DATA, tiny_batch, tiny_overrides, train_and_compare_knn
+from wildssl.data import open_source
 from wildssl.data.views import make_views
 from wildssl.errors import CheckpointError, ConfigError, DataError
 from wildssl.methods import build_method
 from wildssl.methods.base import StepContext
 from wildssl.models.tokenizer import TOKENIZER_FILENAME, ByteTokenizer
 from wildssl.train.config import build_config
-
-TINY_DATA = "synthetic:scenes?n=64&size=16&split=train"
-
 
 @pytest.fixture
 def one_thread():
@@ -28,11 +25,7 @@ def one_thread():
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY_CLIP = ["model.name=tiny", "model.depth=1", "model.embed_dim=32", "model.num_heads=2", "model.patch_size=4",
-             "model.img_size=16", "data.load_size=16", "data.num_workers=0", f"data.train={TINY_DATA}",
-             "train.batch_size=16", "train.progress=false", "train.tensorboard=false", "eval.knn_every=0",
-             "method.crop_size=16", "method.embed_dim=16", "method.text_depth=1", "method.text_width=32",
-             "method.text_heads=2", "method.context_length=40"]
+TINY_CLIP = tiny_overrides("clip")
 
 
 def tiny_clip(tmp_path, *extra: str, prepare: bool = True):
@@ -41,11 +34,6 @@ def tiny_clip(tmp_path, *extra: str, prepare: bool = True):
     if prepare:
         method.prepare({"train": open_source(TINY_DATA)}, tmp_path)
     return method
-
-
-def tiny_batch(size: int = 8, start: int = 0) -> dict:
-    source = open_source(TINY_DATA)
-    return collate([source[i] for i in range(start, start + size)])
 
 
 def step_context(seed: int = 3) -> StepContext:

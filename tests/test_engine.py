@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 
@@ -47,12 +48,20 @@ def test_resume_after_ctrl_c_is_bit_identical_to_an_unbroken_run(tmp_path, monke
     assert any(k.startswith("method.teacher.") for k in straight)
 
 
-def test_training_changes_weights_and_logs_metrics(tmp_path):
+def test_training_changes_the_weights_and_logs_each_step_once(tmp_path):
+    from wildssl.methods import build_method
+
     config = _config("simclr", "train.steps=3")
+    torch.manual_seed(config["train"]["seed"])
+    initial = {f"method.{k}": v for k, v in build_method(config).state_dict().items()}
     summary = train(config, tmp_path)
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 3 and '"loss"' in lines[0] and '"images_per_s"' in lines[0]
-    assert summary["final_loss"] > 0 and (tmp_path / "config.yaml").is_file()
+    trained = load_file(str(tmp_path / CHECKPOINT_NAME))
+    moved = [k for k, v in initial.items() if v.is_floating_point() and not torch.equal(v, trained[k])]
+    assert "method.student.backbone.blocks.0.attn.qkv.weight" in moved and "method.student.head.layers.0.weight" in moved
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    assert summary["final_loss"] == json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
+    assert build_config(str(tmp_path / "config.yaml")) == config
 
 
 def test_existing_run_directory_is_not_overwritten_without_resume(tmp_path):
@@ -82,14 +91,18 @@ def _nan_at(monkeypatch, cls, bad_steps):
     monkeypatch.setattr(cls, "forward", forward)
 
 
-def test_nonfinite_loss_is_skipped_and_counted_without_touching_weights(tmp_path, monkeypatch):
+def test_nonfinite_loss_is_skipped_and_counted_without_touching_weights_or_optimizer(tmp_path, monkeypatch):
     from wildssl.methods.simclr import SimCLR
 
     _nan_at(monkeypatch, SimCLR, {1})
-    summary = train(_config("simclr", "train.steps=3"), tmp_path)
+    summary = train(_config("simclr", "train.steps=3", "train.checkpoint_every=1", "train.keep_every=1"), tmp_path)
     assert summary["nonfinite_steps"] == 1
-    weights = load_file(str(tmp_path / CHECKPOINT_NAME))
-    assert all(torch.isfinite(v).all() for k, v in weights.items() if v.is_floating_point())
+    after_step_0 = load_file(str(tmp_path / "checkpoint_0000001.safetensors"))
+    after_skip = load_file(str(tmp_path / "checkpoint_0000002.safetensors"))
+    learned = [k for k in after_skip if k.startswith(("method.", "optimizer."))]
+    assert learned and all(torch.equal(after_step_0[k], after_skip[k]) for k in learned)
+    final = load_file(str(tmp_path / CHECKPOINT_NAME))
+    assert not torch.equal(final["method.student.head.layers.0.weight"], after_skip["method.student.head.layers.0.weight"])
 
 
 def test_nonfinite_loss_with_stop_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

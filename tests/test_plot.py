@@ -3,17 +3,35 @@ import json
 import pytest
 
 from wildssl.errors import DataError
-from wildssl.eval.plot import plot_run, series
+from wildssl.eval.plot import metrics_figure, plot_run, series
+from wildssl.train.logging import read_metrics
 
 
-def test_plot_writes_a_png_with_agreement_per_iou_bucket(tmp_path):
-    pytest.importorskip("matplotlib")
+def _write_run(tmp_path):
     with open(tmp_path / "metrics.jsonl", "w") as handle:
         for step in range(1, 6):
             handle.write(json.dumps({"step": step, "loss": 5.0 - step, "bootstrap_loss": 4.0 - step / 2,
                                      "agreement": 0.1 * step, "agreement_iou_0-0.1": 0.05 * step,
                                      "agreement_iou_0.7-1": 0.15 * step}) + "\n")
         handle.write(json.dumps({"step": 5, "knn_top1": 0.4}) + "\n")
+
+
+def test_plot_draws_loss_knn_and_agreement_per_iou_bucket_from_the_logged_values(tmp_path):
+    pytest.importorskip("matplotlib")
+    _write_run(tmp_path)
+    figure = metrics_figure(read_metrics(tmp_path))
+    axes = {axis.get_title(): {line.get_label(): line for line in axis.get_lines()} for axis in figure.axes}
+    assert set(axes) == {"loss", "k-NN accuracy", "bootstrap top-1 agreement by IoU"}
+    assert set(axes["loss"]) == {"loss", "bootstrap_loss"}
+    agreement = axes["bootstrap top-1 agreement by IoU"]
+    assert list(agreement) == ["agreement", "IoU 0-0.1", "IoU 0.7-1"]  # buckets in IoU order
+    assert list(agreement["IoU 0.7-1"].get_ydata()) == pytest.approx([0.15 * s for s in range(1, 6)])
+    assert list(axes["k-NN accuracy"]["knn_top1"].get_xydata()[0]) == [5, 0.4]
+
+
+def test_plot_run_writes_the_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    _write_run(tmp_path)
     out = plot_run(tmp_path)
     assert out == tmp_path / "metrics.png" and out.read_bytes()[:4] == b"\x89PNG"
 

