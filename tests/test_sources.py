@@ -429,9 +429,13 @@ def test_collate_stacks_fixed_size_fields_and_lists_the_rest():
     assert batch["labels"][1] == source[0]["labels"] and batch["captions"][2] == source[2]["captions"]
 
 
-def test_collate_sums_skipped_corrupt_images(tmp_path):
+def test_collate_counts_each_skipped_file_once(tmp_path):
     write_image(tmp_path / "a.png", (0, 0, 0))
     (tmp_path / "b.png").write_bytes(b"junk")
     (tmp_path / "c.png").write_bytes(b"junk")
     source = ImageFolder(tmp_path, S)
-    assert collate([source[1], source[2], source[0]])["num_corrupt"] == 3
+    samples = [source[1], source[2], source[0]]
+    assert [s["corrupt"] for s in samples] == [[1, 2], [2], []]  # three skip events, two files
+    assert [s["num_corrupt"] for s in samples] == [2, 1, 0]
+    batch = collate(samples)
+    assert batch["corrupt"] == [1, 2] and batch["num_corrupt"] == 2
