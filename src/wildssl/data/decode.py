@@ -9,8 +9,8 @@ process on the ``wildssl.data`` logger. Only a source with no readable image at 
 Memory per decode is bounded by the pixel cap, whatever the file holds: the size is read from the
 header before any pixel is decoded, JPEGs are decoded at a reduced scale (DCT scaling, ``draft``) that
 still covers the load size, and images are resized in their stored mode before any conversion. A
-decode holds at most about 9 bytes per pixel of ``max_pixels`` (RGBA and palette images; RGB 4, gray
-1, 16-bit 6, float 5): about 350 MiB at the default 40 megapixels, measured. Images above Pillow's own
+decode holds at most about 9 bytes per pixel of ``max_pixels`` (palette with transparency 9, RGBA 8,
+16-bit 6, float 5, RGB 4, gray 1; ``benchmarks/decode_memory.py``): about 350 MiB at the default. Images above Pillow's own
 limit (2 x ``PIL.Image.MAX_IMAGE_PIXELS``, about 179 megapixels before reduced decoding) are refused by
 Pillow and skipped the same way.
 
