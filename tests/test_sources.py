@@ -342,6 +342,22 @@ def test_compressed_or_non_tar_shard_raises_data_error(tmp_path):
         TarShards(tmp_path / "x.tar", S)
 
 
+def test_shard_cut_short_keeps_its_complete_members_and_logs_one_line(tmp_path, caplog):
+    with tarfile.open(tmp_path / "s.tar", "w") as archive:
+        for k in range(4):
+            add_member(archive, f"{k}.png", image_bytes((40 * k, 0, 0)))
+    data = (tmp_path / "s.tar").read_bytes()
+    with tarfile.open(tmp_path / "s.tar") as archive:
+        last = archive.getmember("3.png")
+    (tmp_path / "s.tar").write_bytes(data[: last.offset_data + 10])  # an interrupted download
+    with caplog.at_level(logging.WARNING, logger="wildssl.data"):
+        source = TarShards(tmp_path / "s.tar", S)
+    assert [s.key for s in source.samples] == ["0", "1", "2"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "wildssl.data"]
+    assert len(warnings) == 1 and "truncated" in warnings[0]
+    assert np.abs(mean_colour(source[2]) - (80, 0, 0)).max() < 2
+
+
 def test_corrupt_image_inside_a_shard_is_skipped(tmp_path):
     with tarfile.open(tmp_path / "s.tar", "w") as archive:
         add_member(archive, "a.jpg", b"\xff\xd8\xff not really a jpeg")
@@ -429,9 +445,13 @@ def test_collate_stacks_fixed_size_fields_and_lists_the_rest():
     assert batch["labels"][1] == source[0]["labels"] and batch["captions"][2] == source[2]["captions"]
 
 
-def test_collate_sums_skipped_corrupt_images(tmp_path):
+def test_collate_counts_each_skipped_file_once(tmp_path):
     write_image(tmp_path / "a.png", (0, 0, 0))
     (tmp_path / "b.png").write_bytes(b"junk")
     (tmp_path / "c.png").write_bytes(b"junk")
     source = ImageFolder(tmp_path, S)
-    assert collate([source[1], source[2], source[0]])["num_corrupt"] == 3
+    samples = [source[1], source[2], source[0]]
+    assert [s["corrupt"] for s in samples] == [[1, 2], [2], []]  # three skip events, two files
+    assert [s["num_corrupt"] for s in samples] == [2, 1, 0]
+    batch = collate(samples)
+    assert batch["corrupt"] == [1, 2] and batch["num_corrupt"] == 2

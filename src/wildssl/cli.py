@@ -111,7 +111,7 @@ def cmd_eval_knn(args) -> int:
     result = evaluate_knn(encoder.to(device), args.train, args.test, image_size=image_size,
                           load_size=args.load_size, k=args.k, temperature=args.temperature, pool=args.pool,
                           batch_size=args.batch_size, num_workers=args.num_workers, device=device,
-                          progress=not args.json)
+                          progress=not args.json, max_pixels=args.max_pixels)
     if args.json:
         print(json.dumps({"knn_top1": result["knn_top1"], **{k: v for k, v in result.items() if k != "knn_top1"},
                           "network": network}))
@@ -244,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--pool", choices=("cls", "avg"), default="cls")
     k.add_argument("--image-size", type=int, help="eval resolution (default: the model's img_size)")
     k.add_argument("--load-size", type=int, help="decode size of the sources (default: the eval resolution)")
+    k.add_argument("--max-pixels", type=int, default=40_000_000,
+                   help="skip images with more pixels to decode, as data.max_pixels does in training")
     k.add_argument("--k", type=int, default=20)
     k.add_argument("--temperature", type=float, default=0.07)
     k.add_argument("--batch-size", type=int, default=256)

@@ -1,9 +1,18 @@
 """Decoding image files, and the base of every file-backed source: unreadable items are skipped.
 
-Images in the wild are sometimes truncated or not images at all: an unreadable item ``i`` is skipped
-for ``i + 1, i + 2, ...`` (modulo the length), counted in ``num_corrupt`` and logged once per file and
+Images in the wild are sometimes truncated, not images at all, or far larger than anything a view needs:
+an unreadable item ``i`` (including one above the pixel cap ``max_pixels``) is skipped for ``i + 1,
+i + 2, ...`` (modulo the length), recorded in the sample's ``corrupt`` list and logged once per file and
 process on the ``wildssl.data`` logger. Only a source with no readable image at all raises
 :class:`~wildssl.errors.DataError`.
+
+Memory per decode is bounded by the pixel cap, whatever the file holds: the size is read from the
+header before any pixel is decoded, JPEGs are decoded at a reduced scale (DCT scaling, ``draft``) that
+still covers the load size, and images are resized in their stored mode before any conversion. A
+decode holds at most about 9 bytes per pixel of ``max_pixels`` (palette with transparency 9, RGBA 8,
+16-bit 6, float 5, RGB 4, gray 1; ``benchmarks/decode_memory.py``): about 350 MiB at the default. Images above Pillow's own
+limit (2 x ``PIL.Image.MAX_IMAGE_PIXELS``, about 179 megapixels before reduced decoding) are refused by
+Pillow and skipped the same way.
 
 EXIF orientation is not applied: pixels, sizes and boxes refer to the image as stored in the file.
 """
@@ -13,6 +22,7 @@ from __future__ import annotations
 import abc
 import logging
 import os
+import warnings
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -27,32 +37,114 @@ logger = logging.getLogger("wildssl.data")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 EXPECTED_SPEC = "expected an image folder, a .jsonl manifest, tar shards or synthetic:scenes"
 
+# Largest image decoded, in pixels after JPEG's reduced decoding (``data.max_pixels``): 40 megapixels,
+# 160 MB of RGBA, well below Pillow's decompression-bomb limit (about 89 megapixels).
+DEFAULT_MAX_PIXELS = 40_000_000
+
+# Resize in two steps (an integer box reduction, then bilinear over the last factor of at least 3):
+# as exact as one bilinear pass to the eye (Pillow's documentation), much faster on large images.
+_REDUCING_GAP = 3.0
+_STRIP_ROWS = 256  # rows of a float image clipped at a time
+
+
+class ImageTooLarge(ValueError):
+    """An image whose decoded size is above the source's ``max_pixels``; skipped like an unreadable one."""
+
+
 # What Pillow raises for undecodable, truncated or absurdly large files, plus unreadable files.
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 _warned_unreadable: set[str] = set()  # per process: forked workers start from their parent's copy
 
 
-def decode_image(file: str | os.PathLike | BinaryIO, load_size: int) -> tuple[torch.Tensor, int, int]:
+def _integer_range(image: Image.Image) -> tuple[int, int]:
+    """The value range of a high-bit-depth integer image's samples: (low, high) of the stored type.
+
+    ``I;16*`` modes hold uint16. Mode ``I`` (int32 in memory) holds 16-bit samples for PNG and PGM
+    (Pillow widens them), and for TIFF whatever ``BitsPerSample`` / ``SampleFormat`` say."""
+    if image.mode.startswith("I;16"):
+        return 0, 65535
+    tags = getattr(image, "tag_v2", None)
+    if image.format == "TIFF" and tags is not None:
+        bits = tags.get(258, (16,))
+        bits = int(bits[0] if isinstance(bits, tuple) else bits)
+        sample_format = tags.get(339, (1,))
+        signed = int(sample_format[0] if isinstance(sample_format, tuple) else sample_format) == 2
+        return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    return 0, 65535
+
+
+def _high_depth_to_gray(image: Image.Image, load_size: int) -> Image.Image:
+    """16/32-bit integer (``I;16*``, ``I``) or float (``F``) gray image -> 8-bit ``L`` (S, S).
+
+    Integers are scaled by their type's range (65535 -> 255), floats by the convention of float image
+    files, [0, 1] -> [0, 255], clipped first (NaN -> 0); clipping at 255, as a plain 8-bit conversion
+    does, would saturate almost every 16-bit pixel and blacken every float one."""
+    if image.mode == "F":
+        # clipped in place, a strip of rows at a time, so no full-size float copy is made
+        image.load()
+        width, height = image.size
+        for top in range(0, height, _STRIP_ROWS):
+            box = (0, top, width, min(top + _STRIP_ROWS, height))
+            strip = np.array(image.crop(box), dtype=np.float32)
+            np.nan_to_num(strip, copy=False, nan=0.0, posinf=1.0, neginf=0.0)
+            image.paste(Image.fromarray(np.clip(strip, 0.0, 1.0, out=strip)), box)
+        low, high = 0.0, 1.0
+        small = image.resize((load_size, load_size), Image.BILINEAR, reducing_gap=_REDUCING_GAP)
+    else:
+        low, high = _integer_range(image)
+        # bilinear resizing is linear, so scaling after it equals scaling before it
+        small = image.convert("F").resize((load_size, load_size), Image.BILINEAR, reducing_gap=_REDUCING_GAP)
+    unit = (np.asarray(small, dtype=np.float64) - low) / (high - low)
+    return Image.fromarray(np.rint(np.clip(unit, 0.0, 1.0) * 255).astype(np.uint8))  # L
+
+
+def decode_image(file: str | os.PathLike | BinaryIO, load_size: int,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[torch.Tensor, int, int]:
     """Decode an image file to RGB resized to (load_size, load_size) with bilinear filtering.
 
     Returns the image (3, S, S) uint8 and the original width and height. Transparent pixels are
-    composited onto white (as a browser shows them) rather than exposing whatever colour they store.
+    composited onto white (as a browser shows them) rather than exposing whatever colour they store;
+    16-bit and float images are scaled to 8 bits by their range (see :func:`_high_depth_to_gray`).
+    Raises :class:`ImageTooLarge` before decoding any pixel when more than ``max_pixels`` would be
+    decoded (for JPEG, after the reduced-scale decoding that still covers ``load_size``).
     """
-    with Image.open(file) as image:
-        width, height = image.size
-        if width < 1 or height < 1:
-            raise ValueError(f"image has no pixels ({width}x{height})")
-        # JPEG only: decode at a power-of-two reduced scale that stays >= load_size on both sides;
-        # for large photos this is most of the decoding time.
-        image.draft("RGB", (load_size, load_size))
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            rgba = image.convert("RGBA")
-            rgb = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-        else:
-            rgb = image.convert("RGB")
-        rgb = rgb.resize((load_size, load_size), Image.BILINEAR)
+    with warnings.catch_warnings():
+        # the pixel cap is below Pillow's bomb limit and is the check that counts; its warning would
+        # print as a raw two-line Python warning for every large image
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(file) as image:
+            width, height = image.size
+            if width < 1 or height < 1:
+                raise ValueError(f"image has no pixels ({width}x{height})")
+            # JPEG only: decode at a power-of-two reduced scale that stays >= load_size on both sides;
+            # for large photos this is most of the decoding time and memory.
+            image.draft("RGB", (load_size, load_size))
+            decoded_width, decoded_height = image.size
+            if decoded_width * decoded_height > max_pixels:
+                raise ImageTooLarge(f"{width}x{height} image ({decoded_width * decoded_height / 1e6:.1f} megapixels "
+                                    f"to decode) is above data.max_pixels={max_pixels}")
+            rgb = _to_rgb(image, load_size)
     pixels = np.array(rgb, dtype=np.uint8)  # (S, S, 3), a writable copy
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), width, height
+
+
+def _to_rgb(image: Image.Image, load_size: int) -> Image.Image:
+    """Any Pillow image -> RGB (S, S). Resizing comes before conversions where the stored mode allows
+    it, so no full-size converted copy is made of the common modes (L, LA, RGB, RGBA)."""
+    size = (load_size, load_size)
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        return _high_depth_to_gray(image, load_size).convert("RGB")
+    alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    if image.mode == "1":
+        image = image.convert("L")
+    elif image.mode not in ("L", "LA", "RGB", "RGBA"):
+        # palettes resize only by nearest neighbour; other modes (CMYK, YCbCr, ...) convert non-linearly
+        image = image.convert("RGBA" if alpha else "RGB")
+    small = image.resize(size, Image.BILINEAR, reducing_gap=_REDUCING_GAP)
+    if not alpha:
+        return small.convert("RGB")
+    white = Image.new("RGBA", size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, small.convert("RGBA")).convert("RGB")
 
 
 def check_load_size(load_size: int) -> int:
@@ -61,11 +153,22 @@ def check_load_size(load_size: int) -> int:
     return load_size
 
 
-class FileSource(Source):
-    """Shared by file-backed sources: decoding and skipping unreadable items."""
+def check_max_pixels(max_pixels: int) -> int:
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise DataError(f"max_pixels (data.max_pixels, --max-pixels) must be a positive integer, got {max_pixels!r} "
+                        f"(default {DEFAULT_MAX_PIXELS})")
+    return max_pixels
 
-    def __init__(self, load_size: int) -> None:
+
+class FileSource(Source):
+    """Shared by file-backed sources: decoding and skipping unreadable items.
+
+    ``max_pixels``: images with more pixels to decode are skipped like unreadable ones (see the module
+    docstring)."""
+
+    def __init__(self, load_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.load_size = check_load_size(load_size)
+        self.max_pixels = check_max_pixels(max_pixels)
 
     @abc.abstractmethod
     def _open(self, index: int) -> str | BinaryIO:
@@ -83,15 +186,17 @@ class FileSource(Source):
         count = len(self)
         if not 0 <= index < count:
             raise IndexError(f"index {index} out of range for {count} items of {self.describe()}")
+        unreadable: list[int] = []
         for skipped in range(count):
             current = (index + skipped) % count
             try:
-                image, width, height = decode_image(self._open(current), self.load_size)
+                image, width, height = decode_image(self._open(current), self.load_size, self.max_pixels)
                 annotations = self._annotations(current, width, height)
             except _DECODE_ERRORS as error:
                 self._warn_unreadable(current, error)
+                unreadable.append(current)
                 continue
-            return make_sample(image, width / height, current, num_corrupt=skipped, **annotations)
+            return make_sample(image, width / height, current, corrupt=unreadable, **annotations)
         raise DataError(f"no readable image in {self.describe()}: all {count} items failed to decode")
 
     def _warn_unreadable(self, index: int, error: BaseException) -> None:

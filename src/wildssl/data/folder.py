@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from wildssl.data.decode import EXPECTED_SPEC, IMAGE_EXTENSIONS, FileSource
+from wildssl.data.decode import DEFAULT_MAX_PIXELS, EXPECTED_SPEC, IMAGE_EXTENSIONS, FileSource
 from wildssl.data.sample import DEFAULT_LOAD_SIZE
 from wildssl.errors import DataError
 
@@ -42,8 +42,9 @@ class ImageFolder(FileSource):
     A single subfolder is not taken as a class: ``root/images/*.jpg`` is an unlabelled folder.
     """
 
-    def __init__(self, root: str | os.PathLike, load_size: int = DEFAULT_LOAD_SIZE) -> None:
-        super().__init__(load_size)
+    def __init__(self, root: str | os.PathLike, load_size: int = DEFAULT_LOAD_SIZE,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        super().__init__(load_size, max_pixels)
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"image folder not found: {self.root} ({EXPECTED_SPEC})")

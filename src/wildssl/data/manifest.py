@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from wildssl.data.decode import EXPECTED_SPEC, FileSource
+from wildssl.data.decode import DEFAULT_MAX_PIXELS, EXPECTED_SPEC, FileSource
 from wildssl.data.sample import DEFAULT_LOAD_SIZE
 from wildssl.errors import DataError
 
@@ -47,18 +47,23 @@ class JsonlManifest(FileSource):
         or index}`` (the COCO layout of ``shared/data/coco_mini``); boxes are normalized by the decoded
         size and clipped to the image.
     ``null`` means absent. Class names from all lines form ``classes`` (sorted); a manifest uses either
-    names or integer indices, not both. A malformed line raises DataError naming file and line.
+    names or integer indices, not both. The file is UTF-8 (a byte-order mark is allowed). A malformed
+    or non-UTF-8 line raises DataError naming file and line.
     """
 
-    def __init__(self, path: str | os.PathLike, load_size: int = DEFAULT_LOAD_SIZE) -> None:
-        super().__init__(load_size)
+    def __init__(self, path: str | os.PathLike, load_size: int = DEFAULT_LOAD_SIZE,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        super().__init__(load_size, max_pixels)
         self.path = Path(path)
         if not self.path.is_file():
             raise DataError(f"manifest not found: {self.path} ({EXPECTED_SPEC})")
         records: list[_Record] = []
         label_kind: tuple[type, int] | None = None  # (str or int, first line using it)
-        with open(self.path, encoding="utf-8") as lines:
+        # Undecodable bytes are kept as surrogates so the error can name the line instead of a
+        # UnicodeDecodeError from somewhere in the file; a byte-order mark (Windows editors) is accepted.
+        with open(self.path, encoding="utf-8-sig", errors="surrogateescape") as lines:
             for number, line in enumerate(lines, start=1):
+                self._check_utf8(line, number)
                 if not line.strip():
                     continue
                 record = self._parse_line(line, number)
@@ -90,6 +95,14 @@ class JsonlManifest(FileSource):
                 for r in records
             ]
         self.records = records
+
+    def _check_utf8(self, line: str, number: int) -> None:
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError as error:
+            byte = ord(line[error.start]) - 0xDC00  # surrogateescape's code point of the raw byte
+            raise DataError(f"{self.path}:{number}: not UTF-8 text (byte 0x{byte:02x} at column {error.start + 1}); "
+                            "save the manifest as UTF-8") from None
 
     def _parse_line(self, line: str, number: int) -> _Record:
         where = f"{self.path}:{number}"

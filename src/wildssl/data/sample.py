@@ -16,7 +16,9 @@ captions       list[str], all captions
 boxes          float32 (M, 4) normalized x0, y0, x1, y1 of the original image (M may be 0)
 box_labels     long (M,), class index per box (-1 = none)
 index          int, the index actually returned (see below)
-num_corrupt    int, how many unreadable images were skipped to produce this sample
+corrupt        list[int], indices of the unreadable images skipped to produce this sample (a source
+               skips an unreadable item i for i + 1, i + 2, ...; usually empty)
+num_corrupt    int, ``len(corrupt)``
 =============  ====================================================================================
 """
 
@@ -69,7 +71,7 @@ def make_sample(
     captions: Sequence[str] = (),
     boxes: Sequence[Sequence[float]] = (),
     box_labels: Sequence[int] | None = None,
-    num_corrupt: int = 0,
+    corrupt: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Assemble a sample dict (module docstring) from an image (3, S, S) uint8 and its annotations."""
     box_tensor = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
@@ -86,20 +88,24 @@ def make_sample(
         "boxes": box_tensor,
         "box_labels": torch.tensor(list(box_labels), dtype=torch.long),
         "index": int(index),
-        "num_corrupt": int(num_corrupt),
+        "corrupt": [int(i) for i in corrupt],
+        "num_corrupt": len(corrupt),
     }
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Batch sample dicts: image (B, 3, S, S) uint8, aspect (B,) float32, label (B,) long, index (B,) long,
-    num_corrupt int (sum), caption list[str]; labels, captions, boxes (M_b, 4) and box_labels (M_b,)
-    stay per-sample lists because their lengths differ."""
+    caption list[str]; labels, captions, boxes (M_b, 4) and box_labels (M_b,) stay per-sample lists
+    because their lengths differ. ``corrupt`` is the sorted list of the distinct unreadable items the
+    samples skipped and ``num_corrupt`` its length: two samples skipping the same file count it once."""
+    corrupt = sorted({i for s in samples for i in s["corrupt"]})
     return {
         "image": torch.stack([s["image"] for s in samples]),
         "aspect": torch.tensor([s["aspect"] for s in samples], dtype=torch.float32),
         "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
         "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
-        "num_corrupt": sum(s["num_corrupt"] for s in samples),
+        "corrupt": corrupt,
+        "num_corrupt": len(corrupt),
         "caption": [s["caption"] for s in samples],
         "captions": [s["captions"] for s in samples],
         "labels": [s["labels"] for s in samples],

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import glob
 import io
+import math
 import os
 import re
 import tarfile
 from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
-from wildssl.data.decode import EXPECTED_SPEC, IMAGE_EXTENSIONS, FileSource, logger
+from wildssl.data.decode import DEFAULT_MAX_PIXELS, EXPECTED_SPEC, IMAGE_EXTENSIONS, FileSource, logger
 from wildssl.data.sample import DEFAULT_LOAD_SIZE
 from wildssl.errors import DataError
 
@@ -19,32 +21,81 @@ _BRACE_GROUP = re.compile(r"\{([^{}]*)\}")
 _NUMERIC_RANGE = re.compile(r"(-?\d+)\.\.(-?\d+)")
 GLOB_CHARS = re.compile(r"[*?\[]")
 _MAX_OPEN_SHARDS = 32  # file handles kept open per process (random access jumps between shards)
+# A million shards of 10,000 images (img2dataset's default) is ten billion images, more than any public
+# dataset holds: a pattern naming more is a typo in a range bound, refused before anything is expanded.
+MAX_SHARD_NAMES = 1_000_000
+
+
+class _RangeNames(Sequence):
+    """The names of a numeric brace range, made on demand: ``{0..99999999}`` costs no memory."""
+
+    def __init__(self, numbers: range, width: int) -> None:
+        self.numbers, self.width = numbers, width
+
+    def __len__(self) -> int:
+        return len(self.numbers)
+
+    def __getitem__(self, index: int) -> str:
+        return str(self.numbers[index]).zfill(self.width)
+
+
+def _brace_parts(pattern: str) -> list[str | Sequence[str]]:
+    """``pattern`` split into literal text (str) and the choices of each brace group, in order."""
+    parts: list[str | Sequence[str]] = []
+    rest = pattern
+    while True:
+        match = _BRACE_GROUP.search(rest)
+        if match is None or "{" in rest[: match.start()] or "}" in rest[: match.start()]:
+            if "{" in rest or "}" in rest:
+                raise DataError(f"unbalanced or nested braces in {pattern!r} "
+                                "(expected e.g. shards/{00000..00009}.tar)")
+            parts.append(rest)
+            return parts
+        body = match.group(1)
+        numeric = _NUMERIC_RANGE.fullmatch(body)
+        if numeric:
+            low, high = numeric.groups()
+            if int(high) < int(low):
+                raise DataError(f"descending range {{{body}}} in {pattern!r} (write the smaller bound first)")
+            padded = any(len(b.lstrip("-")) > 1 and b.lstrip("-").startswith("0") for b in (low, high))
+            width = max(len(low), len(high)) if padded else 0
+            choices: Sequence[str] = _RangeNames(range(int(low), int(high) + 1), width)
+        elif "," in body:
+            choices = body.split(",")
+        else:
+            raise DataError(f"brace group {{{body}}} in {pattern!r} is neither a range a..b nor a list a,b")
+        parts += [rest[: match.start()], choices]
+        rest = rest[match.end() :]
+
+
+def iter_braces(pattern: str) -> Iterator[str]:
+    """The names a shell-style brace pattern stands for, one at a time, in order: ``"s{00..02}.tar"`` ->
+    ``s00.tar, s01.tar, s02.tar``; ``"{a,b}/x"`` -> ``a/x, b/x``; several groups give their product. A
+    range is zero-padded when a bound is written with a leading zero, to the wider bound's width. More
+    than :data:`MAX_SHARD_NAMES` names raise :class:`~wildssl.errors.DataError` before the first."""
+    parts = _brace_parts(pattern)
+    groups = [p for p in parts if not isinstance(p, str)]
+    count = math.prod(len(g) for g in groups)
+    if count > MAX_SHARD_NAMES:
+        raise DataError(f"data pattern {pattern!r} names {count:,} shards, more than {MAX_SHARD_NAMES:,}; "
+                        "check the range bounds (e.g. shards/{00000..09999}.tar)")
+    yield from _names(parts)
+
+
+def _names(parts: list[str | Sequence[str]]) -> Iterator[str]:
+    # not itertools.product, which turns every group into a tuple first
+    if not parts:
+        yield ""
+        return
+    head, rest = parts[0], parts[1:]
+    for choice in [head] if isinstance(head, str) else head:
+        for tail in _names(rest):
+            yield choice + tail
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """Expand shell-style brace groups, in order: ``"s{00..02}.tar"`` -> ``s00.tar, s01.tar, s02.tar``;
-    ``"{a,b}/x"`` -> ``a/x, b/x``; several groups give their product. A range is zero-padded when a bound
-    is written with a leading zero, to the wider bound's width."""
-    match = _BRACE_GROUP.search(pattern)
-    if match is None or "{" in pattern[: match.start()] or "}" in pattern[: match.start()]:
-        if "{" in pattern or "}" in pattern:
-            raise DataError(f"unbalanced or nested braces in {pattern!r} (expected e.g. shards/{{00000..00009}}.tar)")
-        return [pattern]
-    body = match.group(1)
-    numeric = _NUMERIC_RANGE.fullmatch(body)
-    if numeric:
-        low, high = numeric.groups()
-        if int(high) < int(low):
-            raise DataError(f"descending range {{{body}}} in {pattern!r} (write the smaller bound first)")
-        padded = any(len(b.lstrip("-")) > 1 and b.lstrip("-").startswith("0") for b in (low, high))
-        width = max(len(low), len(high)) if padded else 0
-        choices = [str(v).zfill(width) for v in range(int(low), int(high) + 1)]
-    elif "," in body:
-        choices = body.split(",")
-    else:
-        raise DataError(f"brace group {{{body}}} in {pattern!r} is neither a range a..b nor a list a,b")
-    head, tails = pattern[: match.start()], expand_braces(pattern[match.end() :])
-    return [head + choice + tail for choice in choices for tail in tails]
+    """All names of :func:`iter_braces` as a list."""
+    return list(iter_braces(pattern))
 
 
 def _shard_paths(pattern: str | os.PathLike) -> list[Path]:
@@ -60,7 +111,7 @@ def _shard_paths(pattern: str | os.PathLike) -> list[Path]:
     if path.is_file():
         return [path]
     shards: list[Path] = []
-    for name in expand_braces(text):
+    for name in iter_braces(text):  # lazily: a missing shard stops it early
         if GLOB_CHARS.search(name):
             matches = sorted(glob.glob(name))
             if not matches:
@@ -107,16 +158,19 @@ class TarShards(FileSource):
     ``pattern``: a tar file, a folder of ``*.tar``, a glob or a brace pattern ``data/{00000..00009}.tar``.
     Every shard is indexed once at construction (member offsets from ``tarfile``); samples are then read
     by seeking into the shard. Shards must be uncompressed. Keys without an image (for instance a
-    failed download that kept its .txt/.json) are skipped, counted in ``num_missing_image`` and logged.
+    failed download that kept its .txt/.json) are skipped, counted in ``num_missing_image`` and logged;
+    so are sparse members (GNU or PAX sparse format, ``num_sparse``), whose other members stay.
     File handles are opened lazily and per process, so DataLoader workers never share a file offset.
     """
 
-    def __init__(self, pattern: str | os.PathLike, load_size: int = DEFAULT_LOAD_SIZE) -> None:
-        super().__init__(load_size)
+    def __init__(self, pattern: str | os.PathLike, load_size: int = DEFAULT_LOAD_SIZE,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        super().__init__(load_size, max_pixels)
         self.pattern = os.fspath(pattern)
         self.shards = _shard_paths(pattern)
         self.samples: list[_TarSample] = []
         self.num_missing_image = 0
+        self.num_sparse = 0
         for shard in range(len(self.shards)):
             self._index_shard(shard)
         if not self.samples:
@@ -138,6 +192,13 @@ class TarShards(FileSource):
             try:
                 for member in archive:
                     if not member.isfile():
+                        continue
+                    if member.issparse():
+                        # its bytes in the archive are only the data blocks of a file with holes; the
+                        # member is skipped rather than reassembled (its real size may be anything)
+                        self.num_sparse += 1
+                        logger.warning("tar shard %s: member %s is a sparse file (GNU/PAX sparse format); skipped",
+                                       path, member.name)
                         continue
                     if member.offset_data + member.size > file_size:
                         raise tarfile.ReadError(f"member {member.name} ends past the end of the file")
@@ -228,4 +289,5 @@ class TarShards(FileSource):
 
     def describe(self) -> str:
         missing = f", {self.num_missing_image} keys without image skipped" if self.num_missing_image else ""
-        return f"tar shards {self.pattern}: {len(self)} samples in {len(self.shards)} shards{missing}"
+        sparse = f", {self.num_sparse} sparse members skipped" if self.num_sparse else ""
+        return f"tar shards {self.pattern}: {len(self)} samples in {len(self.shards)} shards{missing}{sparse}"

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from wildssl.data.decode import EXPECTED_SPEC, check_load_size
+from wildssl.data.decode import DEFAULT_MAX_PIXELS, EXPECTED_SPEC, check_load_size
 from wildssl.data.folder import ImageFolder, is_image_name
 from wildssl.data.manifest import JsonlManifest
 from wildssl.data.sample import DEFAULT_LOAD_SIZE, Source
@@ -51,27 +51,28 @@ def _open_synthetic(spec: str, load_size: int | None) -> Source:
     return generator(**params, load_size=None if load_size is None else check_load_size(load_size))
 
 
-def open_source(spec: str, load_size: int | None = None) -> Source:
+def open_source(spec: str, load_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Source:
     """Open a data source from a spec string.
 
     ``spec``: an image folder, a ``.jsonl`` manifest, tar shards (a ``.tar``, a folder of them, a glob
     or a brace pattern such as ``data/{00000..00009}.tar``) or ``synthetic:scenes?n=2000&size=64&seed=0&
     split=train&num_classes=8`` (query values typed; see :class:`~wildssl.data.synthetic.SyntheticScenes`).
     ``load_size``: side of the returned square images; ``None`` means 224 for files and the render
-    ``size`` for synthetic scenes.
+    ``size`` for synthetic scenes. ``max_pixels``: file images with more pixels to decode are skipped
+    as unreadable (``data.max_pixels``; see :mod:`wildssl.data.decode`).
     """
     if spec.startswith("synthetic:"):
         return _open_synthetic(spec, load_size)
     size = DEFAULT_LOAD_SIZE if load_size is None else load_size
     path = Path(os.path.expanduser(spec))
     if path.is_dir():
-        return TarShards(path, size) if _is_shard_folder(path) else ImageFolder(path, size)
+        return TarShards(path, size, max_pixels) if _is_shard_folder(path) else ImageFolder(path, size, max_pixels)
     if path.is_file():
         if path.suffix.lower() == ".jsonl":
-            return JsonlManifest(path, size)
+            return JsonlManifest(path, size, max_pixels)
         if path.suffix.lower() == ".tar":
-            return TarShards(path, size)
+            return TarShards(path, size, max_pixels)
         raise DataError(f"unsupported data file {spec}: {EXPECTED_SPEC}")
     if "{" in spec or GLOB_CHARS.search(spec):
-        return TarShards(os.path.expanduser(spec), size)
+        return TarShards(os.path.expanduser(spec), size, max_pixels)
     raise DataError(f"data path not found: {spec} ({EXPECTED_SPEC})")

@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from wildssl.data import collate, open_source
+from wildssl.data.decode import DEFAULT_MAX_PIXELS
 from wildssl.data.sample import Source
 from wildssl.errors import DataError
 from wildssl.eval.features import extract_features
@@ -27,31 +28,43 @@ def _loader(source, batch_size: int, num_workers: int) -> DataLoader:
                       collate_fn=collate)
 
 
-def _num_classes(source, labels: torch.Tensor, name) -> int:
+def _check_labelled(source, labels: torch.Tensor, name) -> None:
     if (labels < 0).any():
         where = name if isinstance(name, str) else (source.dataset if isinstance(source, Subset) else source).describe()
         raise DataError(f"k-NN needs a class label for every image, but {where} has unlabeled "
                         "images (use an image folder with class subfolders, a manifest with 'label', or "
                         "synthetic:scenes)")
-    base = source.dataset if isinstance(source, Subset) else source
-    classes = getattr(base, "classes", None)
-    return len(classes) if classes else int(labels.max()) + 1
+
+
+def dense_labels(train_labels: torch.Tensor, test_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Relabel ``(N_train,)`` and ``(N_test,)`` class labels jointly as ``0 .. C - 1`` in sorted order,
+    where C is the number of distinct labels; returns both and C.
+
+    A manifest label of 100000000 then costs one class, not 10^8 vote columns. Order is kept, so
+    predictions (and their tie-breaking towards the lower class) are those of the original labels."""
+    present, dense = torch.unique(torch.cat([train_labels, test_labels]), sorted=True, return_inverse=True)
+    return dense[: len(train_labels)], dense[len(train_labels):], len(present)
 
 
 def evaluate_knn(encoder: nn.Module, train, test, *, image_size: int, load_size: int | None = None, k: int = 20,
                  temperature: float = 0.07, pool: str = "cls", batch_size: int = 256, num_workers: int = 0,
-                 device: torch.device | str = "cpu", progress: bool = False) -> dict[str, float]:
+                 device: torch.device | str = "cpu", progress: bool = False,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, float]:
     """Weighted k-NN (DINO protocol, k=20, T=0.07) of frozen ``encoder`` features; accuracies in [0, 1].
 
-    ``train`` (the memory) and ``test`` are data specs or sources; their class labels are the targets."""
+    ``train`` (the memory) and ``test`` are data specs or sources; their class labels are the targets,
+    compared as they are (labels that differ are different classes: the classes are those present,
+    see :func:`dense_labels`). ``max_pixels`` is the pixel cap of sources opened from specs."""
     load_size = load_size or image_size
-    train_source = open_source(train, load_size=load_size) if isinstance(train, str) else train
-    test_source = open_source(test, load_size=load_size) if isinstance(test, str) else test
+    train_source = open_source(train, load_size, max_pixels) if isinstance(train, str) else train
+    test_source = open_source(test, load_size, max_pixels) if isinstance(test, str) else test
     train_features, train_labels = extract_features(
         encoder, _loader(train_source, batch_size, num_workers), device, image_size, pool, progress=progress)
     test_features, test_labels = extract_features(
         encoder, _loader(test_source, batch_size, num_workers), device, image_size, pool, progress=progress)
-    num_classes = max(_num_classes(train_source, train_labels, train), _num_classes(test_source, test_labels, test))
+    _check_labelled(train_source, train_labels, train)
+    _check_labelled(test_source, test_labels, test)
+    train_labels, test_labels, num_classes = dense_labels(train_labels, test_labels)
     accuracy = knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes, k=k,
                             temperature=temperature)
     return {f"knn_{name}": value for name, value in accuracy.items()}
@@ -83,16 +96,16 @@ def online_knn_data(config: dict):
     from wildssl.methods import get_method_class
 
     ecfg, dcfg = config["eval"], config["data"]
-    load_size = dcfg["load_size"]
+    load_size, max_pixels = dcfg["load_size"], dcfg["max_pixels"]
     if ecfg["knn_train"] and ecfg["knn_test"]:
         return ecfg["knn_train"], ecfg["knn_test"]
     first_stream = get_method_class(config["method"]["name"]).streams[0]
-    train_source = open_source(dcfg[first_stream], load_size=load_size) if dcfg[first_stream] else None
+    train_source = open_source(dcfg[first_stream], load_size, max_pixels) if dcfg[first_stream] else None
     split = labelled_split(train_source, config["train"]["seed"]) if train_source is not None else None
     if ecfg["knn_test"]:
         if split is not None:
             return split[0], ecfg["knn_test"]
-        val_split = labelled_split(open_source(ecfg["knn_test"], load_size=load_size), config["train"]["seed"])
+        val_split = labelled_split(open_source(ecfg["knn_test"], load_size, max_pixels), config["train"]["seed"])
         if val_split is not None:
             return val_split
     elif split is not None:
@@ -119,7 +132,7 @@ def make_online_knn(config: dict, device: torch.device | str):
         result = evaluate_knn(method.encoder(teacher), memory, test, image_size=image_size,
                               load_size=config["data"]["load_size"], k=ecfg["knn_k"],
                               temperature=ecfg["knn_temperature"], pool=ecfg["pool"], batch_size=ecfg["batch_size"],
-                              device=device)
+                              device=device, max_pixels=config["data"]["max_pixels"])
         return result
 
     return evaluate

@@ -21,6 +21,48 @@ def _check_labels(labels: torch.Tensor, num_classes: int, what: str) -> None:
         )
 
 
+# Floats in one chunk's (chunk, num_classes) vote matrix (64 MiB): chunks shrink as classes grow, and
+# more classes than this in one row is refused (a label space that large is a labelling error).
+MAX_VOTES = 2**24
+
+
+def _check_arguments(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                     num_classes: int, k: int, temperature: float, chunk_size: int) -> None:
+    if train_features.ndim != 2 or test_features.ndim != 2 or train_features.shape[1] != test_features.shape[1]:
+        raise ValueError(
+            f"k-NN needs (N_train, D) and (N_test, D) features, got {tuple(train_features.shape)} "
+            f"and {tuple(test_features.shape)}"
+        )
+    if train_labels.shape != (train_features.shape[0],):
+        raise ValueError(
+            f"k-NN train labels have shape {tuple(train_labels.shape)}, expected ({train_features.shape[0]},)"
+        )
+    if train_features.shape[0] == 0:
+        raise DataError("k-NN has no training images; the train source of the evaluation is empty")
+    if k < 1 or temperature <= 0 or chunk_size < 1:
+        raise ValueError(f"k-NN needs k >= 1, temperature > 0, chunk_size >= 1; got {k}, {temperature}, {chunk_size}")
+    if num_classes > MAX_VOTES:
+        raise DataError(f"k-NN over {num_classes:,} classes would need {4 * num_classes / 2**30:.1f} GiB per test "
+                        f"image; at most {MAX_VOTES:,} classes (number the classes densely, 0 .. C - 1)")
+    _check_labels(train_labels, num_classes, "train")
+
+
+def _chunk_scores(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                  num_classes: int, k: int, temperature: float, chunk_size: int):
+    """Yields ``(start, votes)``: the summed votes ``(chunk, num_classes)`` of test rows ``start ..``."""
+    device = train_features.device
+    train = F.normalize(train_features.float(), dim=1)
+    train_labels = train_labels.to(device).long()
+    k = min(k, train.shape[0])
+    chunk_size = max(1, min(chunk_size, MAX_VOTES // num_classes))
+    for start in range(0, test_features.shape[0], chunk_size):
+        test = F.normalize(test_features[start : start + chunk_size].to(device).float(), dim=1)
+        similarity, neighbour = (test @ train.T).topk(k, dim=1)  # (chunk, k)
+        votes = torch.zeros(test.shape[0], num_classes, device=device)
+        votes.scatter_add_(1, train_labels[neighbour], (similarity / temperature).exp())
+        yield start, votes
+
+
 def knn_class_scores(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
@@ -35,37 +77,16 @@ def knn_class_scores(
     ``train_features``: ``(N_train, D)``; ``train_labels``: ``(N_train,)`` long in ``[0, num_classes)``;
     ``test_features``: ``(N_test, D)``. Features are l2-normalized here (a no-op for the output of
     :func:`wildssl.eval.features.extract_features`), so similarities are cosines. ``k`` larger than the
-    training set uses every training image. Test rows are processed ``chunk_size`` at a time to bound the
-    ``(chunk, N_train)`` similarity matrix; everything runs on the device of ``train_features``.
+    training set uses every training image. Test rows are processed at most ``chunk_size`` at a time,
+    fewer when ``chunk * num_classes`` would pass :data:`MAX_VOTES`, to bound the ``(chunk, N_train)``
+    similarity and ``(chunk, num_classes)`` vote matrices; everything runs on the device of
+    ``train_features``. :func:`knn_classify` and :func:`knn_accuracy` never hold the whole output.
     """
-    if train_features.ndim != 2 or test_features.ndim != 2 or train_features.shape[1] != test_features.shape[1]:
-        raise ValueError(
-            f"k-NN needs (N_train, D) and (N_test, D) features, got {tuple(train_features.shape)} "
-            f"and {tuple(test_features.shape)}"
-        )
-    if train_labels.shape != (train_features.shape[0],):
-        raise ValueError(
-            f"k-NN train labels have shape {tuple(train_labels.shape)}, expected ({train_features.shape[0]},)"
-        )
-    if train_features.shape[0] == 0:
-        raise DataError("k-NN has no training images; the train source of the evaluation is empty")
-    if k < 1 or temperature <= 0 or chunk_size < 1:
-        raise ValueError(f"k-NN needs k >= 1, temperature > 0, chunk_size >= 1; got {k}, {temperature}, {chunk_size}")
-    _check_labels(train_labels, num_classes, "train")
-
-    device = train_features.device
-    train = F.normalize(train_features.float(), dim=1)
-    train_labels = train_labels.to(device).long()
-    k = min(k, train.shape[0])
-    scores = []
-    for start in range(0, test_features.shape[0], chunk_size):
-        test = F.normalize(test_features[start : start + chunk_size].to(device).float(), dim=1)
-        similarity, neighbour = (test @ train.T).topk(k, dim=1)  # (chunk, k)
-        votes = torch.zeros(test.shape[0], num_classes, device=device)
-        votes.scatter_add_(1, train_labels[neighbour], (similarity / temperature).exp())
-        scores.append(votes)
+    _check_arguments(train_features, train_labels, test_features, num_classes, k, temperature, chunk_size)
+    scores = [votes for _, votes in _chunk_scores(train_features, train_labels, test_features, num_classes, k,
+                                                  temperature, chunk_size)]
     if not scores:
-        return torch.zeros(0, num_classes, device=device)
+        return torch.zeros(0, num_classes, device=train_features.device)
     return torch.cat(scores)
 
 
@@ -82,8 +103,12 @@ def knn_classify(
 
     A tie between classes goes to the lowest class index.
     """
-    scores = knn_class_scores(train_features, train_labels, test_features, num_classes, k, temperature, chunk_size)
-    return scores.argmax(dim=1)
+    _check_arguments(train_features, train_labels, test_features, num_classes, k, temperature, chunk_size)
+    predictions = [votes.argmax(dim=1) for _, votes in _chunk_scores(
+        train_features, train_labels, test_features, num_classes, k, temperature, chunk_size)]
+    if not predictions:
+        return torch.zeros(0, dtype=torch.long, device=train_features.device)
+    return torch.cat(predictions)
 
 
 def knn_accuracy(
@@ -108,11 +133,17 @@ def knn_accuracy(
         )
     if test_features.shape[0] == 0:
         raise DataError("k-NN has no test images; the test source of the evaluation is empty")
+    _check_arguments(train_features, train_labels, test_features, num_classes, k, temperature, chunk_size)
     _check_labels(test_labels, num_classes, "test")
-    scores = knn_class_scores(train_features, train_labels, test_features, num_classes, k, temperature, chunk_size)
-    test_labels = test_labels.to(scores.device).long()
-    accuracy = {"top1": (scores.argmax(dim=1) == test_labels).float().mean().item()}
+    test_labels = test_labels.to(train_features.device).long()
+    top1 = top5 = 0
+    for start, votes in _chunk_scores(train_features, train_labels, test_features, num_classes, k, temperature,
+                                      chunk_size):
+        labels = test_labels[start : start + len(votes)]
+        top1 += int((votes.argmax(dim=1) == labels).sum())
+        if num_classes >= 5:
+            top5 += int((votes.topk(5, dim=1).indices == labels[:, None]).any(dim=1).sum())
+    accuracy = {"top1": top1 / len(test_labels)}
     if num_classes >= 5:
-        top5 = scores.topk(5, dim=1).indices
-        accuracy["top5"] = (top5 == test_labels[:, None]).any(dim=1).float().mean().item()
+        accuracy["top5"] = top5 / len(test_labels)
     return accuracy

@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "data": {
         "load_size": 224,
+        "max_pixels": 40_000_000,  # larger images (pixels decoded, after JPEG's reduced decoding) are skipped
         "num_workers": 2,
     },
     "train": {
@@ -226,7 +227,7 @@ def validate(config: dict[str, Any]) -> None:
     for key, choices in _CHOICES.items():
         if flat[key] not in choices:
             raise ConfigError(f"{key}={flat[key]!r} is not one of {', '.join(map(str, choices))}")
-    for key in ("train.steps", "train.batch_size", "data.load_size", "model.patch_size"):
+    for key in ("train.steps", "train.batch_size", "data.load_size", "data.max_pixels", "model.patch_size"):
         if not isinstance(flat[key], int) or flat[key] <= 0:
             raise ConfigError(f"{key} must be a positive integer, got {flat[key]!r}")
     if flat["train.epochs"] is not None and not (isinstance(flat["train.epochs"], (int, float))

@@ -162,7 +162,7 @@ def train(config: dict, out_dir: str | Path, resume: bool = False, knn_evaluator
                 loaders = make_loaders(run, start, stop)
                 for step, stream_batches in enumerate(zip(*loaders.values()), start=start):
                     batches = {name: to_device(batch, run.device) for name, batch in zip(run.streams, stream_batches)}
-                    run.counters["corrupt_images"] += sum(int(b.get("num_corrupt", 0)) for b in batches.values())
+                    run.record_corrupt(batches)
                     result = training_step(run, batches, step, lambda: interrupt.raised)
                     done = step + 1
                     reporter.step(done, step, result)
@@ -183,6 +183,7 @@ def train(config: dict, out_dir: str | Path, resume: bool = False, knn_evaluator
                         save_checkpoint(run, done)
     finally:
         reporter.close()
+    run.gather_corrupt()
     summary = {"run_dir": str(run.out_dir), "start_step": run.start_step, "total_steps": run.total_steps,
                "steps": done, **run.counters, "alarms": reporter.alarms,
                "final_metrics": {**reporter.knn_random, **reporter.last_metrics}}

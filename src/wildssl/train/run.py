@@ -64,6 +64,9 @@ class Run:
     start_step: int
     counters: dict = field(default_factory=lambda: {name: 0 for name in COUNTERS})
     last_good_checkpoint: Path | None = None
+    # stream -> indices of the unreadable images met so far; ``corrupt_images`` counts them (distinct
+    # files, not skip events: a corrupt file is met again every epoch, and by its neighbours' requests)
+    corrupt_files: dict[str, set[int]] = field(default_factory=dict)
 
     @property
     def main(self) -> bool:
@@ -80,6 +83,23 @@ class Run:
     @property
     def images_per_step(self) -> int:
         return sum(self.batch_sizes.values())
+
+    def record_corrupt(self, batches: dict[str, dict]) -> None:
+        """Add the unreadable images this rank's step skipped (each batch's ``corrupt`` indices)."""
+        for name, batch in batches.items():
+            self.corrupt_files.setdefault(name, set()).update(batch.get("corrupt", ()))
+        self.counters["corrupt_images"] = sum(len(indices) for indices in self.corrupt_files.values())
+
+    def gather_corrupt(self) -> None:
+        """Merge every rank's unreadable images (each rank reads different batches); all ranks call it."""
+        if dist.is_distributed():
+            mine = {name: sorted(indices) for name, indices in self.corrupt_files.items()}
+            everyone: list = [None] * self.world
+            torch.distributed.all_gather_object(everyone, mine)
+            for ranks_files in everyone:
+                for name, indices in ranks_files.items():
+                    self.corrupt_files.setdefault(name, set()).update(indices)
+        self.counters["corrupt_images"] = sum(len(indices) for indices in self.corrupt_files.values())
 
 
 def pick_device() -> torch.device:
@@ -152,7 +172,8 @@ def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
         if not spec:
             raise ConfigError(f"no data for stream {name!r}: set data.{name} to a data SPEC (a folder, a .jsonl "
                               "manifest, tar shards or synthetic:scenes)")
-        sources[name] = open_source(spec, load_size=config["data"]["load_size"])
+        sources[name] = open_source(spec, load_size=config["data"]["load_size"],
+                                    max_pixels=config["data"]["max_pixels"])
     global_batch = tcfg["batch_size"]
     batch_sizes = {name: (global_batch if index == 0 else
                           config["data"][f"{name}_batch_size"] or method.stream_batch_size(name, global_batch))
@@ -183,6 +204,7 @@ def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
         state = load_training_checkpoint(checkpoint_path, method, optimizer)
         run.start_step = state["step"]
         run.counters.update({k: int(state["extra"].get(k, 0)) for k in COUNTERS})
+        run.corrupt_files = {name: set(indices) for name, indices in state["extra"].get("corrupt_files", {}).items()}
         run.last_good_checkpoint = checkpoint_path
         log.info("resumed %s at step %d", checkpoint_path, run.start_step)
     elif resume:
@@ -231,8 +253,9 @@ def save_checkpoint(run: Run, step: int) -> None:
         raise TrainingStopped(f"training stopped at step {step}: the weights hold non-finite values "
                               f"({len(bad)} tensors, e.g. {bad[0]}); nothing was written, the last good "
                               f"checkpoint is {kept}")
+    run.gather_corrupt()
     if run.main:
-        extra = dict(run.counters)
+        extra = {**run.counters, "corrupt_files": {name: sorted(v) for name, v in run.corrupt_files.items()}}
         save_training_checkpoint(run.checkpoint_path, run.method, run.optimizer, step, run.config, extra)
         keep = run.config["train"]["keep_every"]
         if keep and step % keep == 0:

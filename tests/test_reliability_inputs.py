@@ -1,0 +1,339 @@
+"""Hostile and odd input files: bounded memory, right pixel values, one-line errors (issue 7, section 4).
+
+Every file is made here, small on disk: a 12000x12000 PNG of one colour, 16-bit and float images, GNU
+and PAX sparse tar members, a non-UTF-8 manifest, a huge brace range, a huge integer label.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import multiprocessing
+import resource
+import struct
+import tarfile
+import tracemalloc
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from torch import nn
+
+import wildssl.eval.evaluate as evaluate_module
+from conftest import tiny_overrides
+from wildssl.data import open_source
+from wildssl.data.decode import DEFAULT_MAX_PIXELS, decode_image
+from wildssl.data.folder import ImageFolder
+from wildssl.data.manifest import JsonlManifest
+from wildssl.data.shards import TarShards
+from wildssl.errors import DataError
+from wildssl.eval.knn import knn_accuracy
+from wildssl.models.loading import CHECKPOINT_NAME
+from wildssl.train.config import DEFAULTS, build_config
+from wildssl.train.engine import train
+
+S = 16
+
+
+# -- large images -------------------------------------------------------------------------------------
+
+def write_blank_png(path: Path, width: int, height: int, rows_per_block: int = 100) -> None:
+    """An all-black RGB PNG written without holding its pixels: after a full flush, deflate restarts
+    with an empty history, so every further block of identical rows compresses to identical bytes."""
+    block = (b"\x00" + bytes(3 * width)) * rows_per_block  # filter byte 0, then the row
+    compressor = zlib.compressobj(9)
+    first = compressor.compress(block) + compressor.flush(zlib.Z_FULL_FLUSH)  # with the zlib header
+    repeated = compressor.compress(block) + compressor.flush(zlib.Z_FULL_FLUSH)
+    checksum = 1
+    for _ in range(height // rows_per_block):
+        checksum = zlib.adler32(block, checksum)
+    final_empty_block = b"\x03\x00"
+    stream = first + repeated * (height // rows_per_block - 1) + final_empty_block + struct.pack(">I", checksum)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", stream) + chunk(b"IEND", b""))
+
+
+def read_in_fresh_child(source, index: int) -> dict:
+    """``source[index]`` in a forked child, with what it cost and said: the growth of its peak RSS (a
+    forked child's peak starts at its current RSS, whatever the parent's peak was), the Python warnings
+    and the ``wildssl.data`` log lines."""
+    def child(connection):
+        records: list[str] = []
+        handler = logging.Handler()
+        handler.emit = lambda record: records.append(record.getMessage())
+        logging.getLogger("wildssl.data").addHandler(handler)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sample = source[index]
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        connection.send({"index": sample["index"], "corrupt": sample["corrupt"], "growth_mib": (after - before) / 1024,
+                         "warnings": [w.category.__name__ for w in caught], "log": records})
+
+    context = multiprocessing.get_context("fork")
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=child, args=(sender,))
+    process.start()
+    result = receiver.recv() if receiver.poll(120) else None
+    process.join(10)
+    assert result is not None, f"the child reading item {index} died (exit code {process.exitcode})"
+    return result
+
+
+def test_large_canvas_png_is_skipped_before_decoding_with_bounded_memory_and_no_raw_warning(tmp_path):
+    write_blank_png(tmp_path / "a_canvas.png", 12000, 12000)  # 144 megapixels, about 0.4 MB on disk
+    assert (tmp_path / "a_canvas.png").stat().st_size < 1_000_000
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / "b_small.png")
+    result = read_in_fresh_child(ImageFolder(tmp_path, 32), 0)
+    assert result["index"] == 1 and result["corrupt"] == [0]  # skipped, counted, the next image returned
+    # decoding the canvas would hold 144e6 * 4 bytes (Pillow's RGB) = 549 MiB
+    assert result["growth_mib"] < 64, f"peak RSS grew by {result['growth_mib']:.0f} MiB reading a skipped image"
+    assert result["warnings"] == []  # Pillow's DecompressionBombWarning (above 89 megapixels) stays silent
+    assert len(result["log"]) == 1 and "a_canvas.png" in result["log"][0] and "max_pixels" in result["log"][0]
+
+
+def test_pixel_cap_counts_decoded_pixels_so_a_large_jpeg_is_read_at_reduced_scale(tmp_path):
+    pixels = np.zeros((1024, 1024, 3), dtype=np.uint8)
+    pixels[:, :512] = (230, 20, 20)
+    pixels[:, 512:] = (20, 20, 230)
+    Image.fromarray(pixels).save(tmp_path / "a.jpg", quality=95)
+    Image.fromarray(pixels).save(tmp_path / "b.png")
+    source = ImageFolder(tmp_path, S, max_pixels=200_000)  # 1024^2 = 1.05 megapixels per file
+    jpeg = source[0]  # DCT-scaled to 128x128 = 16384 pixels: under the cap
+    assert jpeg["index"] == 0 and jpeg["corrupt"] == [] and jpeg["aspect"] == 1.0
+    image = jpeg["image"].numpy().astype(int)
+    assert (image[0, :, : S // 2 - 1] > 200).all() and (image[2, :, S // 2 + 1 :] > 200).all()
+    png = source[1]  # no reduced decoding for PNG: 1.05 megapixels is above the cap
+    assert png["index"] == 0 and png["corrupt"] == [1]
+    assert DEFAULTS["data"]["max_pixels"] == DEFAULT_MAX_PIXELS
+
+
+# -- high bit depth -----------------------------------------------------------------------------------
+
+def write_pgm16(path: Path, values: np.ndarray) -> None:
+    height, width = values.shape
+    path.write_bytes(b"P5\n%d %d\n65535\n" % (width, height) + values.astype(">u2").tobytes())
+
+
+@pytest.mark.parametrize("suffix", ["png", "tif", "pgm"])
+def test_sixteen_bit_grayscale_scales_by_the_16_bit_range(tmp_path, suffix):
+    values = np.linspace(0, 65535, S * S).round().astype(np.uint16).reshape(S, S)
+    path = tmp_path / f"deep.{suffix}"
+    if suffix == "pgm":
+        write_pgm16(path, values)  # Pillow opens it as mode I (int32)
+    else:
+        Image.fromarray(values).save(path)  # mode I;16
+    image = decode_image(path, S)[0].numpy()
+    expected = np.rint(values.astype(np.float64) * 255 / 65535)
+    for channel in image:
+        np.testing.assert_array_equal(channel, expected)
+    assert (image == 255).mean() < 0.01  # a plain 8-bit conversion clips ~99% of these pixels at 255
+
+
+def test_float_tiff_maps_zero_one_to_0_255_with_clipping_and_nan_as_black(tmp_path):
+    values = np.linspace(-0.25, 1.25, S * S, dtype=np.float32).reshape(S, S)
+    values[0, 0] = np.nan
+    Image.fromarray(values).save(tmp_path / "float.tif")  # mode F
+    image = ImageFolder(tmp_path, S)[0]["image"].numpy()
+    expected = np.rint(np.clip(np.nan_to_num(values.astype(np.float64), nan=0.0), 0, 1) * 255)
+    for channel in image:
+        np.testing.assert_array_equal(channel, expected)
+    assert len(np.unique(image)) > 150  # a gradient (a plain conversion gives only 0 and 1)
+
+
+# -- corrupt counts -----------------------------------------------------------------------------------
+
+def test_training_counts_each_unreadable_file_once_across_epochs_and_resume(tmp_path):
+    folder = tmp_path / "images"
+    for label in ("a", "b"):
+        (folder / label).mkdir(parents=True)
+        for i in range(7):
+            pixels = np.random.default_rng(i).integers(0, 255, (20, 24, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / label / f"{i}.png")
+    (folder / "a" / "7.png").write_bytes(b"not an image")  # index 7; requesting it skips 8 too
+    (folder / "a" / "8.png").write_bytes(b"")  # index 8
+    Image.new("RGB", (40, 40)).save(folder / "b" / "9_large.png")  # index 16; 1600 pixels: above the cap
+    overrides = tiny_overrides("simclr", f"data.train={folder}", "train.batch_size=8", "data.max_pixels=1000")
+    # 17 items, 2 steps per epoch (16 images each): 4 steps make 8 skip events over the 3 unreadable files
+    first = train(build_config("simclr_quick", overrides + ["train.steps=4"]), tmp_path / "run")
+    assert first["corrupt_images"] == 3
+    # the one step after the resume meets only some of them: the rest come from the checkpoint
+    resumed = train(build_config("simclr_quick", overrides + ["train.steps=5"]), tmp_path / "run", resume=True)
+    assert resumed["start_step"] == 4 and resumed["corrupt_images"] == 3
+    with safe_open(tmp_path / "run" / CHECKPOINT_NAME, "pt") as checkpoint:
+        extra = json.loads(checkpoint.metadata()["extra"])
+    assert extra["corrupt_files"] == {"train": [7, 8, 16]} and extra["corrupt_images"] == 3
+
+
+# -- manifests ----------------------------------------------------------------------------------------
+
+def test_non_utf8_manifest_is_one_line_error_naming_file_and_line(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    manifest = tmp_path / "latin1.jsonl"
+    manifest.write_bytes(b'{"path": "a.png", "caption": "plain"}\n{"path": "a.png", "caption": "caf\xe9"}\n')
+    with pytest.raises(DataError) as error:
+        open_source(str(manifest))
+    message = str(error.value)
+    assert f"{manifest}:2:" in message and "0xe9" in message and "UTF-8" in message and "\n" not in message
+
+
+def test_manifest_with_a_byte_order_mark_reads_its_first_line(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    manifest = tmp_path / "bom.jsonl"
+    manifest.write_bytes(b'\xef\xbb\xbf{"path": "a.png", "caption": "caf\xc3\xa9"}\n')
+    assert JsonlManifest(manifest, S)[0]["caption"] == "caf\u00e9"
+
+
+# -- sparse tar members -------------------------------------------------------------------------------
+
+def png_bytes(colour) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def gnu_sparse_member(name: str, data: bytes, real_size: int) -> bytes:
+    """A GNU 'S' member (tarfile reads but cannot write them): one data region at offset 0 of a file of
+    ``real_size`` bytes, the rest a hole. Header layout: GNU tar's ``struct oldgnu_header``."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime = len(data), 0
+    header = bytearray(info.tobuf(tarfile.GNU_FORMAT))
+    header[156:157] = b"S"
+    header[386:398] = b"%011o\0" % 0  # sparse[0].offset
+    header[398:410] = b"%011o\0" % len(data)  # sparse[0].numbytes
+    header[483:495] = b"%011o\0" % real_size  # realsize
+    header[148:156] = b" " * 8
+    header[148:155] = b"%06o\0" % sum(header)
+    return bytes(header) + data + bytes(-len(data) % tarfile.BLOCKSIZE)
+
+
+def tar_member(info: tarfile.TarInfo, data: bytes, tar_format: int) -> bytes:
+    info.size, info.mtime = len(data), 0
+    return info.tobuf(tar_format) + data + bytes(-len(data) % tarfile.BLOCKSIZE)
+
+
+def sparse_member(kind: str, name: str, data: bytes, real_size: int) -> bytes:
+    """A sparse member in GNU's old format or GNU's PAX formats 0.1 and 1.0 (what ``tar --sparse``
+    writes with ``--format=gnu`` / ``--format=pax``)."""
+    if kind == "gnu":
+        return gnu_sparse_member(name, data, real_size)
+    info = tarfile.TarInfo(name)
+    if kind == "pax0.1":
+        info.pax_headers = {"GNU.sparse.map": f"0,{len(data)}", "GNU.sparse.name": name,
+                            "GNU.sparse.size": str(real_size)}
+        return tar_member(info, data, tarfile.PAX_FORMAT)
+    sparse_map = f"1\n0\n{len(data)}\n".encode()  # 1.0: the map leads the member's data
+    info.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": name,
+                        "GNU.sparse.realsize": str(real_size)}
+    return tar_member(info, sparse_map + bytes(-len(sparse_map) % tarfile.BLOCKSIZE) + data, tarfile.PAX_FORMAT)
+
+
+def write_shard_with_sparse_member(path: Path, kind: str, real_size: int = 10_000_000) -> None:
+    """Samples 00..19 (key.png + key.txt), with a sparse ``sparse.png`` member between 09 and 10."""
+    members = []
+    for i in range(20):
+        if i == 10:
+            members.append(sparse_member(kind, "sparse.png", png_bytes((255, 255, 0)), real_size))
+        for name, data in ((f"{i:02d}.png", png_bytes((10 * i, 0, 0))), (f"{i:02d}.txt", f"caption {i}".encode())):
+            members.append(tar_member(tarfile.TarInfo(name), data, tarfile.GNU_FORMAT))
+    path.write_bytes(b"".join(members) + bytes(2 * tarfile.BLOCKSIZE))  # two zero blocks end an archive
+
+
+@pytest.mark.parametrize("kind", ["gnu", "pax0.1", "pax1.0"])
+def test_sparse_tar_member_is_skipped_with_one_line_and_every_other_sample_kept(tmp_path, caplog, kind):
+    shard = tmp_path / "shard.tar"
+    write_shard_with_sparse_member(shard, kind)
+    with tarfile.open(shard) as archive:  # the shard really holds a sparse member of that kind
+        assert [m.name for m in archive.getmembers() if m.issparse()] == ["sparse.png"]
+    with caplog.at_level(logging.WARNING, logger="wildssl.data"):
+        source = TarShards(shard, S)
+    assert [s.key for s in source.samples] == [f"{i:02d}" for i in range(20)] and source.num_sparse == 1
+    warnings = [r.getMessage() for r in caplog.records if r.name == "wildssl.data"]
+    assert len(warnings) == 1 and "sparse.png" in warnings[0] and "sparse" in warnings[0]
+    after = source[15]
+    assert after["index"] == 15 and after["caption"] == "caption 15" and after["corrupt"] == []
+    assert (after["image"][0] == 150).all() and (after["image"][1:] == 0).all()
+
+
+# -- brace ranges -------------------------------------------------------------------------------------
+
+def test_brace_range_beyond_the_shard_name_bound_is_one_line_error_before_expanding(tmp_path):
+    write_shard_with_sparse_member(tmp_path / "0.tar", "pax0.1")
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError) as error:
+            open_source(str(tmp_path / "{0..1999999}.tar"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    message = str(error.value)
+    assert "2,000,000 shards" in message and "1,000,000" in message and "\n" not in message
+    assert peak < 1_000_000
+
+
+def test_brace_pattern_is_expanded_lazily_and_stops_at_the_first_missing_shard(tmp_path):
+    for i in range(2):
+        write_shard_with_sparse_member(tmp_path / f"{i}.tar", "pax0.1")
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=r"tar shard not found: .*2\.tar"):
+            open_source(str(tmp_path / "{0..999999}.tar"))  # a million names, two shards on disk
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000  # the names eagerly would take tens of MB
+
+
+# -- k-NN labels --------------------------------------------------------------------------------------
+
+class MeanColour(nn.Module):
+    def forward(self, x):
+        return {"cls": x.mean(dim=(2, 3))}
+
+
+def test_knn_with_a_huge_integer_label_votes_over_the_classes_present(tmp_path, monkeypatch):
+    colours = {0: (240, 10, 10), 100_000_000: (10, 10, 240)}
+    for split, count in (("train", 3), ("test", 2)):
+        lines = []
+        for label, colour in colours.items():
+            for i in range(count):
+                name = f"{split}_{label}_{i}.png"
+                Image.new("RGB", (8, 8), tuple(c + 3 * i for c in colour)).save(tmp_path / name)
+                lines.append(json.dumps({"path": name, "label": label}))
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    seen = []
+    real_knn_accuracy = evaluate_module.knn_accuracy
+
+    def recording_knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes, **kwargs):
+        seen.append((num_classes, sorted(set(train_labels.tolist()) | set(test_labels.tolist()))))
+        assert num_classes <= 2, f"{num_classes} vote columns for 2 classes"
+        return real_knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "knn_accuracy", recording_knn_accuracy)
+    result = evaluate_module.evaluate_knn(MeanColour(), str(tmp_path / "train.jsonl"), str(tmp_path / "test.jsonl"),
+                                          image_size=8, k=3)
+    assert seen == [(2, [0, 1])] and result == {"knn_top1": 1.0}
+
+
+def test_knn_accuracy_refuses_an_oversized_label_space_in_one_line():
+    generator = torch.Generator().manual_seed(0)
+    train_features, labels = torch.randn(30, 6, generator=generator), torch.randint(0, 6, (30,), generator=generator)
+    test_features = torch.randn(10, 6, generator=generator)
+    test_labels = torch.randint(0, 6, (10,), generator=generator)
+    with pytest.raises(DataError, match=r"1,000,000,000 classes") as error:
+        knn_accuracy(train_features, labels, test_features, test_labels, num_classes=10**9)
+    assert "\n" not in str(error.value)
+    # a large allowed label space runs in smaller chunks (8 test rows of 2^21 votes) with the same result
+    small = knn_accuracy(train_features, labels, test_features, test_labels, num_classes=6, k=30, chunk_size=1024)
+    large = knn_accuracy(train_features, labels, test_features, test_labels, num_classes=2**21, k=30, chunk_size=1024)
+    assert small == large and set(small) == {"top1", "top5"}
