@@ -83,7 +83,7 @@ def _knn_encoder(args):
     """The encoder to evaluate and its model config: trained weights, or the same architecture at init."""
     import torch
 
-    from wildssl.models.loading import build_encoder_from_config, encoder_state_from_checkpoint, load_encoder
+    from wildssl.models.loading import build_encoder_from_config, checkpoint_model_config, load_encoder
 
     teacher = None if args.encoder == "auto" else args.encoder == "teacher"
     if args.checkpoint is None:
@@ -92,7 +92,7 @@ def _knn_encoder(args):
                                "with --model")
         model_config = {"name": args.model, "patch_size": args.patch_size, "img_size": args.image_size or 224}
     else:
-        _, model_config = encoder_state_from_checkpoint(args.checkpoint, teacher)
+        model_config = checkpoint_model_config(args.checkpoint, teacher)  # header only: no weights read
     if args.random_init:
         torch.manual_seed(args.seed)
         return build_encoder_from_config(model_config).eval(), model_config
