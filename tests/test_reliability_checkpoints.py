@@ -12,6 +12,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
+import re
 import signal
 import traceback
 from pathlib import Path
@@ -181,6 +183,30 @@ def test_a_full_disk_during_training_stops_in_one_line_and_keeps_the_last_checkp
     assert json.loads(out_text.strip().splitlines()[-1])["start_step"] == 2
 
 
+def test_a_full_disk_while_logging_metrics_stops_in_one_line_and_keeps_the_checkpoint(tmp_path, capsys,
+                                                                                    monkeypatch):
+    import builtins
+
+    import wildssl.train.logging as train_logging
+
+    appends = []
+
+    def open_on_a_disk_that_fills(file, mode="r", *args, **kwargs):
+        if mode == "a":
+            appends.append(file)
+            if len(appends) == 3:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+        return builtins.open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(train_logging, "open", open_on_a_disk_that_fills, raising=False)
+    out = tmp_path / "run"
+    code, _, err = _cli(capsys, "train", "simclr_quick", "--out", str(out),
+                        *_set(tiny_overrides("simclr", "train.steps=4", "train.checkpoint_every=1")))
+    _assert_one_line(code, err, "training stopped at step 3", f"cannot append to {out / 'metrics.jsonl'}",
+                     "No space left on device", f"the last good checkpoint is {out / CHECKPOINT_NAME}")
+    assert read_header(out / CHECKPOINT_NAME)[0]["step"] == "2"
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
     """A real one-step SimCLR run directory (tiny), shared by the tests that only read it."""
@@ -311,6 +337,32 @@ def test_resuming_from_tampered_metadata_is_one_line(tiny_run, tmp_path, capsys,
     _assert_one_line(code, err, fragment)
 
 
+class _TouchWhenUnpickled:
+    """A pickle payload: unpickling it creates ``marker`` (harmless, and visible)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_a_pickle_given_as_a_checkpoint_is_never_unpickled(tmp_path, capsys):
+    marker = tmp_path / "unpickled"
+    raw = tmp_path / "raw.safetensors"
+    raw.write_bytes(pickle.dumps({"weights": _TouchWhenUnpickled(marker)}))
+    zipped = tmp_path / "checkpoint.pt"
+    torch.save({"weights": _TouchWhenUnpickled(marker)}, zipped)
+    for path in (raw, zipped):
+        for argv in (["eval", "knn", "--checkpoint", str(path), "--train", DATA, "--test", DATA],
+                     ["export", "--checkpoint", str(path), "--out", str(tmp_path / "e.safetensors")]):
+            code, _, err = _cli(capsys, *argv)
+            _assert_one_line(code, err, f"cannot read checkpoint {path}")
+    assert not marker.exists()
+    pickle.loads(raw.read_bytes())  # the payload does work when unpickled
+    assert marker.exists()
+
+
 class LargeAllocationGuard(TorchDispatchMode):
     """Fails any tensor creation on a real device larger than ``limit`` bytes, before it allocates:
     each factory call is first run on the meta device to learn its size."""
@@ -345,3 +397,14 @@ def test_a_100_byte_file_declaring_a_6_5b_encoder_fails_in_one_line_without_allo
         code, _, err = _cli(capsys, "eval", "knn", "--checkpoint", str(bomb), "--random-init", "--train", DATA,
                             "--test", DATA)
     _assert_one_line(code, err, "missing 390 keys")
+
+
+def test_every_test_cited_in_docs_reliability_exists():
+    tests = Path(__file__).resolve().parent
+    text = (tests.parent / "docs" / "reliability.md").read_text()
+    cited = re.findall(r"`(?:(test_\w+\.py)::)?(test_\w+)`", text)
+    assert len(cited) > 20
+    sources = {path.name: path.read_text() for path in tests.glob("test_*.py")}
+    for file, name in cited:
+        where = [sources[file]] if file else list(sources.values())
+        assert any(re.search(rf"^def {name}\(", source, re.M) for source in where), (file, name)

@@ -228,6 +228,7 @@ NAME_RULES: tuple[NameRule, ...] = (
     NameRule("*_layers", _NUMBERS, 1, 1024, kind="int"),
     NameRule("*_heads", _NUMBERS, 1, 1024, kind="int"),
     NameRule("*_bins", _NUMBERS, 1, 2**20, kind="int"),
+    NameRule("*_pixels", _NUMBERS, 1, kind="int"),  # pixel counts (a cap on decoded image area)
     NameRule("n_*", _NUMBERS, 0, 2**20, kind="int"),
 )
 

@@ -207,7 +207,11 @@ def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
     elif resume:
         log.info("no checkpoint in %s yet; starting at step 0", out_dir)
     if run.main:
-        (out_dir / "config.yaml").write_text(dump_config(config))
+        try:
+            (out_dir / "config.yaml").write_text(dump_config(config))
+        except OSError as error:  # a full disk: the probe in prepare_out_dir wrote no bytes
+            raise ConfigError(f"cannot write the run directory {out_dir}: {error.strerror or error}; "
+                              "free some space or choose another --out") from None
     method.prepare(sources, out_dir)
     return run
 
