@@ -111,6 +111,31 @@ def test_exploding_learning_rate_never_writes_a_nonfinite_checkpoint_and_stops_i
     assert code == 2 and _error_lines(err) == errors
 
 
+def test_state_that_turns_nonfinite_outside_the_guarded_step_is_never_written(tmp_path, capsys, monkeypatch):
+    original = DINO.forward
+
+    def forward(self, batches, step):  # a method bug: state poisoned after a finite loss
+        output = original(self, batches, step)
+        if step.step == 2:
+            self.distillation.center.center.fill_(float("nan"))
+        return output
+
+    monkeypatch.setattr(DINO, "forward", forward)
+    out = tmp_path / "run"
+    overrides = tiny_overrides("dino", "train.steps=4", "train.checkpoint_every=1", "train.keep_every=1")
+    code, _, err = _cli(capsys, "train", "dino_quick", "--out", str(out), *_set(overrides))
+    assert code == 2 and _error_lines(err) == err.strip().splitlines()[-1:]
+    assert (f"training stopped at step 3: the weights hold non-finite values (1 tensors, e.g. "
+            f"method.distillation.center.center); nothing was written, the last good checkpoint is "
+            f"{out / CHECKPOINT_NAME}") in err
+    files = sorted(out.glob("*.safetensors"))
+    assert [p.name for p in files] == [CHECKPOINT_NAME, "checkpoint_0000001.safetensors",
+                                       "checkpoint_0000002.safetensors"]
+    assert read_header(out / CHECKPOINT_NAME)[0]["step"] == "2"
+    for path in files:
+        assert not _nonfinite(load_file(str(path))), path
+
+
 def test_nonfinite_count_survives_resume(tmp_path, monkeypatch):
     from wildssl.methods.simclr import SimCLR
     from wildssl.train.run import TrainingStopped
