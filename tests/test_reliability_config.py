@@ -181,3 +181,19 @@ def test_issue_values_through_the_cli_are_accepted_or_one_line_with_status_2(cap
     else:
         lines = captured.err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and fragment in lines[0] and "Traceback" not in captured.err
+
+
+@pytest.mark.parametrize("option, value, fragment", [
+    ("--k", "0", "--k 0 is invalid: it must be an integer in [1, 100000]"),
+    ("--temperature", "0", "--temperature 0.0 is invalid: it must be a finite number > 0"),
+    ("--temperature", "nan", "--temperature nan is invalid"),
+    ("--batch-size", "0", "--batch-size 0 is invalid"),
+    ("--image-size", "0", "--image-size 0 is invalid"),
+    ("--load-size", "100000", "--load-size 100000 is invalid: it must be an integer in [1, 4096]"),
+    ("--num-workers", "-1", "--num-workers -1 is invalid"),
+])
+def test_eval_knn_options_are_checked_like_config_keys_in_one_line(capsys, option, value, fragment):
+    data = "synthetic:scenes?n=32&size=16"
+    code = main(["eval", "knn", "--random-init", "--model", "tiny", "--train", data, "--test", data, option, value])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and fragment in lines[0], lines

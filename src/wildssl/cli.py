@@ -99,9 +99,32 @@ def _knn_encoder(args):
     return load_encoder(args.checkpoint, teacher=teacher), model_config
 
 
+# eval knn options -> the config keys whose type and range they share (wildssl.schema)
+KNN_OPTION_KEYS = {"k": "eval.knn_k", "temperature": "eval.knn_temperature", "batch_size": "eval.batch_size",
+                   "image_size": "eval.image_size", "load_size": "data.load_size",
+                   "num_workers": "data.num_workers", "patch_size": "model.patch_size"}
+
+
+def _check_options(args, option_keys: dict[str, str]) -> None:
+    """Each numeric option against its config key's rule: a one-line error naming the option."""
+    from wildssl.errors import ConfigError
+    from wildssl.schema import CORE_RULES, check_value
+
+    for name, key in option_keys.items():
+        value, rule = getattr(args, name), CORE_RULES[key]
+        if value is None:
+            continue  # not given: the default applies
+        try:
+            check_value(key, value, rule)
+        except ConfigError:
+            raise ConfigError(f"--{name.replace('_', '-')} {value} is invalid: it must be {rule.describe()}") from None
+
+
 def cmd_eval_knn(args) -> int:
     from wildssl.eval.evaluate import evaluate_knn
     from wildssl.models.loading import evaluated_network
+
+    _check_options(args, KNN_OPTION_KEYS)
 
     encoder, model_config = _knn_encoder(args)
     teacher = None if args.encoder == "auto" else args.encoder == "teacher"
