@@ -26,7 +26,7 @@ import fnmatch
 import json
 import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -52,7 +52,7 @@ ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", _NUMBER, list("-+0
 
 def load_yaml(text: str) -> Any:
     """Parse YAML with :class:`ConfigLoader` (raises ``yaml.YAMLError``)."""
-    return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 (a SafeLoader subclass)
+    return yaml.load(text, Loader=ConfigLoader)  # a SafeLoader subclass: no arbitrary objects
 
 
 @dataclass(frozen=True)
@@ -264,10 +264,10 @@ def derived_rule(key: str, default: Any) -> Rule:
         number_kind = matched.kind if matched is not None and matched.kind else (
             "int" if isinstance(default, int) else "float")
         return Rule(number_kind, **bounds)
-    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in default):
+    if default and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in default):
         item = "int" if all(isinstance(v, int) for v in default) else "float"
         return Rule("list", length=len(default), item=item, ordered=bool(matched and matched.ordered), **bounds)
-    return Rule("any")  # a list of something else: no method has one yet
+    return Rule("any")  # an empty list, or a list of something else: no method has one yet
 
 
 def rule_for(key: str, default: Any) -> Rule:
@@ -275,7 +275,7 @@ def rule_for(key: str, default: Any) -> Rule:
     if key in CORE_RULES:
         return CORE_RULES[key]
     section, _, name = key.partition(".")
-    if section == "data" and "." not in name:  # the streams a method declares (train/config.py stream_keys)
+    if section == "data" and default is None:  # the streams a method declares (train/config.py stream_keys)
         return integer(1, 2**20, nullable=True) if name.endswith("_batch_size") else text(nullable=True)
     return derived_rule(key, default)
 
