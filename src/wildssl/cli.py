@@ -83,7 +83,7 @@ def _knn_encoder(args):
     """The encoder to evaluate and its model config: trained weights, or the same architecture at init."""
     import torch
 
-    from wildssl.models.loading import build_encoder_from_config, encoder_state_from_checkpoint, load_encoder
+    from wildssl.models.loading import build_encoder_from_config, checkpoint_model_config, load_encoder
 
     teacher = None if args.encoder == "auto" else args.encoder == "teacher"
     if args.checkpoint is None:
@@ -92,16 +92,39 @@ def _knn_encoder(args):
                                "with --model")
         model_config = {"name": args.model, "patch_size": args.patch_size, "img_size": args.image_size or 224}
     else:
-        _, model_config = encoder_state_from_checkpoint(args.checkpoint, teacher)
+        model_config = checkpoint_model_config(args.checkpoint, teacher)  # header only: no weights read
     if args.random_init:
         torch.manual_seed(args.seed)
         return build_encoder_from_config(model_config).eval(), model_config
     return load_encoder(args.checkpoint, teacher=teacher), model_config
 
 
+# eval knn options -> the config keys whose type and range they share (wildssl.schema)
+KNN_OPTION_KEYS = {"k": "eval.knn_k", "temperature": "eval.knn_temperature", "batch_size": "eval.batch_size",
+                   "image_size": "eval.image_size", "load_size": "data.load_size",
+                   "num_workers": "data.num_workers", "patch_size": "model.patch_size"}
+
+
+def _check_options(args, option_keys: dict[str, str]) -> None:
+    """Each numeric option against its config key's rule: a one-line error naming the option."""
+    from wildssl.errors import ConfigError
+    from wildssl.schema import CORE_RULES, check_value
+
+    for name, key in option_keys.items():
+        value, rule = getattr(args, name), CORE_RULES[key]
+        if value is None:
+            continue  # not given: the default applies
+        try:
+            check_value(key, value, rule)
+        except ConfigError:
+            raise ConfigError(f"--{name.replace('_', '-')} {value} is invalid: it must be {rule.describe()}") from None
+
+
 def cmd_eval_knn(args) -> int:
     from wildssl.eval.evaluate import evaluate_knn
     from wildssl.models.loading import evaluated_network
+
+    _check_options(args, KNN_OPTION_KEYS)
 
     encoder, model_config = _knn_encoder(args)
     teacher = None if args.encoder == "auto" else args.encoder == "teacher"

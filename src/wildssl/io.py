@@ -1,12 +1,18 @@
 """safetensors files written atomically and read with one-line errors (no pickle anywhere).
 
-Writes go to ``<name>.tmp`` first and are then renamed over the old file: an interrupted write (Ctrl-C,
-a full disk, a killed job) leaves the previous file intact.
+Writes go to ``<name>.tmp`` first, are flushed to the disk and are then renamed over the old file: an
+interrupted write (Ctrl-C, a killed job) or a failed one (a full disk, a read-only place) leaves the
+previous file intact; a failed write also removes its ``.tmp`` and ends in one line.
+
+Reading is in two stages so that a hostile or damaged file costs nothing: :func:`read_header` gives the
+metadata and each tensor's shape without reading any tensor data, and :func:`read_tensors` then reads the
+named tensors only.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -17,27 +23,103 @@ from wildssl.errors import CheckpointError
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
-    """Write a safetensors file via a temporary file and an atomic rename."""
+    """Write a safetensors file via a temporary file and an atomic rename.
+
+    On failure the previous ``path`` (if any) is unchanged, the temporary file is removed and a one-line
+    :class:`CheckpointError` says why (e.g. "No space left on device")."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    save_file(contiguous, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(contiguous, str(tmp), metadata=metadata)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as error:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # the place is not writable at all: there is no tmp to remove
+            pass
+        kept = "the previous file is unchanged" if path.is_file() else "nothing was written"
+        raise CheckpointError(f"cannot write {path}: {write_error_reason(error)}; {kept} (free some space or "
+                              "choose a writable place)") from None
+    _sync_directory(path.parent)
+
+
+def write_error_reason(error: BaseException) -> str:
+    """The operating system's reason in a failed write, e.g. "No space left on device" (safetensors wraps
+    it as ``I/O error: <reason> (os error 28)``)."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    message = str(error)
+    found = re.search(r"I/O error: (.*?) \(os error \d+\)", message)
+    return found.group(1) if found else (message.splitlines() or [type(error).__name__])[0]
+
+
+def _sync_directory(folder: Path) -> None:
+    # The rename is durable once the directory entry is on the disk; file systems that cannot sync a
+    # directory (some network mounts) refuse, which loses nothing but that guarantee.
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
+
+
+def _unreadable(path: Path, error: Exception) -> CheckpointError:
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return CheckpointError(f"cannot read checkpoint {path}: {reason} (is it a complete .safetensors file "
+                           "written by wildssl?)")
+
+
+def _check_exists(path: Path) -> None:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+
+
+def read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """The metadata and the shape of every tensor of a safetensors file, without reading tensor data."""
+    path = Path(path)
+    _check_exists(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise _unreadable(path, error) from None
+    return metadata, shapes
+
+
+def read_tensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """The tensors ``names`` of a safetensors file (the others are not read)."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {name: handle.get_tensor(name) for name in names}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise _unreadable(path, error) from None
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read all tensors and the metadata of a safetensors file, with one-line errors."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    _check_exists(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"cannot read checkpoint {path}: {error} (is it a complete .safetensors "
-                              "file written by wildssl?)") from None
+        raise _unreadable(path, error) from None
     return tensors, metadata
+
+
+def nonfinite_names(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity, in order."""
+    return [name for name, tensor in tensors.items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]

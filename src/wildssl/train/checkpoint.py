@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from wildssl.errors import CheckpointError
-from wildssl.io import atomic_save, read_safetensors
-from wildssl.models.loading import CHECKPOINT_FORMAT, CHECKPOINT_NAME, load_state_strict, resolve_checkpoint
+from wildssl.io import atomic_save, nonfinite_names, read_safetensors
+from wildssl.models.loading import CHECKPOINT_FORMAT, CHECKPOINT_NAME, load_state_strict, metadata_json, resolve_checkpoint
 
 __all__ = ["CHECKPOINT_NAME", "save_training_checkpoint", "load_training_checkpoint", "nonfinite_tensors"]
 
@@ -72,26 +72,43 @@ def save_training_checkpoint(path: Path, method: torch.nn.Module, optimizer: tor
 
 def load_training_checkpoint(path: Path, method: torch.nn.Module,
                              optimizer: torch.optim.Optimizer | None) -> dict:
-    """Restore method (strictly), optimizer and RNG states; returns ``{"step", "config", "extra"}``."""
+    """Restore method (strictly), optimizer and RNG states; returns ``{"step", "config", "extra"}``.
+
+    A checkpoint whose metadata is damaged, or whose tensors hold a NaN or an infinity (which wildssl never
+    writes), is refused with a one-line CheckpointError before anything is restored."""
     path = resolve_checkpoint(path)
     tensors, metadata = read_safetensors(path)
     if metadata.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a wildssl training checkpoint "
                               f"(format {metadata.get('format')!r}); exports cannot be resumed")
+    config = metadata_json(metadata, "config", path)
+    optimizer_info = metadata_json(metadata, "optimizer", path)
+    extra = metadata_json(metadata, "extra", path) if "extra" in metadata else {}
+    step = metadata.get("step", "")
+    if not step.isdigit():
+        raise CheckpointError(f"{path}: its metadata holds step {step!r}, not a step number")
+    bad = nonfinite_names(tensors)
+    if bad:
+        raise CheckpointError(f"{path} holds non-finite values (NaN or infinity) in {len(bad)} tensors (e.g. "
+                              f"{bad[0]}); resume from an earlier checkpoint of the run")
+    if "rng.torch" not in tensors:
+        raise CheckpointError(f"{path} has no RNG state (rng.torch); it cannot be resumed exactly")
     method_state = {k[len("method."):]: v for k, v in tensors.items() if k.startswith("method.")}
     load_state_strict(method, method_state, str(path))
     if optimizer is not None:
         optim_tensors = {k: v for k, v in tensors.items() if k.startswith("optimizer.")}
         try:
-            optimizer.load_state_dict(_optimizer_from_flat(optim_tensors, json.loads(metadata["optimizer"])))
-        except (ValueError, KeyError) as error:
+            optimizer.load_state_dict(_optimizer_from_flat(optim_tensors, optimizer_info))
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise CheckpointError(f"optimizer state in {path} does not match this model: {error}") from None
-    torch.set_rng_state(tensors["rng.torch"])
+    try:
+        torch.set_rng_state(tensors["rng.torch"])
+    except (RuntimeError, TypeError) as error:
+        raise CheckpointError(f"{path}: its RNG state cannot be restored: {error}") from None
     cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
     if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda_states)
-    return {"step": int(metadata["step"]), "config": json.loads(metadata["config"]),
-            "extra": json.loads(metadata.get("extra", "{}"))}
+    return {"step": int(step), "config": config, "extra": extra}
 
 
 def nonfinite_tensors(method: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> list[str]:
@@ -101,5 +118,4 @@ def nonfinite_tensors(method: torch.nn.Module, optimizer: torch.optim.Optimizer 
     if optimizer is not None:
         named += [(f"optimizer.{id(p)}.{k}", v) for p, state in optimizer.state.items() for k, v in state.items()
                   if torch.is_tensor(v)]
-    return [name for name, tensor in named
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    return nonfinite_names(dict(named))

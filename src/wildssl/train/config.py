@@ -2,8 +2,10 @@
 
 A config is a nested ``dict`` whose keys are fixed by :data:`DEFAULTS` and by the chosen method's
 ``defaults``. Every key a recipe or ``--set`` names must exist there: a typo is a :class:`ConfigError`
-that lists the valid keys, never a silently ignored option. The resolved config is written beside every
-run (``config.yaml``) and inside every checkpoint.
+that lists the valid keys, never a silently ignored option. Every value is then checked against its
+type and sane range (:mod:`wildssl.schema`), so a wrong value fails here, in one line, and not deep
+inside training. The resolved config is written beside every run (``config.yaml``) and inside every
+checkpoint.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import yaml
 
 from wildssl.errors import ConfigError
+from wildssl.schema import check_tree, load_yaml, rule_for
 
 # Keys shared by every method. ``None`` means "not set" (the engine or method picks a derived value).
 DEFAULTS: dict[str, Any] = {
@@ -104,9 +107,10 @@ def _unknown_key_error(key: str, config: dict[str, Any], where: str) -> ConfigEr
 
 
 def parse_value(text: str) -> Any:
-    """Parse a ``--set`` value with YAML rules (numbers, booleans, null, lists), else keep the string."""
+    """Parse a ``--set`` value with YAML rules (numbers in any usual spelling, booleans, null, lists),
+    else keep the string."""
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
     except yaml.YAMLError:
         return text
 
@@ -171,7 +175,7 @@ def read_recipe(recipe: str) -> tuple[dict[str, Any], str]:
                               "(or give a path to a YAML file)")
         text, where = shipped.read_text(), f"recipe {recipe}"
     try:
-        tree = yaml.safe_load(text) or {}
+        tree = load_yaml(text) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{where} is not valid YAML: {str(error).splitlines()[0]}") from None
     if not isinstance(tree, dict):
@@ -179,8 +183,17 @@ def read_recipe(recipe: str) -> tuple[dict[str, Any], str]:
     return tree, where
 
 
+def default_config(method_name: str) -> dict[str, Any]:
+    """:data:`DEFAULTS` with the method's ``method.*`` keys and its ``data.<stream>`` keys."""
+    config = copy.deepcopy(DEFAULTS)
+    defaults, streams = method_defaults(str(method_name))
+    config["method"] = {"name": method_name, **defaults}
+    config["data"] = {**stream_keys(streams), **config["data"]}
+    return config
+
+
 def build_config(recipe: str | dict[str, Any] | None = None, overrides: list[str] | None = None) -> dict:
-    """Resolve defaults + method defaults + recipe + ``key=value`` overrides into one config.
+    """Resolve defaults + method defaults + recipe + ``key=value`` overrides into one checked config.
 
     The method is chosen by ``method.name`` from the overrides, else the recipe, else the default.
     """
@@ -190,51 +203,38 @@ def build_config(recipe: str | dict[str, Any] | None = None, overrides: list[str
         tree, where = {}, "defaults"
     else:
         tree, where = read_recipe(recipe)
-    pairs: list[tuple[str, Any]] = []
+    pairs: list[tuple[str, str]] = []
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r} (for example --set train.steps=100)")
         key, text = item.split("=", 1)
-        pairs.append((key.strip(), parse_value(text)))
+        pairs.append((key.strip(), text))
 
-    method_name = (tree.get("method") or {}).get("name", DEFAULTS["method"]["name"])
-    for key, value in pairs:
+    method_section = tree.get("method")
+    method_name = (method_section.get("name", DEFAULTS["method"]["name"]) if isinstance(method_section, dict)
+                   else DEFAULTS["method"]["name"])
+    for key, text in pairs:
         if key == "method.name":
-            method_name = value
-    config = copy.deepcopy(DEFAULTS)
-    defaults, streams = method_defaults(method_name)
-    config["method"] = {"name": method_name, **defaults}
-    config["data"] = {**stream_keys(streams), **config["data"]}
+            method_name = text.strip()
+    config = default_config(method_name)
+    defaults = flatten(config)
     merge_tree(config, tree, where)
-    for key, value in pairs:
+    for key, text in pairs:
+        value = parse_value(text)
+        if value is not None and not isinstance(value, str) and rule_for(key, defaults.get(key)).kind == "str":
+            value = text.strip()  # a string key keeps what was typed: --data 2024 names the folder "2024"
         set_key(config, key, value, "--set")
     config["method"]["name"] = method_name
     validate(config)
     return config
 
 
-_CHOICES = {
-    "train.precision": ("auto", "fp32", "bf16"),
-    "train.nonfinite": ("skip", "stop"),
-    "eval.encoder": ("auto", "teacher", "student"),
-    "eval.pool": ("cls", "avg"),
-}
-
-
 def validate(config: dict[str, Any]) -> None:
-    """Check value types and ranges that would otherwise fail deep inside training."""
-    flat = flatten(config)
-    for key, choices in _CHOICES.items():
-        if flat[key] not in choices:
-            raise ConfigError(f"{key}={flat[key]!r} is not one of {', '.join(map(str, choices))}")
-    for key in ("train.steps", "train.batch_size", "data.load_size", "data.max_pixels", "model.patch_size"):
-        if not isinstance(flat[key], int) or flat[key] <= 0:
-            raise ConfigError(f"{key} must be a positive integer, got {flat[key]!r}")
-    if flat["train.epochs"] is not None and not (isinstance(flat["train.epochs"], (int, float))
-                                                 and flat["train.epochs"] > 0):
-        raise ConfigError(f"train.epochs must be a positive number or null, got {flat['train.epochs']!r}")
-    if not isinstance(flat["optim.lr"], (int, float)) or flat["optim.lr"] < 0:
-        raise ConfigError(f"optim.lr must be a non-negative number, got {flat['optim.lr']!r}")
+    """Check every value's type and range (:mod:`wildssl.schema`) and store it in its canonical type
+    (an integral ``1e3`` for an integer key becomes ``1000``); one-line ConfigError otherwise."""
+    checked = check_tree(flatten(config), flatten(default_config(config["method"]["name"])))
+    for key, value in checked.items():
+        set_key(config, key, value, "config")
 
 
 def dump_config(config: dict[str, Any]) -> str:

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from wildssl import distributed as dist
+from wildssl.errors import ConfigError
 from wildssl.train.logging import CollapseMonitor, MetricLogger, ProgressBar
 from wildssl.train.run import Run, TrainingStopped, build_run, loader_spans, make_loaders, pick_device, save_checkpoint
 from wildssl.train.step import StepResult, to_device, training_step
@@ -65,14 +66,28 @@ class _Reporter:
         tcfg = run.config["train"]
         self.run = run
         self.knn_evaluator = knn_evaluator
-        self.logger = MetricLogger(run.out_dir, tensorboard=tcfg["tensorboard"], truncate_after=run.start_step) \
-            if run.main else None
+        try:
+            self.logger = MetricLogger(run.out_dir, tensorboard=tcfg["tensorboard"],
+                                       truncate_after=run.start_step) if run.main else None
+        except OSError as error:  # a full disk while dropping the rows of replayed steps
+            raise ConfigError(f"cannot write the run directory {run.out_dir}: {error.strerror or error}; "
+                              "free some space or choose another --out") from None
         self.monitor = CollapseMonitor(after_step=max(1, run.total_steps // 10))
         self.progress = ProgressBar(run) if run.main and tcfg["progress"] else None
         self.alarms: list[str] = []
         self.last_metrics: dict = {}
         self.knn_random: dict = {}
         self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def _log(self, done: int, metrics: dict) -> None:
+        if self.logger is None:
+            return
+        try:
+            self.logger.log(done, metrics)
+        except OSError as error:  # a full disk: one line, and the checkpoint on the disk is still good
+            raise TrainingStopped(f"training stopped at step {done}: cannot append to {self.logger.path}: "
+                                  f"{error.strerror or error}; the last good checkpoint is "
+                                  f"{self.run.last_good_checkpoint or 'none yet'}") from None
 
     def alarm(self, step: int, message: str) -> None:
         if message not in self.alarms:
@@ -96,8 +111,7 @@ class _Reporter:
             metrics.update({k: float(v) for k, v in result.metrics.items()})
             for alarm in self.monitor.check(done, metrics):
                 self.alarm(done, alarm)
-            if self.logger is not None:
-                self.logger.log(done, metrics)
+            self._log(done, metrics)
             if self.progress is not None:
                 self.progress.show(done, metrics, elapsed / max(self.window_steps, 1), self.alarms)
             self.last_metrics = metrics
@@ -121,8 +135,7 @@ class _Reporter:
             else:
                 self.last_metrics.update(result)
                 self._compare_with_random_init(done, result)
-            if self.logger is not None:
-                self.logger.log(done, result)
+            self._log(done, result)
             log.info("step %d: %s", done, ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                                     for k, v in result.items()))
         dist.barrier()

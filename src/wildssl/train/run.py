@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from wildssl.errors import CheckpointError, ConfigError, WildsslError
 from wildssl.methods import build_method
 from wildssl.methods.base import Method
 from wildssl.models.loading import CHECKPOINT_NAME, read_checkpoint_config
+from wildssl.schema import MAX_STEPS
 from wildssl.train.checkpoint import load_training_checkpoint, nonfinite_tensors, save_training_checkpoint
 from wildssl.train.config import dump_config, flatten
 from wildssl.train.optim import build_optimizer, build_schedules
@@ -110,14 +112,20 @@ def pick_device() -> torch.device:
 
 def total_steps_of(config: dict, first_source_size: int, images_per_step: int) -> int:
     """The run's length in steps from ``train.images`` (images seen, all streams together), else
-    ``train.epochs`` (passes over the first stream), else ``train.steps``; converted once, here."""
+    ``train.epochs`` (passes over the first stream), else ``train.steps``; converted once, here, and at most
+    :data:`wildssl.schema.MAX_STEPS` (the schedules hold one value per step)."""
     tcfg = config["train"]
     first_batch = tcfg["batch_size"]
     if tcfg["images"] is not None:
-        return max(1, math.ceil(tcfg["images"] / images_per_step))
-    if tcfg["epochs"] is not None:
-        return max(1, math.ceil(tcfg["epochs"] * (first_source_size // first_batch)))
-    return tcfg["steps"]
+        steps, key = max(1, math.ceil(tcfg["images"] / images_per_step)), "train.images"
+    elif tcfg["epochs"] is not None:
+        steps, key = max(1, math.ceil(tcfg["epochs"] * (first_source_size // first_batch))), "train.epochs"
+    else:
+        return tcfg["steps"]
+    if steps > MAX_STEPS:
+        raise ConfigError(f"{key}={tcfg[key.split('.')[1]]} is {steps} steps of {images_per_step} images; at most "
+                          f"{MAX_STEPS} steps are supported: lower {key} or raise train.batch_size")
+    return steps
 
 
 def check_resume_config(saved: dict, current: dict, where: str) -> None:
@@ -132,6 +140,12 @@ def check_resume_config(saved: dict, current: dict, where: str) -> None:
                           "use the same recipe and --set values, or a new --out directory")
 
 
+# What a write killed half-way leaves in a run directory: wildssl.io.atomic_save's "<name>.safetensors.tmp",
+# and the temporary file the safetensors writer itself fills before renaming it to that name (".tmp" and
+# six letters or digits, the Rust tempfile crate's naming).
+STALE_WRITES = re.compile(r"^(?:.+\.safetensors\.tmp|\.tmp[A-Za-z0-9]{6})$")
+
+
 def prepare_out_dir(out_dir: Path, resume: bool) -> None:
     """Create the run directory (one-line errors) and remove what a killed run can leave behind."""
     if out_dir.exists() and not out_dir.is_dir():
@@ -144,9 +158,10 @@ def prepare_out_dir(out_dir: Path, resume: bool) -> None:
     except OSError as error:
         raise ConfigError(f"cannot write the run directory {out_dir}: {error.strerror or error}; "
                           "choose a writable --out") from None
-    for stale in out_dir.glob("*.safetensors.tmp"):  # a checkpoint write interrupted by a kill
-        stale.unlink(missing_ok=True)
-        log.info("removed %s, left by an interrupted checkpoint write", stale)
+    for stale in out_dir.iterdir():
+        if STALE_WRITES.match(stale.name) and not stale.is_dir():
+            stale.unlink(missing_ok=True)
+            log.info("removed %s, left by an interrupted checkpoint write", stale)
 
 
 def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
@@ -210,7 +225,11 @@ def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
     elif resume:
         log.info("no checkpoint in %s yet; starting at step 0", out_dir)
     if run.main:
-        (out_dir / "config.yaml").write_text(dump_config(config))
+        try:
+            (out_dir / "config.yaml").write_text(dump_config(config))
+        except OSError as error:  # a full disk: the probe in prepare_out_dir wrote no bytes
+            raise ConfigError(f"cannot write the run directory {out_dir}: {error.strerror or error}; "
+                              "free some space or choose another --out") from None
     method.prepare(sources, out_dir)
     return run
 
@@ -245,8 +264,9 @@ def loader_spans(run: Run) -> list[tuple[int, int]]:
 def save_checkpoint(run: Run, step: int) -> None:
     """Write the run's checkpoint at ``step`` (and a kept copy every ``train.keep_every`` steps).
 
-    A state holding a non-finite tensor is never written: the run stops, naming the last good checkpoint,
-    which stays as it was."""
+    A state holding a non-finite tensor is never written, and a write that fails (a full disk) leaves the
+    previous checkpoint as it was: either way the run stops with one line naming the step and the last
+    good checkpoint, on every rank (the failure is shared, so that no rank waits for rank 0 forever)."""
     bad = nonfinite_tensors(run.method, run.optimizer)
     if bad:
         kept = run.last_good_checkpoint or "none yet"
@@ -254,12 +274,23 @@ def save_checkpoint(run: Run, step: int) -> None:
                               f"({len(bad)} tensors, e.g. {bad[0]}); nothing was written, the last good "
                               f"checkpoint is {kept}")
     run.gather_corrupt()
+    failure = None
     if run.main:
         extra = {**run.counters, "corrupt_files": {name: sorted(v) for name, v in run.corrupt_files.items()}}
-        save_training_checkpoint(run.checkpoint_path, run.method, run.optimizer, step, run.config, extra)
-        keep = run.config["train"]["keep_every"]
-        if keep and step % keep == 0:
-            save_training_checkpoint(run.out_dir / f"checkpoint_{step:07d}.safetensors", run.method,
-                                     run.optimizer, step, run.config, extra)
+        try:
+            save_training_checkpoint(run.checkpoint_path, run.method, run.optimizer, step, run.config, extra)
+            run.last_good_checkpoint = run.checkpoint_path
+            keep = run.config["train"]["keep_every"]
+            if keep and step % keep == 0:
+                save_training_checkpoint(run.out_dir / f"checkpoint_{step:07d}.safetensors", run.method,
+                                         run.optimizer, step, run.config, extra)
+        except CheckpointError as error:
+            failure = error
+    failed = torch.tensor(float(failure is not None), device=run.device)
+    if dist.is_distributed():
+        torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)
+    if failed.item():
+        reason = failure or "the main process could not write the checkpoint"
+        raise TrainingStopped(f"training stopped at step {step}: {reason}; the last good checkpoint is "
+                              f"{run.last_good_checkpoint or 'none yet'}")
     run.last_good_checkpoint = run.checkpoint_path
-    dist.barrier()

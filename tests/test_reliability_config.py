@@ -1,0 +1,199 @@
+"""Fault injection, section 2 of the reliability issue: config values.
+
+What must hold: numbers in any usual spelling parse as numbers; every key is checked against its type and
+a sane range when the config is built, with one line naming the key, the value and what would be right;
+a bool is not an int.
+"""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from wildssl.cli import main
+from wildssl.errors import ConfigError
+from wildssl.methods import method_names
+from wildssl.schema import MAX_STEPS, Rule, rule_for
+from wildssl.train.config import build_config, default_config, dump_config, flatten
+from wildssl.train.run import total_steps_of
+
+
+def _value(config: dict, key: str):
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _one_line_error(overrides: list[str], recipe: str | None = "simclr_quick") -> str:
+    with pytest.raises(ConfigError) as info:
+        build_config(recipe, overrides)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("key, typed, expected", [
+    ("optim.lr", "1e-4", 1e-4), ("optim.lr", "1E-4", 1e-4), ("optim.lr", "+2.5e+1", 25.0),
+    ("optim.lr", ".5", 0.5), ("optim.lr", "5.", 5.0), ("optim.weight_decay", "1e-4", 1e-4),
+    ("optim.min_lr", "1e-7", 1e-7), ("train.steps", "1_000", 1000), ("train.steps", "1e3", 1000),
+    ("train.images", "2.5e6", 2_500_000), ("optim.lr", "3", 3.0), ("method.temperature", "2e-1", 0.2),
+    ("method.crop_scale", "[1e-1, 1]", [0.1, 1.0]),
+])
+def test_numbers_in_every_usual_spelling_parse_as_numbers_of_the_keys_type(key, typed, expected):
+    value = _value(build_config("simclr_quick", [f"{key}={typed}"]), key)
+    assert value == expected and type(value) is type(expected)
+    if isinstance(value, list):
+        assert all(type(v) is float for v in value)
+
+
+def test_recipe_files_read_numbers_as_yaml_1_2_does(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method: {name: simclr, temperature: 1E-1}\noptim: {lr: 1e-4, min_lr: 1e-7}\n"
+                      "train: {steps: 1_000}\n")
+    config = build_config(str(recipe))
+    assert (config["optim"]["lr"], config["optim"]["min_lr"]) == (1e-4, 1e-7)
+    assert config["method"]["temperature"] == 0.1 and config["train"]["steps"] == 1000
+    written = tmp_path / "config.yaml"  # the resolved config written beside a run reads back the same
+    written.write_text(dump_config(config))
+    assert build_config(str(written)) == config
+
+
+@pytest.mark.parametrize("item, fragments", [
+    ("ema.momentum=abc", ["ema.momentum=\"abc\"", "a finite number in [0, 1]"]),
+    ("data.num_workers=-1", ["data.num_workers=-1", "an integer in [0, 256]"]),
+    ("train.steps=true", ["train.steps=true", "a boolean is not a number", "an integer in [1, "]),
+    ("data.load_size=100000", ["data.load_size=100000", "an integer in [1, 4096]"]),
+    ("train.batch_size=2.5", ["train.batch_size=2.5", "not a whole number"]),
+    ("optim.betas=[0.9, 1.5]", ["optim.betas=[0.9, 1.5]", "a list of 2 numbers in [0, 1)"]),
+    ("optim.betas=0.9", ["optim.betas=0.9", "a list of 2 numbers"]),
+    ("train.precision=fp8", ["train.precision=\"fp8\"", "one of auto, fp32, bf16"]),
+    ("train.progress=2", ["train.progress=2", "true or false"]),
+    ("train.seed=null", ["train.seed=null", "an integer"]),
+    ("model.drop_path_rate=1", ["model.drop_path_rate=1", "[0, 1)"]),
+    ("optim.layer_decay=0", ["optim.layer_decay=0", "(0, 1]"]),
+    ("method.temperature=0", ["method.temperature=0", "> 0"]),
+    ("method.crop_scale=[0.5, 0.2]", ["method.crop_scale=[0.5, 0.2]", "ascending", "(0, 1]"]),
+    ("method.proj_dim=true", ["method.proj_dim=true", "a boolean is not a number"]),
+    ("method.proj_layers=0", ["method.proj_layers=0", "an integer in [1, 1024]"]),
+])
+def test_bad_values_are_one_line_errors_naming_key_value_and_what_is_right(item, fragments):
+    message = _one_line_error([item])
+    assert all(fragment in message for fragment in fragments), message
+
+
+@pytest.mark.parametrize("key", ["train.steps", "train.batch_size", "train.max_nonfinite", "data.load_size",
+                                 "optim.lr", "ema.momentum", "method.proj_dim", "method.temperature"])
+@pytest.mark.parametrize("value", ["true", "false"])
+def test_a_bool_is_not_a_number(key, value):
+    assert "a boolean is not a number" in _one_line_error([f"{key}={value}"])
+
+
+def _wrong_type(rule: Rule) -> str | None:
+    """A ``--set`` value of the wrong type for ``rule`` (None: every value is right)."""
+    return {"int": "abc", "float": "abc", "bool": "abc", "list": "abc", "choice": "nope",
+            "str": None, "any": None}[rule.kind]
+
+
+def _outside(rule: Rule) -> list[str]:
+    """``--set`` values just outside ``rule``'s bounds (and an open bound itself)."""
+    values = []
+    if rule.kind not in ("int", "float", "list"):
+        return values
+    step = 1 if rule.kind == "int" or (rule.kind == "list" and rule.item == "int") else 1e-3
+    for bound, sign, is_open in ((rule.low, -1, rule.low_open), (rule.high, 1, rule.high_open)):
+        if bound is None:
+            continue
+        for value in ([bound + sign * step] + ([bound] if is_open else [])):
+            values.append(f"[{value}, {value}]" if rule.kind == "list" else repr(value))
+    return values
+
+
+def test_every_key_of_every_method_rejects_wrong_types_and_out_of_range_values():
+    seen: set[tuple[str, Rule]] = set()  # the core keys, and a base method's keys in its AB variant, once
+    checked = 0
+    for method in method_names():
+        for key, default in flatten(default_config(method)).items():
+            rule = rule_for(key, default)
+            if key == "method.name" or (key, rule) in seen:
+                continue
+            seen.add((key, rule))
+            for value in [v for v in [_wrong_type(rule)] + _outside(rule) if v is not None]:
+                message = _one_line_error([f"method.name={method}", f"{key}={value}"], recipe=None)
+                assert message.startswith(f"{key}="), message
+                checked += 1
+            if rule.kind in ("int", "float") and not rule.nullable:
+                message = _one_line_error([f"method.name={method}", f"{key}=true"], recipe=None)
+                assert "a boolean is not a number" in message, message
+    assert len(seen) > 100 and checked > len(seen)
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_every_methods_defaults_pass_their_own_checks_unchanged(method):
+    config = build_config(None, [f"method.name={method}"])
+    assert flatten(config) == flatten(default_config(method))
+
+
+def test_method_key_types_follow_their_defaults_and_null_defaults_stay_nullable():
+    config = build_config("clip_quick", ["method.text_depth=2", "method.text_width=null", "method.vocab_size=1e3"])
+    assert config["method"]["text_depth"] == 2 and config["method"]["text_width"] is None
+    assert config["method"]["vocab_size"] == 1000 and type(config["method"]["vocab_size"]) is int
+    assert "method.text_depth=2.5" in _one_line_error(["method.text_depth=2.5"], "clip_quick")
+    assert "true or false" in _one_line_error(["method.ab_box_tokens=1"], "ab_clip_quick")
+    assert "method.ab_n_crops=1" in _one_line_error(["method.ab_n_crops=1"], "ab_clip_quick")  # pairs need 2
+    assert build_config("ab_clip_quick", ["method.ab_photometric=simclr"])["method"]["ab_photometric"] == "simclr"
+
+
+def test_string_keys_keep_the_text_that_was_typed():
+    config = build_config("simclr_quick", ["data.train=2024", "model.init_from=1.50", "eval.knn_test=1e-4"])
+    assert config["data"]["train"] == "2024" and config["model"]["init_from"] == "1.50"
+    assert config["eval"]["knn_test"] == "1e-4"
+    assert build_config("simclr_quick", ["model.init_from=null"])["model"]["init_from"] is None
+
+
+def test_unknown_keys_are_still_rejected_after_the_values_are_checked():
+    message = _one_line_error(["optim.weight_decy=1e-4"])
+    assert "unknown config key 'optim.weight_decy'" in message and "did you mean 'optim.weight_decay'" in message
+
+
+def test_a_budget_in_images_or_epochs_is_bounded_in_steps():
+    config = build_config("simclr_quick", ["train.images=1e13", "train.batch_size=16"])
+    with pytest.raises(ConfigError, match=rf"train.images=10000000000000 is 625000000000 steps .* at most {MAX_STEPS}"):
+        total_steps_of(config, 1000, 16)
+    assert total_steps_of(build_config("simclr_quick", ["train.images=1600"]), 1000, 16) == 100
+    config = build_config("simclr_quick", ["train.epochs=1e6", "train.batch_size=1"])
+    with pytest.raises(ConfigError, match="train.epochs="):
+        total_steps_of(config, 1000, 1)
+
+
+@pytest.mark.parametrize("item, fragment", [
+    ("optim.weight_decay=1e-4", None), ("optim.min_lr=1e-7", None), ("optim.lr=1e-4", None),
+    ("ema.momentum=abc", "ema.momentum=\"abc\""), ("data.num_workers=-1", "data.num_workers=-1"),
+    ("train.steps=true", "train.steps=true"), ("data.load_size=100000", "data.load_size=100000"),
+])
+def test_issue_values_through_the_cli_are_accepted_or_one_line_with_status_2(capsys, item, fragment):
+    code = main(["config", "simclr_quick", "--set", item])
+    captured = capsys.readouterr()
+    if fragment is None:
+        key, typed = item.split("=")
+        section, name = key.split(".")
+        assert code == 0 and yaml.safe_load(captured.out)[section][name] == float(typed)
+    else:
+        lines = captured.err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and fragment in lines[0] and "Traceback" not in captured.err
+
+
+@pytest.mark.parametrize("option, value, fragment", [
+    ("--k", "0", "--k 0 is invalid: it must be an integer in [1, 100000]"),
+    ("--temperature", "0", "--temperature 0.0 is invalid: it must be a finite number > 0"),
+    ("--temperature", "nan", "--temperature nan is invalid"),
+    ("--batch-size", "0", "--batch-size 0 is invalid"),
+    ("--image-size", "0", "--image-size 0 is invalid"),
+    ("--load-size", "100000", "--load-size 100000 is invalid: it must be an integer in [1, 4096]"),
+    ("--num-workers", "-1", "--num-workers -1 is invalid"),
+])
+def test_eval_knn_options_are_checked_like_config_keys_in_one_line(capsys, option, value, fragment):
+    data = "synthetic:scenes?n=32&size=16"
+    code = main(["eval", "knn", "--random-init", "--model", "tiny", "--train", data, "--test", data, option, value])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and fragment in lines[0], lines
