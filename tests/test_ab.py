@@ -261,7 +261,8 @@ def test_iou_range_0_to_1_is_the_method_without_the_ablation(monkeypatch):
     batches = _batches(config)
     sizes = []
     original = explicit.annotation_space
-    explicit.annotation_space = lambda networks, images, *rest: sizes.append(len(images)) or original(networks, images, *rest)
+    explicit.annotation_space = lambda networks, images, *rest: (sizes.append(len(images))
+                                                                 or original(networks, images, *rest))
     out_a = default.bootstrap(batches["bootstrap"], batches["annotation"], _step())
     out_b = explicit.bootstrap(batches["bootstrap"], batches["annotation"], _step())
     assert torch.equal(out_a["loss"], out_b["loss"])
@@ -328,3 +329,70 @@ def test_unknown_ablation_value_is_a_config_error():
     for bad in ("[0.5, 0.2]", "[0.0, 0.0]", "[0.3]", "[0.0, 1.5]"):
         with pytest.raises(ConfigError, match="method.ab_iou_range"):
             _method("dino", f"method.ab_iou_range={bad}")
+
+
+# -- DDP: every AB method and every ablation switch trains under 2-process gloo, ranks stay equal (bug 4) ------
+# Each method once with its base loss (DDP without find_unused_parameters) and once without (with it: the
+# base heads then get no gradient, which crashed here before); the other switches ride along, one per run.
+DDP_CASES = [
+    ("simclr", ("method.ab_ema_target=false",)),
+    ("dino", ("method.ab_box_tokens=false", "method.ab_iou_range=[0.2, 0.8]")),
+    ("clip", ("method.ab_photometric=simclr",)),
+    ("simclr", ("method.ab_base_loss=false",)), ("dino", ("method.ab_base_loss=false",)),
+    ("clip", ("method.ab_base_loss=false",)),
+]
+
+
+def _ddp_worker(rank: int, out_dir: str) -> None:
+    import os
+
+    import torch.distributed as torch_dist
+
+    from wildssl.distributed import cleanup_distributed, setup_distributed
+    from wildssl.train import engine
+
+    os.environ["RANK"] = os.environ["LOCAL_RANK"] = str(rank)
+    torch.set_num_threads(1)
+    setup_distributed()
+    runs = []
+    build_run = engine.build_run
+    engine.build_run = lambda *args, **kwargs: runs.append(build_run(*args, **kwargs)) or runs[-1]
+    try:
+        for index, (base, extra) in enumerate(DDP_CASES):
+            config = build_config(None, tiny_ab_overrides(base, "train.steps=2", "train.checkpoint_every=0",
+                                                          "data.bootstrap_batch_size=4", *extra))
+            torch.manual_seed(config["train"]["seed"])
+            initial = dict(build_method(config).named_parameters())
+            engine.train(config, f"{out_dir}/{index}")
+            params = dict(runs[-1].method.named_parameters())
+            flat = torch.cat([p.detach().flatten().double() for p in params.values()])
+            gathered = [torch.empty_like(flat) for _ in range(2)]
+            torch_dist.all_gather(gathered, flat)
+            case = f"ab_{base} {' '.join(extra)}"
+            assert torch.equal(gathered[0], gathered[1]), f"{case}: the ranks' weights differ"
+            assert not torch.equal(params["student.backbone.cls_token"], initial["student.backbone.cls_token"]), case
+        torch_dist.barrier()  # no rank may tear the group down while the other still talks to it
+    finally:
+        engine.build_run = build_run
+        cleanup_distributed()
+
+
+def test_every_ab_method_and_ablation_trains_under_two_process_ddp_with_equal_weights(tmp_path, monkeypatch):
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("WORLD_SIZE", "2"),
+                        ("CUDA_VISIBLE_DEVICES", ""), ("OMP_NUM_THREADS", "1")):
+        monkeypatch.setenv(name, value)
+    context = torch.multiprocessing.start_processes(_ddp_worker, args=(str(tmp_path),), nprocs=2, join=False,
+                                                    start_method="spawn")
+    deadline = time.monotonic() + 300
+    # join() re-raises a worker's exception with its traceback; the deadline guards against a hung collective.
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.terminate()
+            pytest.fail("DDP workers did not finish within 300 s")
