@@ -24,7 +24,8 @@ from wildssl.data.views import CropSpec, make_views
 from wildssl.errors import CheckpointError, ConfigError, DataError
 from wildssl.losses.clip_loss import clip_accuracy, clip_loss
 from wildssl.models.logit_scale import LogitScale
-from wildssl.methods.base import AnnotationInput, AnnotationSpace, Method, StepContext, check_pool, normalized_embedding_std, pooled
+from wildssl.methods.base import (AnnotationInput, AnnotationSpace, Method, StepContext, check_pool,
+                                  normalized_embedding_std, pooled)
 from wildssl.models.text import build_text_tower
 from wildssl.models.tokenizer import (PAD_ID, SPECIAL_TOKENS, TOKENIZER_FILENAME, ByteTokenizer, CaptionTokenizer,
                                       build_tokenizer)

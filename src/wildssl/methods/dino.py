@@ -7,8 +7,8 @@ import numpy as np
 import torch
 
 from wildssl.data.views import dino_specs, make_views
-from wildssl.methods.base import (AnnotationInput, AnnotationSpace, Method, StepContext, check_pool, normalized_embedding_std,
-                                  pooled, pooled_features)
+from wildssl.methods.base import (AnnotationInput, AnnotationSpace, Method, StepContext, check_pool,
+                                  normalized_embedding_std, pooled, pooled_features)
 from wildssl.methods.distillation import DISTILLATION_DEFAULTS, MULTI_CROP_DEFAULTS, SelfDistillation
 
 

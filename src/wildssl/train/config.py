@@ -214,7 +214,8 @@ def inherit_recipe(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, A
     return _merged(parent, child)
 
 
-def read_recipe(recipe: str, _seen: tuple[str, ...] = (), _relative_to: Path | None = None) -> tuple[dict[str, Any], str]:
+def read_recipe(recipe: str, _seen: tuple[str, ...] = (),
+                _relative_to: Path | None = None) -> tuple[dict[str, Any], str]:
     """Read a recipe by shipped name or YAML path, following ``inherit`` (see the module docstring);
     returns (tree, where-it-came-from)."""
     tree, where = _load_recipe(recipe, _relative_to)
