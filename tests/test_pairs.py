@@ -103,7 +103,8 @@ def test_pack_pairs_with_target_boxes_relates_each_pair_to_its_own_target():
         for p, i in enumerate(packed["src_idx"].tolist()):
             expected = _expected_relative(boxes[b, i].tolist(), targets[b, p].tolist(), src_flipped=False)
             torch.testing.assert_close(packed["relative_boxes"][b, p], torch.tensor(expected, dtype=torch.float64))
-            assert packed["iou"][b, p].item() == pytest.approx(_expected_iou(boxes[b, i].tolist(), targets[b, p].tolist()))
+            expected_iou = _expected_iou(boxes[b, i].tolist(), targets[b, p].tolist())
+            assert packed["iou"][b, p].item() == pytest.approx(expected_iou)
     with pytest.raises(ValueError, match="target_boxes"):
         pack_pairs(boxes, target_boxes=targets[:, :5])
 
