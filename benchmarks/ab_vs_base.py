@@ -4,21 +4,26 @@ For a GPU run (the figures issue 3 asks for), with the shared data copied into a
 that travels with the run (``.carry/``, named in the device tool's ``carry``):
 
     python benchmarks/ab_vs_base.py --cifar .carry/cifar10_carry.npz --captions .carry/coco_mini/annotations.jsonl \
-        --bootstrap .carry/camvid_scenes/annotations.jsonl --steps 2000 --out $OUT/ab_vs_base
+        --bootstrap .carry/camvid_scenes/annotations.jsonl --images 640000 --out $OUT/ab_vs_base
 
 CPU smoke run (tiny models, seconds): ``python benchmarks/ab_vs_base.py --smoke --out /tmp/abvb``.
 
-Streams: the base method and the AB annotation stream train on ``--annotation`` images (CIFAR-10 train
-images for SimCLR/DINO, captioned images for CLIP); AB's bootstrap stream is ``--bootstrap`` (unlabeled
-scene images). "Equal images seen": AB sees B annotation + B/n bootstrap images per step, so the base
-method runs ``steps * (1 + 1/n)`` steps of batch B. k-NN: CIFAR-10 train/test images of the carry file.
-Prints one JSON line per method and writes ``results.json`` under ``--out``.
+Streams: the base method trains on the annotation images (CIFAR-10 train images for SimCLR/DINO,
+captioned images for CLIP), AB on the same images as its annotation stream plus ``--bootstrap``
+(unlabeled scene images) as its bootstrap stream. The recipes ab_X and X are equal but for the ab_* keys
+and the streams (``wildssl config`` shows it), and both runs get the same overrides here, so a pair
+differs in one thing. "Equal images seen": both runs get ``train.images`` = the budget, rounded to a
+multiple of both runs' images per step (B for the base, B + B/n for AB: B annotation images and B/n
+bootstrap images of n crops each), so AB runs fewer steps and both see exactly the budget. k-NN:
+CIFAR-10 train/test images of the carry file. Prints one JSON line per method and writes
+``results.json`` under ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +44,7 @@ SMOKE_METHOD = {
              "method.context_length=32"],
 }
 SMOKE_AB = ["method.ab_crop_size=32", "method.ab_decoder_depth=1", "method.ab_decoder_width=32",
-            "method.ab_decoder_heads=2", "method.ab_n_crops=2"]
+            "method.ab_decoder_heads=2"]
 
 
 def cifar_folders(npz: Path, out: Path, limit: int | None) -> tuple[str, str]:
@@ -71,12 +76,21 @@ def wildssl(*argv: str) -> str:
     return result.stdout.strip().splitlines()[-1]
 
 
+def equal_budget(images: int, batch: int, n_crops: int) -> tuple[int, int, int]:
+    """(budget rounded up to a multiple of both runs' images per step, base per step, AB per step)."""
+    base_step, ab_step = batch, batch + max(1, batch // n_crops)
+    multiple = math.lcm(base_step, ab_step)
+    return max(1, math.ceil(images / multiple)) * multiple, base_step, ab_step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cifar", help="cifar10_carry.npz (k-NN memory/test; SimCLR/DINO annotation stream)")
     parser.add_argument("--captions", help="captioned .jsonl for the CLIP pair (e.g. coco_mini/annotations.jsonl)")
     parser.add_argument("--bootstrap", help="unlabeled images for AB's bootstrap stream (a data SPEC)")
-    parser.add_argument("--steps", type=int, default=2000, help="AB steps; the base runs steps * (1 + 1/n)")
+    parser.add_argument("--images", type=int, default=640_000,
+                        help="images seen by each run, all streams together (train.images); the default is "
+                             "2000 AB steps at the default batch")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--n-crops", type=int, default=4)
     parser.add_argument("--model", default="small")
@@ -93,11 +107,12 @@ def main() -> None:
         synthetic = "synthetic:scenes?n=64&size=32&colours=2"
         memory, test, images, captions = (f"{synthetic}&split=train", f"{synthetic}&split=test",
                                           f"{synthetic}&split=train", f"{synthetic}&split=train")
-        bootstrap, steps, batch, n_crops = f"{synthetic}&seed=1&split=train", 2, 16, 2
+        bootstrap, budget, batch, n_crops = f"{synthetic}&seed=1&split=train", 48, 16, 2
     else:
         memory, test = cifar_folders(Path(args.cifar), out / "cifar", None)
         images, captions, bootstrap = memory, args.captions, args.bootstrap
-        steps, batch, n_crops = args.steps, args.batch, args.n_crops
+        budget, batch, n_crops = args.images, args.batch, args.n_crops
+    budget, base_step, ab_step = equal_budget(budget, batch, n_crops)
     common = [] if args.smoke else [f"model.name={args.model}", f"model.patch_size={args.patch_size}",
                                     "model.img_size=32", "data.load_size=32", "train.progress=false"]
     results = []
@@ -108,25 +123,25 @@ def main() -> None:
         if annotation is None or bootstrap is None:
             print(json.dumps({"pair": base, "skipped": "give --captions / --bootstrap"}))
             continue
-        tiny = (SMOKE + SMOKE_METHOD[base]) if args.smoke else crop_keys(base, args.crop)
-        base_steps = int(round(steps * (1 + 1 / n_crops)))
+        # Everything both runs share, then what only one of them has: its data streams and the ab_* keys.
+        shared = common + ((SMOKE + SMOKE_METHOD[base]) if args.smoke else crop_keys(base, args.crop)) + [
+            f"train.batch_size={batch}", f"train.images={budget}"]
         runs = {
-            base: [f"data.train={annotation}", f"train.steps={base_steps}"],
-            ab: [f"data.annotation={annotation}", f"data.bootstrap={bootstrap}", f"train.steps={steps}",
-                 f"method.ab_n_crops={n_crops}", f"data.bootstrap_batch_size={max(1, batch // n_crops)}"]
+            base: [f"data.train={annotation}"],
+            ab: [f"data.annotation={annotation}", f"data.bootstrap={bootstrap}", f"method.ab_n_crops={n_crops}"]
                 + (SMOKE_AB if args.smoke else [f"method.ab_crop_size={args.crop}"]),
         }
         for name, extra in runs.items():
-            overrides = common + tiny + [f"train.batch_size={batch}"] + extra
             argv = ["train", f"{name}_quick" if args.smoke else name, "--out", str(out / name)]
-            for item in overrides + [f"method.name={name}"]:
+            for item in shared + extra:
                 argv += ["--set", item]
-            wildssl(*argv)
+            summary = json.loads(wildssl(*argv))
+            images_seen = summary["total_steps"] * (base_step if name == base else ab_step)
+            if images_seen != budget:
+                raise SystemExit(f"{name} saw {images_seen} images, not the budget {budget}")
             knn = json.loads(wildssl("eval", "knn", "--checkpoint", str(out / name), "--train", memory, "--test",
                                      test, "--json"))
-            images_seen = (base_steps * batch if name == base
-                           else steps * (batch + max(1, batch // n_crops)))
-            record = {"method": name, "images_seen": images_seen, **knn}
+            record = {"method": name, "images_seen": images_seen, "steps": summary["total_steps"], **knn}
             print(json.dumps(record), flush=True)
             results.append(record)
     (out / "results.json").write_text(json.dumps(results, indent=1))

@@ -16,7 +16,7 @@ TINY_MODEL = ["model.name=tiny", "model.depth=1", "model.embed_dim=32", "model.n
 
 # The one tiny configuration of every method, shared by all tests (recipe "<method>_quick" + these).
 TINY_TEXT = ["method.embed_dim=16", "method.text_depth=1", "method.text_width=32", "method.text_heads=2",
-             "method.context_length=40"]
+             "method.context_length=40", "method.tokenizer=byte", "method.vocab_size=259"]
 TINY_DISTILLATION = ["method.global_size=16", "method.local_size=8", "method.n_local=2", "method.out_dim=64",
                      "method.hidden_dim=32", "method.bottleneck_dim=16", "method.teacher_temp_warmup_epochs=1"]
 TINY_METHOD = {

@@ -1,6 +1,8 @@
 """Annotation bootstrapping: pair packing through the method, EMA invariants, and that every ablation
 switch changes what it names and nothing else."""
 
+import tempfile
+
 import pytest
 import torch
 
@@ -9,14 +11,18 @@ from wildssl.data.boxes import box_iou
 from wildssl.data import collate, open_source
 from wildssl.methods import ab as ab_module
 from wildssl.methods import build_method
-from wildssl.methods.base import StepContext
+from wildssl.eval.features import preprocess_images
+from wildssl.methods.base import StepContext, pooled
 from wildssl.train.config import build_config
 
 
 def _method(base="dino", *extra, seed=0):
     config = build_config(None, tiny_ab_overrides(base, *extra))
     torch.manual_seed(seed)
-    return build_method(config), config
+    method = build_method(config)
+    if base == "clip":  # the byte tokenizer: made, not trained, so no data is read
+        method.prepare({}, tempfile.mkdtemp())
+    return method, config
 
 
 def _batches(config, size=6):
@@ -83,6 +89,83 @@ def test_teacher_targets_are_the_teachers_distribution_on_the_target_crop(monkey
     for image in range(3):
         for p, (_, target) in enumerate(pairs):
             torch.testing.assert_close(teacher_logits[image, p], crop_logits[target, image])
+
+
+def _bootstrap_head_inputs(monkeypatch, method):
+    """Record (phi, psi_AB) of every call of the bootstrap head's logits."""
+    calls = []
+    head = method.student["bootstrap"]
+    original = head.logits
+
+    def recording(phi, annotations):
+        calls.append((phi, annotations))
+        return original(phi, annotations)
+
+    monkeypatch.setattr(head, "logits", recording)
+    return calls
+
+
+def _grad_norms(module, loss):
+    params = [p for p in module.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return [0.0 if g is None else g.norm().item() for g in grads]
+
+
+def test_simclr_psi_ab_is_its_own_head_on_the_students_features_of_the_annotation_images(monkeypatch):
+    method, config = _method("simclr", "method.ab_base_loss=false")
+    calls = _bootstrap_head_inputs(monkeypatch, method)
+    batches = _batches(config)
+    loss = method(batches, _step())["loss"]
+    _, psi = calls[-1]
+    images = preprocess_images(batches["annotation"]["image"], 16)
+    features = pooled(method.student["backbone"](images), "cls")
+    expected = features @ method.student["bootstrap"].annotation_head.weight.T  # (K, D): one row per image
+    torch.testing.assert_close(psi, expected)
+    # psi_AB carries the bootstrap loss into the student's backbone, through the annotation images ...
+    assert all(g > 0 for g in _grad_norms(method.student["backbone"].blocks, psi.sum()))
+    # ... and its own head, while SimCLR's projection head is the base loss's alone.
+    assert _grad_norms(method.student["bootstrap"].annotation_head, loss)[0] > 0
+    assert all(g == 0 for g in _grad_norms(method.student["head"], loss))
+
+
+def test_clip_psi_ab_is_its_own_head_on_the_students_text_tower(monkeypatch):
+    method, config = _method("clip", "method.ab_base_loss=false")
+    calls = _bootstrap_head_inputs(monkeypatch, method)
+    batches = _batches(config)
+    loss = method(batches, _step())["loss"]
+    _, psi = calls[-1]
+    text = method.student["text"]
+    tokens = method.tokenizer.encode_batch(batches["annotation"]["caption"], 40)
+    expected = text.pooled_features(tokens) @ method.student["bootstrap"].annotation_head.weight.T
+    torch.testing.assert_close(psi, expected)
+    assert psi.shape[0] == len(batches["annotation"]["caption"])  # K = the captions of the annotation batch
+    # The bootstrap loss trains the student's text tower through psi_AB, not CLIP's projections or scale.
+    assert all(g > 0 for g in _grad_norms(text.blocks, loss))
+    assert _grad_norms(method.student["bootstrap"].annotation_head, loss)[0] > 0
+    for name in ("image_proj", "logit_scale"):
+        assert all(g == 0 for g in _grad_norms(method.student[name], loss)), name
+    assert all(g == 0 for g in _grad_norms(text.projection, loss))
+
+
+def test_dino_psi_ab_is_a_learned_embedding_of_the_prototypes(monkeypatch):
+    method, config = _method("dino", "method.ab_base_loss=false")
+    calls = _bootstrap_head_inputs(monkeypatch, method)
+    loss = method(_batches(config), _step())["loss"]
+    _, psi = calls[-1]
+    head = method.student["bootstrap"]
+    assert psi is head.annotation_embedding and psi.shape == (64, 32)  # (K prototypes, decoder width)
+    assert _grad_norms(head, loss)[list(dict(head.named_parameters())).index("annotation_embedding")] > 0
+    assert all(g == 0 for g in _grad_norms(method.student["head"], loss))
+
+
+@pytest.mark.parametrize("base", ["dino", "simclr"])
+def test_student_bootstrap_logits_are_fp32_under_bf16_autocast(monkeypatch, base):
+    spy = _Spy(monkeypatch, "bootstrap_loss")
+    method, config = _method(base)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        method(_batches(config), _step())
+    (student_logits, _), _ = spy.calls[-1]
+    assert student_logits.dtype == torch.float32
 
 
 def test_teacher_with_momentum_one_never_moves(tmp_path):
@@ -172,21 +255,69 @@ def test_base_loss_switch_removes_only_the_base_loss():
     torch.testing.assert_close(out_b["loss"], out_b["metrics"]["bootstrap_loss"] * config["method"]["ab_loss_ratio"])
 
 
-def test_iou_range_keeps_crops_and_masks_pairs_outside_the_range(monkeypatch):
+def test_iou_range_0_to_1_is_the_method_without_the_ablation(monkeypatch):
+    spy = _Spy(monkeypatch, "bootstrap_loss")
+    default, config = _method("dino")
+    explicit, _ = _method("dino", "method.ab_iou_range=[0.0, 1.0]")
+    batches = _batches(config)
+    sizes = []
+    original = explicit.annotation_space
+    explicit.annotation_space = lambda networks, images, *rest: (sizes.append(len(images))
+                                                                 or original(networks, images, *rest))
+    out_a = default.bootstrap(batches["bootstrap"], batches["annotation"], _step())
+    out_b = explicit.bootstrap(batches["bootstrap"], batches["annotation"], _step())
+    assert torch.equal(out_a["loss"], out_b["loss"])
+    assert sizes == [3 * 3]  # the teacher sees the n crops of each image, as without the ablation
+    assert spy.calls[-1][1]["valid"] is None and "iou_range_found" not in out_b["metrics"]
+
+
+def test_iou_range_keeps_the_sources_and_gives_every_pair_its_own_in_range_target(monkeypatch):
     loss_spy = _Spy(monkeypatch, "bootstrap_loss")
     pair_spy = _Spy(monkeypatch, "pack_pairs")
-    everything, config = _method("dino")
-    ranged, _ = _method("dino", "method.ab_iou_range=[0.0, 0.3]")
+    everything, config = _method("simclr")
+    ranged, _ = _method("simclr", "method.ab_iou_range=[0.3, 0.7]")
     batches = _batches(config)
+    targets_seen = []
+    original = ranged.annotation_space
+
+    def recording(networks, images, annotation_batch, step):
+        space = original(networks, images, annotation_batch, step)
+        targets_seen.append((images, space.logits))
+        return space
+
+    ranged.annotation_space = recording
     everything.bootstrap(batches["bootstrap"], batches["annotation"], _step())
-    ranged.bootstrap(batches["bootstrap"], batches["annotation"], _step())
-    assert torch.equal(pair_spy.calls[0][0][0], pair_spy.calls[1][0][0])  # same crops
-    assert loss_spy.calls[0][1]["valid"] is None
-    valid = loss_spy.calls[1][1]["valid"]
-    boxes = pair_spy.calls[1][0][0]  # (B, n, 4)
-    pairs = [(i, j) for i in range(3) for j in range(3) if i != j]
-    expected = torch.stack([torch.stack([box_iou(b[i], b[j]) for i, j in pairs]) for b in boxes])
-    assert torch.equal(valid, (expected >= 0.0) & (expected <= 0.3))
+    output = ranged.bootstrap(batches["bootstrap"], batches["annotation"], _step())
+    (sources, _), _ = pair_spy.calls[0]
+    (ranged_sources, _), kwargs = pair_spy.calls[1]
+    assert torch.equal(sources, ranged_sources)  # the student's crops are those of the plain method
+    targets = kwargs["target_boxes"]  # (B, P, 4): one target per ordered pair
+    n, images, pairs = 3, 3, [(i, j) for i in range(3) for j in range(3) if i != j]
+    assert targets.shape == (images, n * n - n, 4)
+    iou = torch.stack([torch.stack([box_iou(sources[b, i], targets[b, p]) for p, (i, _) in enumerate(pairs)])
+                       for b in range(images)])
+    assert ((iou >= 0.3) & (iou <= 0.7)).all(), iou
+    (student_logits, teacher_logits), loss_kwargs = loss_spy.calls[-1]
+    assert student_logits.shape[:2] == (images, n * n - n) and loss_kwargs["valid"].all()
+    assert output["metrics"]["iou_range_found"] == 1.0
+    # The teacher ran once on the n (n - 1) target crops (pair-major), and pair p's target is crop p.
+    target_images, target_logits = targets_seen[-1]
+    assert target_images.shape[0] == images * (n * n - n)
+    torch.testing.assert_close(teacher_logits, target_logits.view(n * n - n, images, -1).transpose(0, 1))
+    expected = ab_module.crops_at_boxes(batches["bootstrap"]["image"], targets, 16, torch.Generator())
+    torch.testing.assert_close(target_images, expected)
+
+
+def test_pairs_without_an_in_range_target_are_left_out_of_the_loss(monkeypatch):
+    loss_spy = _Spy(monkeypatch, "bootstrap_loss")
+    method, config = _method("dino", "method.ab_iou_range=[0.85, 1.0]")
+    batches = _batches(config)
+    output = method.bootstrap(batches["bootstrap"], batches["annotation"], _step())
+    (student_logits, teacher_logits), kwargs = loss_spy.calls[-1]
+    found = kwargs["valid"]
+    assert 0 < found.sum() < found.numel()  # small crops rarely find a near-identical one: some left out
+    assert output["metrics"]["iou_range_found"] == pytest.approx(found.float().mean().item())
+    torch.testing.assert_close(output["loss"], ab_module.bootstrap_loss(student_logits[found], teacher_logits[found]))
 
 
 def test_unknown_ablation_value_is_a_config_error():
@@ -196,3 +327,73 @@ def test_unknown_ablation_value_is_a_config_error():
         _method("dino", "method.ab_photometric=sepia")
     with pytest.raises(ConfigError, match="ab_n_crops"):
         _method("dino", "method.ab_n_crops=1")
+    for bad in ("[0.5, 0.2]", "[0.0, 0.0]", "[0.3]", "[0.0, 1.5]"):
+        with pytest.raises(ConfigError, match="method.ab_iou_range"):
+            _method("dino", f"method.ab_iou_range={bad}")
+
+
+# -- DDP: every AB method and every ablation switch trains under 2-process gloo, ranks stay equal (bug 4) ------
+# Each method once with its base loss (DDP without find_unused_parameters) and once without (with it: the
+# base heads then get no gradient, which crashed here before); the other switches ride along, one per run.
+DDP_CASES = [
+    ("simclr", ("method.ab_ema_target=false",)),
+    ("dino", ("method.ab_box_tokens=false", "method.ab_iou_range=[0.2, 0.8]")),
+    ("clip", ("method.ab_photometric=simclr",)),
+    ("simclr", ("method.ab_base_loss=false",)), ("dino", ("method.ab_base_loss=false",)),
+    ("clip", ("method.ab_base_loss=false",)),
+]
+
+
+def _ddp_worker(rank: int, out_dir: str) -> None:
+    import os
+
+    import torch.distributed as torch_dist
+
+    from wildssl.distributed import cleanup_distributed, setup_distributed
+    from wildssl.train import engine
+
+    os.environ["RANK"] = os.environ["LOCAL_RANK"] = str(rank)
+    torch.set_num_threads(1)
+    setup_distributed()
+    runs = []
+    build_run = engine.build_run
+    engine.build_run = lambda *args, **kwargs: runs.append(build_run(*args, **kwargs)) or runs[-1]
+    try:
+        for index, (base, extra) in enumerate(DDP_CASES):
+            config = build_config(None, tiny_ab_overrides(base, "train.steps=2", "train.checkpoint_every=0",
+                                                          "data.bootstrap_batch_size=4", *extra))
+            torch.manual_seed(config["train"]["seed"])
+            initial = dict(build_method(config).named_parameters())
+            engine.train(config, f"{out_dir}/{index}")
+            params = dict(runs[-1].method.named_parameters())
+            flat = torch.cat([p.detach().flatten().double() for p in params.values()])
+            gathered = [torch.empty_like(flat) for _ in range(2)]
+            torch_dist.all_gather(gathered, flat)
+            case = f"ab_{base} {' '.join(extra)}"
+            assert torch.equal(gathered[0], gathered[1]), f"{case}: the ranks' weights differ"
+            assert not torch.equal(params["student.backbone.cls_token"], initial["student.backbone.cls_token"]), case
+        torch_dist.barrier()  # no rank may tear the group down while the other still talks to it
+    finally:
+        engine.build_run = build_run
+        cleanup_distributed()
+
+
+def test_every_ab_method_and_ablation_trains_under_two_process_ddp_with_equal_weights(tmp_path, monkeypatch):
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("WORLD_SIZE", "2"),
+                        ("CUDA_VISIBLE_DEVICES", ""), ("OMP_NUM_THREADS", "1")):
+        monkeypatch.setenv(name, value)
+    context = torch.multiprocessing.start_processes(_ddp_worker, args=(str(tmp_path),), nprocs=2, join=False,
+                                                    start_method="spawn")
+    deadline = time.monotonic() + 300
+    # join() re-raises a worker's exception with its traceback; the deadline guards against a hung collective.
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.terminate()
+            pytest.fail("DDP workers did not finish within 300 s")

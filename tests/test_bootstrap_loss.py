@@ -123,3 +123,17 @@ def test_bootstrap_agreement_is_one_when_student_equals_teacher():
     result = bootstrap_agreement(logits, logits, iou)
     assert len(result) == 6
     assert all(value == 1.0 for value in result.values())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_logits_in_a_left_out_pair_reach_neither_the_loss_nor_the_gradient(bad):
+    student, teacher = _logits(2, 5, 4, seed=16), _logits(2, 5, 4, seed=17)
+    valid = torch.tensor([[True, False, True, True, True], [True, True, True, False, True]])
+    student[0, 1, 2] = bad  # in pairs that do not count
+    teacher[1, 3] = bad
+    student.requires_grad_()
+    loss = bootstrap_loss(student, teacher, valid=valid)
+    assert loss.item() == pytest.approx(_reference_loss(student.detach(), teacher, 1.0, valid), rel=1e-12)
+    loss.backward()
+    assert torch.isfinite(student.grad).all()
+    assert (student.grad[~valid] == 0).all() and (student.grad[valid] != 0).any()

@@ -168,13 +168,13 @@ def test_decoder_rejects_boxes_that_do_not_match_the_crop_count():
 
 
 def test_head_logits_are_scaled_cosine_similarities_to_projected_annotations():
-    head = AnnotationBootstrapHead(_decoder(), annotation_dim=5, init_scale=7.0).double()
+    head = AnnotationBootstrapHead(_decoder(), feature_dim=5, init_scale=7.0).double()
     memory, boxes = _inputs(1, 3)
     phi = head(memory, boxes)
-    annotations = torch.randn(4, 5, dtype=torch.float64)
-    logits = head.logits(phi, annotations)
+    features = torch.randn(4, 5, dtype=torch.float64)
+    logits = head.logits(phi, head.annotations(features))
     assert logits.shape == (1, 6, 4)
-    projected = annotations @ head.annotation_proj.weight.T
+    projected = features @ head.annotation_head.weight.T
     scale = head.logit_scale().item()
     assert scale == pytest.approx(7.0, rel=1e-6)
     for p in range(6):
@@ -183,10 +183,30 @@ def test_head_logits_are_scaled_cosine_similarities_to_projected_annotations():
             assert logits[0, p, k].item() == pytest.approx(scale * cosine.item(), rel=1e-10)
 
 
+def test_head_for_a_fixed_annotation_set_scores_a_learned_embedding_matrix():
+    head = AnnotationBootstrapHead(_decoder(), num_annotations=6).double()
+    memory, boxes = _inputs(2, 3)
+    phi = head(memory, boxes)
+    psi = head.annotations()
+    assert psi.shape == (6, 8) and psi.requires_grad
+    expected = head.logit_scale() * F.normalize(phi, dim=-1) @ F.normalize(head.annotation_embedding, dim=-1).T
+    torch.testing.assert_close(head.logits(phi, psi), expected)
+    head.logits(phi, psi).sum().backward()
+    assert head.annotation_embedding.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="fixed annotation set"):
+        head.annotations(torch.zeros(6, 5, dtype=torch.float64))
+
+
+def test_head_takes_exactly_one_annotation_form():
+    for kwargs in ({}, {"feature_dim": 5, "num_annotations": 6}):
+        with pytest.raises(ValueError, match="exactly one"):
+            AnnotationBootstrapHead(_decoder(), **kwargs)
+
+
 def test_head_logit_scale_above_100_still_learns_and_is_clamped_back_after_the_step():
-    head = AnnotationBootstrapHead(_decoder(), annotation_dim=5, init_scale=150.0).double()
+    head = AnnotationBootstrapHead(_decoder(), feature_dim=5, init_scale=150.0).double()
     phi = torch.randn(1, 2, 8, dtype=torch.float64)
-    head.logits(phi, torch.randn(3, 5, dtype=torch.float64)).logsumexp(-1).sum().backward()
+    head.logits(phi, head.annotations(torch.randn(3, 5, dtype=torch.float64))).logsumexp(-1).sum().backward()
     grad = head.logit_scale.log_scale.grad
     assert grad is not None and grad != 0  # an output clamp would make this exactly 0
     head.logit_scale.commit_step()  # what the engine does after every optimizer step
@@ -194,7 +214,7 @@ def test_head_logit_scale_above_100_still_learns_and_is_clamped_back_after_the_s
 
 
 def test_head_logits_stay_fp32_under_bf16_autocast():
-    head = AnnotationBootstrapHead(_decoder(), annotation_dim=5)
-    phi, annotations = torch.randn(1, 2, 8), torch.randn(3, 5)
+    head = AnnotationBootstrapHead(_decoder(), feature_dim=5)
+    phi, features = torch.randn(1, 2, 8), torch.randn(3, 5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert head.logits(phi.bfloat16(), annotations).dtype == torch.float32
+        assert head.logits(phi.bfloat16(), head.annotations(features)).dtype == torch.float32

@@ -100,10 +100,20 @@ def test_annotation_space_logits_match_an_independent_float64_computation(tmp_pa
 
     assert space.logits.shape == (5, 7)  # K = the annotation batch size
     assert torch.allclose(space.logits.double(), expected, atol=1e-4)
-    assert torch.allclose(space.annotations.double(), text, atol=1e-5)
-    assert not space.annotations.requires_grad and not space.logits.requires_grad
-    assert torch.allclose(space.logits.softmax(dim=1).sum(dim=1), torch.ones(5))
-    assert method.annotation_dim() == space.annotations.shape[1] == 16
+    assert not space.logits.requires_grad
+
+
+def test_annotation_features_are_the_text_towers_pooled_features_with_gradient(tmp_path):
+    method = tiny_clip(tmp_path).eval()
+    annotation_batch = tiny_batch(size=7, start=20)
+    features = method.annotation_features(method.student, annotation_batch)
+    tokens = ByteTokenizer().encode_batch(annotation_batch["caption"], 40)
+    hidden = method.student["text"].forward_tokens(tokens)
+    eot = [row.index(ByteTokenizer().eot_id) for row in tokens.tolist()]
+    expected = torch.stack([hidden[i, position] for i, position in enumerate(eot)])
+    torch.testing.assert_close(features, expected)
+    assert features.requires_grad and features.shape == (7, method.annotation_input().feature_dim) == (7, 32)
+    torch.testing.assert_close(method.student["text"](tokens), method.student["text"].projection(expected))
 
 
 def test_bpe_tokenizer_is_trained_into_the_run_dir_once_and_reloaded_with_identical_ids(tmp_path, monkeypatch):

@@ -52,3 +52,72 @@ def test_every_shipped_recipe_resolves():
     assert {"demo", "dino", "dino_quick", "simclr", "simclr_quick"} <= set(names)
     for name in names:
         build_config(name)
+
+
+# -- recipes at parity: an annotation-bootstrapping recipe is its base recipe plus ab_* keys and streams ----
+AB_ONLY = {"method.name", "data.train", "data.annotation", "data.bootstrap", "data.bootstrap_batch_size"}
+
+
+def _printed_config(capsys, recipe: str) -> dict:
+    import yaml
+
+    from wildssl.cli import main
+    from wildssl.train.config import flatten
+
+    assert main(["config", recipe]) == 0
+    return flatten(yaml.safe_load(capsys.readouterr().out))
+
+
+@pytest.mark.parametrize("base", ["dino", "simclr", "clip", "dino_quick", "simclr_quick", "clip_quick"])
+def test_wildssl_config_of_ab_recipe_differs_from_its_base_only_in_ab_keys_streams_and_name(capsys, base):
+    base_config, ab_config = _printed_config(capsys, base), _printed_config(capsys, f"ab_{base}")
+    differing = {k for k in set(base_config) | set(ab_config)
+                 if base_config.get(k, "absent") != ab_config.get(k, "absent")}
+    assert differing - AB_ONLY == {k for k in differing if k.startswith("method.ab_")}
+    assert ab_config["method.name"] == "ab_" + base_config["method.name"]
+    assert ab_config["data.annotation"] == base_config["data.train"]  # the base trains on the annotation stream
+    assert any(k.startswith("method.ab_") for k in differing)  # the comparison itself is not vacuous
+
+
+def _write(folder, name: str, text: str):
+    path = folder / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_inherit_overrides_the_parent_key_by_key_and_replaces_lists(tmp_path):
+    _write(tmp_path, "parent.yaml", "method: {name: dino, out_dim: 128, global_scale: [0.3, 1.0]}\n"
+                                    "train: {steps: 9, batch_size: 32}\ndata: {train: 'synthetic:scenes?n=64'}\n")
+    child = _write(tmp_path, "child.yaml",
+                   "inherit: parent.yaml\nmethod: {global_scale: [0.5, 1.0]}\ntrain: {steps: 4}\n")
+    config = build_config(child)
+    assert config["method"]["out_dim"] == 128 and config["method"]["global_scale"] == [0.5, 1.0]
+    assert (config["train"]["steps"], config["train"]["batch_size"]) == (4, 32)
+    assert config["data"]["train"] == "synthetic:scenes?n=64"
+
+
+def test_inherit_across_methods_makes_the_parents_stream_the_childs_first_stream(tmp_path):
+    parent = _write(tmp_path, "base.yaml",
+                    "method: {name: simclr, temperature: 0.3}\ndata: {train: 'synthetic:scenes?n=64'}\n")
+    _write(tmp_path, "ab.yaml", f"inherit: {parent}\nmethod: {{name: ab_simclr}}\n"
+                          "data: {bootstrap: 'synthetic:scenes?n=32'}\n")
+    grandchild = _write(tmp_path, "ab2.yaml", "inherit: ab.yaml\nmethod: {ab_n_crops: 3}\n")
+    config = build_config(grandchild)
+    assert config["method"]["name"] == "ab_simclr" and config["method"]["temperature"] == 0.3
+    assert config["method"]["ab_n_crops"] == 3
+    assert config["data"]["annotation"] == "synthetic:scenes?n=64"
+    assert config["data"]["bootstrap"] == "synthetic:scenes?n=32" and "train" not in config["data"]
+
+
+def test_bad_inheritance_is_a_one_line_config_error(tmp_path):
+    loop_a = _write(tmp_path, "a.yaml", "inherit: b.yaml\n")
+    _write(tmp_path, "b.yaml", "inherit: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops") as info:
+        build_config(loop_a)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="unknown recipe 'no_such_base'"):
+        build_config(_write(tmp_path, "c.yaml", "inherit: no_such_base\n"))
+    with pytest.raises(ConfigError, match="inherit must name one recipe"):
+        build_config(_write(tmp_path, "d.yaml", "inherit: [dino, simclr]\n"))
+    with pytest.raises(ConfigError, match="unknown config key 'optim.lrr'"):
+        build_config(_write(tmp_path, "e.yaml", "inherit: dino_quick\noptim: {lrr: 1}\n"))

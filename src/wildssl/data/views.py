@@ -221,6 +221,55 @@ def dino_specs(
     ] + [CropSpec(size=local_size, scale=local_scale, photometric="dino_local") for _ in range(n_local)]
 
 
+def _to_float(images: torch.Tensor) -> torch.Tensor:
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+        raise DataError(
+            f"make_views: images are {images.dtype} {tuple(images.shape)}; expected uint8 (B, 3, H, W)"
+        )
+    return images.float().div_(255.0)
+
+
+def _render(
+    pixels: torch.Tensor,
+    boxes: torch.Tensor,
+    flipped: torch.Tensor | None,
+    size: int | tuple[int, int],
+    photometric: str | None,
+    generator: torch.Generator,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> torch.Tensor:
+    """Float pixels ``(B, 3, H, W)`` in [0, 1] and ``K`` boxes per image ``(B, K, 4)`` -> normalized
+    views ``(K * B, 3, h, w)``, crop-major (row ``k * B + b`` is crop ``k`` of image ``b``)."""
+    crops = boxes.shape[1]
+    out = crop_and_resize(pixels, boxes, size, flipped)
+    out = out.transpose(0, 1).reshape(crops * pixels.shape[0], 3, *out.shape[-2:])
+    if photometric is not None:
+        out = apply_pipeline(photometric, out, generator)
+    mean_t = torch.tensor(mean, device=out.device, dtype=out.dtype).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=out.device, dtype=out.dtype).view(1, 3, 1, 1)
+    return (out - mean_t) / std_t
+
+
+def crops_at_boxes(
+    images: torch.Tensor,
+    boxes: torch.Tensor,
+    size: int | tuple[int, int],
+    generator: torch.Generator,
+    photometric: str | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> torch.Tensor:
+    """Views of given boxes, as :func:`make_views` renders its own: uint8 ``images`` ``(B, 3, H, W)`` and
+    ``boxes`` ``(B, K, 4)`` -> normalized ``(K * B, 3, h, w)``, crop-major; no flip; the photometric
+    pipeline (if any) draws from ``generator``. For boxes chosen elsewhere (annotation bootstrapping's
+    IoU-conditioned targets)."""
+    if boxes.dim() != 3 or boxes.shape[0] != images.shape[0] or boxes.shape[-1] != 4:
+        raise DataError(f"crops_at_boxes: boxes {tuple(boxes.shape)} do not match images {tuple(images.shape)}; "
+                        "expected (B, K, 4)")
+    return _render(_to_float(images), boxes, None, size, photometric, generator, mean, std)
+
+
 def make_views(
     images: torch.Tensor,
     specs: Sequence[CropSpec],
@@ -237,10 +286,7 @@ def make_views(
     one batch of ``K * B`` views. ``aspect`` ``(B,)``: W/H of the original images (default: W/H of
     ``images``).
     """
-    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-        raise DataError(
-            f"make_views: images are {images.dtype} {tuple(images.shape)}; expected uint8 (B, 3, H, W)"
-        )
+    pixels = _to_float(images)
     if not specs:
         raise ConfigError("make_views: no crop specs given; pass at least one CropSpec")
     batch, _, height, width = images.shape
@@ -249,9 +295,6 @@ def make_views(
         aspect = torch.full((batch,), width / height, device=device)
     elif aspect.shape != (batch,):
         raise DataError(f"make_views: aspect has shape {tuple(aspect.shape)}, expected ({batch},)")
-    pixels = images.float().div_(255.0)
-    mean_t = torch.tensor(mean, device=device, dtype=pixels.dtype).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=device, dtype=pixels.dtype).view(1, 3, 1, 1)
     source_index = torch.arange(batch, device=device)
 
     views: list[ViewBatch] = []
@@ -267,16 +310,16 @@ def make_views(
             crops * batch, spec.scale, spec.ratio, aspect.repeat(crops), generator, device
         )
         flipped = _rand((crops * batch,), generator, device) < spec.flip_prob
-        out = crop_and_resize(
+        out = _render(
             pixels,
             boxes.view(crops, batch, 4).transpose(0, 1),
-            spec.size,
             flipped.view(crops, batch).transpose(0, 1),
+            spec.size,
+            spec.photometric,
+            generator,
+            mean,
+            std,
         )
-        out = out.transpose(0, 1).reshape(crops * batch, 3, *out.shape[-2:])
-        if spec.photometric is not None:
-            out = apply_pipeline(spec.photometric, out, generator)
-        out = (out - mean_t) / std_t
         for k in range(crops):
             rows = slice(k * batch, (k + 1) * batch)
             views.append(ViewBatch(out[rows], boxes[rows], flipped[rows], source_index))

@@ -32,7 +32,8 @@ def bootstrap_loss(
         teacher_logits: ``(..., K)`` teacher logits on each pair's target crop; detached here, the
             teacher only receives gradients through its EMA update.
         teacher_temp: temperature dividing the teacher logits (sharpening when below 1).
-        valid: ``(...)`` bool mask of the pairs that count (IoU-range ablation); ``None`` = all.
+        valid: ``(...)`` bool mask of the pairs that count (the IoU-range ablation leaves out the
+            pairs it found no target for); ``None`` = all.
 
     Returns a scalar. When no pair is valid it is a zero that still depends on the student logits,
     so the step runs (with zero gradient) instead of producing NaN.
@@ -49,15 +50,16 @@ def bootstrap_loss(
         )
     # bf16 logits under autocast lose too much in a softmax over large K; float64 stays float64.
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    if valid is not None:
+        # Select the pairs that count *before* any arithmetic: a non-finite value in a pair left out must
+        # reach neither the loss nor the gradient (multiplying by a 0/1 mask gives NaN * 0 = NaN, and
+        # even a selection after the softmax back-propagates NaN through the left-out rows).
+        valid = valid.bool()
+        student_logits, teacher_logits = student_logits[valid], teacher_logits[valid]
+        if student_logits.shape[0] == 0:
+            return student_logits.to(dtype).sum()  # an empty sum: zero, yet in the graph (the step runs, zero gradient)
     target = F.softmax(teacher_logits.detach().to(dtype) / teacher_temp, dim=-1)
-    per_pair = -(target * F.log_softmax(student_logits.to(dtype), dim=-1)).sum(dim=-1)
-    if valid is None:
-        return per_pair.mean()
-    # Select, do not multiply: a non-finite value in a pair that does not count must not reach the loss.
-    selected = per_pair[valid.bool()]
-    if selected.numel() == 0:
-        return per_pair[:0].sum()  # an empty sum: zero, yet in the graph (the step runs, zero gradient)
-    return selected.mean()
+    return -(target * F.log_softmax(student_logits.to(dtype), dim=-1)).sum(dim=-1).mean()
 
 
 @torch.no_grad()

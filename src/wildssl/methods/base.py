@@ -36,7 +36,8 @@ How the methods map onto this interface:
 | CLIP/SLIP/SiLC | 1 view (+2 SimCLR / DINO views) | ``forward`` + text tower | SiLC: EMA | ``losses.clip_loss`` |
 | AB_* | base views + n crops per bootstrap image | base + box-query decoder | EMA | ``annotation_space`` of the base |
 
-Methods that learn p(annotation | image) expose :meth:`Method.annotation_space` so annotation
+Methods that learn p(annotation | image) expose :meth:`Method.annotation_space` (the targets),
+:meth:`Method.annotation_input` and :meth:`Method.annotation_features` (what psi_AB reads) so annotation
 bootstrapping can wrap them without knowing which base it wraps.
 """
 
@@ -78,15 +79,24 @@ class StepContext:
 
 @dataclass
 class AnnotationSpace:
-    """A base method's distribution over a set of K annotations for M images (annotation bootstrapping).
-
-    ``logits`` ``(M, K)``: p(l | image) = softmax(logits) row-wise, every temperature, scale and centering
-    already applied. ``annotations`` ``(K, D_a)``: the annotation embeddings psi(l) that the bootstrap head
-    maps into its own space (detached: the bootstrap loss does not train the base method's heads).
-    """
+    """A base method's distribution over a set of K annotations for M images: the targets of annotation
+    bootstrapping. ``logits`` ``(M, K)``: p(l | image) = softmax(logits) row-wise, every temperature,
+    scale and centering already applied; computed without gradient."""
 
     logits: torch.Tensor
-    annotations: torch.Tensor
+
+
+@dataclass(frozen=True)
+class AnnotationInput:
+    """What annotation bootstrapping's own annotation head psi_AB reads (seed 000, Alg. 1), exactly one of:
+
+    ``feature_dim``: the annotations are encoded by the student's annotation backbone, and
+    :meth:`Method.annotation_features` gives their ``(K, feature_dim)`` features (with gradient);
+    ``num_annotations``: the annotations are a fixed set of K (DINO's prototypes), which psi_AB embeds
+    with a learned ``(K, D)`` matrix."""
+
+    feature_dim: int | None = None
+    num_annotations: int | None = None
 
 
 class Method(nn.Module):
@@ -263,16 +273,23 @@ class Method(nn.Module):
                 param.requires_grad_(False)
 
     # -- annotation bootstrapping ------------------------------------------------------------------
-    def annotation_dim(self) -> int:
-        """Width D_a of :attr:`AnnotationSpace.annotations` (for annotation bootstrapping's psi_AB)."""
+    def annotation_input(self) -> AnnotationInput:
+        """What annotation bootstrapping's psi_AB reads for this base method (see :class:`AnnotationInput`)."""
         raise NotImplementedError(f"method {self.name} does not expose an annotation space")
+
+    def annotation_features(self, networks: nn.ModuleDict, annotation_batch: dict) -> torch.Tensor:
+        """``(K, feature_dim)`` features of the K annotations of ``annotation_batch`` from the annotation
+        backbone of ``networks`` (the student), *with* gradient: psi_AB's input. Only for bases whose
+        :meth:`annotation_input` has a ``feature_dim``; the order of the K annotations is that of
+        :meth:`annotation_space`."""
+        raise NotImplementedError(f"method {self.name} has no annotation features")
 
     def annotation_space(self, networks: nn.ModuleDict, images: torch.Tensor, annotation_batch: dict,
                          step: StepContext) -> AnnotationSpace:
         """p(annotation | image) of ``images`` ``(M, 3, h, w)`` (normalized) computed with ``networks``
-        (the EMA teacher, or the student for the no-EMA ablation), over annotations drawn from
-        ``annotation_batch`` (captions for CLIP, other images for SimCLR) or fixed (DINO's prototypes).
-        Implemented by the methods annotation bootstrapping can wrap."""
+        (the EMA teacher, or the student for the no-EMA ablation) without gradient, over annotations drawn
+        from ``annotation_batch`` (captions for CLIP, other images for SimCLR) or fixed (DINO's
+        prototypes). Implemented by the methods annotation bootstrapping can wrap."""
         raise NotImplementedError(f"method {self.name} does not expose an annotation space")
 
     def forward(self, batches: dict[str, dict], step: StepContext) -> dict:  # pragma: no cover

@@ -24,7 +24,8 @@ from wildssl.data.views import CropSpec, make_views
 from wildssl.errors import CheckpointError, ConfigError, DataError
 from wildssl.losses.clip_loss import clip_accuracy, clip_loss
 from wildssl.models.logit_scale import LogitScale
-from wildssl.methods.base import AnnotationSpace, Method, StepContext, check_pool, normalized_embedding_std, pooled
+from wildssl.methods.base import (AnnotationInput, AnnotationSpace, Method, StepContext, check_pool,
+                                  normalized_embedding_std, pooled)
 from wildssl.models.text import build_text_tower
 from wildssl.models.tokenizer import (PAD_ID, SPECIAL_TOKENS, TOKENIZER_FILENAME, ByteTokenizer, CaptionTokenizer,
                                       build_tokenizer)
@@ -172,20 +173,24 @@ class CLIP(Method):
         loss, metrics = self.contrastive([features], batch["caption"])
         return {"loss": loss, "metrics": metrics}
 
-    def annotation_dim(self) -> int:
-        return self.options["embed_dim"]
+    def annotation_input(self) -> AnnotationInput:
+        return AnnotationInput(feature_dim=self.student["text"].width)
+
+    def annotation_features(self, networks: nn.ModuleDict, annotation_batch: dict) -> torch.Tensor:
+        """The text tower's pooled features ``(K, text width)`` of the batch's captions, before CLIP's text
+        projection (psi_AB's input, with gradient into the tower)."""
+        text = networks["text"]
+        return text.pooled_features(self.tokenize(annotation_batch["caption"], text.token_embedding.weight.device))
 
     @torch.no_grad()
     def annotation_space(self, networks: nn.ModuleDict, images: torch.Tensor, annotation_batch: dict,
                          step: StepContext) -> AnnotationSpace:
         """p(caption | image) over the K captions of ``annotation_batch``: logits ``(M, K)`` =
-        ``s * normalize(img) @ normalize(txt).T`` with the learned scale ``s`` of ``networks``;
-        annotations ``(K, embed_dim)`` = the normalized caption embeddings."""
+        ``s * normalize(img) @ normalize(txt).T`` with the learned scale ``s`` of ``networks``."""
         image = self.encode_images(networks, images)
         text = self.encode_texts(networks, annotation_batch["caption"])
         # As in clip_loss: cosines times a scale near 100 need fp32, not bf16.
         with torch.autocast(device_type=images.device.type, enabled=False):
             image = F.normalize(image.float(), dim=-1)
             text = F.normalize(text.float(), dim=-1)
-            logits = networks["logit_scale"]().float() * image @ text.T
-        return AnnotationSpace(logits=logits, annotations=text)
+            return AnnotationSpace(networks["logit_scale"]().float() * image @ text.T)

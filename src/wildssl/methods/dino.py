@@ -7,8 +7,8 @@ import numpy as np
 import torch
 
 from wildssl.data.views import dino_specs, make_views
-from wildssl.methods.base import (AnnotationSpace, Method, StepContext, check_pool, normalized_embedding_std,
-                                  pooled, pooled_features)
+from wildssl.methods.base import (AnnotationInput, AnnotationSpace, Method, StepContext, check_pool,
+                                  normalized_embedding_std, pooled, pooled_features)
 from wildssl.methods.distillation import DISTILLATION_DEFAULTS, MULTI_CROP_DEFAULTS, SelfDistillation
 
 
@@ -36,15 +36,15 @@ class DINO(Method):
         features = torch.cat(pooled_features(networks["backbone"], [v.images for v in views], self.options["pool"]))
         return list(networks["head"](features).chunk(len(views))), features
 
-    def annotation_dim(self) -> int:
-        return self.options["bottleneck_dim"]
+    def annotation_input(self) -> AnnotationInput:
+        """The annotations are the K prototypes: psi_AB embeds them with its own (K, D) matrix."""
+        return AnnotationInput(num_annotations=self.options["out_dim"])
 
     @torch.no_grad()
     def annotation_space(self, networks, images, annotation_batch, step) -> AnnotationSpace:
-        """Annotations are the K prototypes; p(l|x) is the teacher's distribution: centered, sharpened."""
+        """p(prototype | x): the distribution DINO's teacher gives, centered and sharpened."""
         logits = networks["head"](pooled(networks["backbone"](images), self.options["pool"]))
-        centered = self.distillation.centered_logits(logits, self.distillation.teacher_temp(step.values))
-        return AnnotationSpace(centered, networks["head"].prototypes().detach().float())
+        return AnnotationSpace(self.distillation.centered_logits(logits, self.distillation.teacher_temp(step.values)))
 
     def forward(self, batches: dict[str, dict], step: StepContext) -> dict:
         batch = batches["train"]

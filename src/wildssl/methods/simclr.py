@@ -9,7 +9,8 @@ from torch import nn
 from wildssl.data.views import CropSpec, make_views
 from wildssl.eval.features import preprocess_images
 from wildssl.losses.nt_xent import nt_xent_loss
-from wildssl.methods.base import AnnotationSpace, Method, StepContext, check_pool, normalized_embedding_std, pooled
+from wildssl.methods.base import (AnnotationInput, AnnotationSpace, Method, StepContext, check_pool,
+                                  normalized_embedding_std, pooled)
 from wildssl.models.heads import ProjectionHead
 
 
@@ -38,17 +39,25 @@ class SimCLR(Method):
         networks = self.student if networks is None else networks
         return networks["head"](pooled(networks["backbone"](images), self.options["pool"]))
 
-    def annotation_dim(self) -> int:
-        return self.options["proj_dim"]
+    # -- annotation bootstrapping: the annotations are the other images of the annotation batch ----------
+    def annotation_images(self, annotation_batch: dict) -> torch.Tensor:
+        """The annotation batch's images, whole, resized to the crop size and normalized: ``(K, 3, s, s)``."""
+        return preprocess_images(annotation_batch["image"], self.options["crop_size"])
+
+    def annotation_input(self) -> AnnotationInput:
+        return AnnotationInput(feature_dim=self.student["backbone"].embed_dim)
+
+    def annotation_features(self, networks: nn.ModuleDict, annotation_batch: dict) -> torch.Tensor:
+        """Pooled backbone features ``(K, width)`` of the annotation images (psi_AB's input, with gradient)."""
+        return pooled(networks["backbone"](self.annotation_images(annotation_batch)), self.options["pool"])
 
     @torch.no_grad()
     def annotation_space(self, networks, images, annotation_batch, step) -> AnnotationSpace:
-        """Annotations are the other images: the projections of the annotation batch's images (whole
-        image, resized to the crop size); p(l|x) = softmax(cos(z_x, z_l) / temperature)."""
-        others = preprocess_images(annotation_batch["image"], self.options["crop_size"])
-        z_others = F.normalize(self.embed(others, networks).float(), dim=-1)
+        """p(l|x) = softmax(cos(z_x, z_l) / temperature) over the annotation images l, with the projections
+        z of ``networks``."""
+        z_others = F.normalize(self.embed(self.annotation_images(annotation_batch), networks).float(), dim=-1)
         z_images = F.normalize(self.embed(images, networks).float(), dim=-1)
-        return AnnotationSpace(z_images @ z_others.T / self.options["temperature"], z_others)
+        return AnnotationSpace(z_images @ z_others.T / self.options["temperature"])
 
     def forward(self, batches: dict[str, dict], step: StepContext) -> dict:
         batch = batches["train"]

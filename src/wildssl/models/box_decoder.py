@@ -3,8 +3,8 @@
 For an ordered crop pair (source i, target j) the student encodes crop i with the backbone, turns
 the box of crop j *in crop i's frame* into 4 query tokens, and a small transformer decoder whose
 queries are those tokens (plus one learned readout query) cross-attends to crop i's backbone
-tokens. The readout query's output is ``phi_AB(x_i, box_ij)``; the annotation head scores it
-against the base method's annotations ``l_k`` as ``t_AB * cos(phi_AB, psi_AB(l_k))``.
+tokens. The readout query's output is ``phi_AB(x_i, box_ij)``; the annotation-bootstrapping head scores
+it against the annotations ``l_k`` as ``t_AB * cos(phi_AB, psi_AB(l_k))``.
 
 Packing: all ``P = n (n - 1)`` pairs of all ``B`` images run in one pass. Query tokens are laid
 out ``(B * n, n - 1, Q, D)``, grouped by source crop (pairs are source-major, see
@@ -166,37 +166,63 @@ class BoxQueryDecoder(nn.Module):
 
 
 class AnnotationBootstrapHead(nn.Module):
-    """The student side of annotation bootstrapping: ``phi_AB``, ``psi_AB`` and ``t_AB`` (Eq. 4).
+    """The student side of annotation bootstrapping: ``phi_AB``, ``psi_AB`` and ``t_AB`` (seed 000, Alg. 1,
+    Eq. 4): ``logit(pair, l_k) = t_AB * cos(phi_AB(x_i, box_ij), psi_AB(l_k))``.
 
-    ``psi_AB`` is a Linear map (no bias) from the base method's annotation embeddings (caption
-    embeddings, other views' projections, or DINO prototypes) into the decoder's output space;
-    the decoder itself is the deep part. Whether gradients reach the annotation embeddings is
-    the caller's choice (detach them to keep the bootstrap loss off the base method's heads).
+    ``psi_AB`` is independent of the base method's own annotation head and trained by the bootstrap
+    loss alone, in one of two forms (the paper's):
+
+    - ``feature_dim``: annotations that the student's annotation backbone encodes (captions through the
+      text tower for CLIP; the annotation images through the image backbone for SimCLR): ``psi_AB`` is
+      a Linear (no bias) from those ``(K, feature_dim)`` features, which carry gradient into the
+      backbone;
+    - ``num_annotations``: a fixed set of K annotations (DINO's prototypes): ``psi_AB`` is a learned
+      ``(K, dim)`` embedding matrix.
+
     ``t_AB`` is a :class:`~wildssl.models.logit_scale.LogitScale` starting at ``init_scale`` (CLIP's
     1 / 0.07), its logarithm clamped to [0, ln 100] after every step.
     """
 
-    def __init__(self, decoder: BoxQueryDecoder, annotation_dim: int, init_scale: float = 1 / 0.07) -> None:
+    def __init__(self, decoder: BoxQueryDecoder, feature_dim: int | None = None, num_annotations: int | None = None,
+                 init_scale: float = 1 / 0.07) -> None:
         super().__init__()
+        if (feature_dim is None) == (num_annotations is None):
+            raise ValueError("AnnotationBootstrapHead takes exactly one of feature_dim (annotations encoded by a "
+                             f"backbone) and num_annotations (a fixed set), got {feature_dim} and {num_annotations}")
         self.decoder = decoder
-        self.annotation_proj = nn.Linear(annotation_dim, decoder.dim, bias=False)
+        self.fixed_set = num_annotations is not None
+        if not self.fixed_set:
+            self.annotation_head = nn.Linear(feature_dim, decoder.dim, bias=False)
+            nn.init.trunc_normal_(self.annotation_head.weight, std=0.02)
+        else:
+            self.annotation_embedding = nn.Parameter(torch.empty(num_annotations, decoder.dim))
+            nn.init.trunc_normal_(self.annotation_embedding, std=0.02)
         self.logit_scale = LogitScale(init_temperature=1.0 / init_scale)
-        nn.init.trunc_normal_(self.annotation_proj.weight, std=0.02)
 
     def forward(self, memory: torch.Tensor, relative_boxes: torch.Tensor) -> torch.Tensor:
         """``phi_AB (B, P, D)``; see :meth:`BoxQueryDecoder.forward`."""
         return self.decoder(memory, relative_boxes)
 
-    def logits(self, phi: torch.Tensor, annotation_emb: torch.Tensor) -> torch.Tensor:
-        """``t_AB * normalize(phi) . normalize(psi_AB(annotation_emb))``.
+    def annotations(self, features: torch.Tensor | None = None) -> torch.Tensor:
+        """``psi_AB``: ``(K, feature_dim)`` annotation features -> ``(K, D)``, or (fixed set, no features)
+        the ``(K, D)`` embedding matrix."""
+        if self.fixed_set:
+            if features is not None:
+                raise ValueError("this head embeds a fixed annotation set; it takes no annotation features")
+            return self.annotation_embedding
+        if features is None:
+            raise ValueError("this head maps annotation features (K, feature_dim); none were given")
+        return self.annotation_head(features)
+
+    def logits(self, phi: torch.Tensor, annotations: torch.Tensor) -> torch.Tensor:
+        """``t_AB * normalize(phi) . normalize(annotations)``, in fp32 (fp64 stays fp64).
 
         Args:
             phi: ``(B, P, D)`` decoder outputs.
-            annotation_emb: ``(K, D_a)`` the base method's annotation embeddings.
+            annotations: ``(K, D)`` ``psi_AB`` of the annotations (:meth:`annotations`).
 
         Returns ``(B, P, K)`` logits.
         """
-        annotations = self.annotation_proj(annotation_emb)
         # Cosines times a scale near 100 need fp32 (as clip_loss and nt_xent): bf16 would round the logits
         # by about 0.4, the size of the differences being learned.
         dtype = torch.promote_types(phi.dtype, torch.float32)

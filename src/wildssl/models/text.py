@@ -56,6 +56,7 @@ class TextTransformer(nn.Module):
             raise ConfigError(f"text tower eot_id {eot_id} is outside the vocabulary of {vocab_size} ids")
         self.context_length = context_length
         self.eot_id = eot_id
+        self.width = width
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
         self.blocks = nn.ModuleList([_causal_block(width, heads) for _ in range(depth)])
@@ -92,13 +93,17 @@ class TextTransformer(nn.Module):
             x = block(x)
         return self.norm(x)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``(B, L)`` ids -> ``(B, embed_dim)`` unnormalized text embeddings."""
+    def pooled_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(B, L)`` ids -> ``(B, width)`` final-LayerNorm hidden state at the first EOT, before the
+        projection (annotation bootstrapping puts its own head, psi_AB, here)."""
         hidden = self.forward_tokens(tokens)
         # argmax returns the first maximal index, i.e. the first EOT of each row.
         eot_position = (tokens == self.eot_id).int().argmax(dim=1)
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), eot_position]
-        return self.projection(pooled)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), eot_position]
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(B, L)`` ids -> ``(B, embed_dim)`` unnormalized text embeddings."""
+        return self.projection(self.pooled_features(tokens))
 
 
 def build_text_tower(

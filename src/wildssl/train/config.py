@@ -5,7 +5,14 @@ A config is a nested ``dict`` whose keys are fixed by :data:`DEFAULTS` and by th
 that lists the valid keys, never a silently ignored option. Every value is then checked against its
 type and sane range (:mod:`wildssl.schema`), so a wrong value fails here, in one line, and not deep
 inside training. The resolved config is written beside every run (``config.yaml``) and inside every
-checkpoint.
+checkpoint; ``wildssl config RECIPE`` prints it.
+
+Recipe inheritance: a recipe's top-level ``inherit: NAME`` (a shipped recipe, or a YAML path, relative to
+the inheriting file) starts from that recipe's tree and overrides it key by key (lists are replaced,
+not merged), so ``ab_dino.yaml`` holds only what differs from ``dino.yaml``: the ``ab_*`` keys, the
+streams and ``method.name``. When the two recipes' methods read different data streams, the parent's
+first stream becomes the child's first stream (``data.train`` of a base method is the ``data.annotation``
+of its annotation-bootstrapping variant); chains are followed, cycles are a ConfigError.
 """
 
 from __future__ import annotations
@@ -160,12 +167,14 @@ def recipe_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def read_recipe(recipe: str) -> tuple[dict[str, Any], str]:
-    """Read a recipe by shipped name or YAML path; returns (tree, where-it-came-from)."""
+def _load_recipe(recipe: str, relative_to: Path | None = None) -> tuple[dict[str, Any], str]:
+    """One recipe file's tree as written (``inherit`` not followed) and where it came from."""
     path = Path(recipe)
+    if relative_to is not None and path.suffix in (".yaml", ".yml") and not path.is_absolute():
+        path = relative_to / path
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
-            raise ConfigError(f"recipe file not found: {recipe} (give a YAML path or one of: "
+            raise ConfigError(f"recipe file not found: {path} (give a YAML path or one of: "
                               f"{', '.join(recipe_names())})")
         text, where = path.read_text(), str(path)
     else:
@@ -190,6 +199,48 @@ def default_config(method_name: str) -> dict[str, Any]:
     config["method"] = {"name": method_name, **defaults}
     config["data"] = {**stream_keys(streams), **config["data"]}
     return config
+def _merged(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``base`` overridden by ``update`` key by key (nested mappings merged, everything else replaced)."""
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _method_name(tree: dict[str, Any]) -> str:
+    return (tree.get("method") or {}).get("name", DEFAULTS["method"]["name"])
+
+
+def inherit_recipe(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """The tree of a recipe that inherits ``parent``: the parent's first data stream renamed to the child
+    method's first stream when the two methods' streams differ, then ``child`` merged over it."""
+    _, parent_streams = method_defaults(_method_name(parent))
+    _, child_streams = method_defaults(_method_name(_merged(parent, child)))
+    parent = copy.deepcopy(parent)
+    data = parent.get("data") or {}
+    if parent_streams != child_streams and parent_streams[0] in data and parent_streams[0] not in child_streams:
+        data[child_streams[0]] = data.pop(parent_streams[0])
+    return _merged(parent, child)
+
+
+def read_recipe(recipe: str, _seen: tuple[str, ...] = (),
+                _relative_to: Path | None = None) -> tuple[dict[str, Any], str]:
+    """Read a recipe by shipped name or YAML path, following ``inherit`` (see the module docstring);
+    returns (tree, where-it-came-from)."""
+    tree, where = _load_recipe(recipe, _relative_to)
+    parent = tree.pop("inherit", None)
+    if parent is None:
+        return tree, where
+    if not isinstance(parent, str) or not parent:
+        raise ConfigError(f"{where}: inherit must name one recipe (e.g. inherit: dino), got {parent!r}")
+    if where in _seen:
+        raise ConfigError(f"recipe inheritance loops: {' -> '.join(_seen + (where,))}; a recipe cannot inherit itself")
+    folder = Path(where).parent if Path(where).is_file() else None
+    parent_tree, _ = read_recipe(parent, _seen + (where,), folder)
+    return inherit_recipe(parent_tree, tree), where
 
 
 def build_config(recipe: str | dict[str, Any] | None = None, overrides: list[str] | None = None) -> dict:
