@@ -38,3 +38,18 @@ def test_ab_vs_base_harness_smoke_run_reports_equal_images_seen(tmp_path):
     assert [r["method"] for r in records] == ["dino", "ab_dino"]
     assert records[0]["images_seen"] == records[1]["images_seen"]
     assert all(0 <= r["knn_top1"] <= 1 for r in records)
+
+
+def test_mae_speed_harness_times_both_encoder_paths_on_the_same_step():
+    tiny = ["model.name=tiny", "model.depth=1", "model.embed_dim=32", "model.num_heads=2", "model.patch_size=8",
+            "model.img_size=32", "data.load_size=32", "method.crop_size=32", "method.decoder_dim=32",
+            "method.decoder_depth=1", "method.decoder_heads=2"]
+    argv = [sys.executable, str(ROOT / "benchmarks" / "mae_speed.py"), "--device", "cpu", "--threads", "1",
+            "--batch", "4", "--rounds", "1", "--warmup", "0"]
+    for item in tiny:
+        argv += ["--set", item]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["patches"] == 16 and figures["visible_patches"] == 4
+    assert figures["visible_only_s_per_step"] > 0 and figures["all_patches_s_per_step"] > 0

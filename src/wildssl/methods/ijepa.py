@@ -30,7 +30,15 @@ from wildssl.models.position import freeze_sincos_positions
 
 
 class IJEPA(Method):
-    """``student = {backbone, predictor}``, ``teacher = {backbone}`` (EMA)."""
+    """``student = {backbone, predictor}``, ``teacher = {backbone}`` (EMA).
+
+    Config keys (``method.*``): ``crop_size``, ``crop_scale`` (the one view's RandomResizedCrop);
+    ``num_targets``, ``target_scale``, ``target_aspect`` (the target blocks: count, area fraction and
+    aspect ranges), ``context_scale`` (the context block's area fraction), ``min_context`` (fewest
+    context patches a placement may leave before it is redrawn); ``predictor_dim``,
+    ``predictor_depth``, ``predictor_heads`` (null: the encoder's); ``loss`` (``smooth_l1`` as released,
+    or ``l2`` as the paper's Eq. 1). The EMA momentum is ``ema.momentum`` -> ``ema.momentum_end``.
+    """
 
     name = "ijepa"
     defaults = {

@@ -27,7 +27,13 @@ from wildssl.models.position import freeze_sincos_positions
 
 
 class MAE(Method):
-    """Masked autoencoder: ``student = {backbone, decoder}``; no teacher."""
+    """Masked autoencoder: ``student = {backbone, decoder}``; no teacher.
+
+    Config keys (``method.*``): ``crop_size`` (pixels of the one view), ``crop_scale`` (its
+    RandomResizedCrop area range; flip 0.5, no colour), ``mask_ratio`` (fraction of patches hidden per
+    image), ``norm_pix_loss`` (targets normalized per patch), ``decoder_dim`` / ``decoder_depth`` /
+    ``decoder_heads`` (the decoder transformer).
+    """
 
     name = "mae"
     defaults = {
