@@ -25,6 +25,10 @@ TINY_METHOD = {
     "clip": ["method.crop_size=16"] + TINY_TEXT,
     "slip": ["method.crop_size=16", "method.ssl_hidden_dim=32", "method.ssl_dim=16"] + TINY_TEXT,
     "silc": TINY_DISTILLATION + TINY_TEXT,
+    "mae": ["method.name=mae", "method.crop_size=16", "method.decoder_dim=32", "method.decoder_depth=1",
+            "method.decoder_heads=2"],
+    "ijepa": ["method.name=ijepa", "method.crop_size=16", "method.min_context=2", "method.predictor_dim=32",
+              "method.predictor_depth=1", "method.predictor_heads=2"],
 }
 
 
@@ -88,12 +92,13 @@ KNN_MARGIN = 0.05  # top-1 points the trained encoder must gain over its own ini
 
 def train_and_compare_knn(recipe: str, run_dir, *extra: str, metric: str = "loss"):
     """Train ``{recipe}_quick`` on two-colour scenes; return the logged values of ``metric`` and the
-    k-NN top-1 of the trained encoder and of the same architecture at its initial (random) weights."""
+    k-NN top-1 (``eval.pool`` of the config) of the trained encoder and of the same encoder at its
+    initial (random) weights, as the method built it (MAE and I-JEPA give it fixed positions)."""
     import json
 
     from wildssl.eval.evaluate import evaluate_knn
-    from wildssl.methods import get_method_class
-    from wildssl.models.loading import CHECKPOINT_NAME, build_encoder_from_config, load_encoder
+    from wildssl.methods import build_method, get_method_class
+    from wildssl.models.loading import CHECKPOINT_NAME, load_encoder
     from wildssl.train.config import build_config
     from wildssl.train.engine import train
 
@@ -104,8 +109,9 @@ def train_and_compare_knn(recipe: str, run_dir, *extra: str, metric: str = "loss
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r[metric] for r in records if metric in r]
     torch.manual_seed(config["train"]["seed"])  # the engine's seed: the trained run's initial weights
-    initial = build_encoder_from_config(config["model"])
+    initial = build_method(config).encoder()
     specs = E2E_DATA.format(n=1000, split="train"), E2E_DATA.format(n=500, split="test")
-    trained_knn = evaluate_knn(load_encoder(run_dir / CHECKPOINT_NAME), *specs, image_size=32)["knn_top1"]
-    initial_knn = evaluate_knn(initial.eval(), *specs, image_size=32)["knn_top1"]
+    pool = config["eval"]["pool"]
+    trained_knn = evaluate_knn(load_encoder(run_dir / CHECKPOINT_NAME), *specs, image_size=32, pool=pool)["knn_top1"]
+    initial_knn = evaluate_knn(initial.eval(), *specs, image_size=32, pool=pool)["knn_top1"]
     return losses, trained_knn, initial_knn

@@ -187,6 +187,45 @@ def test_keep_indices_with_depth_zero_is_norm_of_kept_tokens():
     torch.testing.assert_close(encoder.forward_features(x, keep_indices=keep), encoder.norm(kept))
 
 
+def test_keep_indices_of_every_patch_give_the_full_output_at_those_indices():
+    torch.manual_seed(0)
+    encoder = tiny_vit(num_register_tokens=1, depth=3).eval()
+    x = torch.randn(3, 3, 32, 32)  # 16 patches
+    keep = torch.stack([torch.randperm(16) for _ in range(3)])  # nothing dropped, order shuffled
+    full = encoder(x)
+    subset = encoder(x, keep_indices=keep)
+    torch.testing.assert_close(subset["cls"], full["cls"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(subset["patch"], torch.stack([full["patch"][b, keep[b]] for b in range(3)]),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_padded_keep_sets_give_each_image_its_unpadded_output_on_valid_tokens():
+    torch.manual_seed(1)
+    encoder = tiny_vit(num_register_tokens=2, depth=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    sets = [torch.tensor([3, 7, 8]), torch.tensor([0, 1, 5, 9, 10, 14, 15])]
+    keep = torch.tensor([[3, 7, 8, 3, 0, 12, 4], [0, 1, 5, 9, 10, 14, 15]])  # row 0 padded with junk
+    valid = torch.tensor([[True] * 3 + [False] * 4, [True] * 7])
+    padded = encoder(x, keep_indices=keep, keep_valid=valid)
+    for b, indices in enumerate(sets):
+        alone = encoder(x[b: b + 1], keep_indices=indices[None])
+        count = len(indices)
+        torch.testing.assert_close(padded["patch"][b, :count], alone["patch"][0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(padded["cls"][b], alone["cls"][0], rtol=1e-5, atol=1e-5)
+    # Without the mask the junk would leak into the valid tokens: the mask is what makes them equal.
+    unmasked = encoder(x, keep_indices=keep)
+    assert (unmasked["patch"][0, :3] - padded["patch"][0, :3]).abs().max() > 1e-3
+
+
+def test_keep_valid_needs_keep_indices_of_its_shape():
+    encoder = tiny_vit()
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(ConfigError, match="keep_indices"):
+        encoder(x, keep_valid=torch.ones(1, 4, dtype=torch.bool))
+    with pytest.raises(ConfigError, match="keep_valid"):
+        encoder(x, keep_indices=torch.zeros(1, 4, dtype=torch.long), keep_valid=torch.ones(1, 3, dtype=torch.bool))
+
+
 def test_mask_replaces_patch_embedding_before_position_embedding():
     torch.manual_seed(0)
     encoder = tiny_vit(num_register_tokens=1)

@@ -164,6 +164,11 @@ def cmd_export(args) -> int:
 # ----------------------------------------------------------------------------- plot
 
 def cmd_plot(args) -> int:
+    if args.reconstructions:
+        from wildssl.eval.reconstructions import plot_reconstructions
+
+        print(f"wrote {plot_reconstructions(args.run, args.reconstructions, args.out, args.count, args.seed)}")
+        return 0
     from wildssl.eval.plot import plot_run
 
     print(f"wrote {plot_run(args.run, args.out)}")
@@ -290,9 +295,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("plot", help="plot a run's metrics (loss, k-NN, bootstrap agreement per IoU bucket)")
-    p.add_argument("run", help="run directory (holding metrics.jsonl)")
-    p.add_argument("--out", help="output PNG (default <run>/metrics.png)")
+    p = sub.add_parser("plot", help="plot a run's metrics (loss, k-NN, bootstrap agreement per IoU bucket), or an "
+                       "MAE run's reconstructions")
+    p.add_argument("run", help="run directory (holding metrics.jsonl; with --reconstructions, its checkpoint)")
+    p.add_argument("--out", help="output PNG (default <run>/metrics.png, or <run>/reconstructions.png)")
+    p.add_argument("--reconstructions", metavar="IMAGES",
+                   help="instead of the metrics, draw an MAE run's original / masked / reconstruction of the "
+                        "first --count images of the data SPEC IMAGES")
+    p.add_argument("--count", type=int, default=8, help="images in --reconstructions (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --reconstructions masks (default 0)")
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("recipes", help="list the shipped recipes")

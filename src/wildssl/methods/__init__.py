@@ -16,6 +16,8 @@ METHODS = {
     "ab_simclr": "wildssl.methods.ab:ABSimCLR",
     "ab_dino": "wildssl.methods.ab:ABDINO",
     "ab_clip": "wildssl.methods.ab:ABCLIP",
+    "mae": "wildssl.methods.mae:MAE",
+    "ijepa": "wildssl.methods.ijepa:IJEPA",
 }
 
 

@@ -84,8 +84,10 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path_rate = drop_path_rate
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path_rate, self.training)
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, T, D) -> (B, T, D)``; ``attn_mask`` as :class:`~wildssl.models.attention.Attention`'s
+        (bool, True = may attend), e.g. ``(B, 1, 1, T)`` to hide padding tokens from every query."""
+        x = x + drop_path(self.attn(self.norm1(x), attn_mask), self.drop_path_rate, self.training)
         return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
 
 
@@ -213,18 +215,37 @@ class VisionTransformer(nn.Module):
         return torch.cat([p.to(patches.dtype) for p in prefix] + [patches], dim=1)
 
     def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                         keep_indices: torch.Tensor | None = None) -> torch.Tensor:
+                         keep_indices: torch.Tensor | None = None,
+                         keep_valid: torch.Tensor | None = None) -> torch.Tensor:
         """All tokens after the final norm, ``(B, 1 + R + N', D)``, as timm's ``forward_features``.
 
         ``keep_indices`` ``(B, K)`` long: only those patches (with their position embedding) enter the
         blocks, so ``N' = K`` (MAE, He et al. 2022; I-JEPA context encoder, Assran et al. 2023).
+        ``keep_valid`` ``(B, K)`` bool (only with ``keep_indices``): False marks padding, for keep sets
+        of different sizes padded to one length (I-JEPA's contexts). Padding tokens are hidden from
+        every query of every block (a key-padding attention mask), so the valid tokens come out exactly
+        as with the unpadded keep set; the padding rows' outputs are meaningless and must be ignored.
         """
         tokens = self.prepare_tokens(x, mask)
+        attn_mask = None
         if keep_indices is not None:
             tokens = self._keep_patches(tokens, keep_indices)
+            if keep_valid is not None:
+                attn_mask = self._key_padding_mask(keep_indices, keep_valid)
+        elif keep_valid is not None:
+            raise ConfigError("keep_valid marks padding in keep_indices; pass keep_indices with it")
         for block in self.blocks:
-            tokens = block(tokens)
+            tokens = block(tokens, attn_mask)
         return self.norm(tokens)
+
+    def _key_padding_mask(self, keep_indices: torch.Tensor, keep_valid: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, 1, 1 + R + K)`` bool attention mask: prefix tokens and valid kept patches may be
+        attended to, padding may not."""
+        if keep_valid.shape != keep_indices.shape or keep_valid.dtype != torch.bool:
+            raise ConfigError(f"keep_valid must be a bool tensor of the shape of keep_indices "
+                              f"{tuple(keep_indices.shape)}; got {keep_valid.dtype} {tuple(keep_valid.shape)}")
+        prefix = keep_valid.new_ones(keep_valid.shape[0], self.num_prefix_tokens)
+        return torch.cat([prefix, keep_valid], dim=1)[:, None, None, :]
 
     def _keep_patches(self, tokens: torch.Tensor, keep_indices: torch.Tensor) -> torch.Tensor:
         if keep_indices.ndim != 2 or keep_indices.shape[0] != tokens.shape[0]:
@@ -235,10 +256,11 @@ class VisionTransformer(nn.Module):
         return torch.cat([prefix, torch.gather(patches, 1, index)], dim=1)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                keep_indices: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                keep_indices: torch.Tensor | None = None,
+                keep_valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Named views of :meth:`forward_features`: ``cls`` ``(B, D)``, ``registers`` ``(B, R, D)``,
         ``patch`` ``(B, N', D)`` and ``tokens`` ``(B, 1 + R + N', D)``."""
-        tokens = self.forward_features(x, mask, keep_indices)
+        tokens = self.forward_features(x, mask, keep_indices, keep_valid)
         return {
             "cls": tokens[:, 0],
             "registers": tokens[:, 1:self.num_prefix_tokens],
