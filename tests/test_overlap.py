@@ -51,8 +51,8 @@ def test_overlap_alignment_maps_a_patch_to_the_same_place_in_the_other_view():
         assert torch.allclose(aligned[..., 1:3, 1:3], expected[..., 1:3, 1:3], atol=1e-9)
     # Both views agree cell by cell; ignoring the flips would put mirrored places side by side.
     assert (aligned_a - aligned_b).abs().max() < half_patch
-    unflipped = align_to_overlap(_patch_map(crop_and_resize(_coordinate_image().expand(4, -1, -1, -1), box_b, 32, flip_b)),
-                                 overlap.in_b, torch.zeros(4, dtype=torch.bool))
+    view_b = crop_and_resize(_coordinate_image().expand(4, -1, -1, -1), box_b, 32, flip_b)
+    unflipped = align_to_overlap(_patch_map(view_b), overlap.in_b, torch.zeros(4, dtype=torch.bool))
     assert (unflipped[2:] - aligned_a[2:]).abs().max() > 0.2
 
 

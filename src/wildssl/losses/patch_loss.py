@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 
-def _patch_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float) -> torch.Tensor:
+def _patch_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
+                         student_temp: float) -> torch.Tensor:
     if student_temp <= 0:
         raise ValueError(f"patch cross-entropy student_temp must be > 0, got {student_temp}")
     if student_logits.shape != teacher_probs.shape:

@@ -46,10 +46,11 @@ def slot_contrastive_loss(queries: torch.Tensor, query_index: torch.Tensor, keys
     batch, num_slots, _ = keys.shape
     if key_active.shape != (batch, num_slots):
         raise ValueError(f"key_active {tuple(key_active.shape)} does not match the keys {tuple(keys.shape)}")
+    # One collective for slots and masks (the mask rides along as an extra channel), on every rank even
+    # when this one has no query: a rank that skipped it would leave the others waiting.
+    packed = all_gather_no_grad(torch.cat((keys.float(), key_active.float().unsqueeze(-1)), dim=-1)).flatten(0, 1)
     if queries.shape[0] == 0:
         return queries.float().sum() * 0.0
-    # One collective for slots and masks: the mask rides along as an extra channel.
-    packed = all_gather_no_grad(torch.cat((keys.float(), key_active.float().unsqueeze(-1)), dim=-1)).flatten(0, 1)
     candidates_active = packed[:, -1] > 0.5
     candidates = F.normalize(packed[candidates_active, :-1], dim=-1)
     # The positive's place among the active candidates: how many active slots come before it.

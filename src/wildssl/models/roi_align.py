@@ -43,8 +43,9 @@ def roi_align(maps: torch.Tensor, boxes: torch.Tensor, output_size: tuple[int, i
     boxes = boxes.to(maps.dtype)
     x0, y0, x1, y1 = boxes.unbind(dim=-1)
     # Fractions of the box at which the samples of every bin lie, bin-major: (w * r,) and (h * r,).
-    cols = (torch.arange(width * sampling_ratio, device=maps.device, dtype=maps.dtype) + 0.5) / (width * sampling_ratio)
-    rows = (torch.arange(height * sampling_ratio, device=maps.device, dtype=maps.dtype) + 0.5) / (height * sampling_ratio)
+    samples_x, samples_y = width * sampling_ratio, height * sampling_ratio
+    cols = (torch.arange(samples_x, device=maps.device, dtype=maps.dtype) + 0.5) / samples_x
+    rows = (torch.arange(samples_y, device=maps.device, dtype=maps.dtype) + 0.5) / samples_y
     # grid_sample with align_corners=False reads normalized g at cell coordinate ((g + 1) W - 1) / 2,
     # so g = 2u - 1 reads u * W - 0.5: the aligned=True convention.
     grid_x = 2.0 * (x0[:, None] + (x1 - x0)[:, None] * cols) - 1.0  # (B, w r)
