@@ -4,14 +4,18 @@ Run on a GPU (numbers on a CPU mean nothing):
 
     python benchmarks/throughput.py --recipe dino --batch 128 --steps 30 [--compile] [--json OUT.json]
     python benchmarks/throughput.py --recipe ab_dino --batch 128 --steps 30
+    python benchmarks/throughput.py --recipe ibot --batch 128 --steps 30
+    python benchmarks/throughput.py --recipe slotmim --batch 128 --steps 30 --set model.name=small
 
 Both measurements run in one process on the same device: (a) the full wildssl step through the engine's
 pieces (views built on the device with photometric augmentation, student on 2x224 + 10x96 crops, EMA
 teacher on the globals, DINO head with 65536 prototypes, loss, backward, clipping, AdamW, EMA update;
 for ab_dino also batch/4 bootstrap images x 4 crops, the teacher on every crop and the packed box-query
-decoder) and (b) the bare networks: forward + backward of a sum over the encoder's cls tokens on the same
-views prepared once beforehand (for ab_dino plus the bootstrap crops' tokens through the decoder). The
-ratio (b time)/(a time) is the engine's efficiency figure (goal >= 0.85).
+decoder; for ibot the same crops with blockwise masks on the globals, patch prototypes and their loss;
+for slotmim two overlapping 224 px crops, masks, the teacher on both, RoIAlign of the score maps, slots
+and the predictor) and (b) the bare networks: forward + backward of a sum over the encoder's cls tokens
+on the same views prepared once beforehand (for ab_dino plus the bootstrap crops' tokens through the
+decoder). The ratio (b time)/(a time) is the engine's efficiency figure (goal >= 0.85).
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ def timed(fn, steps: int, warmup: int, device: torch.device) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--recipe", default="dino", choices=("dino", "ab_dino"))
+    parser.add_argument("--recipe", default="dino", choices=("dino", "ab_dino", "ibot", "slotmim"))
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
@@ -70,12 +74,13 @@ def main() -> None:
     batch = {"image": images, "aspect": torch.ones(args.batch, device=device), "caption": [""] * args.batch}
     bootstrap_batch = args.batch // 4
     bootstrap = {"image": images[:bootstrap_batch], "aspect": torch.ones(bootstrap_batch, device=device)}
-    batches = {"train": batch} if args.recipe == "dino" else {"annotation": batch, "bootstrap": bootstrap}
+    batches = {"annotation": batch, "bootstrap": bootstrap} if args.recipe == "ab_dino" else {"train": batch}
+    values = {name: float(schedule[-1]) for name, schedule in method.schedules(1000, 100).items()}
     generator = torch.Generator(device=device).manual_seed(0)
     params = [p for p in method.parameters() if p.requires_grad]
 
     def method_step():
-        context = StepContext(0, 1000, generator, {"teacher_temp": 0.04})
+        context = StepContext(0, 1000, generator, values)
         with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = method(batches, context)["loss"]
         loss.backward()
@@ -93,7 +98,7 @@ def main() -> None:
 
     encoder = method.student["backbone"]
     views = make_views(images, method.specs, generator)
-    globals_, locals_ = (torch.cat([v.images for v in views[:2]]), torch.cat([v.images for v in views[2:]]))
+    globals_, locals_ = torch.cat([v.images for v in views[:2]]), [v.images for v in views[2:]]
     bare_params = list(encoder.parameters())
     if args.recipe == "ab_dino":
         from wildssl.data.pairs import pack_pairs
@@ -106,7 +111,9 @@ def main() -> None:
 
     def bare_step():
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = encoder(globals_)["cls"].float().sum() + encoder(locals_)["cls"].float().sum()
+            loss = encoder(globals_)["cls"].float().sum()
+            if locals_:
+                loss = loss + encoder(torch.cat(locals_))["cls"].float().sum()
             if args.recipe == "ab_dino":
                 tokens = encoder.forward_features(crop_images)
                 memory = tokens.view(len(crops), bootstrap_batch, *tokens.shape[1:]).transpose(0, 1)

@@ -90,10 +90,11 @@ E2E = ["model.name=tiny", "model.depth=4", "model.embed_dim=128", "model.num_hea
 KNN_MARGIN = 0.05  # top-1 points the trained encoder must gain over its own initialization
 
 
-def train_and_compare_knn(recipe: str, run_dir, *extra: str, metric: str = "loss"):
+def train_and_compare_knn(recipe: str, run_dir, *extra: str, metric: str = "loss", pool: str | None = None):
     """Train ``{recipe}_quick`` on two-colour scenes; return the logged values of ``metric`` and the
-    k-NN top-1 (``eval.pool`` of the config) of the trained encoder and of the same encoder at its
-    initial (random) weights, as the method built it (MAE and I-JEPA give it fixed positions)."""
+    k-NN top-1 of the trained encoder and of the same encoder at its initial (random) weights, as the
+    method built it (MAE and I-JEPA give it fixed positions); features: ``pool`` (the cls token or the
+    mean patch token), by default the config's ``eval.pool``."""
     import json
 
     from wildssl.eval.evaluate import evaluate_knn
@@ -111,7 +112,7 @@ def train_and_compare_knn(recipe: str, run_dir, *extra: str, metric: str = "loss
     torch.manual_seed(config["train"]["seed"])  # the engine's seed: the trained run's initial weights
     initial = build_method(config).encoder()
     specs = E2E_DATA.format(n=1000, split="train"), E2E_DATA.format(n=500, split="test")
-    pool = config["eval"]["pool"]
+    pool = pool or config["eval"]["pool"]
     trained_knn = evaluate_knn(load_encoder(run_dir / CHECKPOINT_NAME), *specs, image_size=32, pool=pool)["knn_top1"]
     initial_knn = evaluate_knn(initial.eval(), *specs, image_size=32, pool=pool)["knn_top1"]
     return losses, trained_knn, initial_knn

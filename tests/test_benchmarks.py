@@ -13,11 +13,15 @@ TINY = ["model.name=tiny", "model.depth=1", "model.embed_dim=32", "model.num_hea
         "method.hidden_dim=32", "method.bottleneck_dim=16"]
 TINY_AB = ["method.ab_crop_size=32", "method.ab_decoder_depth=1", "method.ab_decoder_width=32",
            "method.ab_decoder_heads=2"]
+TINY_SLOTMIM = TINY[:5] + ["method.crop_size=32", "method.num_prototypes=64", "method.hidden_dim=32",
+                           "method.bottleneck_dim=16"]
+OVERRIDES = {"dino": TINY, "ab_dino": TINY + TINY_AB, "ibot": TINY + ["method.patch_out_dim=64"],
+             "slotmim": TINY_SLOTMIM}
 
 
-@pytest.mark.parametrize("recipe", ["dino", "ab_dino"])
+@pytest.mark.parametrize("recipe", sorted(OVERRIDES))
 def test_throughput_harness_runs_and_reports_a_ratio(recipe):
-    overrides = TINY + (TINY_AB if recipe == "ab_dino" else [])
+    overrides = OVERRIDES[recipe]
     argv = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--device", "cpu", "--recipe", recipe,
             "--batch", "8", "--steps", "1", "--warmup", "1"]
     for item in overrides:

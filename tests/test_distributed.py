@@ -13,6 +13,7 @@ import wildssl.losses.nt_xent as nt_xent_module
 from wildssl.errors import ConfigError
 from wildssl.losses.dino_loss import DINOCenter
 from wildssl.losses.nt_xent import nt_xent_loss
+from wildssl.losses.slot_loss import matched_slots, slot_contrastive_loss
 from wildssl import distributed
 from wildssl.distributed import (
     all_gather_no_grad,
@@ -64,6 +65,7 @@ def _worker(rank: int) -> None:
         assert (get_rank(), get_world_size(), dist.get_backend()) == (rank, WORLD_SIZE, "gloo")
         _check_nt_xent(rank)
         _check_collectives(rank)
+        _check_slot_loss(rank)
         # No rank may tear the group down while the other still talks to it (gloo then aborts the process).
         dist.barrier()
     finally:
@@ -137,6 +139,31 @@ def _check_collectives(rank: int) -> None:
     center.observe(teacher_logits[rank * 4 : (rank + 1) * 4])
     center.commit_step()
     torch.testing.assert_close(center.center, 0.75 + 0.25 * teacher_logits.mean(dim=0, keepdim=True))
+
+
+def _check_slot_loss(rank: int) -> None:
+    """SlotMIM's slot loss: the candidates are the active teacher slots of the global batch and each query's
+    positive is its own slot, found across ranks; a rank without queries still joins the gather."""
+    generator = torch.Generator().manual_seed(2)
+    batch, slots, width = 2, 3, 4
+    keys = torch.randn(WORLD_SIZE * batch, slots, width, generator=generator, dtype=torch.float64)
+    key_active = torch.rand(WORLD_SIZE * batch, slots, generator=generator) < 0.7
+    query_active = torch.rand(WORLD_SIZE * batch, slots, generator=generator) < 0.7
+    queries = torch.randn(WORLD_SIZE * batch, slots, width, generator=generator, dtype=torch.float64)
+    rows = slice(rank * batch, (rank + 1) * batch)
+    candidates = F.normalize(keys[key_active], dim=-1)
+    for no_queries_on_rank_1 in (False, True):
+        local_query_active = query_active[rows] & (not (no_queries_on_rank_1 and rank == 1))
+        index = matched_slots(local_query_active, key_active[rows])
+        local_queries = queries[rows].flatten(0, 1)[index]
+        loss = slot_contrastive_loss(local_queries, index, keys[rows], key_active[rows], TEMPERATURE)
+        if len(index) == 0:
+            assert loss.item() == 0.0
+            continue
+        positive = [int(key_active.flatten()[: rank * batch * slots + i].sum()) for i in index.tolist()]
+        logits = F.normalize(local_queries, dim=-1) @ candidates.T / TEMPERATURE
+        expected = 2 * TEMPERATURE * F.cross_entropy(logits, torch.tensor(positive))
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def _free_port() -> int:

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import KNN_MARGIN, tiny_overrides, train_and_compare_knn
 from wildssl.errors import ConfigError

@@ -13,6 +13,8 @@ METHODS = {
     "clip": "wildssl.methods.clip:CLIP",
     "slip": "wildssl.methods.slip:SLIP",
     "silc": "wildssl.methods.silc:SiLC",
+    "ibot": "wildssl.methods.ibot:IBOT",
+    "slotmim": "wildssl.methods.slotmim:SlotMIM",
     "ab_simclr": "wildssl.methods.ab:ABSimCLR",
     "ab_dino": "wildssl.methods.ab:ABDINO",
     "ab_clip": "wildssl.methods.ab:ABCLIP",

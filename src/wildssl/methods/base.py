@@ -34,6 +34,8 @@ How the methods map onto this interface:
 | SimCLR | 2 x ``simclr`` crops | ``forward`` -> cls | - | ``losses.nt_xent`` |
 | DINO | ``dino_specs`` (2 global + n local) | ``forward`` -> cls | EMA | :class:`~wildssl.methods.distillation.SelfDistillation` |
 | CLIP/SLIP/SiLC | 1 view (+2 SimCLR / DINO views) | ``forward`` + text tower | SiLC: EMA | ``losses.clip_loss`` |
+| iBOT | ``dino_specs``; masks on the global crops | ``forward(mask=)`` -> cls + patches | EMA | ``SelfDistillation`` x 2 + ``losses.patch_loss`` |
+| SlotMIM | 2 overlapping crops (``data.overlap``) + masks | ``forward(mask=)`` -> patches | EMA | ``losses.patch_loss`` + ``losses.slot_loss`` |
 | AB_* | base views + n crops per bootstrap image | base + box-query decoder | EMA | ``annotation_space`` of the base |
 
 Methods that learn p(annotation | image) expose :meth:`Method.annotation_space` (the targets),

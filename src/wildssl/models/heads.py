@@ -87,3 +87,44 @@ class DINOHead(nn.Module):
     def prototypes(self) -> torch.Tensor:
         """``(out_dim, bottleneck_dim)`` prototype directions, each row of unit norm."""
         return F.normalize(self.last_layer.weight, dim=-1)
+
+
+class IBOTHead(DINOHead):
+    """iBOT head (Zhou et al., ICLR 2022): a :class:`DINOHead` whose MLP also projects patch tokens.
+
+    ``forward``: cls features ``(..., in_dim) -> (..., out_dim)`` (local crops); :meth:`forward_tokens`: cls
+    and patch features of the global crops together. Both go through the same MLP and bottleneck. With
+    ``shared_prototypes`` the patches are scored against the cls prototypes (iBOT's ``shared_head=True``,
+    its ViT-S/16 setting; ``patch_out_dim`` must equal ``out_dim``); otherwise against their own
+    weight-normalized prototype layer :attr:`patch_last_layer` (iBOT's ``shared_head=False``, which also
+    keeps the MLP shared and separates only the prototypes).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int = 8192, patch_out_dim: int = 8192, hidden_dim: int = 2048,
+                 bottleneck_dim: int = 256, num_layers: int = 3, norm_last_layer: bool = True,
+                 shared_prototypes: bool = True) -> None:
+        super().__init__(in_dim, out_dim, hidden_dim, bottleneck_dim, num_layers, norm_last_layer)
+        if shared_prototypes and patch_out_dim != out_dim:
+            raise ConfigError(f"shared iBOT prototypes need patch_out_dim == out_dim, got {patch_out_dim} and "
+                              f"{out_dim}; set them equal or use separate prototypes")
+        self.patch_last_layer: nn.Module | None = None
+        if not shared_prototypes:
+            self.patch_last_layer = weight_norm(nn.Linear(bottleneck_dim, patch_out_dim, bias=False), dim=0)
+            magnitude = self.patch_last_layer.parametrizations.weight.original0
+            with torch.no_grad():
+                magnitude.fill_(1.0)
+            magnitude.requires_grad_(not norm_last_layer)
+
+    def last_layer_names(self) -> set[str]:
+        """Both prototype layers: iBOT freezes every ``last_layer*`` parameter early in training."""
+        names = super().last_layer_names()
+        if self.patch_last_layer is not None:
+            names |= {name for name, _ in self.patch_last_layer.named_parameters(prefix="patch_last_layer")}
+        return names
+
+    def forward_tokens(self, cls: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prototype logits of cls features ``(B, in_dim)`` and patch features ``(B, N, in_dim)``, in one MLP
+        pass: ``(B, out_dim)`` and ``(B, N, patch_out_dim)`` (before any temperature)."""
+        bottleneck = self.forward_bottleneck(torch.cat((cls.unsqueeze(1), patches), dim=1))
+        patch_layer = self.last_layer if self.patch_last_layer is None else self.patch_last_layer
+        return self.last_layer(bottleneck[:, 0]), patch_layer(bottleneck[:, 1:])

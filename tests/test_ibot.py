@@ -1,0 +1,81 @@
+"""iBOT: masking, heads, which network sees what, and end-to-end training on synthetic scenes."""
+
+import pytest
+import torch
+
+from conftest import TINY_MODEL
+from wildssl.data import collate, open_source
+from wildssl.errors import ConfigError
+from wildssl.methods import build_method
+from wildssl.methods.base import StepContext
+from wildssl.methods.ibot import ibot_masks
+from wildssl.train.config import build_config
+
+TINY_IBOT = ["method.global_size=16", "method.local_size=8", "method.n_local=2", "method.out_dim=32",
+             "method.patch_out_dim=32", "method.hidden_dim=32", "method.bottleneck_dim=16",
+             "method.teacher_temp_warmup_epochs=1"]
+
+
+def _method(*extra: str):
+    return build_method(build_config("ibot_quick", TINY_MODEL + TINY_IBOT + list(extra)))
+
+
+def _step(method, seed: int = 0) -> dict:
+    source = open_source("synthetic:scenes?n=8&size=16&split=train", load_size=16)
+    batch = collate([source[i] for i in range(8)])
+    values = {k: float(v[0]) for k, v in method.schedules(10, 10).items()}
+    return method({"train": batch}, StepContext(0, 10, torch.Generator().manual_seed(seed), values))
+
+
+def test_ibot_masks_leave_the_requested_share_of_crops_whole():
+    generator = torch.Generator().manual_seed(0)
+    masks = ibot_masks(300, (4, 4), (0.25, 0.25), generator, probability=0.5)
+    masked = masks.any(dim=1).float().mean()
+    assert abs(float(masked) - 0.5) < 0.09  # 3 standard deviations of a fair coin over 300 crops
+    assert ibot_masks(50, (4, 4), (0.25, 0.25), generator, probability=1.0).any(dim=1).all()
+
+
+def test_student_sees_the_masked_global_crops_and_the_teacher_the_whole_ones():
+    method = _method("method.mask_probability=1.0")
+    calls = {"student": [], "teacher": []}
+    for name, networks in (("student", method.student), ("teacher", method.teacher)):
+        networks["backbone"].register_forward_pre_hook(
+            lambda module, args, kwargs, name=name: calls[name].append((args[0].shape, kwargs.get("mask"))),
+            with_kwargs=True)
+    _step(method)
+    (teacher_shape, teacher_mask), = calls["teacher"]
+    assert teacher_shape == (16, 3, 16, 16) and teacher_mask is None  # 2 global crops of 8 images, whole
+    (global_shape, student_mask), (local_shape, local_mask) = calls["student"]
+    assert global_shape == (16, 3, 16, 16) and student_mask.shape == (16, 16) and student_mask.any(dim=1).all()
+    assert local_shape == (16, 3, 8, 8) and local_mask is None
+
+
+def test_without_masked_patches_the_patch_loss_is_zero_and_the_loss_is_dinos():
+    output = _step(_method("method.mask_probability=0.0"))
+    metrics = output["metrics"]
+    assert float(metrics["masked_fraction"]) == 0.0 and float(metrics["patch_loss"]) == 0.0
+    assert torch.isclose(output["loss"], metrics["cls_loss"])
+    weighted = _step(_method("method.mask_probability=1.0", "method.patch_loss_weight=0.3"))
+    parts = weighted["metrics"]
+    assert float(parts["patch_loss"]) > 0
+    assert torch.isclose(weighted["loss"].detach(), parts["cls_loss"] + 0.3 * parts["patch_loss"])
+
+
+def test_separate_patch_prototypes_train_and_freeze_with_the_cls_prototypes():
+    method = _method("method.shared_head=false", "method.patch_out_dim=24")
+    head = method.student["head"]
+    assert head.patch_last_layer is not None
+    last_layer = {id(p) for group in method.parameter_groups() if group["is_last_layer"] for p in group["params"]}
+    assert {id(p) for p in head.patch_last_layer.parameters() if p.requires_grad} <= last_layer
+    trained = {id(p) for group in method.parameter_groups() for p in group["params"]}
+    assert id(method.student["backbone"].mask_token) in trained  # iBOT trains the mask token
+    assert _step(method)["metrics"]["patch_loss"] > 0
+    with pytest.raises(ConfigError, match="patch_out_dim == out_dim"):
+        _method("method.patch_out_dim=24")  # shared prototypes need one prototype set
+
+
+def test_bad_mask_options_are_one_line_config_errors():
+    with pytest.raises(ConfigError, match="method.mask_ratio"):
+        _method("method.mask_ratio=[0.5, 0.1]")
+    with pytest.raises(ConfigError, match="method.mask_probability"):
+        _method("method.mask_probability=1.5")
