@@ -141,6 +141,11 @@ def cmd_export(args) -> int:
 # ----------------------------------------------------------------------------- plot
 
 def cmd_plot(args) -> int:
+    if args.neighbours is not None:
+        from wildssl.eval.neighbour_plot import plot_neighbours
+
+        print(f"wrote {plot_neighbours(args.run, args.neighbours, args.out)}")
+        return 0
     from wildssl.eval.plot import plot_run
 
     print(f"wrote {plot_run(args.run, args.out)}")
@@ -265,9 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("plot", help="plot a run's metrics (loss, k-NN, bootstrap agreement per IoU bucket)")
+    p = sub.add_parser("plot", help="plot a run's metrics (loss, k-NN, bootstrap agreement per IoU bucket, "
+                                    "neighbour ratio), or its sampled partners (--neighbours K)")
     p.add_argument("run", help="run directory (holding metrics.jsonl)")
-    p.add_argument("--out", help="output PNG (default <run>/metrics.png)")
+    p.add_argument("--out", help="output PNG (default <run>/metrics.png, or <run>/neighbours.png)")
+    p.add_argument("--neighbours", type=int, metavar="K",
+                   help="instead of the curves: K query images with their candidate partners and sampling "
+                        "probabilities (adasim_* / nn_* runs) -> <run>/neighbours.png")
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("recipes", help="list the shipped recipes")

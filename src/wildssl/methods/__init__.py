@@ -16,6 +16,13 @@ METHODS = {
     "ab_simclr": "wildssl.methods.ab:ABSimCLR",
     "ab_dino": "wildssl.methods.ab:ABDINO",
     "ab_clip": "wildssl.methods.ab:ABCLIP",
+    "simsiam": "wildssl.methods.simsiam:SimSiam",
+    "adasim_dino": "wildssl.methods.adasim:AdaSimDINO",
+    "adasim_simsiam": "wildssl.methods.adasim:AdaSimSimSiam",
+    "nn_dino": "wildssl.methods.adasim:NNDINO",
+    "nn_simsiam": "wildssl.methods.adasim:NNSimSiam",
+    "oracle_dino": "wildssl.methods.adasim:OracleDINO",
+    "oracle_simsiam": "wildssl.methods.adasim:OracleSimSiam",
 }
 
 

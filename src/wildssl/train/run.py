@@ -161,6 +161,8 @@ def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
     batch_sizes = {name: (global_batch if index == 0 else
                           config["data"][f"{name}_batch_size"] or method.stream_batch_size(name, global_batch))
                    for index, name in enumerate(streams)}
+    # Before the checkpoint load and the DDP wrapper: a method may add state sized by its data here.
+    method.prepare(sources, out_dir)
     first = sources[streams[0]]
     steps_per_epoch = max(len(first) // global_batch, 1)
     total_steps = total_steps_of(config, len(first), sum(batch_sizes.values()))
@@ -172,7 +174,8 @@ def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
     if world > 1:
         model = nn.parallel.DistributedDataParallel(
             method, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=method.may_leave_parameters_unused)
+            find_unused_parameters=method.may_leave_parameters_unused,
+            broadcast_buffers=method.broadcast_buffers)
     optimizer = build_optimizer(method.parameter_groups(), config["optim"]["betas"])
     run = Run(config=config, out_dir=out_dir, device=device, rank=rank, world=world, method=method, model=model,
               optimizer=optimizer, sources=sources, batch_sizes=batch_sizes, total_steps=total_steps,
@@ -193,7 +196,6 @@ def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
         log.info("no checkpoint in %s yet; starting at step 0", out_dir)
     if run.main:
         (out_dir / "config.yaml").write_text(dump_config(config))
-    method.prepare(sources, out_dir)
     return run
 
 
