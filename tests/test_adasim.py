@@ -154,6 +154,8 @@ def test_invalid_pairing_settings_are_one_line_errors():
         build_method(_config("adasim_dino", "dino", "method.adasim_tau=-0.1"))
     with pytest.raises(ConfigError, match="neighbour_topk"):
         build_method(_config("nn_dino", "dino", "method.neighbour_topk=1"))
+    with pytest.raises(ConfigError, match="neighbour_cache_dtype"):
+        build_method(_config("adasim_simsiam", "simsiam", "method.neighbour_cache_dtype=float8"))
     with pytest.raises(ConfigError, match="oracle_p"):
         build_method(_config("oracle_simsiam", "simsiam", "method.oracle_p=1.5"))
     method = build_method(_config("oracle_dino", "dino"))

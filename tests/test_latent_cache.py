@@ -73,6 +73,21 @@ def test_similarity_store_and_cache_memory_grow_linearly_in_the_number_of_images
     assert caches[1] == 2 * caches[0] == 2 * 1000 * (4 * dim + 1)
 
 
+def test_half_precision_cache_finds_the_same_neighbours_as_float32():
+    generator = torch.Generator().manual_seed(1)
+    latents = F.normalize(torch.randn(40, 8, generator=generator), dim=1)
+    queries = F.normalize(latents[:6] + 0.05 * torch.randn(6, 8, generator=generator), dim=1)
+    found = []
+    for dtype in (torch.float32, torch.float16):
+        cache = LatentCache(40, 8, chunk=16, dtype=dtype)
+        cache.observe(torch.arange(40), latents)
+        cache.commit_step()
+        assert cache.latents.dtype == dtype
+        found.append(cache.neighbours(queries, 1))
+    assert torch.equal(found[0][1], found[1][1]) and found[0][1].squeeze(1).tolist() == list(range(6))
+    assert (found[0][0] - found[1][0]).abs().max() < 2e-3
+
+
 def test_cache_rows_change_only_after_a_committed_step():
     cache = LatentCache(5, 2)
     cache.observe(torch.tensor([1, 3]), torch.tensor([[1.0, 0.0], [0.0, 1.0]]))

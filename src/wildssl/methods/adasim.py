@@ -47,8 +47,10 @@ from wildssl.methods.simsiam import SimSiam
 
 PAIRINGS = ("adasim", "nn", "oracle")
 
-# Keys every pairing has: K of the per-epoch top-K records, and cache rows per block of the top-K search.
-PAIR_DEFAULTS = {"neighbour_topk": 3, "neighbour_chunk": DEFAULT_CHUNK}
+# Keys every pairing has: K of the per-epoch top-K records, cache rows per block of the top-K search, and
+# the cache's dtype (float16 halves its memory and makes the search a half-precision matmul on a GPU).
+PAIR_DEFAULTS = {"neighbour_topk": 3, "neighbour_chunk": DEFAULT_CHUNK, "neighbour_cache_dtype": "float32"}
+CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # The seed's Table 4 default (its best long run: window 50, top-K 10).
 ADASIM_DEFAULTS = {"adasim_tau": 0.2, "adasim_window": 10}
 ORACLE_DEFAULTS = {"oracle_p_start": 1.0, "oracle_p": 0.5}
@@ -84,6 +86,10 @@ class NeighbourPairs:
         minimum_topk = 2 if self.pairing == "nn" else 1  # the nearest *other* image needs a second entry
         self.topk = _positive_int(o, "neighbour_topk", minimum_topk)
         self.chunk = _positive_int(o, "neighbour_chunk")
+        if o["neighbour_cache_dtype"] not in CACHE_DTYPES:
+            raise ConfigError(f"method.neighbour_cache_dtype={o['neighbour_cache_dtype']!r} is not one of "
+                              f"{', '.join(CACHE_DTYPES)}")
+        self.cache_dtype = CACHE_DTYPES[o["neighbour_cache_dtype"]]
         self.window_size = 1
         if self.pairing == "adasim":
             self.window_size = _positive_int(o, "adasim_window")
@@ -106,7 +112,7 @@ class NeighbourPairs:
         source = sources["train"]
         size = len(source)
         device = next(self.parameters()).device
-        self.cache = LatentCache(size, self.student["backbone"].embed_dim, self.chunk).to(device)
+        self.cache = LatentCache(size, self.student["backbone"].embed_dim, self.chunk, self.cache_dtype).to(device)
         self.window = SimilarityWindow(size, self.topk, self.window_size).to(device)
         labels = source.class_labels()
         self.labels = None
@@ -213,7 +219,7 @@ class NeighbourPairs:
         :func:`~wildssl.methods.similarity_window.spread_of`), then the epoch's record enters the window."""
         self._require_prepared()
         figures = self.window.epoch_diagnostics(self.labels)
-        figures.update(spread_of(self.cache.latents[self.cache.filled]))
+        figures.update(spread_of(self.cache.latents, self.cache.filled, self.chunk))
         self.window.push_epoch()
         return figures
 

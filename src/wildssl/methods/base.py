@@ -35,6 +35,8 @@ How the methods map onto this interface:
 | DINO | ``dino_specs`` (2 global + n local) | ``forward`` -> cls | EMA | :class:`~wildssl.methods.distillation.SelfDistillation` |
 | CLIP/SLIP/SiLC | 1 view (+2 SimCLR / DINO views) | ``forward`` + text tower | SiLC: EMA | ``losses.clip_loss`` |
 | AB_* | base views + n crops per bootstrap image | base + box-query decoder | EMA | ``annotation_space`` of the base |
+| SimSiam | 2 x ``simsiam`` crops | ``forward`` -> cls | - | ``losses.simsiam_loss`` |
+| AdaSim / +NN / oracle | the base's, second view from a partner image | the base's | the base's | the base's |
 
 Methods that learn p(annotation | image) expose :meth:`Method.annotation_space` so annotation
 bootstrapping can wrap them without knowing which base it wraps.

@@ -25,17 +25,18 @@ def blocked_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int =
 
     ``queries`` ``(B, d)``, ``keys`` ``(N, d)`` (l2-normalized for cosine similarities), ``valid`` ``(N,)``
     bool (keys to consider; all by default). Returns ``(values (B, k), indices (B, k))`` sorted by
-    decreasing value, computed in fp32; where fewer than ``k`` keys are valid the missing entries have
-    index -1 and value 0. Memory: ``O(B * (chunk + k))`` besides the inputs.
+    decreasing value, fp32; where fewer than ``k`` keys are valid the missing entries have index -1 and
+    value 0. The products are computed in the keys' dtype (a half-precision cache is searched at half
+    precision, the GPU's fast path) and ranked in fp32. Memory: ``O(B * (chunk + k))`` besides the inputs.
     """
     if k < 1 or chunk < 1:
         raise ValueError(f"blocked_topk needs k >= 1 and chunk >= 1, got k={k}, chunk={chunk}")
     batch, device = queries.shape[0], queries.device
-    queries = queries.float()
+    queries = queries.to(keys.dtype)
     best_values = torch.full((batch, k), float("-inf"), device=device)
     best_indices = torch.full((batch, k), -1, dtype=torch.long, device=device)
     for start in range(0, keys.shape[0], chunk):
-        block = queries @ keys[start: start + chunk].float().T  # (B, c)
+        block = (queries @ keys[start: start + chunk].T).float()  # (B, c)
         if valid is not None:
             block.masked_fill_(~valid[start: start + chunk].unsqueeze(0), float("-inf"))
         values, indices = block.topk(min(k, block.shape[1]), dim=1)
@@ -49,18 +50,19 @@ def blocked_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int =
 
 
 class LatentCache(nn.Module):
-    """``latents`` ``(N, d)`` fp32 and ``filled`` ``(N,)`` bool, buffers (saved in checkpoints).
+    """``latents`` ``(N, d)`` (``dtype``: fp32, or fp16 / bf16 to halve memory and search time on a GPU)
+    and ``filled`` ``(N,)`` bool, buffers (saved in checkpoints).
 
     :meth:`neighbours` reads the cache; :meth:`observe` records the step's (gathered) latents, which
-    :meth:`commit_step` writes and :meth:`discard_step` drops. Memory ``N * (4 d + 1)`` bytes.
+    :meth:`commit_step` writes and :meth:`discard_step` drops. Memory ``N * (d * bytes(dtype) + 1)``.
     """
 
     latents: torch.Tensor
     filled: torch.Tensor
 
-    def __init__(self, size: int, dim: int, chunk: int = DEFAULT_CHUNK) -> None:
+    def __init__(self, size: int, dim: int, chunk: int = DEFAULT_CHUNK, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.register_buffer("latents", torch.zeros(size, dim))
+        self.register_buffer("latents", torch.zeros(size, dim, dtype=dtype))
         self.register_buffer("filled", torch.zeros(size, dtype=torch.bool))
         self.chunk = chunk
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -77,7 +79,7 @@ class LatentCache(nn.Module):
     def observe(self, indices: torch.Tensor, latents: torch.Tensor) -> None:
         """Record ``latents`` ``(M, d)`` (l2-normalized) for dataset ``indices`` ``(M,)``, written at commit.
         Indices must be distinct (a step reads each image once)."""
-        self.pending = (indices.to(self.latents.device), latents.to(self.latents.device, torch.float32))
+        self.pending = (indices.to(self.latents.device), latents.to(self.latents.device, self.latents.dtype))
 
     @torch.no_grad()
     def commit_step(self) -> None:

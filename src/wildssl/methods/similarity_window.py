@@ -221,23 +221,32 @@ class SimilarityWindow(nn.Module):
 
 
 @torch.no_grad()
-def spread_of(latents: torch.Tensor) -> dict[str, float]:
-    """Collapse signals of l2-normalized latents ``(M, d)``: ``cache_embedding_std``, the mean per-dimension
-    std times sqrt(d) (about 1 when spread over the sphere, 0 when all coincide), and
-    ``cache_effective_rank``, exp of the entropy of the normalized covariance spectrum (Roy & Vetterli
-    2007; between 1 and d)."""
-    if latents.shape[0] < 2:
-        return {}
-    latents = latents.float()
+def spread_of(latents: torch.Tensor, rows: torch.Tensor | None = None, chunk: int = 65536) -> dict[str, float]:
+    """Collapse signals of the l2-normalized latents ``(M, d)`` (the rows where ``rows`` ``(M,)`` bool is
+    True, all by default): ``cache_embedding_std``, the mean per-dimension std times sqrt(d) (about 1 when
+    spread over the sphere, 0 when all coincide), and ``cache_effective_rank``, exp of the entropy of the
+    normalized covariance spectrum (Roy & Vetterli 2007; between 1 and d). The covariance is accumulated
+    in float64 over blocks of ``chunk`` rows, so no copy of the cache is made."""
     dim = latents.shape[1]
-    centred = latents - latents.mean(dim=0, keepdim=True)
-    covariance = centred.T @ centred / (latents.shape[0] - 1)
-    spectrum = torch.linalg.eigvalsh(covariance.double()).clamp(min=0)
-    total = spectrum.sum()
-    if total <= 0:
+    count = int(rows.sum()) if rows is not None else latents.shape[0]
+    if count < 2:
+        return {}
+    total = torch.zeros(dim, dtype=torch.float64, device=latents.device)
+    gram = torch.zeros(dim, dim, dtype=torch.float64, device=latents.device)
+    for start in range(0, latents.shape[0], chunk):
+        block = latents[start: start + chunk]
+        if rows is not None:
+            block = block[rows[start: start + chunk]]
+        block = block.double()
+        total += block.sum(dim=0)
+        gram += block.T @ block
+    mean = total / count
+    covariance = (gram - count * torch.outer(mean, mean)) / (count - 1)
+    spectrum = torch.linalg.eigvalsh(covariance).clamp(min=0)
+    if spectrum.sum() <= 0:
         rank = 1.0
     else:
-        p = spectrum / total
+        p = spectrum / spectrum.sum()
         rank = float(torch.exp(-(p * torch.log(p.clamp(min=1e-300))).sum()))
     return {"cache_embedding_std": float(covariance.diagonal().clamp(min=0).sqrt().mean()) * math.sqrt(dim),
             "cache_effective_rank": rank}
