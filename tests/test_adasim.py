@@ -102,6 +102,15 @@ def test_neighbour_picture_shows_queries_with_their_sampling_probabilities(adasi
     assert out == run_dir / "neighbours.png" and out.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_an_epoch_whose_cache_has_collapsed_raises_the_collapse_alarm_in_the_run_log(tmp_path, monkeypatch):
+    import wildssl.methods.adasim as adasim
+
+    monkeypatch.setattr(adasim, "spread_of", lambda *args: {"cache_embedding_std": 0.001, "cache_effective_rank": 1.0})
+    summary = train(_config("nn_dino", "dino", "train.steps=16"), tmp_path)
+    assert any("cache embedding std" in alarm for alarm in summary["alarms"])
+    assert [r["cache_embedding_std"] for r in _records(tmp_path) if "cache_embedding_std" in r] == [0.001] * 4
+
+
 def test_dino_second_global_crop_comes_from_the_partner_and_a_self_partner_gives_the_standard_views():
     torch.manual_seed(0)
     method = build_method(_config("dino", "dino", "method.n_local=2"))

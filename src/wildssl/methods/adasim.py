@@ -21,6 +21,16 @@ Every variant keeps the latent cache (the base's latent of i's first view: DINO'
 backbone features) and the per-epoch top-K records, for the rule and for the per-epoch diagnostics:
 neighbour ratio, NN top-1 / 2-NN top-1 accuracy (with labels), and the spread of the cache (collapse).
 
+Config keys (``method.*``, besides the base's):
+
+- ``neighbour_topk`` (3): K, the support recorded per image and epoch (+NN needs at least 2);
+- ``neighbour_chunk`` (65536): cache rows per block of the top-K search (memory B x chunk);
+- ``neighbour_cache_dtype`` (``float32``): ``float16`` / ``bfloat16`` halve the cache and make its search a
+  half-precision matmul (GPU recipes; on a CPU half precision is slower);
+- ``adasim_tau`` (0.2) and ``adasim_window`` (10): AdaSim's temperature and window w (the seed's Table 4);
+- ``oracle_p_start`` (1.0) and ``oracle_p`` (0.5, a choice: the issue fixes only the schedule's shape):
+  the oracle's probability of a same-class partner at the first and the last step.
+
 State and exactness: the cache, the records and the completed-epoch count are buffers (in checkpoints);
 partners depend only on the records of completed epochs and on a generator seeded by (seed, step, rank),
 so a resumed run draws the same partners. Cache and records change only after a finite step, with the
