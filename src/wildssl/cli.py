@@ -169,6 +169,11 @@ def cmd_plot(args) -> int:
 
         print(f"wrote {plot_reconstructions(args.run, args.reconstructions, args.out, args.count, args.seed)}")
         return 0
+    if args.neighbours is not None:
+        from wildssl.eval.neighbour_plot import plot_neighbours
+
+        print(f"wrote {plot_neighbours(args.run, args.neighbours, args.out)}")
+        return 0
     from wildssl.eval.plot import plot_run
 
     print(f"wrote {plot_run(args.run, args.out)}")
@@ -295,15 +300,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("plot", help="plot a run's metrics (loss, k-NN, bootstrap agreement per IoU bucket), or an "
-                       "MAE run's reconstructions")
+    p = sub.add_parser("plot", help="plot a run's metrics (loss, k-NN, bootstrap agreement per IoU bucket, "
+                                    "neighbour ratio), an MAE run's reconstructions (--reconstructions IMAGES) "
+                                    "or an AdaSim run's sampled partners (--neighbours K)")
     p.add_argument("run", help="run directory (holding metrics.jsonl; with --reconstructions, its checkpoint)")
-    p.add_argument("--out", help="output PNG (default <run>/metrics.png, or <run>/reconstructions.png)")
+    p.add_argument("--out", help="output PNG (default <run>/metrics.png, <run>/reconstructions.png or "
+                                 "<run>/neighbours.png)")
     p.add_argument("--reconstructions", metavar="IMAGES",
                    help="instead of the metrics, draw an MAE run's original / masked / reconstruction of the "
                         "first --count images of the data SPEC IMAGES")
     p.add_argument("--count", type=int, default=8, help="images in --reconstructions (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --reconstructions masks (default 0)")
+    p.add_argument("--neighbours", type=int, metavar="K",
+                   help="instead of the curves: K query images with their candidate partners and sampling "
+                        "probabilities (adasim_* / nn_* runs) -> <run>/neighbours.png")
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("recipes", help="list the shipped recipes")

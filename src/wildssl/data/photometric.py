@@ -14,6 +14,8 @@ grayscale, blur, solarize; flips and crops live in :mod:`wildssl.data.views`):
   ``DataAugmentationDINO``): jitter (0.4, 0.4, 0.2, 0.1) p = 0.8 and grayscale p = 0.2 everywhere;
   blur p = 1.0 on the first global crop, p = 0.1 plus solarize p = 0.2 on the second, p = 0.5 on the
   local crops.
+- ``simsiam``: SimSiam (Chen & He 2021), i.e. MoCo v2's: jitter (0.4, 0.4, 0.4, 0.1) p = 0.8, grayscale
+  p = 0.2, blur p = 0.5.
 """
 
 from __future__ import annotations
@@ -278,6 +280,8 @@ PIPELINES: dict[str, Pipeline] = {
         jitter=_DINO_JITTER, jitter_prob=0.8, grayscale_prob=0.2, blur_prob=0.1, solarize_prob=0.2
     ),
     "dino_local": Pipeline(jitter=_DINO_JITTER, jitter_prob=0.8, grayscale_prob=0.2, blur_prob=0.5),
+    # SimSiam (Chen & He 2021, Sec. 4) uses MoCo v2's augmentation: weaker jitter than SimCLR's.
+    "simsiam": Pipeline(jitter=(0.4, 0.4, 0.4, 0.1), jitter_prob=0.8, grayscale_prob=0.2, blur_prob=0.5),
 }
 
 

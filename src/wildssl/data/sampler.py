@@ -17,11 +17,13 @@ from torch.utils.data import Sampler
 from wildssl.errors import ConfigError
 
 # Distinct primes: seed * SEED_STRIDE + epoch (permutations); + step * STEP_STRIDE + rank * RANK_STRIDE
-# (views); seed + STREAM_STRIDE * stream (one sampler per data stream).
+# (views); seed + STREAM_STRIDE * stream (one sampler per data stream); seed + PARTNER_OFFSET (partners).
 SEED_STRIDE = 1_000_003
 STEP_STRIDE = 7919
 RANK_STRIDE = 104_729
 STREAM_STRIDE = 7919
+# Offset of the seed of the draws that choose positive-pair partners (AdaSim), a purpose of its own.
+PARTNER_OFFSET = 15_485_863
 _SEED_MODULUS = 2**63 - 1
 
 # A hook through which a method chooses what a step reads (AdaSim adds each image's sampled neighbour):
@@ -33,6 +35,11 @@ IndexHook = Callable[[int, list[int]], list[int]]
 def view_seed(seed: int, step: int, rank: int) -> int:
     """Seed of the generator that draws a step's views on one rank."""
     return (seed * SEED_STRIDE + step * STEP_STRIDE + rank * RANK_STRIDE) % _SEED_MODULUS
+
+
+def partner_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of the generator that draws a step's positive-pair partners on one rank (an index hook)."""
+    return view_seed(seed + PARTNER_OFFSET, step, rank)
 
 
 def stream_seed(seed: int, stream_index: int) -> int:

@@ -1,5 +1,6 @@
 """``wildssl plot RUN``: curves of a run's logged metrics, including annotation bootstrapping's top-1
-agreement per source/target IoU bucket. Needs matplotlib (``pip install wildssl[plot]``)."""
+agreement per source/target IoU bucket and AdaSim's per-epoch neighbour diagnostics (the pictures of
+sampled partners are :mod:`wildssl.eval.neighbour_plot`). Needs matplotlib (``pip install wildssl[plot]``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 from wildssl.errors import ConfigError, DataError
 from wildssl.train.logging import read_metrics
 
+# AdaSim / +NN / oracle diagnostics, logged once per epoch.
+NEIGHBOUR_KEYS = ("neighbour_ratio", "nn_self_ratio", "nn_top1_accuracy", "nn2_top1_accuracy")
 AGREEMENT = re.compile(r"^agreement_iou_(?P<low>[0-9.]+)-(?P<high>[0-9.]+)$")
 
 
@@ -30,15 +33,18 @@ def _pyplot():
 
 
 def metrics_figure(records: list[dict], title: str = ""):
-    """A matplotlib figure of a run's records: a loss panel, a k-NN panel and a bootstrap-agreement panel
-    (one line per IoU bucket); panels without data are left out."""
+    """A matplotlib figure of a run's records: loss, k-NN, bootstrap agreement (one line per IoU bucket),
+    neighbour ratio and NN accuracies, spread of embeddings; panels without data are left out."""
     plt = _pyplot()
     keys = sorted({k for r in records for k in r})
     buckets = sorted((k for k in keys if AGREEMENT.match(k)), key=lambda k: float(AGREEMENT.match(k)["low"]))
     losses = [k for k in ("loss", "base_loss", "bootstrap_loss") if k in keys]
     knn = [k for k in ("knn_top1", "knn_top5") if k in keys]
+    neighbours = [k for k in NEIGHBOUR_KEYS if k in keys]
+    spread = [k for k in ("embedding_std", "cache_embedding_std") if k in keys]
     panels = [("loss", losses), ("k-NN accuracy", knn),
-              ("bootstrap top-1 agreement by IoU", (["agreement"] if "agreement" in keys else []) + buckets)]
+              ("bootstrap top-1 agreement by IoU", (["agreement"] if "agreement" in keys else []) + buckets),
+              ("neighbour pairs (per epoch)", neighbours), ("spread of embeddings (collapse: near 0)", spread)]
     panels = [(name, names) for name, names in panels if names]
     figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for axis, (name, names) in zip(axes[0], panels):

@@ -20,6 +20,13 @@ METHODS = {
     "ab_clip": "wildssl.methods.ab:ABCLIP",
     "mae": "wildssl.methods.mae:MAE",
     "ijepa": "wildssl.methods.ijepa:IJEPA",
+    "simsiam": "wildssl.methods.simsiam:SimSiam",
+    "adasim_dino": "wildssl.methods.adasim:AdaSimDINO",
+    "adasim_simsiam": "wildssl.methods.adasim:AdaSimSimSiam",
+    "nn_dino": "wildssl.methods.adasim:NNDINO",
+    "nn_simsiam": "wildssl.methods.adasim:NNSimSiam",
+    "oracle_dino": "wildssl.methods.adasim:OracleDINO",
+    "oracle_simsiam": "wildssl.methods.adasim:OracleSimSiam",
 }
 
 

@@ -18,7 +18,8 @@ One training step, as the engine runs it:
    (pending state is applied: DINO's center moves, learned logit scales are clamped), then
    :meth:`Method.update_teacher`. Otherwise nothing moves: the optimizer does not step and
    :meth:`Method.discard_step` drops the pending state and restores the remembered buffers.
-3. After the last step of every epoch, :meth:`Method.on_epoch_end`.
+3. After the last step of every epoch, :meth:`Method.on_epoch_end`; the metrics it returns are logged
+   (``metrics.jsonl``, at that step) and checked by the collapse monitor.
 
 Pending state: any submodule with a ``commit_step()`` method (and optionally ``discard_step()``) takes
 part in 2, so a center, queue or cache written during ``forward`` only changes after a finite step.
@@ -37,6 +38,8 @@ How the methods map onto this interface:
 | iBOT | ``dino_specs``; masks on the global crops | ``forward(mask=)`` -> cls + patches | EMA | ``SelfDistillation`` x 2 + ``losses.patch_loss`` |
 | SlotMIM | 2 overlapping crops (``data.overlap``) + masks | ``forward(mask=)`` -> patches | EMA | ``losses.patch_loss`` + ``losses.slot_loss`` |
 | AB_* | base views + n crops per bootstrap image | base + box-query decoder | EMA | ``annotation_space`` of the base |
+| SimSiam | 2 x ``simsiam`` crops | ``forward`` -> cls | - | ``losses.simsiam_loss`` |
+| AdaSim / +NN / oracle | the base's, second view from a partner image | the base's | the base's | the base's |
 
 Methods that learn p(annotation | image) expose :meth:`Method.annotation_space` (the targets),
 :meth:`Method.annotation_input` and :meth:`Method.annotation_features` (what psi_AB reads) so annotation
@@ -117,6 +120,10 @@ class Method(nn.Module):
     eval_network: ClassVar[str] = "student"
     # Student modules that never train (LiT's image tower): frozen, and kept in eval mode.
     frozen_modules: ClassVar[tuple[str, ...]] = ()
+    # DDP copies rank 0's buffers to every rank before each forward (BatchNorm statistics). A method whose
+    # buffers are identical on every rank by construction, and large (AdaSim's latent cache, N x d), turns
+    # that copy off.
+    broadcast_buffers: ClassVar[bool] = True
 
     def __init__(self, config: dict):
         super().__init__()
@@ -198,8 +205,10 @@ class Method(nn.Module):
             if module is not self and hasattr(module, "discard_step"):
                 module.discard_step()
 
-    def on_epoch_end(self, epoch: int) -> None:
-        """Called by the engine after the last step of epoch ``epoch`` (0-based). Default: nothing."""
+    def on_epoch_end(self, epoch: int) -> dict[str, float] | None:
+        """Called by the engine on every rank after the last step of epoch ``epoch`` (0-based); returns the
+        epoch's diagnostics to log (the same on every rank), or None. Default: nothing."""
+        return None
 
     # -- what the engine asks of the method ----------------------------------------------------------
     def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
@@ -228,8 +237,9 @@ class Method(nn.Module):
         return (self.teacher if teacher else self.student)["backbone"]
 
     def prepare(self, sources: dict, run_dir) -> None:
-        """Called by the engine once the data sources exist and before training or resuming (e.g. CLIP
-        trains or loads its caption tokenizer here, saved in ``run_dir``). Default: nothing."""
+        """Called by the engine once the data sources exist, before the checkpoint of a resumed run is
+        loaded and before DDP wraps the method (e.g. CLIP trains or loads its caption tokenizer here, saved
+        in ``run_dir``; AdaSim sizes its per-image state by the source). Default: nothing."""
 
     def stream_batch_size(self, stream: str, first_batch_size: int) -> int:
         """Global batch of a stream after the first when ``data.<stream>_batch_size`` is null."""

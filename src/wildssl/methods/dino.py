@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from wildssl.data.views import dino_specs, make_views
+from wildssl.data.views import ViewBatch, dino_specs, make_views
 from wildssl.methods.base import (AnnotationInput, AnnotationSpace, Method, StepContext, check_pool,
                                   normalized_embedding_std, pooled, pooled_features)
 from wildssl.methods.distillation import DISTILLATION_DEFAULTS, MULTI_CROP_DEFAULTS, SelfDistillation
@@ -46,14 +46,35 @@ class DINO(Method):
         logits = networks["head"](pooled(networks["backbone"](images), self.options["pool"]))
         return AnnotationSpace(self.distillation.centered_logits(logits, self.distillation.teacher_temp(step.values)))
 
-    def forward(self, batches: dict[str, dict], step: StepContext) -> dict:
-        batch = batches["train"]
-        views = make_views(batch["image"], self.specs, step.generator, aspect=batch["aspect"])
+    def step_views(self, batch: dict, generator: torch.Generator) -> list[ViewBatch]:
+        """The step's crops, in :attr:`specs` order. With ``batch["partner_image"]`` ``(B, 3, S, S)`` (and
+        ``"partner_aspect"``), the second global crop is cut from the partner image instead of the image
+        itself (AdaSim's pair (t(x_i), t'(x_j*))); the random draws are the same either way, so a partner
+        equal to the image gives exactly the standard views."""
+        if "partner_image" not in batch:
+            return make_views(batch["image"], self.specs, generator, aspect=batch["aspect"])
+        # make_views draws spec group by spec group; the two global specs differ (their photometric
+        # pipelines), so three calls consume the generator exactly as one call does.
+        views = make_views(batch["image"], self.specs[:1], generator, aspect=batch["aspect"])
+        views += make_views(batch["partner_image"], self.specs[1:2], generator, aspect=batch["partner_aspect"])
+        if len(self.specs) > 2:
+            views += make_views(batch["image"], self.specs[2:], generator, aspect=batch["aspect"])
+        return views
+
+    def loss_and_latents(self, batch: dict, step: StepContext) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        """The distillation loss, its metrics, and the teacher's pooled features of the first global crop
+        ``(B, width)`` (detached): the latent of each image that AdaSim caches."""
+        views = self.step_views(batch, step.generator)
         teacher_temp = self.distillation.teacher_temp(step.values)
         with torch.no_grad():
             teacher_logits, teacher_features = self._logits(self.teacher, views[: self.n_global])
             probs = self.distillation.targets(torch.cat(teacher_logits), teacher_temp)
         student_logits, _ = self._logits(self.student, views)
         loss = self.distillation.loss(student_logits, probs.chunk(self.n_global))
-        return {"loss": loss, "metrics": {**self.distillation.metrics(probs, teacher_temp),
-                                          "embedding_std": normalized_embedding_std(teacher_features)}}
+        metrics = {**self.distillation.metrics(probs, teacher_temp),
+                   "embedding_std": normalized_embedding_std(teacher_features)}
+        return loss, metrics, teacher_features[: views[0].images.shape[0]]
+
+    def forward(self, batches: dict[str, dict], step: StepContext) -> dict:
+        loss, metrics, _ = self.loss_and_latents(batches["train"], step)
+        return {"loss": loss, "metrics": metrics}

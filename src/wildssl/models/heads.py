@@ -19,11 +19,12 @@ class ProjectionHead(nn.Module):
     """SimCLR projection MLP (Chen et al., ICML 2020): ``(B, in_dim) -> (B, out_dim)``.
 
     ``num_layers - 1`` blocks of Linear -> BatchNorm -> ReLU, then a plain Linear. The hidden linears have no
-    bias when BatchNorm follows, since its shift makes one redundant.
+    bias when BatchNorm follows, since its shift makes one redundant. ``output_norm`` adds a BatchNorm
+    without affine parameters after the last Linear (SimSiam's projector, Chen & He 2021, Sec. 4).
     """
 
     def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 128, num_layers: int = 2,
-                 batch_norm: bool = True) -> None:
+                 batch_norm: bool = True, output_norm: bool = False) -> None:
         super().__init__()
         _check_layers("ProjectionHead", num_layers)
         layers: list[nn.Module] = []
@@ -34,7 +35,9 @@ class ProjectionHead(nn.Module):
                 layers.append(nn.BatchNorm1d(hidden_dim))
             layers.append(nn.ReLU(inplace=True))
             dim = hidden_dim
-        layers.append(nn.Linear(dim, out_dim))
+        layers.append(nn.Linear(dim, out_dim, bias=not output_norm))
+        if output_norm:
+            layers.append(nn.BatchNorm1d(out_dim, affine=False))
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -73,6 +73,8 @@ class _Reporter:
             raise ConfigError(f"cannot write the run directory {run.out_dir}: {error.strerror or error}; "
                               "free some space or choose another --out") from None
         self.monitor = CollapseMonitor(after_step=max(1, run.total_steps // 10))
+        # Epoch diagnostics have their own monitor: its patience counts epochs, not logged steps.
+        self.epoch_monitor = CollapseMonitor(after_step=max(1, run.total_steps // 10))
         self.progress = ProgressBar(run) if run.main and tcfg["progress"] else None
         self.alarms: list[str] = []
         self.last_metrics: dict = {}
@@ -118,6 +120,18 @@ class _Reporter:
             self.window_start, self.window_steps = time.perf_counter(), 0
         if self.progress is not None:
             self.progress.update()
+
+    def epoch_end(self, done: int, epoch: int, metrics: dict | None) -> None:
+        """Log the method's diagnostics of epoch ``epoch`` (0-based) at step ``done`` and check them for
+        collapse (e.g. AdaSim's neighbour ratio and the spread of its latent cache)."""
+        if not metrics:
+            return
+        metrics = {"epoch": float(epoch + 1), **{k: float(v) for k, v in metrics.items()}}
+        for alarm in self.epoch_monitor.check(done, metrics):
+            self.alarm(done, alarm)
+        if self.logger is not None:
+            self.logger.log(done, metrics)
+        self.last_metrics.update(metrics)
 
     def evaluate(self, done: int, random_init: bool = False) -> None:
         """Online k-NN on the main process; before step 0 it measures the random initialization, the
@@ -186,7 +200,8 @@ def train(config: dict, out_dir: str | Path, resume: bool = False, knn_evaluator
                             f"(train.nonfinite={tcfg['nonfinite']}, train.max_nonfinite={tcfg['max_nonfinite']}); "
                             f"the last good checkpoint is {run.last_good_checkpoint or 'none (no checkpoint was written)'}")
                     if done % run.steps_per_epoch == 0:
-                        run.method.on_epoch_end(done // run.steps_per_epoch - 1)
+                        epoch = done // run.steps_per_epoch - 1
+                        reporter.epoch_end(done, epoch, run.method.on_epoch_end(epoch))
                     reporter.evaluate(done)
                     if result.interrupted:
                         save_checkpoint(run, done)

@@ -70,6 +70,10 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+# Metrics that measure the spread of l2-normalized embeddings (x sqrt(D)); near 0 means collapse.
+EMBEDDING_STD_KEYS = ("embedding_std", "cache_embedding_std")
+
+
 class CollapseMonitor:
     """Warn about the three collapses users of DINO-style training hit most.
 
@@ -79,7 +83,8 @@ class CollapseMonitor:
     - ``teacher_entropy``: mean entropy of the teacher's distribution, in nats. Near 0 means every
       image gets the same one-hot target.
     - ``embedding_std``: per-dimension std across the batch of l2-normalized embeddings, times sqrt(D)
-      (about 1 for well-spread embeddings, 0 when all embeddings coincide).
+      (about 1 for well-spread embeddings, 0 when all embeddings coincide); ``cache_embedding_std`` is
+      the same over a method's whole latent cache (AdaSim, once per epoch).
     An alarm fires only after ``patience`` consecutive logged steps past ``after_step``.
     """
 
@@ -100,8 +105,9 @@ class CollapseMonitor:
                 self.rel_tol * metrics["uniform_loss"])
         if "teacher_entropy" in metrics:
             findings["one_hot"] = metrics["teacher_entropy"] < self.entropy_floor
-        if "embedding_std" in metrics:
-            findings["embedding"] = metrics["embedding_std"] < self.std_floor
+        spreads = [metrics[k] for k in EMBEDDING_STD_KEYS if k in metrics]
+        if spreads:
+            findings["embedding"] = min(spreads) < self.std_floor
         alarms = []
         for name, found in findings.items():
             self.counts[name] = self.counts[name] + 1 if (found and step >= self.after_step) else 0
@@ -117,7 +123,8 @@ class CollapseMonitor:
         if name == "one_hot":
             return (f"collapse alarm: teacher entropy {metrics['teacher_entropy']:.4f} nats is near 0 "
                     "(one-hot collapse: check centering)")
-        return (f"collapse alarm: embedding std {metrics['embedding_std']:.4f} (x sqrt(D)) is near 0 "
+        key = min((k for k in EMBEDDING_STD_KEYS if k in metrics), key=lambda k: metrics[k])
+        return (f"collapse alarm: {key.replace('_', ' ')} {metrics[key]:.4f} (x sqrt(D)) is near 0 "
                 "(all embeddings coincide)")
 
 

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -164,6 +165,16 @@ def prepare_out_dir(out_dir: Path, resume: bool) -> None:
             log.info("removed %s, left by an interrupted checkpoint write", stale)
 
 
+def _buffer_sync(method: Method) -> dict:
+    """DDP's keyword that stops the per-forward buffer copy for a method that asks (the buffers are still
+    copied from rank 0 once, at construction): ``forward_sync_buffers`` from torch 2.13, before it
+    ``broadcast_buffers``, which also skips that first copy."""
+    if method.broadcast_buffers:
+        return {}
+    parameters = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers": False}
+
+
 def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
     """Everything a run needs, restored from ``out_dir``'s checkpoint when ``resume`` finds one."""
     out_dir = Path(out_dir)
@@ -193,6 +204,8 @@ def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
     batch_sizes = {name: (global_batch if index == 0 else
                           config["data"][f"{name}_batch_size"] or method.stream_batch_size(name, global_batch))
                    for index, name in enumerate(streams)}
+    # Before the checkpoint load and the DDP wrapper: a method may add state sized by its data here.
+    method.prepare(sources, out_dir)
     first = sources[streams[0]]
     steps_per_epoch = max(len(first) // global_batch, 1)
     total_steps = total_steps_of(config, len(first), sum(batch_sizes.values()))
@@ -204,7 +217,7 @@ def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
     if world > 1:
         model = nn.parallel.DistributedDataParallel(
             method, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=method.may_leave_parameters_unused)
+            find_unused_parameters=method.may_leave_parameters_unused, **_buffer_sync(method))
     optimizer = build_optimizer(method.parameter_groups(), config["optim"]["betas"])
     run = Run(config=config, out_dir=out_dir, device=device, rank=rank, world=world, method=method, model=model,
               optimizer=optimizer, sources=sources, batch_sizes=batch_sizes, total_steps=total_steps,
@@ -230,7 +243,6 @@ def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
         except OSError as error:  # a full disk: the probe in prepare_out_dir wrote no bytes
             raise ConfigError(f"cannot write the run directory {out_dir}: {error.strerror or error}; "
                               "free some space or choose another --out") from None
-    method.prepare(sources, out_dir)
     return run
 
 
