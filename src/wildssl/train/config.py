@@ -75,6 +75,7 @@ DEFAULTS: dict[str, Any] = {
         "pool": "cls",
         "image_size": None,
         "batch_size": 256,
+        "online_probe": False,
     },
 }
 
@@ -232,6 +233,8 @@ def validate(config: dict[str, Any]) -> None:
     if flat["train.epochs"] is not None and not (isinstance(flat["train.epochs"], (int, float))
                                                  and flat["train.epochs"] > 0):
         raise ConfigError(f"train.epochs must be a positive number or null, got {flat['train.epochs']!r}")
+    if not isinstance(flat["eval.online_probe"], bool):
+        raise ConfigError(f"eval.online_probe must be true or false, got {flat['eval.online_probe']!r}")
     if not isinstance(flat["optim.lr"], (int, float)) or flat["optim.lr"] < 0:
         raise ConfigError(f"optim.lr must be a non-negative number, got {flat['optim.lr']!r}")
 
