@@ -23,8 +23,8 @@ Unknown keys are errors that list the valid ones. Features are extracted once pe
 resolution and cached (:mod:`wildssl.eval.cache`), so probes that share data share the pass.
 
 Outputs in ``DIR``: ``results.json`` (every figure, each probe's wall time), ``report.md`` (a headline
-table and a section per probe) and the pictures it links: probe curves (held-out score per setting, loss
-per epoch), confusion matrices, and the discovery attention maps. Plots need matplotlib; without it the
+table and a section per probe) and the pictures it links: per trained probe its curves (held-out score
+per setting, loss per epoch) and test confusion matrix, and the discovery attention maps. Plots need matplotlib; without it the
 report says so and keeps the numbers.
 """
 
@@ -168,8 +168,9 @@ def write_markdown(report: dict, out: Path) -> Path:
 
 
 def write_plots(report: dict, out: Path) -> dict[str, list[str]]:
-    """Probe curves and confusion matrices as PNGs; ``{probe: [file names]}`` (``_missing`` without
-    matplotlib)."""
+    """One PNG per trained probe, ``<probe>_curves.png``: held-out score per setting, training loss per
+    epoch of the final fit, and the test confusion matrix where there is one. Returns ``{probe: [file
+    names]}`` (``{"_missing": ...}`` without matplotlib)."""
     try:
         import matplotlib
 
@@ -179,43 +180,35 @@ def write_plots(report: dict, out: Path) -> dict[str, list[str]]:
         return {"_missing": ["matplotlib"]}
     written: dict[str, list[str]] = {}
     for probe, figures in report["probes"].items():
-        if "grid" in figures and "loss_curve" in figures:
-            figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
-            series: dict[str, list[tuple[float, float]]] = {}
-            for row in figures["grid"]:
-                if row["val"] is not None:
-                    series.setdefault(row.get("pool", probe), []).append((row["lr"], row["val"]))
-            for label, points in series.items():
-                left.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", label=label)
-            left.set_xscale("log")
-            left.set_xlabel("learning rate")
-            left.set_ylabel("held-out score (%)")
-            left.legend(fontsize=8)
-            left.grid(alpha=0.3)
-            right.plot(range(1, len(figures["loss_curve"]) + 1), figures["loss_curve"])
-            right.set_xlabel("epoch (final fit)")
-            right.set_ylabel("training loss")
-            right.grid(alpha=0.3)
-            figure.suptitle(f"{probe} probe")
-            figure.tight_layout()
-            name = f"{probe}_curves.png"
-            figure.savefig(out / name, dpi=90)
-            plt.close(figure)
-            written.setdefault(probe, []).append(name)
+        if "grid" not in figures or "loss_curve" not in figures:
+            continue
+        panels = 3 if "confusion" in figures else 2
+        figure, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.6))
+        series: dict[str, list[tuple[float, float]]] = {}
+        for row in figures["grid"]:
+            if row["val"] is not None:
+                series.setdefault(row.get("pool", probe), []).append((row["lr"], row["val"]))
+        for label, points in series.items():
+            axes[0].plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", label=label)
+        axes[0].set_xscale("log")
+        axes[0].set(xlabel="learning rate", ylabel="held-out score (%)", title="selection")
+        if series:
+            axes[0].legend(fontsize=8)
+        axes[1].plot(range(1, len(figures["loss_curve"]) + 1), figures["loss_curve"])
+        axes[1].set(xlabel="epoch", ylabel="training loss", title="final fit")
+        for axis in axes[:2]:
+            axis.grid(alpha=0.3)
         if "confusion" in figures:
             confusion = figures["confusion"]
-            figure, axis = plt.subplots(figsize=(4.8, 4.2))
-            image = axis.imshow(confusion, cmap="Blues")
             classes = figures.get("classes") or [str(i) for i in range(len(confusion))]
-            axis.set_xticks(range(len(confusion)), classes, rotation=90, fontsize=7)
-            axis.set_yticks(range(len(confusion)), classes, fontsize=7)
-            axis.set_xlabel("predicted")
-            axis.set_ylabel("true")
-            figure.colorbar(image)
-            figure.suptitle(f"{probe} probe: test confusion")
-            figure.tight_layout()
-            name = f"{probe}_confusion.png"
-            figure.savefig(out / name, dpi=90)
-            plt.close(figure)
-            written.setdefault(probe, []).append(name)
+            axes[2].imshow(confusion, cmap="Blues")
+            axes[2].set_xticks(range(len(confusion)), classes, rotation=90, fontsize=7)
+            axes[2].set_yticks(range(len(confusion)), classes, fontsize=7)
+            axes[2].set(xlabel="predicted", ylabel="true", title="test confusion")
+        figure.suptitle(f"{probe} probe")
+        figure.tight_layout()
+        name = f"{probe}_curves.png"
+        figure.savefig(out / name, dpi=80)
+        plt.close(figure)
+        written[probe] = [name]
     return written
