@@ -4,7 +4,7 @@ import torch
 from conftest import make_feature_set
 from wildssl.errors import ConfigError, DataError
 from wildssl.eval.linear import LinearClassifier, linear_probe, train_linear
-from wildssl.eval.probe import held_out_split, resolve_options
+from wildssl.eval.probe import align_classes, held_out_split, resolve_options
 
 FAST = dict(lrs=[1e-2], epochs=15, batch_size=64)
 
@@ -42,8 +42,8 @@ def test_linear_probe_picks_the_informative_pool_on_the_held_out_split():
     test_noise = torch.randn(200, 8, generator=torch.Generator().manual_seed(10))
     for cls, avg, test_cls, test_avg, expected in ((informative, noise, test_informative, test_noise, "cls"),
                                                    (noise, informative, test_noise, test_informative, "avg")):
-        result = linear_probe(make_feature_set(cls, labels, avg=avg), make_feature_set(test_cls, test_labels, avg=test_avg),
-                              **FAST)
+        result = linear_probe(make_feature_set(cls, labels, avg=avg),
+                              make_feature_set(test_cls, test_labels, avg=test_avg), **FAST)
         assert result["pool"] == expected and result["top1"] >= 0.99
         assert {(row["pool"], row["lr"]) for row in result["grid"]} == {("cls", 1e-2), ("avg", 1e-2)}
 
@@ -75,3 +75,18 @@ def test_unlabelled_images_and_unknown_options_are_one_line_errors():
         resolve_options("linear", {"lrs": [1.0], "train": None}, {"lr": 1.0})
     with pytest.raises(ConfigError, match="needs 'train'"):
         resolve_options("linear", {"train": None}, {}, required=("train",))
+
+
+def test_test_split_classes_are_renumbered_into_the_train_split_names():
+    """Two manifests index their own sorted names: 'dog' is 1 in train (cat, dog), 2 in test (ant, cat, dog)."""
+    x, y = _separable(300, 2, 8, seed=0)
+    train = make_feature_set(x, y, classes=["cat", "dog"])
+    x_test, y_test = _separable(100, 2, 8, seed=1)
+    test_labels = y_test + 1  # cat and dog in the test split's own indices
+    test_labels[:10] = 0  # ten "ant" images: a class the probe never saw, counted as errors
+    test = make_feature_set(x_test, test_labels, classes=["ant", "cat", "dog"])
+    train_aligned, test_aligned = align_classes(train, test)
+    assert test_aligned.classes == train_aligned.classes == ["cat", "dog", "ant"]
+    assert torch.equal(test_aligned.labels[10:], y_test[10:]) and (test_aligned.labels[:10] == 2).all()
+    result = linear_probe(train, test, pools=["cls"], **FAST)
+    assert result["top1"] == pytest.approx(0.9)  # the 90 cats and dogs right, the 10 ants wrong

@@ -62,7 +62,9 @@ def test_eval_all_runs_every_probe_and_writes_json_markdown_and_pictures(tmp_pat
 
 
 def test_random_init_floor_evaluates_the_same_architecture_untrained(tmp_path, export, capsys):
-    (tmp_path / "suite.yaml").write_text(yaml.safe_dump({"probes": {"knn": {"train": TRAIN, "test": TEST}}}))
+    swapped = {"train": TEST, "test": TRAIN}  # a second run of a probe is labelled probe@label
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump({"probes": {"knn": {"train": TRAIN, "test": TEST},
+                                                                    "knn@swapped": swapped}}))
     argv = ["eval", "all", str(export), "--suite", str(tmp_path / "suite.yaml"), "--cache-dir", str(tmp_path / "c"),
             "--json"]
     assert main(argv + ["--out", str(tmp_path / "a")]) == 0
@@ -73,6 +75,7 @@ def test_random_init_floor_evaluates_the_same_architecture_untrained(tmp_path, e
     # the export was drawn with seed 0, so the seed-0 floor is those very weights; seed 1 is another draw
     assert floors[0]["top1"] == floors[1]["top1"] == trained["probes"]["knn"]["top1"]
     assert "random-init" in json.loads((tmp_path / "d" / "results.json").read_text())["name"]
+    assert trained["probes"]["knn@swapped"]["num_test"] == 48
 
 
 def test_each_probe_verb_prints_one_json_line(tmp_path, export, capsys):

@@ -92,4 +92,5 @@ def test_box_fourier_features_are_sin_cos_of_doubling_frequencies():
         angles = [torch.pi * 2 ** k * coordinate for k in range(3)]
         expected += [torch.tensor(a).sin().item() for a in angles] + [torch.tensor(a).cos().item() for a in angles]
     torch.testing.assert_close(features[0], torch.tensor(expected), atol=1e-5, rtol=0)
-    assert torch.equal(patch_boxes((2, 2)), torch.tensor([[0, 0, .5, .5], [.5, 0, 1, .5], [0, .5, .5, 1], [.5, .5, 1, 1]]))
+    cells = torch.tensor([[0, 0, .5, .5], [.5, 0, 1, .5], [0, .5, .5, 1], [.5, .5, 1, 1]])
+    assert torch.equal(patch_boxes((2, 2)), cells)

@@ -22,7 +22,7 @@ def test_online_probe_logs_its_accuracy_and_leaves_the_training_run_unchanged(tm
     records = [json.loads(line) for line in (tmp_path / "probed" / "metrics.jsonl").read_text().splitlines()]
     top1 = [r["online_probe_top1"] for r in records if "online_probe_top1" in r]
     assert len(top1) == 4 and all(0.0 <= v <= 1.0 for v in top1)
-    assert not any("online_probe_top1" in line for line in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines())
+    assert "online_probe_top1" not in (tmp_path / "plain" / "metrics.jsonl").read_text()
 
 
 class _Backbone:
@@ -48,7 +48,8 @@ def test_online_probe_learns_from_detached_features():
         images = colours[labels.clamp(min=0)][:, :, None, None].expand(-1, -1, 16, 16).contiguous()
         figures = probe.step(_Backbone(encoder), {"image": images, "label": labels})
         first = figures["online_probe_top1"] if first is None else first
-    assert figures["online_probe_top1"] >= 0.95 > first + 0.3  # the mean of the last 20 batches, each scored before training on it
+    # the mean over the last 20 batches, each scored before the probe trained on it
+    assert figures["online_probe_top1"] >= 0.95 > first + 0.3
     assert all(p.grad is None for p in encoder.parameters())  # nothing flowed back into the encoder
     assert encoder.training  # its mode is restored
     assert probe.step(_Backbone(encoder), {"image": images[:2], "label": torch.tensor([-1, -1])}) == {}

@@ -59,7 +59,8 @@ class ReferenceViT(nn.Module):
 
     def forward(self, images):
         x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)
-        prefix = [getattr(self, name).expand(len(x), -1, -1) for name in ("cls_token", "reg_token") if hasattr(self, name)]
+        names = [name for name in ("cls_token", "reg_token") if hasattr(self, name)]
+        prefix = [getattr(self, name).expand(len(x), -1, -1) for name in names]
         x = torch.cat(prefix + [x], dim=1) + self.pos_embed if hasattr(self, "cls_token") else x + self.pos_embed
         for block in self.blocks:
             x = block(x)
@@ -89,7 +90,8 @@ def test_timm_layout_with_registers_and_a_classifier_head_reproduces_the_referen
 def test_dino_training_checkpoint_layout_gives_teacher_and_student(tmp_path):
     teacher, student = ReferenceViT(seed=1), ReferenceViT(seed=2)
     checkpoint = {"teacher": {**_state(teacher, "backbone."), "head.mlp.0.weight": torch.randn(8, WIDTH)},
-                  "student": {**_state(student, "module.backbone."), "module.head.last_layer.weight_g": torch.ones(4, 1)},
+                  "student": {**_state(student, "module.backbone."),
+                              "module.head.last_layer.weight_g": torch.ones(4, 1)},
                   "epoch": 100}
     torch.save(checkpoint, tmp_path / "checkpoint.pth")
     encoder, layout = load_any_encoder(tmp_path / "checkpoint.pth")

@@ -21,8 +21,8 @@ from torch import nn
 
 from wildssl.errors import ConfigError
 from wildssl.eval.features import FeatureSet
-from wildssl.eval.probe import (ProbeContext, class_count, confusion_matrix, fit, predict, require_labels,
-                                resolve_options, seeded, select_on_held_out, topk_accuracy)
+from wildssl.eval.probe import (ProbeContext, align_classes, class_count, confusion_matrix, fit, predict,
+                                require_labels, resolve_options, seeded, select_on_held_out, topk_accuracy)
 from wildssl.models.attention import CrossAttention
 from wildssl.models.vit import Mlp
 
@@ -69,6 +69,7 @@ def attentive_probe(train: FeatureSet, test: FeatureSet, *, heads: int, lrs=(3e-
     """Train and score the MAP probe on the patch tokens of two feature sets: ``top1``, ``top5``, the
     chosen ``lr``, ``grid`` (held-out top-1 per lr), ``loss_curve`` and ``confusion``."""
     train_tokens, test_tokens = train.require_patch("attentive"), test.require_patch("attentive")
+    train, test = align_classes(train, test)
     train_labels = require_labels(train, "attentive", "train")
     test_labels = require_labels(test, "attentive", "test")
     num_classes = max(class_count(train.classes, train_labels), class_count(test.classes, test_labels))

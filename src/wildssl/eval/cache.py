@@ -80,7 +80,9 @@ def _ragged(tensors: list[torch.Tensor], width: tuple[int, ...], dtype: torch.dt
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image tensors ``(M_i, *width)`` -> concatenated ``(sum M_i, *width)`` and offsets ``(N + 1,)``."""
     counts = torch.tensor([0] + [len(t) for t in tensors], dtype=torch.long)
-    flat = torch.cat([t.reshape(-1, *width).to(dtype) for t in tensors]) if tensors else torch.zeros(0, *width, dtype=dtype)
+    if not tensors:
+        return torch.zeros(0, *width, dtype=dtype), counts
+    flat = torch.cat([t.reshape(-1, *width).to(dtype) for t in tensors])
     return flat, counts.cumsum(0)
 
 

@@ -116,12 +116,13 @@ def cls_attention(encoder, images: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def discover(encoder, data: str | Source, *, image_size: int, load_size: int | None = None, mass: float = 0.6,
              background: int = 0, ignore_index: int = 255, pictures: int = 8, batch_size: int = 64,
-             device: torch.device | str = "cpu", out_dir: Path | None = None, progress: bool = False) -> dict:
+             device: torch.device | str = "cpu", out_dir: Path | None = None, picture_name: str = "discovery",
+             progress: bool = False) -> dict:
     """Jaccard and CorLoc of the attention masks over the images of ``data`` (a spec or a source; see the
     module docstring).
 
     Returns ``jaccard`` and ``num_jaccard_images`` when masks exist, ``corloc`` and ``num_corloc_images``
-    when boxes exist, and ``pictures`` (file names under ``out_dir``)."""
+    when boxes exist, and ``pictures`` (``<picture_name>_attention.png`` under ``out_dir``)."""
     source = open_source(data, load_size=load_size or image_size) if isinstance(data, str) else data
     loader = DataLoader(source, batch_size=batch_size, shuffle=False, collate_fn=collate)
     encoder.eval()
@@ -139,7 +140,8 @@ def discover(encoder, data: str | Source, *, image_size: int, load_size: int | N
                 hits.append(box is not None and corloc_hit(box, truth_boxes))
             truth = source.mask(index)
             if truth is not None:
-                upsampled = F.interpolate(masks[row][None, None].float(), size=tuple(truth.shape), mode="nearest")[0, 0] > 0
+                grid_mask = masks[row][None, None].float()
+                upsampled = F.interpolate(grid_mask, size=tuple(truth.shape), mode="nearest")[0, 0] > 0
                 valid = truth != ignore_index
                 jaccards.append(jaccard(upsampled, (truth != background) & valid, valid))
             if len(shown) < pictures:
@@ -150,10 +152,10 @@ def discover(encoder, data: str | Source, *, image_size: int, load_size: int | N
     if hits:
         result.update(corloc=float(np.mean(hits)), num_corloc_images=len(hits))
     if not jaccards and not hits:
-        raise ConfigError(f"object discovery found neither masks nor boxes in {source.describe()}; give data with boxes "
-                          "(CorLoc) or a 'mask' per image (Jaccard)")
+        raise ConfigError(f"object discovery found neither masks nor boxes in {source.describe()}; give data with "
+                          "boxes (CorLoc) or a 'mask' per image (Jaccard)")
     if out_dir is not None and shown:
-        path = Path(out_dir) / "discovery_attention.png"
+        path = Path(out_dir) / f"{picture_name.replace('@', '_')}_attention.png"
         attention_pictures(shown, path)
         result["pictures"] = [path.name]
     return result
@@ -191,4 +193,4 @@ def run(context: ProbeContext, options: dict | None = None) -> dict:
                     load_size=options["load_size"], mass=options["mass"], background=options["background"],
                     ignore_index=options["ignore_index"], pictures=options["pictures"],
                     batch_size=options["batch_size"], device=context.store.device, out_dir=context.out_dir,
-                    progress=context.progress)
+                    picture_name=context.name, progress=context.progress)

@@ -137,11 +137,12 @@ KNN_OPTIONS = {
 def run_knn(context, options: dict | None = None) -> dict:
     """The suite's ``knn`` entry (:mod:`wildssl.eval.report`): weighted k-NN on the cached features;
     ``top1`` (and ``top5`` with 5+ classes) as fractions."""
-    from wildssl.eval.probe import class_count, require_labels, resolve_options
+    from wildssl.eval.probe import align_classes, class_count, require_labels, resolve_options
 
     options = resolve_options("knn", KNN_OPTIONS, options, required=("train", "test"))
     train = context.features(options["train"], options)
     test = context.features(options["test"], options)
+    train, test = align_classes(train, test)
     train_labels, test_labels = require_labels(train, "knn", "train"), require_labels(test, "knn", "test")
     num_classes = max(class_count(train.classes, train_labels), class_count(test.classes, test_labels))
     accuracy = knn_accuracy(train.pooled(options["pool"]), train_labels, test.pooled(options["pool"]), test_labels,

@@ -1,4 +1,5 @@
-"""Frozen features of a dataset: one l2-normalized vector per image (k-NN), or a :class:`FeatureSet` of\nraw cls, average and patch tokens with the annotations the probes need."""
+"""Frozen features of a dataset: one l2-normalized vector per image (k-NN), or a :class:`FeatureSet` of
+raw cls, average and patch tokens with the annotations the probes need."""
 
 from __future__ import annotations
 

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from wildssl.eval.features import POOLS, FeatureSet
-from wildssl.eval.probe import (ProbeContext, class_count, confusion_matrix, fit, predict, require_labels,
-                                resolve_options, seeded, select_on_held_out, topk_accuracy)
+from wildssl.eval.probe import (ProbeContext, align_classes, class_count, confusion_matrix, fit, predict,
+                                require_labels, resolve_options, seeded, select_on_held_out, topk_accuracy)
 from wildssl.errors import ConfigError
 
 OPTIONS: dict[str, Any] = {
@@ -78,6 +78,7 @@ def linear_probe(train: FeatureSet, test: FeatureSet, *, pools=("cls", "avg"), l
     for pool in pools:
         if pool not in POOLS:
             raise ConfigError(f"linear probe pool {pool!r} is unknown; use some of {', '.join(POOLS)}")
+    train, test = align_classes(train, test)
     train_labels = require_labels(train, "linear", "train")
     test_labels = require_labels(test, "linear", "test")
     num_classes = max(class_count(train.classes, train_labels), class_count(test.classes, test_labels))

@@ -8,10 +8,11 @@ detached: nothing flows back into the encoder), and a :class:`~wildssl.eval.line
 
 ``online_probe_top1`` is the accuracy on each batch *before* the probe trains on it (progressive
 validation), averaged over the last :data:`WINDOW` steps with labels: within the first epoch every batch
-is unseen, so it tracks generalization without a separate split or run; ``online_probe_loss`` likewise. The probe is the engine's, not the method's: it is not in the checkpoint, it
-changes no weight, optimizer state or RNG stream of the run (a run with and without it ends with the
-same weights), and after a resume it starts again. Under DDP each rank trains its own copy; the main
-process's figures are logged.
+is unseen, so it tracks generalization without a separate split or run; ``online_probe_loss`` likewise.
+The probe is the engine's, not the method's: it is not in the checkpoint, it changes no weight,
+optimizer state or RNG stream of the run (a run with and without it ends with the same weights), and
+after a resume it starts again. Under DDP each rank trains its own copy; the main process's figures
+are logged.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ once on the test split. Everything is seeded: the same features give the same nu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -31,13 +32,15 @@ COMMON_OPTIONS: dict[str, Any] = {"image_size": None, "load_size": None}
 @dataclass
 class ProbeContext:
     """What a probe gets besides its options: the encoder's feature store, the default eval resolution,
-    the seed, whether to show progress, and where to write pictures (None: nowhere)."""
+    the seed, whether to show progress, where to write pictures (None: nowhere) and the suite entry's
+    name (pictures are named after it)."""
 
     store: FeatureStore
     image_size: int
     seed: int = 0
     progress: bool = False
     out_dir: Path | None = None
+    name: str = "probe"
 
     def features(self, spec: str, options: dict, with_patch: bool = False, with_masks: bool = False) -> FeatureSet:
         image_size = options.get("image_size") or self.image_size
@@ -147,6 +150,26 @@ def class_count(classes: list[str] | None, *labels: torch.Tensor) -> int:
         return len(classes)
     largest = max((int(t.max()) for t in labels if t.numel()), default=-1)
     return largest + 1
+
+
+def align_classes(train: FeatureSet, test: FeatureSet) -> tuple[FeatureSet, FeatureSet]:
+    """Both splits in one class space. Two manifests name their classes by their own sorted names, so the
+    same index can mean different classes: when both splits have class names, the test split's labels,
+    multi-labels and box labels are renumbered into the train split's names, and names only the test split
+    has are appended (the probe never learns them, so those images count as errors, as they should)."""
+    if not train.classes or not test.classes or train.classes == test.classes:
+        return train, test
+    classes = list(train.classes) + [name for name in test.classes if name not in train.classes]
+    position = torch.tensor([classes.index(name) for name in test.classes] + [-1])  # index -1 stays -1
+
+    def renumber(labels: torch.Tensor) -> torch.Tensor:
+        return position[labels.long()]  # -1 picks the last entry, -1
+
+    aligned = dataclasses.replace(
+        test, labels=renumber(test.labels), box_labels=[renumber(b) for b in test.box_labels],
+        multi_labels=[[classes.index(test.classes[v]) for v in labels] for labels in test.multi_labels],
+        classes=classes)
+    return dataclasses.replace(train, classes=classes), aligned
 
 
 def require_labels(features: FeatureSet, probe: str, split: str) -> torch.Tensor:

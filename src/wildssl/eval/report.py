@@ -18,14 +18,15 @@
       discovery: {data: SPEC}                                  # wildssl.eval.discovery.OPTIONS
       segment:   {train: SPEC, test: SPEC, ignore_index: 11}   # wildssl.eval.segmentation.OPTIONS
 
-Every probe entry also takes ``image_size`` and ``load_size`` (e.g. segmentation at a finer grid).
+Every probe entry also takes ``image_size`` and ``load_size`` (e.g. segmentation at a finer grid). To
+run a probe twice (on two datasets), label the second entry ``probe@label`` (``decoder@coco``).
 Unknown keys are errors that list the valid ones. Features are extracted once per dataset and
 resolution and cached (:mod:`wildssl.eval.cache`), so probes that share data share the pass.
 
 Outputs in ``DIR``: ``results.json`` (every figure, each probe's wall time), ``report.md`` (a headline
 table and a section per probe) and the pictures it links: per trained probe its curves (held-out score
-per setting, loss per epoch) and test confusion matrix, and the discovery attention maps. Plots need matplotlib; without it the
-report says so and keeps the numbers.
+per setting, loss per epoch) and test confusion matrix, and the discovery attention maps. Plots need
+matplotlib; without it the report says so and keeps the numbers.
 """
 
 from __future__ import annotations
@@ -94,12 +95,18 @@ def read_suite(suite: str | Path | dict) -> dict:
     if not isinstance(probes, dict) or not probes:
         raise ConfigError(f"{where} names no probes; give 'probes:' with some of {', '.join(PROBES)}")
     for name, options in probes.items():
-        if name not in PROBES:
-            raise ConfigError(f"unknown probe {name!r} in {where}; valid probes: {', '.join(PROBES)}")
+        if probe_kind(name) not in PROBES:
+            raise ConfigError(f"unknown probe {name!r} in {where}; valid probes: {', '.join(PROBES)} (a second run "
+                              "of one as probe@label)")
         if options is not None and not isinstance(options, dict):
             raise ConfigError(f"probe {name!r} in {where} must map option names to values, got {options!r}")
     resolved["probes"] = {name: dict(options or {}) for name, options in probes.items()}
     return resolved
+
+
+def probe_kind(name: str) -> str:
+    """The probe an entry runs: ``"decoder"`` for ``decoder`` and ``decoder@coco``."""
+    return name.split("@", 1)[0]
 
 
 def run_suite(store: FeatureStore, suite: str | Path | dict, out_dir: str | Path | None = None, *,
@@ -120,7 +127,9 @@ def run_suite(store: FeatureStore, suite: str | Path | dict, out_dir: str | Path
             options = {"load_size": suite["load_size"], **options}
         log.info("evaluating %s: %s probe", name, probe)
         began = time.perf_counter()
-        results[probe] = {**PROBES[probe][1](context, options), "seconds": round(time.perf_counter() - began, 1)}
+        context.name = probe
+        figures = PROBES[probe_kind(probe)][1](context, options)
+        results[probe] = {**figures, "seconds": round(time.perf_counter() - began, 1)}
     report = {"name": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "suite": suite, "probes": results,
               "seconds": round(time.perf_counter() - start, 1)}
     if out is not None:
@@ -131,7 +140,7 @@ def run_suite(store: FeatureStore, suite: str | Path | dict, out_dir: str | Path
 
 def headline(probe: str, figures: dict) -> dict[str, float]:
     """The headline figures of one probe's results (those it has)."""
-    return {key: figures[key] for key in HEADLINES[probe] if key in figures}
+    return {key: figures[key] for key in HEADLINES[probe_kind(probe)] if key in figures}
 
 
 def _percent(value: float) -> str:
@@ -207,7 +216,7 @@ def write_plots(report: dict, out: Path) -> dict[str, list[str]]:
             axes[2].set(xlabel="predicted", ylabel="true", title="test confusion")
         figure.suptitle(f"{probe} probe")
         figure.tight_layout()
-        name = f"{probe}_curves.png"
+        name = f"{probe.replace('@', '_')}_curves.png"
         figure.savefig(out / name, dpi=80)
         plt.close(figure)
         written[probe] = [name]
