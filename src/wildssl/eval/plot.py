@@ -19,7 +19,7 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write ``<run>/metrics.png`` (or ``out``): loss panel, k-NN panel, bootstrap-agreement panel."""
+    """Write ``<run>/metrics.png`` (or ``out``): loss panel, k-NN / online-probe panel, bootstrap-agreement panel."""
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     if not records:
@@ -35,8 +35,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     keys = sorted({k for r in records for k in r})
     buckets = sorted((k for k in keys if AGREEMENT.match(k)), key=lambda k: float(AGREEMENT.match(k)["low"]))
     losses = [k for k in ("loss", "base_loss", "bootstrap_loss") if k in keys]
-    knn = [k for k in ("knn_top1", "knn_top5") if k in keys]
-    panels = [("loss", losses), ("k-NN accuracy", knn),
+    accuracy = [k for k in ("knn_top1", "knn_top5", "online_probe_top1") if k in keys]
+    panels = [("loss", losses), ("k-NN and online probe accuracy", accuracy),
               ("bootstrap top-1 agreement by IoU", (["agreement"] if "agreement" in keys else []) + buckets)]
     panels = [(title, names) for title, names in panels if names]
     figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
