@@ -110,16 +110,18 @@ def suite(spec: dict[str, str], scale: dict, smoke: bool) -> dict:
     dense = {"image_size": scale["dense_size"]}
     quick = {"epochs": 1, "lrs": [1e-3, 1e-2]} if smoke else {}
     cifar = {"train": spec["cifar_train"], "test": spec["cifar_test"]}
+    # fewer epochs than the probes' defaults for the token probes on 10,000 images: the CPU budget
+    token_budget = quick or {"epochs": 10, "batch_size": 256}
     return {"image_size": scale["image_size"], "load_size": None, "batch_size": 256, "seed": 0, "probes": {
         "knn": cifar,
         "linear": {**cifar, **quick},
-        "attentive": {**cifar, **quick},
-        "decoder": {**cifar, **quick},
+        "attentive": {**cifar, **token_budget},
+        "decoder": {**cifar, **token_budget},
         "fewshot": {"data": spec["cifar_test"], **({"episodes": 20, "k_shot": 1, "n_query": 3} if smoke else {})},
         "decoder@coco": {"train": spec["coco_train"], "test": spec["coco_test"], **dense, **quick},
         "discovery": {"data": spec["coco_test"], **dense},
-        "segment": {"train": spec["camvid_train"], "test": spec["camvid_test"], **dense, **quick,
-                    **({} if smoke else {"ignore_index": 11})},
+        "segment": {"train": spec["camvid_train"], "test": spec["camvid_test"], **dense,
+                    **(quick or {"epochs": 10, "ignore_index": 11})},
     }}
 
 
@@ -141,7 +143,8 @@ def train_overrides(method: str, spec: dict[str, str], steps: int, scale_name: s
             + [f"train.steps={steps}", "train.progress=false", "train.checkpoint_every=0", "eval.knn_every=0"])
 
 
-def markdown(results: dict[str, dict], command: str, started: str, seconds: float, load: str, scale: str) -> str:
+def markdown(results: dict[str, dict], command: str, started: str, seconds: float, load: str, scale: str,
+             suite_text: str) -> str:
     names = list(results)
     lines = [f"# The evaluation suite on real data ({scale} scale)", "",
              f"Command: `{command}`", "", f"Date: {started}; total wall time {seconds / 60:.1f} min; "
@@ -180,6 +183,7 @@ def markdown(results: dict[str, dict], command: str, started: str, seconds: floa
         probes = results[name]["probes"]
         lines.append(f"| {name} | " + " | ".join(f"{p['seconds']:.0f}" for p in probes.values())
                      + f" | {results[name].get('train_seconds', '-')} |")
+    lines += ["", "The suite file the script wrote (paths under `--out`):", "", "```yaml", suite_text.strip(), "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -221,10 +225,12 @@ def main() -> None:
         figures = json.loads(wildssl("eval", "all", str(run), "--out", str(out / "eval" / method), *common))
         results[method] = {"probes": figures["probes"], "train_seconds": (run / "train_seconds.txt").read_text()}
         print(json.dumps({"encoder": method, "seconds": figures["seconds"]}), flush=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.json").write_text(json.dumps({"started": started, "load": load, "seconds":
+                                                  round(time.perf_counter() - start), "results": results}, indent=1))
     if args.table:
         command = "python " + " ".join(sys.argv)
-        text = markdown(results, command, started, time.perf_counter() - start, load, args.scale)
+        text = markdown(results, command, started, time.perf_counter() - start, load, args.scale,
+                        (out / "suite.yaml").read_text())
         Path(args.table).write_text(text)
         print(text)
 
