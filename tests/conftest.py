@@ -116,3 +116,20 @@ def train_and_compare_knn(recipe: str, run_dir, *extra: str, metric: str = "loss
     trained_knn = evaluate_knn(load_encoder(run_dir / CHECKPOINT_NAME), *specs, image_size=32, pool=pool)["knn_top1"]
     initial_knn = evaluate_knn(initial.eval(), *specs, image_size=32, pool=pool)["knn_top1"]
     return losses, trained_knn, initial_knn
+
+
+def make_feature_set(cls, labels, *, avg=None, patch=None, grid=None, boxes=None, box_labels=None, masks=None,
+                     multi_labels=None, classes=None):
+    """A wildssl FeatureSet built from tensors, as the probes receive it from the cache."""
+    from wildssl.eval.features import FeatureSet
+
+    n = len(labels)
+    if patch is not None and grid is None:
+        side = int(round(patch.shape[1] ** 0.5))
+        grid = (side, side)
+    return FeatureSet(cls=cls.float(), avg=(cls if avg is None else avg).float(),
+                      patch=None if patch is None else patch.half(), grid=grid or (1, 1), labels=labels.long(),
+                      multi_labels=multi_labels or [[] for _ in range(n)],
+                      boxes=boxes or [torch.zeros(0, 4) for _ in range(n)],
+                      box_labels=box_labels or [torch.zeros(0, dtype=torch.long) for _ in range(n)],
+                      masks=masks, classes=classes, indices=torch.arange(n))

@@ -315,3 +315,36 @@ def test_large_configs_have_right_shape_on_meta_device(name, width, depth, heads
     assert encoder.blocks[0].mlp.fc1.weight.shape == (4 * width, width)
     assert encoder.pos_embed.is_meta
     assert sum(p.numel() for p in encoder.parameters()) / 1e9 == pytest.approx(billions, abs=0.01)
+
+
+def test_last_block_attention_is_the_explicit_softmax_of_the_last_block_and_forward_is_unchanged():
+    torch.manual_seed(0)
+    vit = build_encoder("tiny", depth=2, embed_dim=16, num_heads=2, patch_size=4, img_size=8,
+                        num_register_tokens=1).double().eval()
+    images = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    before = vit(images)["tokens"]
+    attention = vit.last_block_attention(images)
+    assert attention.shape == (2, 2, 1 + 1 + 4, 6)
+    tokens = vit.blocks[0](vit.prepare_tokens(images))
+    last = vit.blocks[1]
+    x = last.norm1(tokens).double()
+    q, k, v = (x @ last.attn.qkv.weight.double().T + last.attn.qkv.bias.double()).chunk(3, dim=-1)
+    for head in range(2):
+        part = slice(8 * head, 8 * (head + 1))
+        expected = torch.softmax(q[..., part] @ k[..., part].transpose(1, 2) / 8 ** 0.5, dim=-1)
+        torch.testing.assert_close(attention[:, head].double(), expected, atol=1e-6, rtol=1e-5)
+    # the weights reproduce the block's own attention output: proj(merge(weights @ v))
+    merged = torch.cat([attention[:, h].double() @ v[..., 8 * h: 8 * (h + 1)] for h in range(2)], dim=-1)
+    torch.testing.assert_close(last.attn.proj(merged), last.attn(last.norm1(tokens)), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(vit(images)["tokens"], before, atol=0, rtol=0)
+
+
+def test_encoder_without_class_token_reports_mean_patch_as_cls():
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=8, patch_size=4, embed_dim=16, depth=1, num_heads=2, num_register_tokens=2,
+                            class_token=False).eval()
+    assert vit.cls_token is None and vit.num_prefix_tokens == 2
+    out = vit(torch.randn(3, 3, 8, 8))
+    assert out["tokens"].shape == (3, 2 + 4, 16) and out["registers"].shape == (3, 2, 16)
+    torch.testing.assert_close(out["cls"], out["patch"].mean(dim=1))
+    torch.testing.assert_close(out["patch"], out["tokens"][:, 2:])

@@ -1,4 +1,4 @@
-"""The ``wildssl`` command line: train, config, eval knn, export, plot, demo, recipes.
+"""The ``wildssl`` command line: train, config, eval, export, plot, demo, recipes.
 
 User errors (a missing path, a bad config key, a corrupt checkpoint) print one line and exit with
 status 2; an interrupted run saves a checkpoint and exits with 130.
@@ -145,6 +145,107 @@ def cmd_eval_knn(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- eval suite and probes
+
+def _suite_encoder(args):
+    """The encoder of ``eval all`` and the probe verbs, and what it is: a wildssl run/checkpoint/export or a
+    peer's file; with --random-init the same architecture at its initial weights."""
+    import torch
+
+    from wildssl.models.loading import evaluated_network
+    from wildssl.models.peers import load_any_encoder, random_like
+
+    teacher = None if args.encoder == "auto" else args.encoder == "teacher"
+    encoder, kind = load_any_encoder(args.checkpoint, args.layout, teacher, args.num_heads)
+    network = evaluated_network(args.checkpoint, teacher) if kind == "wildssl" else f"{kind} layout"
+    if args.random_init:
+        torch.manual_seed(args.seed)  # wildssl runs: the run's initial weights when --seed is its train.seed
+        return random_like(encoder), "random-init"
+    return encoder, network
+
+
+def _feature_store(args, encoder):
+    from wildssl.eval.cache import FeatureStore, default_cache_dir
+
+    cache_dir = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    return FeatureStore(encoder, _device(), cache_dir, batch_size=args.batch_size, num_workers=args.num_workers,
+                        progress=True)
+
+
+def _print_figures(probe: str, figures: dict, network: str) -> None:
+    from wildssl.eval.report import headline
+
+    print(f"{probe} probe, network: {network}")
+    for key, value in headline(probe, figures).items():
+        print(f"  {key}: {100 * value:.2f}%")
+    for key in ("pool", "lr", "tasks", "num_train", "num_test", "seconds"):
+        if key in figures:
+            print(f"  {key}: {figures[key]}")
+
+
+def cmd_eval_all(args) -> int:
+    from wildssl.eval.report import run_suite
+
+    encoder, network = _suite_encoder(args)
+    out = Path(args.out or Path("runs") / f"eval-{time.strftime('%Y%m%d-%H%M%S')}")
+    name = f"{args.checkpoint} ({network})"
+    report = run_suite(_feature_store(args, encoder), args.suite, out, name=name, progress=True)
+    if args.json:
+        print(json.dumps({"network": network, "out": str(out), "seconds": report["seconds"],
+                          "probes": report["probes"]}))
+    else:
+        for probe, figures in report["probes"].items():
+            _print_figures(probe, figures, network)
+        print(f"wrote {out / 'results.json'} and {out / 'report.md'}")
+    return 0
+
+
+def cmd_eval_probe(args) -> int:
+    from wildssl.eval.report import run_suite
+    from wildssl.train.config import parse_value
+
+    probe = args.protocol  # the verbs are named after the suite's probes
+    options = {key: getattr(args, key) for key in ("train", "test", "data") if getattr(args, key, None)}
+    for item in args.set or []:
+        if "=" not in item:
+            raise WildsslError(f"--set expects key=value, got {item!r} (for example --set epochs=10)")
+        key, text = item.split("=", 1)
+        options[key.strip()] = parse_value(text)
+    encoder, network = _suite_encoder(args)
+    suite = {"image_size": args.image_size, "load_size": args.load_size, "batch_size": args.batch_size,
+             "num_workers": args.num_workers, "seed": args.seed, "probes": {probe: options}}
+    name = f"{args.checkpoint} ({network})"
+    report = run_suite(_feature_store(args, encoder), suite, args.out, name=name, progress=True)
+    figures = report["probes"][probe]
+    if args.json:
+        print(json.dumps({"probe": probe, "network": network, **figures}))
+    else:
+        _print_figures(probe, figures, network)
+        if args.out:
+            print(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def _add_suite_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments shared by ``eval all`` and the probe verbs."""
+    parser.add_argument("checkpoint", help="run directory, checkpoint or export of wildssl, or a peer's file "
+                                           "(timm, DINO, MAE or I-JEPA layout; see --layout)")
+    parser.add_argument("--layout", choices=("auto", "wildssl", "timm", "dino", "mae", "ijepa"), default="auto",
+                        help="how to read CHECKPOINT (auto: wildssl files by their metadata, peers' by their keys)")
+    parser.add_argument("--encoder", choices=("auto", "teacher", "student"), default="auto",
+                        help="which encoder of a checkpoint (auto: the one the method evaluates; DINO's teacher, "
+                             "I-JEPA's target encoder)")
+    parser.add_argument("--num-heads", type=int, help="attention heads of a peer's ViT of non-standard width")
+    parser.add_argument("--random-init", action="store_true",
+                        help="evaluate CHECKPOINT's architecture at its initial weights (the floor)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --random-init, the splits and the probes")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per encoder pass")
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--cache-dir", help="feature cache folder (default $XDG_CACHE_HOME/wildssl/features)")
+    parser.add_argument("--no-cache", action="store_true", help="keep features in memory only")
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON line")
+
+
 # ----------------------------------------------------------------------------- export
 
 def cmd_export(args) -> int:
@@ -286,6 +387,34 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--seed", type=int, default=0, help="seed of the random initialization")
     k.add_argument("--json", action="store_true", help="end with one JSON line {\"knn_top1\": ...}")
     k.set_defaults(func=cmd_eval_knn)
+
+    a = eval_sub.add_parser("all", help="run an evaluation suite (YAML) and write JSON + a Markdown report")
+    _add_suite_arguments(a)
+    a.add_argument("--suite", required=True, help="suite YAML: image_size, seed, probes: {linear: {...}, ...}")
+    a.add_argument("--out", help="report folder (default runs/eval-<time>)")
+    a.set_defaults(func=cmd_eval_all)
+    verbs = {
+        "linear": ("linear probe: BatchNorm + linear on cls/avg features, lr and pool chosen on held-out train",
+                   ("train", "test")),
+        "attentive": ("attentive (MAP) probe: attention pooling over frozen patch tokens", ("train", "test")),
+        "decoder": ("decoder probe: image classification + box-conditioned object classification",
+                    ("train", "test")),
+        "fewshot": ("N-way K-shot prototypical episodes (mean and 95%% interval)", ("data",)),
+        "discovery": ("object discovery from the last block's cls attention: CorLoc, Jaccard, pictures",
+                      ("data",)),
+        "segment": ("linear segmentation probe on patch tokens, mIoU with an ignore index", ("train", "test")),
+    }
+    for verb, (text, specs) in verbs.items():
+        v = eval_sub.add_parser(verb, help=text)
+        _add_suite_arguments(v)
+        for spec in specs:
+            v.add_argument(f"--{spec}", required=True, help=f"data SPEC of the {spec} images")
+        v.add_argument("--image-size", type=int, help="eval resolution (default: the encoder's img_size)")
+        v.add_argument("--load-size", type=int, help="decode size of the sources (default: the eval resolution)")
+        v.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="a probe option (repeatable), e.g. --set epochs=10 --set lrs=[0.001,0.01]")
+        v.add_argument("--out", help="also write results.json, report.md and pictures here")
+        v.set_defaults(func=cmd_eval_probe)
 
     p = sub.add_parser("export", help="write the encoder alone (timm-compatible with --timm)")
     p.add_argument("--checkpoint", required=True, help="run directory or checkpoint file")

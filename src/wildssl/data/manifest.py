@@ -7,6 +7,10 @@ import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
+import torch
+from PIL import Image
+
 from wildssl.data.decode import DEFAULT_MAX_PIXELS, EXPECTED_SPEC, FileSource
 from wildssl.data.sample import DEFAULT_LOAD_SIZE
 from wildssl.errors import DataError
@@ -20,6 +24,7 @@ class _Record(NamedTuple):
     boxes: tuple[tuple[float, float, float, float], ...]  # normalized x0, y0, x1, y1
     pixel_boxes: tuple[tuple[float, float, float, float], ...]  # x, y, w, h in pixels of the file
     box_labels: tuple[int | str | None, ...]  # for boxes, then pixel_boxes
+    mask: str | None  # path of the per-pixel class map
 
 
 def _is_number(value: Any) -> bool:
@@ -46,6 +51,9 @@ class JsonlManifest(FileSource):
         ``objects``: list of ``{"bbox_xywh": [x, y, w, h] in pixels of the image file, "category": name
         or index}`` (the COCO layout of ``shared/data/coco_mini``); boxes are normalized by the decoded
         size and clipped to the image.
+        ``mask``: a single-channel image (PNG) of the same size as the image whose pixel values are class
+        indices (the CamVid layout of ``shared/data/camvid_scenes``); read by :meth:`mask`, not part of
+        the sample dict.
     ``null`` means absent. Class names from all lines form ``classes`` (sorted); a manifest uses either
     names or integer indices, not both. The file is UTF-8 (a byte-order mark is allowed). A malformed
     or non-UTF-8 line raises DataError naming file and line.
@@ -167,6 +175,10 @@ class JsonlManifest(FileSource):
             pixel_boxes.append(tuple(float(v) for v in bbox))
             object_labels.append(category)
 
+        mask = entry.get("mask")
+        if mask is not None and (not isinstance(mask, str) or not mask):
+            raise DataError(f'{where}: "mask" must be the path of a class-index image, got {mask!r}')
+
         return _Record(
             path=image if os.path.isabs(image) else str(self.path.parent / image),
             captions=tuple(captions),
@@ -175,6 +187,7 @@ class JsonlManifest(FileSource):
             boxes=tuple(tuple(float(v) for v in b) for b in boxes),
             pixel_boxes=tuple(pixel_boxes),
             box_labels=tuple(box_labels) + tuple(object_labels),
+            mask=None if mask is None else (mask if os.path.isabs(mask) else str(self.path.parent / mask)),
         )
 
     @staticmethod
@@ -220,8 +233,25 @@ class JsonlManifest(FileSource):
             "box_labels": [-1 if v is None else v for v in record.box_labels],
         }
 
+    def mask(self, index: int) -> torch.Tensor | None:
+        """The class map of ``mask`` for record ``index``: ``(H, W)`` long, or None without one."""
+        path = self.records[index].mask
+        if path is None:
+            return None
+        try:
+            with Image.open(path) as image:
+                if image.mode not in ("L", "P", "I", "I;16"):
+                    raise DataError(f"mask {path} of {self.path} is a {image.mode} image; a mask must have one "
+                                    "channel of class indices (8-bit greyscale or palette PNG)")
+                pixels = np.array(image, dtype=np.int64)
+        except (OSError, ValueError) as error:
+            raise DataError(f"cannot read mask {path} of {self.path}: {error}") from None
+        return torch.from_numpy(pixels)
+
     def describe(self) -> str:
         classes = f"{len(self.classes)} classes" if self.classes else "no class names"
         captioned = sum(1 for r in self.records if r.captions)
         boxes = sum(len(r.boxes) + len(r.pixel_boxes) for r in self.records)
-        return f"JSONL manifest {self.path}: {len(self)} images, {classes}, {captioned} captioned, {boxes} boxes"
+        masks = sum(1 for r in self.records if r.mask)
+        return (f"JSONL manifest {self.path}: {len(self)} images, {classes}, {captioned} captioned, {boxes} boxes"
+                + (f", {masks} masks" if masks else ""))

@@ -56,6 +56,13 @@ class Source(Dataset, abc.ABC):
         cannot tell without decoding. Evaluation uses it to find a labelled split cheaply."""
         return None
 
+    def mask(self, index: int) -> torch.Tensor | None:
+        """The per-pixel class map of item ``index``: ``(H, W)`` long at the resolution of the original
+        image (its mask file, or the render), or None when the item has none. Kept out of the sample
+        dict: training never reads masks, and their sizes differ from the square ``image``. Evaluation
+        (linear segmentation, object discovery) reads them by the sample's ``index``."""
+        return None
+
     @abc.abstractmethod
     def describe(self) -> str:
         """One line for logs: kind, location, size, classes."""

@@ -239,7 +239,8 @@ class SyntheticScenes(Source):
             useless for telling scenes apart, so self-supervised methods must look at shapes.
 
     Samples follow :class:`wildssl.data.sample.Source`; ``aspect`` is 1.0, ``boxes`` hold every object
-    (main first) with its shape as box label, ``labels`` the sorted set of shapes present.
+    (main first) with its shape as box label, ``labels`` the sorted set of shapes present; ``mask(i)``
+    is the scene's class map (0 = background, ``1 + shape`` on each object).
     """
 
     # what ``open_source("synthetic:scenes?...")`` accepts, with the type each query value is parsed to
@@ -305,6 +306,16 @@ class SyntheticScenes(Source):
             boxes=[obj.box for obj in scene.objects],
             box_labels=shapes,
         )
+
+    def mask(self, index: int) -> torch.Tensor:
+        """Class map ``(size, size)`` long at the render resolution: 0 for the background, ``1 + shape``
+        for the pixels of each object (the main object and the distractors)."""
+        scene = self.scene(index)
+        _, masks = render_scene(scene, self.size)
+        classes = np.zeros((self.size, self.size), dtype=np.int64)
+        for obj, pixels in zip(scene.objects, masks):
+            classes[pixels] = obj.shape + 1
+        return torch.from_numpy(classes)
 
     def describe(self) -> str:
         return (

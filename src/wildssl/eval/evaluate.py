@@ -136,3 +136,29 @@ def make_online_knn(config: dict, device: torch.device | str):
         return result
 
     return evaluate
+
+
+KNN_OPTIONS = {
+    "train": None,  # data SPEC of the labelled memory
+    "test": None,  # data SPEC of the labelled test images
+    "k": 20,
+    "temperature": 0.07,
+    "pool": "cls",
+}
+
+
+def run_knn(context, options: dict | None = None) -> dict:
+    """The suite's ``knn`` entry (:mod:`wildssl.eval.report`): weighted k-NN on the cached features;
+    ``top1`` (and ``top5`` with 5+ classes) as fractions."""
+    from wildssl.eval.probe import align_classes, class_count, require_labels, resolve_options
+
+    options = resolve_options("knn", KNN_OPTIONS, options, required=("train", "test"))
+    train = context.features(options["train"], options)
+    test = context.features(options["test"], options)
+    train, test = align_classes(train, test)
+    train_labels, test_labels = require_labels(train, "knn", "train"), require_labels(test, "knn", "test")
+    num_classes = max(class_count(train.classes, train_labels), class_count(test.classes, test_labels))
+    accuracy = knn_accuracy(train.pooled(options["pool"]), train_labels, test.pooled(options["pool"]), test_labels,
+                            num_classes, k=options["k"], temperature=options["temperature"])
+    return {**accuracy, "k": options["k"], "temperature": options["temperature"], "pool": options["pool"],
+            "num_train": len(train), "num_test": len(test)}

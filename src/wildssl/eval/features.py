@@ -1,15 +1,20 @@
-"""Frozen features of a dataset: run an encoder over batches and keep one l2-normalized vector per image."""
+"""Frozen features of a dataset: one l2-normalized vector per image (k-NN), or a :class:`FeatureSet` of
+raw cls, average and patch tokens with the annotations the probes need."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, Subset
 
+from wildssl.data.sample import Source, collate
 from wildssl.data.views import IMAGENET_MEAN, IMAGENET_STD  # the normalization every encoder sees
 from wildssl.errors import ConfigError, DataError
+from wildssl.eval.progress import progress_bar
 
 POOLS = ("cls", "avg")
 
@@ -95,3 +100,105 @@ def extract_features(
     if not features:
         raise DataError("feature extraction got no batches; the evaluation source is empty")
     return torch.cat(features), torch.cat(labels)
+
+
+@dataclass
+class FeatureSet:
+    """Everything the probes read about one dataset under one encoder (one pass over the images).
+
+    ``cls`` and ``avg`` ``(N, D)`` float32: the class token and the mean patch token, raw (the probes
+    normalize what they need). ``patch`` ``(N, P, D)`` float16 or None: every patch token on the grid
+    ``grid = (h, w)`` (row-major, P = h * w); float16 halves memory and disk, a relative error near 1e-3
+    that no probe resolves. ``labels`` ``(N,)`` long (-1 = none); ``multi_labels``, ``boxes`` ``(M_i, 4)``
+    normalized x0, y0, x1, y1, ``box_labels`` ``(M_i,)`` and ``masks`` ``(H_i, W_i)`` long (or None) are
+    per image. ``classes``: the source's class names (labels, multi-labels and box labels) or None.
+    """
+
+    cls: torch.Tensor
+    avg: torch.Tensor
+    patch: torch.Tensor | None
+    grid: tuple[int, int]
+    labels: torch.Tensor
+    multi_labels: list[list[int]]
+    boxes: list[torch.Tensor]
+    box_labels: list[torch.Tensor]
+    masks: list[torch.Tensor] | None
+    classes: list[str] | None = None
+    indices: torch.Tensor | None = field(default=None)  # (N,) the source index of each row
+
+    def __len__(self) -> int:
+        return self.cls.shape[0]
+
+    def pooled(self, pool: str) -> torch.Tensor:
+        """``(N, D)`` float32 features of ``pool`` ("cls" or "avg")."""
+        if pool not in POOLS:
+            raise ConfigError(f"feature pool {pool!r} is unknown; use one of {', '.join(POOLS)}")
+        return self.cls if pool == "cls" else self.avg
+
+    def require_patch(self, probe: str) -> torch.Tensor:
+        if self.patch is None:
+            raise ValueError(f"the {probe} probe needs patch tokens; extract them with with_patch=True")
+        return self.patch
+
+
+def _base_source(source) -> Source:
+    return source.dataset if isinstance(source, Subset) else source
+
+
+@torch.no_grad()
+def extract_feature_set(
+    encoder: nn.Module,
+    source,
+    device: torch.device | str,
+    image_size: int,
+    with_patch: bool,
+    with_masks: bool = False,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    progress: bool = False,
+) -> FeatureSet:
+    """One pass of ``encoder`` over a source (or a ``Subset`` of one): a :class:`FeatureSet`.
+
+    Images go through :func:`preprocess_images` at ``image_size``; the encoder runs in eval mode (its
+    mode is restored afterwards) and must return ``{"cls", "patch"}`` like the wildssl ViT. Masks are
+    read with ``source.mask(index)`` when ``with_masks`` (a DataError when an image has none).
+    """
+    device = torch.device(device)
+    base = _base_source(source)
+    loader = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
+    batches = progress_bar(loader, "features", progress)
+    was_training = encoder.training
+    encoder.eval()
+    cls, avg, patch, labels, indices = [], [], [], [], []
+    multi_labels, boxes, box_labels, masks = [], [], [], []
+    grid = None
+    try:
+        for batch in batches:
+            images = preprocess_images(batch["image"].to(device, non_blocking=True), image_size)
+            out = encoder(images)
+            cls.append(out["cls"].float().cpu())
+            avg.append(out["patch"].float().mean(dim=1).cpu())
+            if with_patch:
+                patch.append(out["patch"].half().cpu())
+            grid = (image_size // encoder.patch_size, image_size // encoder.patch_size)
+            labels.append(batch["label"].long())
+            indices.append(batch["index"].long())
+            multi_labels.extend(list(map(list, batch["labels"])))
+            boxes.extend(b.float() for b in batch["boxes"])
+            box_labels.extend(b.long() for b in batch["box_labels"])
+            if with_masks:
+                for index in batch["index"].tolist():
+                    mask = base.mask(index)
+                    if mask is None:
+                        raise DataError(f"image {index} of {base.describe()} has no mask; the segmentation "
+                                        "and discovery probes need a per-pixel class map for every image "
+                                        "(a 'mask' key in a .jsonl manifest)")
+                    masks.append(mask.long())
+    finally:
+        encoder.train(was_training)
+    if not cls:
+        raise DataError("feature extraction got no batches; the evaluation source is empty")
+    return FeatureSet(cls=torch.cat(cls), avg=torch.cat(avg), patch=torch.cat(patch) if with_patch else None,
+                      grid=grid, labels=torch.cat(labels), multi_labels=multi_labels, boxes=boxes,
+                      box_labels=box_labels, masks=masks if with_masks else None,
+                      classes=getattr(base, "classes", None), indices=torch.cat(indices))

@@ -39,10 +39,10 @@ def metrics_figure(records: list[dict], title: str = ""):
     keys = sorted({k for r in records for k in r})
     buckets = sorted((k for k in keys if AGREEMENT.match(k)), key=lambda k: float(AGREEMENT.match(k)["low"]))
     losses = [k for k in ("loss", "base_loss", "bootstrap_loss") if k in keys]
-    knn = [k for k in ("knn_top1", "knn_top5") if k in keys]
+    accuracy = [k for k in ("knn_top1", "knn_top5", "online_probe_top1") if k in keys]
     neighbours = [k for k in NEIGHBOUR_KEYS if k in keys]
     spread = [k for k in ("embedding_std", "cache_embedding_std") if k in keys]
-    panels = [("loss", losses), ("k-NN accuracy", knn),
+    panels = [("loss", losses), ("k-NN and online probe accuracy", accuracy),
               ("bootstrap top-1 agreement by IoU", (["agreement"] if "agreement" in keys else []) + buckets),
               ("neighbour pairs (per epoch)", neighbours), ("spread of embeddings (collapse: near 0)", spread)]
     panels = [(name, names) for name, names in panels if names]

@@ -43,6 +43,21 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=self.is_causal)
         return self.proj(_merge_heads(out))
 
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention probabilities ``softmax(Q K^T / sqrt(d_head))`` of ``x`` ``(B, T, D)``:
+        ``(B, heads, T, T)`` float32, rows summing to 1 (row = query token).
+
+        An explicit path beside :meth:`forward`, whose fused kernel never forms these weights; object
+        discovery reads the cls row of the last block (DINO, Caron et al. 2021, Fig. 1)."""
+        batch, tokens, _ = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, _ = qkv.float().unbind(0)
+        logits = q @ k.transpose(-2, -1) / self.head_dim ** 0.5
+        if self.is_causal:
+            future = torch.ones(tokens, tokens, dtype=torch.bool, device=x.device).triu(1)
+            logits = logits.masked_fill(future, float("-inf"))
+        return logits.softmax(dim=-1)
+
 
 class CrossAttention(nn.Module):
     """Queries ``(M, L, D)`` attend to a memory ``(M, N, D)``: ``q`` from the queries, ``kv`` (fused)
@@ -58,9 +73,10 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        """``(M, L, D)``, ``(M, N, D)`` -> ``(M, L, D)``."""
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``(M, L, D)``, ``(M, N, D)`` -> ``(M, L, D)``. ``attn_mask`` (bool, True = may attend),
+        broadcastable to ``(M, heads, L, N)``; every query must be allowed at least one memory token."""
         m, length, _ = x.shape
         q = self.q(x).reshape(m, length, self.num_heads, self.head_dim).transpose(1, 2)
         k, v = self.kv(memory).reshape(m, memory.shape[1], 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return self.proj(_merge_heads(F.scaled_dot_product_attention(q, k, v)))
+        return self.proj(_merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)))

@@ -58,12 +58,12 @@ def timm_kwargs(encoder: nn.Module) -> dict:
         "mlp_ratio": vit.mlp_ratio,
         "qkv_bias": True,
         "init_values": None,  # no LayerScale; explicit because timm's DINOv2 presets set one
-        "class_token": True,
+        "class_token": vit.class_token,
         "reg_tokens": vit.num_register_tokens,
         "no_embed_class": True,  # pos_embed covers the patches only (see wildssl.models.vit)
         "pre_norm": False,
         "fc_norm": False,
-        "global_pool": "token",
+        "global_pool": "token" if vit.class_token else "avg",
         "dynamic_img_size": True,
         "num_classes": 0,
     }

@@ -10,6 +10,8 @@ token and the registers (Darcet et al., "Vision Transformers Need Registers", IC
 another grid use the table resized bicubically in float32.
 
 Token layout everywhere: ``[cls, reg_1 .. reg_R, patch_1 .. patch_N]``, so ``num_prefix_tokens = 1 + R``.
+Encoders trained elsewhere without a cls token (I-JEPA, :mod:`wildssl.models.peers`) are built with
+``class_token=False``: the layout is then ``[reg_1 .. reg_R, patch_1 .. patch_N]``.
 """
 
 from __future__ import annotations
@@ -91,6 +93,14 @@ class Block(nn.Module):
         return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
 
 
+def _mean_patch(patch: torch.Tensor, keep_valid: torch.Tensor | None) -> torch.Tensor:
+    """Mean of the patch tokens ``(B, N, D)`` over the valid ones (``keep_valid`` ``(B, N)``, or all)."""
+    if keep_valid is None:
+        return patch.mean(dim=1)
+    weights = keep_valid.to(patch.dtype).unsqueeze(-1)
+    return (patch * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)
+
+
 class VisionTransformer(nn.Module):
     """ViT encoder with a cls token, optional registers, a mask token and position-embedding resizing.
 
@@ -99,11 +109,14 @@ class VisionTransformer(nn.Module):
             ``patch_size``); other crop sizes are handled by resizing the table.
         num_register_tokens: ``R`` extra learned tokens after cls, without position embedding.
         drop_path_rate: stochastic-depth rate of the last block, rising linearly from 0 at the first.
+        class_token: False builds an encoder without a cls token, only to load peers' weights that have
+            none (I-JEPA); its ``forward`` then reports the mean of the patch tokens as ``cls``, the
+            representation those encoders are evaluated with.
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 384, depth: int = 12,
                  num_heads: int = 6, mlp_ratio: float = 4.0, num_register_tokens: int = 0,
-                 drop_path_rate: float = 0.0, in_chans: int = 3) -> None:
+                 drop_path_rate: float = 0.0, in_chans: int = 3, class_token: bool = True) -> None:
         super().__init__()
         _check_architecture(img_size, patch_size, embed_dim, depth, num_heads, num_register_tokens,
                             drop_path_rate)
@@ -115,10 +128,14 @@ class VisionTransformer(nn.Module):
         self.num_heads = num_heads
         self.mlp_ratio = mlp_ratio
         self.num_register_tokens = num_register_tokens
-        self.num_prefix_tokens = 1 + num_register_tokens
+        self.class_token = class_token
+        self.num_prefix_tokens = int(class_token) + num_register_tokens
         self.grid_size = (img_size // patch_size, img_size // patch_size)
 
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        if class_token:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        else:
+            self.register_parameter("cls_token", None)
         if num_register_tokens > 0:
             self.reg_token = nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim))
         else:
@@ -137,7 +154,8 @@ class VisionTransformer(nn.Module):
         # convolution keeps PyTorch's default init as in DINO and timm; the mask token starts at zero
         # as in iBOT/DINOv2.
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if self.cls_token is not None:
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
         if self.reg_token is not None:
             nn.init.trunc_normal_(self.reg_token, std=0.02)
         nn.init.zeros_(self.mask_token)
@@ -209,7 +227,7 @@ class VisionTransformer(nn.Module):
                                   f"(batch, patches) = {tuple(patches.shape[:2])}")
             patches = torch.where(mask.unsqueeze(-1), self.mask_token.to(patches.dtype), patches)
         patches = patches + self.position_embedding(grid)
-        prefix = [self.cls_token.expand(x.shape[0], -1, -1)]
+        prefix = [] if self.cls_token is None else [self.cls_token.expand(x.shape[0], -1, -1)]
         if self.reg_token is not None:
             prefix.append(self.reg_token.expand(x.shape[0], -1, -1))
         return torch.cat([p.to(patches.dtype) for p in prefix] + [patches], dim=1)
@@ -259,14 +277,31 @@ class VisionTransformer(nn.Module):
                 keep_indices: torch.Tensor | None = None,
                 keep_valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Named views of :meth:`forward_features`: ``cls`` ``(B, D)``, ``registers`` ``(B, R, D)``,
-        ``patch`` ``(B, N', D)`` and ``tokens`` ``(B, 1 + R + N', D)``."""
+        ``patch`` ``(B, N', D)`` and ``tokens`` ``(B, 1 + R + N', D)``. Without a class token, ``cls``
+        is the mean of the patch tokens and ``tokens`` is ``(B, R + N', D)`` (with ``keep_valid``, the
+        mean of the valid ones)."""
         tokens = self.forward_features(x, mask, keep_indices, keep_valid)
+        patch = tokens[:, self.num_prefix_tokens:]
         return {
-            "cls": tokens[:, 0],
-            "registers": tokens[:, 1:self.num_prefix_tokens],
-            "patch": tokens[:, self.num_prefix_tokens:],
+            "cls": tokens[:, 0] if self.class_token else _mean_patch(patch, keep_valid),
+            "registers": tokens[:, int(self.class_token):self.num_prefix_tokens],
+            "patch": patch,
             "tokens": tokens,
         }
+
+    def last_block_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention probabilities of the last block for images ``(B, C, H, W)``: ``(B, heads, T, T)``
+        float32 over the token layout ``[cls, registers, patches]`` (DINO's ``get_last_selfattention``).
+
+        A separate path: :meth:`forward` is unchanged and never forms these weights."""
+        if self.depth == 0:
+            raise ConfigError("this encoder has no blocks (depth 0), so it has no attention to read; "
+                              "use an encoder with depth >= 1")
+        tokens = self.prepare_tokens(x)
+        for block in self.blocks[:-1]:
+            tokens = block(tokens)
+        last = self.blocks[-1]
+        return last.attn.attention_weights(last.norm1(tokens))
 
 
 def _check_architecture(img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,

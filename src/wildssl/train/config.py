@@ -86,6 +86,7 @@ DEFAULTS: dict[str, Any] = {
         "pool": "cls",
         "image_size": None,
         "batch_size": 256,
+        "online_probe": False,
     },
 }
 

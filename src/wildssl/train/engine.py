@@ -24,6 +24,7 @@ from pathlib import Path
 
 from wildssl import distributed as dist
 from wildssl.errors import ConfigError
+from wildssl.eval.online_probe import make_online_probe
 from wildssl.train.logging import CollapseMonitor, MetricLogger, ProgressBar
 from wildssl.train.run import Run, TrainingStopped, build_run, loader_spans, make_loaders, pick_device, save_checkpoint
 from wildssl.train.step import StepResult, to_device, training_step
@@ -175,9 +176,11 @@ def train(config: dict, out_dir: str | Path, resume: bool = False, knn_evaluator
 
     ``knn_evaluator(method) -> dict`` is called before the first step (the random-initialization floor)
     and every ``eval.knn_every`` steps on the main process (see
-    :func:`wildssl.eval.evaluate.make_online_knn`)."""
+    :func:`wildssl.eval.evaluate.make_online_knn`). With ``eval.online_probe`` a linear probe trains on
+    detached features of every finite step's first-stream batch (:mod:`wildssl.eval.online_probe`)."""
     run = build_run(config, out_dir, resume)
     tcfg = config["train"]
+    online_probe = make_online_probe(config, run.sources[run.streams[0]], run.method, run.device)
     reporter = _Reporter(run, knn_evaluator)
     if run.start_step == 0:
         reporter.evaluate(0, random_init=True)
@@ -191,6 +194,8 @@ def train(config: dict, out_dir: str | Path, resume: bool = False, knn_evaluator
                     batches = {name: to_device(batch, run.device) for name, batch in zip(run.streams, stream_batches)}
                     run.record_corrupt(batches)
                     result = training_step(run, batches, step, lambda: interrupt.raised)
+                    if online_probe is not None and result.finite:
+                        result.metrics.update(online_probe.step(run.method, batches[run.streams[0]]))
                     done = step + 1
                     reporter.step(done, step, result)
                     if run.counters["nonfinite_steps"] > tcfg["max_nonfinite"] or (

@@ -1,0 +1,223 @@
+"""Evaluation suites: run several probes on one encoder and write JSON plus a Markdown report with plots.
+
+``wildssl eval all CHECKPOINT --suite SUITE.yaml --out DIR`` runs :func:`run_suite`. A suite file:
+
+.. code-block:: yaml
+
+    image_size: 32        # eval resolution of every probe (default: the encoder's img_size)
+    load_size: null       # decode size of the sources (default: the eval resolution)
+    batch_size: 256       # images per encoder pass during feature extraction
+    num_workers: 0        # data-loading workers of the extraction
+    seed: 0               # held-out splits, probe initialization, episodes
+    probes:               # any subset, run in this order; each entry's keys are the probe's OPTIONS
+      knn:       {train: SPEC, test: SPEC}                     # wildssl.eval.evaluate.KNN_OPTIONS
+      linear:    {train: SPEC, test: SPEC}                     # wildssl.eval.linear.OPTIONS
+      attentive: {train: SPEC, test: SPEC}                     # wildssl.eval.attentive.OPTIONS
+      decoder:   {train: SPEC, test: SPEC}                     # wildssl.eval.decoder.OPTIONS
+      fewshot:   {data: SPEC}                                  # wildssl.eval.fewshot.OPTIONS
+      discovery: {data: SPEC}                                  # wildssl.eval.discovery.OPTIONS
+      segment:   {train: SPEC, test: SPEC, ignore_index: 11}   # wildssl.eval.segmentation.OPTIONS
+
+Every probe entry also takes ``image_size`` and ``load_size`` (e.g. segmentation at a finer grid). To
+run a probe twice (on two datasets), label the second entry ``probe@label`` (``decoder@coco``).
+Unknown keys are errors that list the valid ones. Features are extracted once per dataset and
+resolution and cached (:mod:`wildssl.eval.cache`), so probes that share data share the pass.
+
+Outputs in ``DIR``: ``results.json`` (every figure, each probe's wall time), ``report.md`` (a headline
+table and a section per probe) and the pictures it links: per trained probe its curves (held-out score
+per setting, loss per epoch) and test confusion matrix, and the discovery attention maps. Plots need
+matplotlib; without it the report says so and keeps the numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from wildssl.errors import ConfigError
+from wildssl.eval import attentive, decoder, discovery, fewshot, linear, segmentation
+from wildssl.eval.cache import FeatureStore
+from wildssl.eval.evaluate import KNN_OPTIONS, run_knn
+from wildssl.eval.probe import ProbeContext
+
+log = logging.getLogger("wildssl")
+
+# name -> (the probe's options with their defaults, the function that runs it)
+PROBES: dict[str, tuple[dict, Callable[[ProbeContext, dict], dict]]] = {
+    "knn": (KNN_OPTIONS, run_knn),
+    "linear": (linear.OPTIONS, linear.run),
+    "attentive": (attentive.OPTIONS, attentive.run),
+    "decoder": (decoder.OPTIONS, decoder.run),
+    "fewshot": (fewshot.OPTIONS, fewshot.run),
+    "discovery": (discovery.OPTIONS, discovery.run),
+    "segment": (segmentation.OPTIONS, segmentation.run),
+}
+SUITE_DEFAULTS: dict[str, Any] = {"image_size": None, "load_size": None, "batch_size": 256, "num_workers": 0,
+                                  "seed": 0, "probes": {}}
+# The figures of each probe that go into the headline table (fractions shown as percentages).
+HEADLINES = {
+    "knn": ("top1", "top5"),
+    "linear": ("top1", "top5"),
+    "attentive": ("top1", "top5"),
+    "decoder": ("image_top1", "image_precision_at_1", "box_top1", "box_majority_baseline"),
+    "fewshot": ("accuracy", "ci95"),
+    "discovery": ("corloc", "jaccard"),
+    "segment": ("miou", "pixel_accuracy"),
+}
+
+
+def read_suite(suite: str | Path | dict) -> dict:
+    """A suite (YAML file or dict) with its defaults filled in; unknown keys and probes are ConfigErrors."""
+    if isinstance(suite, dict):
+        tree, where = dict(suite), "suite"
+    else:
+        path = Path(suite)
+        if not path.is_file():
+            raise ConfigError(f"suite file not found: {path} (a YAML file with a 'probes' mapping)")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"suite {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        where = str(path)
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{where} must be a mapping with a 'probes' key")
+    unknown = sorted(set(tree) - set(SUITE_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]!r} in {where}; valid keys: {', '.join(SUITE_DEFAULTS)}")
+    resolved = {**SUITE_DEFAULTS, **tree}
+    probes = resolved["probes"] or {}
+    if not isinstance(probes, dict) or not probes:
+        raise ConfigError(f"{where} names no probes; give 'probes:' with some of {', '.join(PROBES)}")
+    for name, options in probes.items():
+        if probe_kind(name) not in PROBES:
+            raise ConfigError(f"unknown probe {name!r} in {where}; valid probes: {', '.join(PROBES)} (a second run "
+                              "of one as probe@label)")
+        if options is not None and not isinstance(options, dict):
+            raise ConfigError(f"probe {name!r} in {where} must map option names to values, got {options!r}")
+    resolved["probes"] = {name: dict(options or {}) for name, options in probes.items()}
+    return resolved
+
+
+def probe_kind(name: str) -> str:
+    """The probe an entry runs: ``"decoder"`` for ``decoder`` and ``decoder@coco``."""
+    return name.split("@", 1)[0]
+
+
+def run_suite(store: FeatureStore, suite: str | Path | dict, out_dir: str | Path | None = None, *,
+              name: str = "encoder", progress: bool = False) -> dict:
+    """Run every probe of ``suite`` on the encoder of ``store``; returns (and with ``out_dir`` writes)
+    ``{"name", "date", "suite", "probes": {probe: figures + "seconds"}, "seconds"}``."""
+    suite = read_suite(suite)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    store.batch_size, store.num_workers = suite["batch_size"], suite["num_workers"]
+    image_size = suite["image_size"] or getattr(store.encoder, "img_size", 224)
+    context = ProbeContext(store=store, image_size=image_size, seed=suite["seed"], progress=progress, out_dir=out)
+    start = time.perf_counter()
+    results: dict[str, Any] = {}
+    for probe, options in suite["probes"].items():
+        if suite["load_size"] is not None:
+            options = {"load_size": suite["load_size"], **options}
+        log.info("evaluating %s: %s probe", name, probe)
+        began = time.perf_counter()
+        context.name = probe
+        figures = PROBES[probe_kind(probe)][1](context, options)
+        results[probe] = {**figures, "seconds": round(time.perf_counter() - began, 1)}
+    report = {"name": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "suite": suite, "probes": results,
+              "seconds": round(time.perf_counter() - start, 1)}
+    if out is not None:
+        (out / "results.json").write_text(json.dumps(report, indent=1))
+        write_markdown(report, out)
+    return report
+
+
+def headline(probe: str, figures: dict) -> dict[str, float]:
+    """The headline figures of one probe's results (those it has)."""
+    return {key: figures[key] for key in HEADLINES[probe_kind(probe)] if key in figures}
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.2f}"
+
+
+def write_markdown(report: dict, out: Path) -> Path:
+    """``report.md``: headline table, then per probe its settings, figures and plots."""
+    pictures = write_plots(report, out)
+    lines = [f"# Evaluation of {report['name']}", "",
+             f"Date {report['date']}; total wall time {report['seconds']:.1f} s. Figures in percent.", "",
+             "| probe | figures | wall time (s) |", "|---|---|---|"]
+    for probe, figures in report["probes"].items():
+        shown = ", ".join(f"{k} {_percent(v)}" for k, v in headline(probe, figures).items())
+        lines.append(f"| {probe} | {shown} | {figures['seconds']:.1f} |")
+    for probe, figures in report["probes"].items():
+        lines += ["", f"## {probe}", "", "```", json.dumps(report["suite"]["probes"][probe]), "```", ""]
+        for key, value in figures.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                lines.append(f"- {key}: {value:.4f}" if isinstance(value, float) else f"- {key}: {value}")
+        if "grid" in figures:
+            keys = [k for k in figures["grid"][0] if k != "val"]
+            lines += ["", "| " + " | ".join(keys) + " | held-out score |", "|" + "---|" * (len(keys) + 1)]
+            for row in figures["grid"]:
+                score = "-" if row["val"] is None else _percent(row["val"])
+                lines.append("| " + " | ".join(str(row[k]) for k in keys) + f" | {score} |")
+        for picture in figures.get("pictures", []) + pictures.get(probe, []):
+            lines += ["", f"![{probe}]({picture})"]
+    if pictures.get("_missing"):
+        lines += ["", "Plots were not drawn: matplotlib is not installed (pip install wildssl[plot])."]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_plots(report: dict, out: Path) -> dict[str, list[str]]:
+    """One PNG per trained probe, ``<probe>_curves.png``: held-out score per setting, training loss per
+    epoch of the final fit, and the test confusion matrix where there is one. Returns ``{probe: [file
+    names]}`` (``{"_missing": ...}`` without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return {"_missing": ["matplotlib"]}
+    written: dict[str, list[str]] = {}
+    for probe, figures in report["probes"].items():
+        if "grid" not in figures or "loss_curve" not in figures:
+            continue
+        panels = 3 if "confusion" in figures else 2
+        figure, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.6))
+        series: dict[str, list[tuple[float, float]]] = {}
+        for row in figures["grid"]:
+            if row["val"] is not None:
+                series.setdefault(row.get("pool", probe), []).append((row["lr"], row["val"]))
+        for label, points in series.items():
+            axes[0].plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", label=label)
+        axes[0].set_xscale("log")
+        axes[0].set(xlabel="learning rate", ylabel="held-out score (%)", title="selection")
+        if series:
+            axes[0].legend(fontsize=8)
+        axes[1].plot(range(1, len(figures["loss_curve"]) + 1), figures["loss_curve"])
+        axes[1].set(xlabel="epoch", ylabel="training loss", title="final fit")
+        for axis in axes[:2]:
+            axis.grid(alpha=0.3)
+        if "confusion" in figures:
+            confusion = figures["confusion"]
+            classes = figures.get("classes") or [str(i) for i in range(len(confusion))]
+            axes[2].imshow(confusion, cmap="Blues")
+            axes[2].set_xticks(range(len(confusion)), classes, rotation=90, fontsize=7)
+            axes[2].set_yticks(range(len(confusion)), classes, fontsize=7)
+            axes[2].set(xlabel="predicted", ylabel="true", title="test confusion")
+        figure.suptitle(f"{probe} probe")
+        figure.tight_layout()
+        name = f"{probe.replace('@', '_')}_curves.png"
+        figure.savefig(out / name, dpi=80)
+        plt.close(figure)
+        written[probe] = [name]
+    return written
