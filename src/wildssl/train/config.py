@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from wildssl.data.workers import resolve_num_workers, resolve_prefetch
 from wildssl.errors import ConfigError
 
 # Keys shared by every method. ``None`` means "not set" (the engine or method picks a derived value).
@@ -35,7 +36,9 @@ DEFAULTS: dict[str, Any] = {
     "data": {
         "load_size": 224,
         "max_pixels": 40_000_000,  # larger images (pixels decoded, after JPEG's reduced decoding) are skipped
-        "num_workers": 2,
+        "num_workers": "auto",  # decoding processes per rank: auto = min(cores per rank - 1, 8)
+        "prefetch": "auto",  # batches each worker prepares ahead: auto = max(2, ceil(4 / workers))
+        "shuffle_shards": 8,  # streamed tar shards: shards whose samples are shuffled together
     },
     "train": {
         "steps": 1000,
@@ -233,6 +236,11 @@ def validate(config: dict[str, Any]) -> None:
     if flat["train.epochs"] is not None and not (isinstance(flat["train.epochs"], (int, float))
                                                  and flat["train.epochs"] > 0):
         raise ConfigError(f"train.epochs must be a positive number or null, got {flat['train.epochs']!r}")
+    resolve_num_workers(flat["data.num_workers"], cores=1)  # ConfigError on anything but auto / an int >= 0
+    resolve_prefetch(flat["data.prefetch"], 1)
+    if isinstance(flat["data.shuffle_shards"], bool) or not isinstance(flat["data.shuffle_shards"], int) \
+            or flat["data.shuffle_shards"] < 1:
+        raise ConfigError(f"data.shuffle_shards must be a positive number of shards, got {flat['data.shuffle_shards']!r}")
     if not isinstance(flat["optim.lr"], (int, float)) or flat["optim.lr"] < 0:
         raise ConfigError(f"optim.lr must be a non-negative number, got {flat['optim.lr']!r}")
 
