@@ -133,3 +133,52 @@ def make_feature_set(cls, labels, *, avg=None, patch=None, grid=None, boxes=None
                       boxes=boxes or [torch.zeros(0, 4) for _ in range(n)],
                       box_labels=box_labels or [torch.zeros(0, dtype=torch.long) for _ in range(n)],
                       masks=masks, classes=classes, indices=torch.arange(n))
+# -- exact resume: a run killed mid-way and resumed against an unbroken one --------------------------------
+class Killed(Exception):
+    """Stands for the process dying: raised when a chosen step starts, after the loaders prefetched."""
+
+
+def train_recording_batches(config: dict, run_dir, monkeypatch, resume: bool = False,
+                            kill_at: int | None = None) -> dict[int, dict[str, list[int]]]:
+    """Train ``config`` into ``run_dir``; returns ``{step: {stream: dataset indices}}`` of the steps run.
+    With ``kill_at``, :class:`Killed` is raised when that step starts (nothing of it is done or saved)."""
+    import wildssl.train.engine as engine
+
+    seen: dict[int, dict[str, list[int]]] = {}
+    original = engine.training_step
+
+    def recording_step(run, batches, step, *args):
+        if step == kill_at:
+            raise Killed(f"killed at step {step}")
+        seen[step] = {name: batch["index"].tolist() for name, batch in batches.items()}
+        return original(run, batches, step, *args)
+
+    monkeypatch.setattr(engine, "training_step", recording_step)
+    try:
+        engine.train(config, run_dir, resume=resume)
+    finally:
+        monkeypatch.setattr(engine, "training_step", original)
+    return seen
+
+
+def assert_resume_is_exact(config: dict, tmp_path, monkeypatch, kill_at: int) -> dict[int, dict[str, list[int]]]:
+    """Kill a run at step ``kill_at``, resume it, and check it against an unbroken run: every step read the
+    same samples and the final checkpoints are bit-identical. Returns the unbroken run's batches."""
+    import pytest
+    from safetensors.torch import load_file
+
+    from wildssl.models.loading import CHECKPOINT_NAME
+
+    straight = train_recording_batches(config, tmp_path / "straight", monkeypatch)
+    with pytest.raises(Killed):
+        train_recording_batches(config, tmp_path / "broken", monkeypatch, kill_at=kill_at)
+    resumed = train_recording_batches(config, tmp_path / "broken", monkeypatch, resume=True)
+    first_resumed = min(resumed)
+    assert 0 < first_resumed <= kill_at  # resumed from a checkpoint written before the kill, not from scratch
+    assert {s: resumed[s] for s in resumed} == {s: straight[s] for s in range(first_resumed, len(straight))}
+    a = load_file(str(tmp_path / "straight" / CHECKPOINT_NAME))
+    b = load_file(str(tmp_path / "broken" / CHECKPOINT_NAME))
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different[:5]
+    return straight

@@ -145,7 +145,9 @@ CORE_RULES: dict[str, Rule] = {
     "model.num_heads": integer(1, 1024, nullable=True),
     "model.init_from": text(nullable=True),
     "data.load_size": integer(1, MAX_PIXELS_SIDE),
-    "data.num_workers": integer(0, 256),
+    "data.num_workers": Rule("any"),  # auto or an integer >= 0: checked by data/workers.py resolve_num_workers
+    "data.prefetch": Rule("any"),  # auto or an integer >= 1: checked by data/workers.py resolve_prefetch
+    "data.shuffle_shards": integer(1, 2**20),
     "data.max_pixels": integer(1, 2**40),
     "train.steps": integer(1, MAX_STEPS),
     "train.epochs": number(**POSITIVE, high=1e6, nullable=True),

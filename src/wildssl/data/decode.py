@@ -52,8 +52,15 @@ class ImageTooLarge(ValueError):
 
 
 # What Pillow raises for undecodable, truncated or absurdly large files, plus unreadable files.
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 _warned_unreadable: set[str] = set()  # per process: forked workers start from their parent's copy
+
+
+def warn_unreadable(name: str, error: BaseException) -> None:
+    """Log an unreadable item once per ``name`` and process on the ``wildssl.data`` logger."""
+    if name not in _warned_unreadable:
+        _warned_unreadable.add(name)
+        logger.warning("skipping unreadable image %s (%s: %s)", name, type(error).__name__, error)
 
 
 def _integer_range(image: Image.Image) -> tuple[int, int]:
@@ -182,6 +189,12 @@ class FileSource(Source):
     def _annotations(self, index: int, width: int, height: int) -> dict[str, Any]:
         """``make_sample`` keyword arguments of item ``index`` (original image size in pixels)."""
 
+    def _decode(self, index: int) -> tuple[torch.Tensor, int, int]:
+        """Item ``index`` as (3, S, S) uint8 with its original width and height; raises one of the
+        decode errors (``OSError``, ``ValueError``, ...) for an unreadable item. Image files by default;
+        video frames override it."""
+        return decode_image(self._open(index), self.load_size, self.max_pixels)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         count = len(self)
         if not 0 <= index < count:
@@ -190,9 +203,9 @@ class FileSource(Source):
         for skipped in range(count):
             current = (index + skipped) % count
             try:
-                image, width, height = decode_image(self._open(current), self.load_size, self.max_pixels)
+                image, width, height = self._decode(current)
                 annotations = self._annotations(current, width, height)
-            except _DECODE_ERRORS as error:
+            except DECODE_ERRORS as error:
                 self._warn_unreadable(current, error)
                 unreadable.append(current)
                 continue
@@ -200,7 +213,4 @@ class FileSource(Source):
         raise DataError(f"no readable image in {self.describe()}: all {count} items failed to decode")
 
     def _warn_unreadable(self, index: int, error: BaseException) -> None:
-        name = self._name(index)
-        if name not in _warned_unreadable:
-            _warned_unreadable.add(name)
-            logger.warning("skipping unreadable image %s (%s: %s)", name, type(error).__name__, error)
+        warn_unreadable(self._name(index), error)

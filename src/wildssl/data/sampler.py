@@ -17,7 +17,8 @@ from torch.utils.data import Sampler
 from wildssl.errors import ConfigError
 
 # Distinct primes: seed * SEED_STRIDE + epoch (permutations); + step * STEP_STRIDE + rank * RANK_STRIDE
-# (views); seed + STREAM_STRIDE * stream (one sampler per data stream); seed + PARTNER_OFFSET (partners).
+# (views; shard groups of a streamed source use the group in place of the step); seed + STREAM_STRIDE *
+# stream (one sampler per data stream); seed + PARTNER_OFFSET (partners).
 SEED_STRIDE = 1_000_003
 STEP_STRIDE = 7919
 RANK_STRIDE = 104_729
@@ -40,6 +41,14 @@ def view_seed(seed: int, step: int, rank: int) -> int:
 def partner_seed(seed: int, step: int, rank: int) -> int:
     """Seed of the generator that draws a step's positive-pair partners on one rank (an index hook)."""
     return view_seed(seed + PARTNER_OFFSET, step, rank)
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Seed of an epoch's permutation (of dataset indices, or of a streamed source's shards)."""
+    return seed * SEED_STRIDE + epoch
+
+
+def shard_group_seed(seed: int, epoch: int, rank: int, group: int) -> int:
+    """Seed of the shuffle of one group of shards that one rank streams in an epoch."""
+    return (epoch_seed(seed, epoch) + group * STEP_STRIDE + rank * RANK_STRIDE) % _SEED_MODULUS
 
 
 def stream_seed(seed: int, stream_index: int) -> int:
@@ -73,7 +82,7 @@ class StepBatchSampler(Sampler):
         self.index_hook = index_hook
 
     def permutation(self, epoch: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed * SEED_STRIDE + epoch)
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
         return torch.randperm(self.dataset_size, generator=generator)
 
     def indices(self, step: int, order: torch.Tensor) -> list[int]:

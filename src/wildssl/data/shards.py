@@ -98,7 +98,7 @@ def expand_braces(pattern: str) -> list[str]:
     return list(iter_braces(pattern))
 
 
-def _shard_paths(pattern: str | os.PathLike) -> list[Path]:
+def shard_paths(pattern: str | os.PathLike) -> list[Path]:
     """The shard files a pattern names: a tar file, a folder (its top-level ``*.tar``, sorted), a glob
     (sorted) or a brace pattern (in expansion order; each expanded name may itself be a glob)."""
     text = os.fspath(pattern)
@@ -126,7 +126,9 @@ def _shard_paths(pattern: str | os.PathLike) -> list[Path]:
     return shards
 
 
-class _TarSample(NamedTuple):
+class TarSample(NamedTuple):
+    """One indexed sample of a tar shard: where its image and caption bytes lie, and its label."""
+
     shard: int
     key: str
     image_offset: int
@@ -151,6 +153,127 @@ def _split_member_name(name: str) -> tuple[str, str] | None:
 _TAR_IMAGE_EXTENSIONS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 
 
+class ShardIndex(NamedTuple):
+    """What indexing one shard finds: its samples in member order, and what it skipped."""
+
+    samples: list[TarSample]
+    num_missing_image: int
+    num_sparse: int
+
+
+def index_shard(path: Path, shard: int) -> ShardIndex:
+    """Index one uncompressed tar shard: the image/caption/label members of every key with an image, in
+    member order, reading only the tar headers (and the small ``.cls`` members). Keys without an image and
+    sparse members are skipped and logged; a shard cut short keeps the keys before the cut."""
+    file_size = path.stat().st_size
+    members: dict[str, dict[str, tuple[int, int]]] = {}  # key -> extension -> (offset, size)
+    num_sparse = num_missing = 0
+    samples: list[TarSample] = []
+    try:
+        archive = tarfile.open(path, mode="r:")
+    except (tarfile.TarError, OSError) as error:
+        raise DataError(
+            f"cannot read tar shard {path}: {error} (expected an uncompressed .tar in WebDataset layout)"
+        ) from None
+    with archive:
+        try:
+            for member in archive:
+                if not member.isfile():
+                    continue
+                if member.issparse():
+                    # its bytes in the archive are only the data blocks of a file with holes; the
+                    # member is skipped rather than reassembled (its real size may be anything)
+                    num_sparse += 1
+                    logger.warning("tar shard %s: member %s is a sparse file (GNU/PAX sparse format); skipped",
+                                   path, member.name)
+                    continue
+                if member.offset_data + member.size > file_size:
+                    raise tarfile.ReadError(f"member {member.name} ends past the end of the file")
+                parts = _split_member_name(member.name)
+                if parts is not None:
+                    members.setdefault(parts[0], {})[parts[1]] = (member.offset_data, member.size)
+        except tarfile.ReadError as error:
+            # a shard cut short by an interrupted download: keep its complete members
+            logger.warning(
+                "tar shard %s is truncated (%s); indexing the %d keys before it", path, error, len(members)
+            )
+    with open(path, "rb") as raw:
+        for key, parts in members.items():
+            image = next((parts[e] for e in _TAR_IMAGE_EXTENSIONS if e in parts), None)
+            if image is None:
+                num_missing += 1
+                logger.warning(
+                    "tar shard %s: key %s has no image (members: %s); skipped",
+                    path, key, ", ".join(f"{key}.{e}" for e in parts),
+                )
+                continue
+            label = -1
+            if "cls" in parts:
+                offset, size = parts["cls"]
+                raw.seek(offset)
+                text = raw.read(size).decode("utf-8", errors="replace").strip()
+                if not text.isdigit():
+                    raise DataError(f"tar shard {path}: {key}.cls holds {text!r}, expected an integer label >= 0")
+                label = int(text)
+            text_offset, text_size = parts.get("txt", (-1, 0))
+            samples.append(TarSample(shard, key, image[0], image[1], text_offset, text_size, label))
+    return ShardIndex(samples, num_missing, num_sparse)
+
+
+class ShardFiles:
+    """Read byte ranges of shard files through a small per-process cache of open handles.
+
+    Handles are opened lazily and per process (a forked DataLoader worker reopens its own, so workers never
+    share a file offset) and dropped when pickled (spawned workers)."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self.paths = paths
+        self._handles: OrderedDict[int, BinaryIO] = OrderedDict()
+        self._handles_pid = os.getpid()
+
+    def _file(self, shard: int) -> BinaryIO:
+        if self._handles_pid != os.getpid():  # forked: the parent's handles share its file offsets
+            self._handles = OrderedDict()
+            self._handles_pid = os.getpid()
+        handle = self._handles.get(shard)
+        if handle is None:
+            handle = open(self.paths[shard], "rb")
+            self._handles[shard] = handle
+            if len(self._handles) > _MAX_OPEN_SHARDS:
+                self._handles.popitem(last=False)[1].close()
+        else:
+            self._handles.move_to_end(shard)
+        return handle
+
+    def read(self, shard: int, offset: int, size: int) -> bytes:
+        handle = self._file(shard)
+        handle.seek(offset)
+        data = handle.read(size)
+        if len(data) != size:
+            raise OSError(f"short read in {self.paths[shard]} at offset {offset}: the shard changed since indexing")
+        return data
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()  # open files cannot be pickled (spawned DataLoader workers)
+        state["_handles"] = OrderedDict()
+        return state
+
+
+def sample_annotations(sample: TarSample, files: ShardFiles) -> dict[str, Any]:
+    """``make_sample`` keyword arguments of an indexed tar sample: its label and its ``.txt`` caption."""
+    captions = []
+    if sample.text_offset >= 0:
+        text = files.read(sample.shard, sample.text_offset, sample.text_size)
+        captions.append(text.decode("utf-8", errors="replace").strip())
+    labels = [sample.label] if sample.label >= 0 else []
+    return {"label": sample.label, "labels": labels, "captions": captions}
+
+
 class TarShards(FileSource):
     """WebDataset tar shards as img2dataset writes them: ``key.jpg`` (or png, webp, ...), ``key.txt``
     (caption), ``key.json`` (metadata, not read), optional ``key.cls`` (integer label).
@@ -167,102 +290,28 @@ class TarShards(FileSource):
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         super().__init__(load_size, max_pixels)
         self.pattern = os.fspath(pattern)
-        self.shards = _shard_paths(pattern)
-        self.samples: list[_TarSample] = []
+        self.shards = shard_paths(pattern)
+        self.samples: list[TarSample] = []
         self.num_missing_image = 0
         self.num_sparse = 0
         for shard in range(len(self.shards)):
             self._index_shard(shard)
         if not self.samples:
             raise DataError(f"no images in tar shards {self.pattern} ({len(self.shards)} shards, no key with an image)")
-        self._handles: OrderedDict[int, BinaryIO] = OrderedDict()
-        self._handles_pid = os.getpid()
+        self.files = ShardFiles(self.shards)
 
     def _index_shard(self, shard: int) -> None:
-        path = self.shards[shard]
-        file_size = path.stat().st_size
-        members: dict[str, dict[str, tuple[int, int]]] = {}  # key -> extension -> (offset, size)
-        try:
-            archive = tarfile.open(path, mode="r:")
-        except (tarfile.TarError, OSError) as error:
-            raise DataError(
-                f"cannot read tar shard {path}: {error} (expected an uncompressed .tar in WebDataset layout)"
-            ) from None
-        with archive:
-            try:
-                for member in archive:
-                    if not member.isfile():
-                        continue
-                    if member.issparse():
-                        # its bytes in the archive are only the data blocks of a file with holes; the
-                        # member is skipped rather than reassembled (its real size may be anything)
-                        self.num_sparse += 1
-                        logger.warning("tar shard %s: member %s is a sparse file (GNU/PAX sparse format); skipped",
-                                       path, member.name)
-                        continue
-                    if member.offset_data + member.size > file_size:
-                        raise tarfile.ReadError(f"member {member.name} ends past the end of the file")
-                    parts = _split_member_name(member.name)
-                    if parts is not None:
-                        members.setdefault(parts[0], {})[parts[1]] = (member.offset_data, member.size)
-            except tarfile.ReadError as error:
-                # a shard cut short by an interrupted download: keep its complete members
-                logger.warning(
-                    "tar shard %s is truncated (%s); indexing the %d keys before it", path, error, len(members)
-                )
-        with open(path, "rb") as raw:
-            for key, parts in members.items():
-                image = next((parts[e] for e in _TAR_IMAGE_EXTENSIONS if e in parts), None)
-                if image is None:
-                    self.num_missing_image += 1
-                    logger.warning(
-                        "tar shard %s: key %s has no image (members: %s); skipped",
-                        path, key, ", ".join(f"{key}.{e}" for e in parts),
-                    )
-                    continue
-                label = -1
-                if "cls" in parts:
-                    offset, size = parts["cls"]
-                    raw.seek(offset)
-                    text = raw.read(size).decode("utf-8", errors="replace").strip()
-                    if not text.isdigit():
-                        raise DataError(f"tar shard {path}: {key}.cls holds {text!r}, expected an integer label >= 0")
-                    label = int(text)
-                text_offset, text_size = parts.get("txt", (-1, 0))
-                self.samples.append(_TarSample(shard, key, image[0], image[1], text_offset, text_size, label))
-
-    def _shard_file(self, shard: int) -> BinaryIO:
-        if self._handles_pid != os.getpid():  # forked: the parent's handles share its file offsets
-            self._handles = OrderedDict()
-            self._handles_pid = os.getpid()
-        handle = self._handles.get(shard)
-        if handle is None:
-            handle = open(self.shards[shard], "rb")
-            self._handles[shard] = handle
-            if len(self._handles) > _MAX_OPEN_SHARDS:
-                self._handles.popitem(last=False)[1].close()
-        else:
-            self._handles.move_to_end(shard)
-        return handle
+        index = index_shard(self.shards[shard], shard)
+        self.samples.extend(index.samples)
+        self.num_missing_image += index.num_missing_image
+        self.num_sparse += index.num_sparse
 
     def _read(self, shard: int, offset: int, size: int) -> bytes:
-        handle = self._shard_file(shard)
-        handle.seek(offset)
-        data = handle.read(size)
-        if len(data) != size:
-            raise OSError(f"short read in {self.shards[shard]} at offset {offset}: the shard changed since indexing")
-        return data
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()  # open files cannot be pickled (spawned DataLoader workers)
-        state["_handles"] = OrderedDict()
-        return state
+        return self.files.read(shard, offset, size)
 
     def close(self) -> None:
         """Close this process's shard file handles (reopened on the next read)."""
-        for handle in self._handles.values():
-            handle.close()
-        self._handles.clear()
+        self.files.close()
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -279,13 +328,7 @@ class TarShards(FileSource):
         return f"{self.shards[sample.shard]}:{sample.key}"
 
     def _annotations(self, index: int, width: int, height: int) -> dict[str, Any]:
-        sample = self.samples[index]
-        captions = []
-        if sample.text_offset >= 0:
-            text = self._read(sample.shard, sample.text_offset, sample.text_size)
-            captions.append(text.decode("utf-8", errors="replace").strip())
-        labels = [sample.label] if sample.label >= 0 else []
-        return {"label": sample.label, "labels": labels, "captions": captions}
+        return sample_annotations(self.samples[index], self.files)
 
     def describe(self) -> str:
         missing = f", {self.num_missing_image} keys without image skipped" if self.num_missing_image else ""

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from wildssl.data.views import CropSpec, make_views
+from wildssl.data.workers import resolve_num_workers
 from wildssl.errors import CheckpointError, ConfigError, DataError
 from wildssl.losses.clip_loss import clip_accuracy, clip_loss
 from wildssl.models.logit_scale import LogitScale
@@ -48,7 +49,11 @@ def _captions_of_samples(samples: list[dict]) -> list[str]:
 def source_captions(source, max_images: int = MAX_TOKENIZER_IMAGES, num_workers: int = 0) -> Iterator[str]:
     """Every caption of up to ``max_images`` images of ``source``, evenly spaced over it (so a sharded
     source contributes from every shard, not only its first). Images are decoded by ``num_workers``
-    DataLoader workers because sources return captions together with their images."""
+    DataLoader workers because sources return captions together with their images. A streamed source
+    (tar shards) reads its captions alone, from shards spread over the set."""
+    if getattr(source, "streaming", False):
+        yield from source.captions(max_images)
+        return
     count = min(len(source), max_images)
     indices = np.unique(np.linspace(0, len(source) - 1, count).round().astype(np.int64)).tolist()
     loader = DataLoader(Subset(source, indices), batch_size=256, num_workers=num_workers,
@@ -107,7 +112,8 @@ class CLIP(Method):
             o = self.options
             captions = None
             if o["tokenizer"] == "bpe":
-                captions = source_captions(sources[self.streams[0]], num_workers=self.config["data"]["num_workers"])
+                workers = resolve_num_workers(self.config["data"]["num_workers"])
+                captions = source_captions(sources[self.streams[0]], num_workers=workers)
             tokenizer = build_tokenizer(o["tokenizer"], captions, vocab_size=o["vocab_size"])
             path.parent.mkdir(parents=True, exist_ok=True)
             tokenizer.save(path)  # atomic: a crash never leaves half a tokenizer beside a checkpoint

@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from wildssl.data.workers import resolve_num_workers, resolve_prefetch
 from wildssl.errors import ConfigError
 from wildssl.schema import check_tree, load_yaml, rule_for
 
@@ -45,7 +46,9 @@ DEFAULTS: dict[str, Any] = {
     "data": {
         "load_size": 224,
         "max_pixels": 40_000_000,  # larger images (pixels decoded, after JPEG's reduced decoding) are skipped
-        "num_workers": 2,
+        "num_workers": "auto",  # decoding processes per rank: auto = min(cores per rank - 1, 8)
+        "prefetch": "auto",  # batches each worker prepares ahead: auto = max(2, ceil(4 / workers))
+        "shuffle_shards": 8,  # streamed tar shards: shards whose samples are shuffled together
     },
     "train": {
         "steps": 1000,
@@ -287,6 +290,9 @@ def validate(config: dict[str, Any]) -> None:
     checked = check_tree(flatten(config), flatten(default_config(config["method"]["name"])))
     for key, value in checked.items():
         set_key(config, key, value, "config")
+    data = config["data"]
+    resolve_num_workers(data["num_workers"], cores=1)  # ConfigError on anything but auto / an integer >= 0
+    resolve_prefetch(data["prefetch"], 1)
 
 
 def dump_config(config: dict[str, Any]) -> str:

@@ -3,9 +3,15 @@
 :func:`train` is a flat loop over steps: build the run (:mod:`wildssl.train.run`), then per step take
 the batches, run one guarded optimization step (:mod:`wildssl.train.step`), log, evaluate, checkpoint.
 
-Batches are a pure function of ``(train.seed, step)`` (:class:`~wildssl.data.sampler.StepBatchSampler`)
-and views are drawn from a generator seeded by ``(train.seed, step, rank)``, so the data position of a
-run is its step count and resuming from a checkpoint reproduces an unbroken run bit for bit on the CPU.
+Batches of map-style sources are a pure function of ``(train.seed, step)``
+(:class:`~wildssl.data.sampler.StepBatchSampler`); a streamed source (:mod:`wildssl.data.shard_stream`)
+records its position after every step and the checkpoint keeps it. Views are drawn from a generator
+seeded by ``(train.seed, step, rank)``. So resuming from a checkpoint reproduces an unbroken run bit for
+bit on the CPU.
+
+Logged values are means over the steps since the previous log line (finite steps only), accumulated on
+the device and read once per ``train.log_every`` steps; the step itself reads one flag tensor
+(:mod:`wildssl.train.step`).
 
 Definitions used everywhere:
 - ``train.batch_size`` is the **global** batch (all ranks together); each rank gets ``batch / world``.
@@ -21,6 +27,8 @@ import math
 import signal
 import time
 from pathlib import Path
+
+import torch
 
 from wildssl import distributed as dist
 from wildssl.errors import ConfigError
@@ -81,6 +89,10 @@ class _Reporter:
         self.last_metrics: dict = {}
         self.knn_random: dict = {}
         self.window_start, self.window_steps = time.perf_counter(), 0
+        # sums over the finite steps of the logging window, kept on the device and read once per window;
+        # counted per name, since a method may report some metrics on logged steps only
+        self.window_sums: dict[str, torch.Tensor | float] = {}
+        self.window_counts: dict[str, int] = {}
 
     def _log(self, done: int, metrics: dict) -> None:
         if self.logger is None:
@@ -97,21 +109,41 @@ class _Reporter:
             self.alarms.append(message)
             log.warning("step %d: %s", step, message)
 
+    def _accumulate(self, result: StepResult) -> None:
+        values = {"loss": result.loss, "grad_norm": result.grad_norm, **result.metrics}
+        for name, value in values.items():
+            value = value.detach().float() if torch.is_tensor(value) else float(value)
+            self.window_sums[name] = self.window_sums[name] + value if name in self.window_sums else value
+            self.window_counts[name] = self.window_counts.get(name, 0) + 1
+
+    def _window_means(self) -> dict[str, float]:
+        """Means over the window's finite steps (NaN when none was finite), read from the device at once."""
+        if not self.window_counts:
+            return {"loss": math.nan, "grad_norm": math.nan}
+        names = list(self.window_sums)
+        tensors = [n for n in names if torch.is_tensor(self.window_sums[n])]
+        read = dict(zip(tensors, torch.stack([self.window_sums[n].reshape(()) for n in tensors]).cpu().tolist())) \
+            if tensors else {}
+        return {n: float(read.get(n, self.window_sums[n])) / self.window_counts[n] for n in names}
+
     def step(self, done: int, step: int, result: StepResult) -> None:
         run, tcfg = self.run, self.run.config["train"]
         self.window_steps += 1
-        if not result.finite:
+        if result.finite:
+            self._accumulate(result)
+        else:
             log.warning("non-finite %s at step %d (%d so far): step skipped, nothing changed",
                         "gradient norm" if math.isfinite(float(result.loss)) else "loss", step,
                         run.counters["nonfinite_steps"])
         if done % tcfg["log_every"] == 0 or done == run.total_steps:
             elapsed = time.perf_counter() - self.window_start
-            metrics = {"loss": float(result.loss), "lr": float(run.schedules["lr"][step]),
+            means = self._window_means()
+            metrics = {"loss": means.pop("loss"), "lr": float(run.schedules["lr"][step]),
                        "weight_decay": float(run.schedules["weight_decay"][step]),
-                       "momentum": float(run.schedules["momentum"][step]), "grad_norm": result.grad_norm,
+                       "momentum": float(run.schedules["momentum"][step]), "grad_norm": means.pop("grad_norm"),
                        "images_per_s": self.window_steps * run.images_per_step / max(elapsed, 1e-9),
                        "epoch": done / run.steps_per_epoch, "nonfinite_steps": run.counters["nonfinite_steps"]}
-            metrics.update({k: float(v) for k, v in result.metrics.items()})
+            metrics.update(means)
             for alarm in self.monitor.check(done, metrics):
                 self.alarm(done, alarm)
             self._log(done, metrics)
@@ -119,6 +151,7 @@ class _Reporter:
                 self.progress.show(done, metrics, elapsed / max(self.window_steps, 1), self.alarms)
             self.last_metrics = metrics
             self.window_start, self.window_steps = time.perf_counter(), 0
+            self.window_sums, self.window_counts = {}, {}
         if self.progress is not None:
             self.progress.update()
 
@@ -196,6 +229,7 @@ def train(config: dict, out_dir: str | Path, resume: bool = False, knn_evaluator
                     result = training_step(run, batches, step, lambda: interrupt.raised)
                     if online_probe is not None and result.finite:
                         result.metrics.update(online_probe.step(run.method, batches[run.streams[0]]))
+                    run.record_positions(batches)
                     done = step + 1
                     reporter.step(done, step, result)
                     if run.counters["nonfinite_steps"] > tcfg["max_nonfinite"] or (

@@ -24,10 +24,12 @@ def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: i
     return np.concatenate([warmup, cosine]).astype(np.float64)
 
 
-def build_optimizer(parameter_groups: list[dict], betas=(0.9, 0.999)) -> torch.optim.AdamW:
+def build_optimizer(parameter_groups: list[dict], betas=(0.9, 0.999), fused: bool = False) -> torch.optim.AdamW:
     """AdamW over the groups a method declares (:meth:`wildssl.methods.base.Method.parameter_groups`);
-    lr and weight decay are set every step by :func:`apply_schedules`."""
-    return torch.optim.AdamW(parameter_groups, lr=0.0, betas=tuple(betas), weight_decay=0.0)
+    lr and weight decay are set every step by :func:`apply_schedules`. ``fused``: one kernel for the
+    whole update (CUDA parameters only; the engine sets it on CUDA), else PyTorch's foreach default."""
+    return torch.optim.AdamW(parameter_groups, lr=0.0, betas=tuple(betas), weight_decay=0.0,
+                             fused=True if fused else None)
 
 
 def build_schedules(config: dict, total_steps: int, global_batch_size: int,

@@ -23,6 +23,8 @@ from torch.utils.data import DataLoader
 from wildssl import distributed as dist
 from wildssl.data import collate, open_source
 from wildssl.data.sampler import StepBatchSampler, stream_seed
+from wildssl.data.shard_stream import START, ShardStream, StreamBatches
+from wildssl.data.workers import resolve_num_workers, resolve_prefetch
 from wildssl.errors import CheckpointError, ConfigError, WildsslError
 from wildssl.methods import build_method
 from wildssl.methods.base import Method
@@ -36,7 +38,7 @@ log = logging.getLogger("wildssl")
 
 # Keys that may differ between a checkpoint's config and the config of the run that resumes it.
 RESUMABLE_CHANGES = ("train.steps", "train.epochs", "train.images", "train.log_every", "train.checkpoint_every", "train.keep_every", "train.progress",
-                     "train.tensorboard", "data.num_workers", "train.compile", "train.max_nonfinite")
+                     "train.tensorboard", "data.num_workers", "data.prefetch", "train.compile", "train.max_nonfinite")
 # Counters that survive a resume (stored in the checkpoint).
 COUNTERS = ("nonfinite_steps", "corrupt_images")
 
@@ -70,6 +72,9 @@ class Run:
     # stream -> indices of the unreadable images met so far; ``corrupt_images`` counts them (distinct
     # files, not skip events: a corrupt file is met again every epoch, and by its neighbours' requests)
     corrupt_files: dict[str, set[int]] = field(default_factory=dict)
+    # streamed sources (ShardStream): stream -> this rank's position [epoch, group, offset] after the last
+    # batch a finished step consumed; saved for every rank in the checkpoint
+    stream_positions: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def main(self) -> bool:
@@ -92,6 +97,21 @@ class Run:
         for name, batch in batches.items():
             self.corrupt_files.setdefault(name, set()).update(batch.get("corrupt", ()))
         self.counters["corrupt_images"] = sum(len(indices) for indices in self.corrupt_files.values())
+
+    def record_positions(self, batches: dict[str, dict]) -> None:
+        """Remember where each streamed source's next batch starts (called after every step)."""
+        for name in self.stream_positions:
+            self.stream_positions[name] = list(batches[name]["position"])
+
+    def gather_positions(self) -> dict:
+        """Every rank's stream positions, ``{"world": W, stream: [position of rank 0, ...]}``; all ranks call it."""
+        if not self.stream_positions:
+            return {}
+        everyone: list = [self.stream_positions]
+        if dist.is_distributed():
+            everyone = [None] * self.world
+            torch.distributed.all_gather_object(everyone, self.stream_positions)
+        return {"world": self.world, **{name: [ranks[name] for ranks in everyone] for name in self.stream_positions}}
 
     def gather_corrupt(self) -> None:
         """Merge every rank's unreadable images (each rank reads different batches); all ranks call it."""
@@ -175,6 +195,21 @@ def _buffer_sync(method: Method) -> dict:
     return {"forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers": False}
 
 
+def compile_networks(method: Method, backend: str = "inductor") -> None:
+    """``torch.compile`` the student's and the teacher's backbones (``train.compile``).
+
+    Static shapes (``dynamic=False``): each input shape a step uses (DINO's global and local crop batches,
+    the teacher's globals, a bootstrap stream's crops) is compiled once into its own graph, and every
+    later step reuses those graphs; with automatic dynamic shapes, the second crop size would instead
+    recompile everything symbolically. The cache limit is raised to hold them all (training and
+    evaluation mode of both networks at every crop size)."""
+    limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit_name, max(getattr(torch._dynamo.config, limit_name), 32))
+    for networks in (method.student, method.teacher):
+        if networks is not None:
+            networks["backbone"].compile(dynamic=False, backend=backend)
+
+
 def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
     """Everything a run needs, restored from ``out_dir``'s checkpoint when ``resume`` finds one."""
     out_dir = Path(out_dir)
@@ -199,7 +234,11 @@ def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
             raise ConfigError(f"no data for stream {name!r}: set data.{name} to a data SPEC (a folder, a .jsonl "
                               "manifest, tar shards or synthetic:scenes)")
         sources[name] = open_source(spec, load_size=config["data"]["load_size"],
-                                    max_pixels=config["data"]["max_pixels"])
+                                    max_pixels=config["data"]["max_pixels"], stream=True,
+                                    shuffle_shards=config["data"]["shuffle_shards"])
+        if isinstance(sources[name], ShardStream) and method.index_hook(name) is not None:
+            raise ConfigError(f"method {method.name} chooses which images stream {name!r} reads, which a streamed "
+                              f"source cannot do; give data.{name} map-style data (drop the stream: prefix)")
     global_batch = tcfg["batch_size"]
     batch_sizes = {name: (global_batch if index == 0 else
                           config["data"][f"{name}_batch_size"] or method.stream_batch_size(name, global_batch))
@@ -210,22 +249,21 @@ def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
     steps_per_epoch = max(len(first) // global_batch, 1)
     total_steps = total_steps_of(config, len(first), sum(batch_sizes.values()))
     if tcfg["compile"]:
-        for networks in (method.student, method.teacher):
-            if networks is not None:
-                networks["backbone"].compile()
+        compile_networks(method)
     model: nn.Module = method
     if world > 1:
         model = nn.parallel.DistributedDataParallel(
             method, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=method.may_leave_parameters_unused, **_buffer_sync(method))
-    optimizer = build_optimizer(method.parameter_groups(), config["optim"]["betas"])
+    optimizer = build_optimizer(method.parameter_groups(), config["optim"]["betas"], fused=device.type == "cuda")
     run = Run(config=config, out_dir=out_dir, device=device, rank=rank, world=world, method=method, model=model,
               optimizer=optimizer, sources=sources, batch_sizes=batch_sizes, total_steps=total_steps,
               steps_per_epoch=steps_per_epoch,
               schedules=build_schedules(config, total_steps, global_batch, steps_per_epoch),
               method_schedules=method.schedules(total_steps, steps_per_epoch),
               freeze_steps=int(round(config["optim"]["freeze_last_layer_epochs"] * steps_per_epoch)),
-              start_step=0)
+              start_step=0,
+              stream_positions={name: list(START) for name, source in sources.items() if isinstance(source, ShardStream)})
 
     if checkpoint_path.is_file():
         check_resume_config(read_checkpoint_config(checkpoint_path), config, str(checkpoint_path))
@@ -233,6 +271,7 @@ def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
         run.start_step = state["step"]
         run.counters.update({k: int(state["extra"].get(k, 0)) for k in COUNTERS})
         run.corrupt_files = {name: set(indices) for name, indices in state["extra"].get("corrupt_files", {}).items()}
+        restore_positions(run, state["extra"].get("stream_positions", {}), str(checkpoint_path))
         run.last_good_checkpoint = checkpoint_path
         log.info("resumed %s at step %d", checkpoint_path, run.start_step)
     elif resume:
@@ -246,17 +285,42 @@ def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
     return run
 
 
+def restore_positions(run: Run, saved: dict, where: str) -> None:
+    """This rank's stream positions from a checkpoint's ``stream_positions`` (see :meth:`Run.gather_positions`)."""
+    for name in run.stream_positions:
+        if name not in saved:
+            raise CheckpointError(f"{where} holds no position for the streamed data.{name}: it was written by a run "
+                                  "that read it map-style; resume with the same data SPEC")
+        if saved["world"] != run.world:
+            raise CheckpointError(f"{where} was written by {saved['world']} ranks and this run has {run.world}: a "
+                                  f"streamed source (data.{name}) resumes exactly only on as many ranks")
+        run.stream_positions[name] = list(saved[name][run.rank])
+
+
 def make_loaders(run: Run, start: int, stop: int) -> dict[str, DataLoader]:
-    """One DataLoader per stream yielding this rank's batches of steps ``start .. stop - 1``."""
+    """One DataLoader per stream yielding this rank's batches of steps ``start .. stop - 1``.
+
+    A map-style source reads the indices of :class:`StepBatchSampler` (a pure function of the step); a
+    streamed one continues from its recorded position (``run.stream_positions``)."""
     tcfg, dcfg = run.config["train"], run.config["data"]
+    workers = resolve_num_workers(dcfg["num_workers"])
+    common = dict(num_workers=workers, prefetch_factor=resolve_prefetch(dcfg["prefetch"], workers),
+                  pin_memory=run.device.type == "cuda",
+                  generator=torch.Generator().manual_seed(tcfg["seed"]))  # the global RNG stays untouched
     loaders = {}
     for index, name in enumerate(run.streams):
-        sampler = StepBatchSampler(len(run.sources[name]), run.batch_sizes[name], run.total_steps, start,
-                                   stream_seed(tcfg["seed"], index), run.rank, run.world, stop_step=stop,
-                                   index_hook=run.method.index_hook(name))
-        loaders[name] = DataLoader(run.sources[name], batch_sampler=sampler, num_workers=dcfg["num_workers"],
-                                   collate_fn=collate, pin_memory=run.device.type == "cuda",
-                                   generator=torch.Generator().manual_seed(tcfg["seed"]))  # global RNG untouched
+        source, seed = run.sources[name], stream_seed(tcfg["seed"], index)
+        if isinstance(source, ShardStream):
+            if run.batch_sizes[name] % run.world:
+                raise ConfigError(f"the batch of data.{name} ({run.batch_sizes[name]}) is not divisible by the world "
+                                  f"size {run.world}")
+            batches = StreamBatches(source, seed, run.rank, run.world, run.batch_sizes[name] // run.world,
+                                    stop - start, run.stream_positions[name])
+            loaders[name] = DataLoader(batches, batch_size=None, **common)
+            continue
+        sampler = StepBatchSampler(len(source), run.batch_sizes[name], run.total_steps, start, seed, run.rank,
+                                   run.world, stop_step=stop, index_hook=run.method.index_hook(name))
+        loaders[name] = DataLoader(source, batch_sampler=sampler, collate_fn=collate, **common)
     return loaders
 
 
@@ -287,8 +351,11 @@ def save_checkpoint(run: Run, step: int) -> None:
                               f"checkpoint is {kept}")
     run.gather_corrupt()
     failure = None
+    positions = run.gather_positions()
     if run.main:
         extra = {**run.counters, "corrupt_files": {name: sorted(v) for name, v in run.corrupt_files.items()}}
+        if positions:
+            extra["stream_positions"] = positions
         try:
             save_training_checkpoint(run.checkpoint_path, run.method, run.optimizer, step, run.config, extra)
             run.last_good_checkpoint = run.checkpoint_path

@@ -2,13 +2,19 @@
 
 Nothing moves on such a step: not the weights, not the optimizer's moments, not the method's state
 (its pending updates are discarded, see :mod:`wildssl.methods.base`). Every rank takes the same branch:
-the loss flag is reduced over ranks before the backward pass, and the gradient norm is computed after
-DDP has averaged the gradients, so it is the same number on every rank.
+the flags are reduced over ranks, and the gradient norm is computed after DDP has averaged the
+gradients, so it is the same number on every rank.
+
+The host reads one thing from the device per step: the three flags (loss not finite, gradient norm not
+finite, some rank asked to stop), stacked into one tensor, reduced over ranks in one call and read in one
+transfer. The backward pass therefore runs before the loss is known to be finite (a non-finite loss gives
+non-finite gradients, which are then dropped), so that no sync sits between the forward and the backward
+pass. The loss, the gradient norm and the method's metrics stay on the device; the loop reads them only
+on the steps it logs.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -24,9 +30,9 @@ from wildssl.train.run import Run
 
 @dataclass
 class StepResult:
-    loss: torch.Tensor  # detached
-    metrics: dict
-    grad_norm: float  # nan when the step was skipped before or during the backward pass
+    loss: torch.Tensor  # detached, on the device
+    metrics: dict  # the method's metrics (device tensors or floats)
+    grad_norm: torch.Tensor  # on the device; not finite when the step was skipped
     finite: bool  # False: the step was skipped
     interrupted: bool  # some rank asked to stop (Ctrl-C) during this step
 
@@ -53,7 +59,7 @@ def training_step(run: Run, batches: dict[str, dict], step: int,
     """Forward, backward, clip and step, or skip when the loss or the gradient norm is not finite.
 
     ``interrupt_requested()`` is asked after the forward pass, and the answer reduced over ranks with the
-    loss flag, so that every rank stops at the same step boundary."""
+    finiteness flags, so that every rank stops at the same step boundary."""
     config = run.config
     apply_schedules(run.optimizer, float(run.schedules["lr"][step]), float(run.schedules["weight_decay"][step]),
                     freeze_last_layer=step < run.freeze_steps)
@@ -61,18 +67,17 @@ def training_step(run: Run, batches: dict[str, dict], step: int,
     with autocast_context(config["train"]["precision"], run.device):
         output = run.model(batches, step_context(run, step))
     loss = output["loss"]
-    flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
-                         torch.tensor(float(interrupt_requested()), device=loss.device)])
+    interrupt = float(interrupt_requested())
+    loss.backward()
+    clip = config["optim"]["clip_grad"]
+    params = [p for group in run.optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"), foreach=True).detach()
+    flags = torch.stack([(~torch.isfinite(loss.detach())).float(), (~torch.isfinite(grad_norm)).float().to(loss.device),
+                         torch.full((), interrupt, device=loss.device)])
     if dist.is_distributed():  # every rank takes the same branch
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-    loss_finite, interrupted = flags[0].item() == 0, flags[1].item() > 0
-    grad_norm = float("nan")
-    if loss_finite:
-        loss.backward()
-        clip = config["optim"]["clip_grad"]
-        params = [p for group in run.optimizer.param_groups for p in group["params"]]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf")))
-    finite = loss_finite and math.isfinite(grad_norm)
+    loss_nonfinite, norm_nonfinite, interrupted = flags.tolist()  # the step's one device-to-host read
+    finite = not (loss_nonfinite or norm_nonfinite)
     if finite:
         run.optimizer.step()
         run.method.commit_step()
@@ -81,4 +86,4 @@ def training_step(run: Run, batches: dict[str, dict], step: int,
         run.method.discard_step()
         run.counters["nonfinite_steps"] += 1
     run.optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss.detach(), output.get("metrics", {}), grad_norm, finite, interrupted)
+    return StepResult(loss.detach(), output.get("metrics", {}), grad_norm, finite, interrupted > 0)
