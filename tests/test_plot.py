@@ -21,12 +21,12 @@ def test_plot_draws_loss_knn_and_agreement_per_iou_bucket_from_the_logged_values
     _write_run(tmp_path)
     figure = metrics_figure(read_metrics(tmp_path))
     axes = {axis.get_title(): {line.get_label(): line for line in axis.get_lines()} for axis in figure.axes}
-    assert set(axes) == {"loss", "k-NN accuracy", "bootstrap top-1 agreement by IoU"}
+    assert set(axes) == {"loss", "k-NN and online probe accuracy", "bootstrap top-1 agreement by IoU"}
     assert set(axes["loss"]) == {"loss", "bootstrap_loss"}
     agreement = axes["bootstrap top-1 agreement by IoU"]
     assert list(agreement) == ["agreement", "IoU 0-0.1", "IoU 0.7-1"]  # buckets in IoU order
     assert list(agreement["IoU 0.7-1"].get_ydata()) == pytest.approx([0.15 * s for s in range(1, 6)])
-    assert list(axes["k-NN accuracy"]["knn_top1"].get_xydata()[0]) == [5, 0.4]
+    assert list(axes["k-NN and online probe accuracy"]["knn_top1"].get_xydata()[0]) == [5, 0.4]
 
 
 def test_plot_run_writes_the_png(tmp_path):

@@ -59,7 +59,8 @@ def load_yaml(text: str) -> Any:
 class Rule:
     """What a config value may be.
 
-    ``kind``: ``"int"``, ``"float"``, ``"bool"``, ``"str"``, ``"choice"`` (one of ``choices``), ``"list"``
+    ``kind``: ``"int"``, ``"float"``, ``"bool"``, ``"str"``, ``"choice"`` (one of ``choices``; a number
+    kind with ``choices`` also takes those words, e.g. ``auto``), ``"list"``
     (``length`` numbers of ``item`` kind ``"int"`` or ``"float"``, each within the bounds, ascending when
     ``ordered``) or ``"any"``. ``low``/``high`` bound numbers (open ends when ``low_open``/``high_open``).
     """
@@ -87,6 +88,8 @@ class Rule:
         else:
             text = {"int": "an integer", "float": "a finite number", "bool": "true or false",
                     "str": "a string", "any": "any value"}[self.kind] + self._bounds()
+            if self.choices:  # words a number key also takes, such as auto
+                text = " or ".join(self.choices) + " or " + text
         return f"null or {text}" if self.nullable and self.kind != "any" else text
 
     def _bounds(self) -> str:
@@ -145,8 +148,8 @@ CORE_RULES: dict[str, Rule] = {
     "model.num_heads": integer(1, 1024, nullable=True),
     "model.init_from": text(nullable=True),
     "data.load_size": integer(1, MAX_PIXELS_SIDE),
-    "data.num_workers": Rule("any"),  # auto or an integer >= 0: checked by data/workers.py resolve_num_workers
-    "data.prefetch": Rule("any"),  # auto or an integer >= 1: checked by data/workers.py resolve_prefetch
+    "data.num_workers": Rule("int", 0, 256, choices=("auto",)),  # auto: data/workers.py resolve_num_workers
+    "data.prefetch": Rule("int", 1, 1024, choices=("auto",)),  # auto: data/workers.py resolve_prefetch
     "data.shuffle_shards": integer(1, 2**20),
     "data.max_pixels": integer(1, 2**40),
     "train.steps": integer(1, MAX_STEPS),
@@ -305,7 +308,7 @@ def check_value(key: str, value: Any, rule: Rule) -> Any:
 
 
 def _coerce(value: Any, rule: Rule) -> Any:
-    if rule.kind == "any":
+    if rule.kind == "any" or (rule.kind != "choice" and value in rule.choices):
         return value
     if rule.kind == "bool":
         if not isinstance(value, bool):

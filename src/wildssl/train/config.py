@@ -25,7 +25,6 @@ from typing import Any
 
 import yaml
 
-from wildssl.data.workers import resolve_num_workers, resolve_prefetch
 from wildssl.errors import ConfigError
 from wildssl.schema import check_tree, load_yaml, rule_for
 
@@ -290,9 +289,6 @@ def validate(config: dict[str, Any]) -> None:
     checked = check_tree(flatten(config), flatten(default_config(config["method"]["name"])))
     for key, value in checked.items():
         set_key(config, key, value, "config")
-    data = config["data"]
-    resolve_num_workers(data["num_workers"], cores=1)  # ConfigError on anything but auto / an integer >= 0
-    resolve_prefetch(data["prefetch"], 1)
 
 
 def dump_config(config: dict[str, Any]) -> str:

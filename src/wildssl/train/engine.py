@@ -93,6 +93,9 @@ class _Reporter:
         # counted per name, since a method may report some metrics on logged steps only
         self.window_sums: dict[str, torch.Tensor | float] = {}
         self.window_counts: dict[str, int] = {}
+        # (loss, gradient norm) of the window's last skipped step: logged when no step of the window was
+        # finite, so a row shows which of the two was not finite
+        self.window_skipped: tuple[float, float] | None = None
 
     def _log(self, done: int, metrics: dict) -> None:
         if self.logger is None:
@@ -119,7 +122,8 @@ class _Reporter:
     def _window_means(self) -> dict[str, float]:
         """Means over the window's finite steps (NaN when none was finite), read from the device at once."""
         if not self.window_counts:
-            return {"loss": math.nan, "grad_norm": math.nan}
+            loss, grad_norm = self.window_skipped or (math.nan, math.nan)
+            return {"loss": loss, "grad_norm": grad_norm}
         names = list(self.window_sums)
         tensors = [n for n in names if torch.is_tensor(self.window_sums[n])]
         read = dict(zip(tensors, torch.stack([self.window_sums[n].reshape(()) for n in tensors]).cpu().tolist())) \
@@ -131,9 +135,10 @@ class _Reporter:
         self.window_steps += 1
         if result.finite:
             self._accumulate(result)
-        else:
+        else:  # a rare step: reading its two numbers costs one more device read
+            self.window_skipped = (float(result.loss), float(result.grad_norm))
             log.warning("non-finite %s at step %d (%d so far): step skipped, nothing changed",
-                        "gradient norm" if math.isfinite(float(result.loss)) else "loss", step,
+                        "gradient norm" if math.isfinite(self.window_skipped[0]) else "loss", step,
                         run.counters["nonfinite_steps"])
         if done % tcfg["log_every"] == 0 or done == run.total_steps:
             elapsed = time.perf_counter() - self.window_start
@@ -151,7 +156,7 @@ class _Reporter:
                 self.progress.show(done, metrics, elapsed / max(self.window_steps, 1), self.alarms)
             self.last_metrics = metrics
             self.window_start, self.window_steps = time.perf_counter(), 0
-            self.window_sums, self.window_counts = {}, {}
+            self.window_sums, self.window_counts, self.window_skipped = {}, {}, None
         if self.progress is not None:
             self.progress.update()
 
