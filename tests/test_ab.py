@@ -5,13 +5,13 @@ import tempfile
 
 import pytest
 import torch
-
 from conftest import tiny_ab_overrides
-from wildssl.data.boxes import box_iou
+
 from wildssl.data import collate, open_source
+from wildssl.data.boxes import box_iou
+from wildssl.data.views import preprocess_images
 from wildssl.methods import ab as ab_module
 from wildssl.methods import build_method
-from wildssl.eval.features import preprocess_images
 from wildssl.methods.base import StepContext, pooled
 from wildssl.train.config import build_config
 

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from wildssl.errors import ConfigError, DataError
-from wildssl.eval.features import IMAGENET_MEAN, IMAGENET_STD, extract_features
+from wildssl.data.views import IMAGENET_MEAN, IMAGENET_STD
+from wildssl.eval.features import extract_features
 from wildssl.eval.knn import knn_accuracy, knn_class_scores, knn_classify
 
 

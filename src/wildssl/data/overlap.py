@@ -19,8 +19,7 @@ import torch
 
 from wildssl.data.boxes import box_area, relative_box
 from wildssl.data.photometric import apply_pipeline
-from wildssl.data.views import (IMAGENET_MEAN, IMAGENET_STD, CropSpec, ViewBatch, crop_and_resize, make_views,
-                                sample_crop_boxes)
+from wildssl.data.views import CropSpec, ViewBatch, crop_and_resize, make_views, normalize, sample_crop_boxes
 from wildssl.errors import ConfigError
 
 
@@ -89,6 +88,4 @@ def overlapping_views(images: torch.Tensor, specs: Sequence[CropSpec], generator
     pixels = crop_and_resize(images.float().div_(255.0), boxes, spec.size, flipped)
     if spec.photometric is not None:
         pixels = apply_pipeline(spec.photometric, pixels, generator)
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    return [first, ViewBatch((pixels - mean) / std, boxes, flipped, first.source_index)]
+    return [first, ViewBatch(normalize(pixels), boxes, flipped, first.source_index)]

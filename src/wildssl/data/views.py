@@ -246,9 +246,44 @@ def _render(
     out = out.transpose(0, 1).reshape(crops * pixels.shape[0], 3, *out.shape[-2:])
     if photometric is not None:
         out = apply_pipeline(photometric, out, generator)
-    mean_t = torch.tensor(mean, device=out.device, dtype=out.dtype).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=out.device, dtype=out.dtype).view(1, 3, 1, 1)
-    return (out - mean_t) / std_t
+    return normalize(out, mean, std)
+
+
+def normalize(pixels: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
+              std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """Float pixels ``(B, 3, H, W)`` in [0, 1] -> ``(pixels - mean) / std`` per channel."""
+    mean_t = torch.tensor(mean, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
+    return (pixels - mean_t) / std_t
+
+
+def preprocess_images(images: torch.Tensor, image_size: int, normalize_images: bool = True) -> torch.Tensor:
+    """Turn a batch into the encoder's input without augmentation (evaluation, annotation features):
+    ``(B, 3, S, S)`` -> float32 ``(B, 3, image_size, image_size)``.
+
+    With ``normalize_images`` the batch must be uint8 in [0, 255]; it is scaled to [0, 1], resized
+    (bilinear, antialiased) and normalized with ImageNet mean/std. Without it the batch must already be
+    a normalized float tensor and is only resized.
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise DataError(f"image batch has shape {tuple(images.shape)}; expected (B, 3, H, W)")
+    if normalize_images:
+        if images.dtype != torch.uint8:
+            raise DataError(
+                f"image batch is {images.dtype} but normalize_images=True expects uint8 pixels from a wildssl "
+                "source; pass normalize_images=False for images that are already normalized floats"
+            )
+        x = images.float() / 255.0
+    else:
+        if not images.is_floating_point():
+            raise DataError(
+                f"image batch is {images.dtype} but normalize_images=False expects normalized float images; "
+                "use normalize_images=True for uint8 pixels"
+            )
+        x = images.float()
+    if x.shape[-2:] != (image_size, image_size):
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
+    return normalize(x) if normalize_images else x
 
 
 def crops_at_boxes(

@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader
 from wildssl.data import collate, open_source
 from wildssl.data.boxes import box_iou
 from wildssl.data.sample import Source
+from wildssl.data.views import preprocess_images
 from wildssl.errors import ConfigError
-from wildssl.eval.features import preprocess_images
 from wildssl.eval.probe import ProbeContext, resolve_options
 from wildssl.eval.progress import progress_bar
 

@@ -12,43 +12,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from wildssl.data.sample import Source, collate
-from wildssl.data.views import IMAGENET_MEAN, IMAGENET_STD  # the normalization every encoder sees
+from wildssl.data.views import preprocess_images  # the one input transform of every evaluation
 from wildssl.errors import ConfigError, DataError
 from wildssl.eval.progress import progress_bar
 
 POOLS = ("cls", "avg")
-
-
-def preprocess_images(images: torch.Tensor, image_size: int, normalize_images: bool = True) -> torch.Tensor:
-    """Turn a batch into the encoder's input: ``(B, 3, S, S)`` -> float32 ``(B, 3, image_size, image_size)``.
-
-    With ``normalize_images`` the batch must be uint8 in [0, 255]; it is scaled to [0, 1], resized
-    (bilinear, antialiased) and normalized with ImageNet mean/std. Without it the batch must already be
-    a normalized float tensor and is only resized.
-    """
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise DataError(f"image batch has shape {tuple(images.shape)}; expected (B, 3, H, W)")
-    if normalize_images:
-        if images.dtype != torch.uint8:
-            raise DataError(
-                f"image batch is {images.dtype} but normalize_images=True expects uint8 pixels from a wildssl "
-                "source; pass normalize_images=False for images that are already normalized floats"
-            )
-        x = images.float() / 255.0
-    else:
-        if not images.is_floating_point():
-            raise DataError(
-                f"image batch is {images.dtype} but normalize_images=False expects normalized float images; "
-                "use normalize_images=True for uint8 pixels"
-            )
-        x = images.float()
-    if x.shape[-2:] != (image_size, image_size):
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
-    if normalize_images:
-        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-        x = (x - mean) / std
-    return x
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ from collections import deque
 import torch
 import torch.nn.functional as F
 
-from wildssl.eval.features import preprocess_images
+from wildssl.data.views import preprocess_images
 from wildssl.eval.linear import LinearClassifier
 from wildssl.eval.probe import seeded
 

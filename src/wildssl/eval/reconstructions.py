@@ -18,12 +18,15 @@ import numpy as np
 import torch
 
 from wildssl.data import collate, open_source
-from wildssl.data.views import IMAGENET_MEAN, IMAGENET_STD
+from wildssl.data.views import IMAGENET_MEAN, IMAGENET_STD, preprocess_images
 from wildssl.errors import ConfigError, DataError
-from wildssl.eval.features import preprocess_images
 from wildssl.io import read_safetensors
 from wildssl.losses.mae_loss import NORM_PIX_EPS, patchify, unpatchify
-from wildssl.models.loading import CHECKPOINT_FORMAT, load_state_strict, resolve_checkpoint
+from wildssl.models.loading import (
+    CHECKPOINT_FORMAT,
+    load_state_strict,
+    resolve_checkpoint,
+)
 
 BLANK = (128, 128, 128)  # RGB of a hidden patch in the masked panel
 PANELS = ("original", "masked", "reconstruction")
@@ -48,7 +51,9 @@ class Reconstructions:
 def load_masked_autoencoder(run: str | Path):
     """The MAE method of a run directory or checkpoint, with its trained weights, in eval mode; a
     ConfigError when the run trained another method (only MAE reconstructs pixels)."""
-    from wildssl.methods import build_method  # the methods import the encoder loading of this package
+    from wildssl.methods import (
+        build_method,  # the methods import the encoder loading of this package
+    )
 
     path = resolve_checkpoint(run)
     tensors, metadata = read_safetensors(path)

@@ -6,8 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wildssl.data.views import CropSpec, make_views
-from wildssl.eval.features import preprocess_images
+from wildssl.data.views import CropSpec, make_views, preprocess_images
 from wildssl.losses.nt_xent import nt_xent_loss
 from wildssl.methods.base import (AnnotationInput, AnnotationSpace, Method, StepContext, check_pool,
                                   normalized_embedding_std, pooled)
