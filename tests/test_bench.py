@@ -1,4 +1,4 @@
-"""``wildssl bench``: the JSON carries every figure, and the bare work replays exactly the method's backbone calls.
+"""``wildssl bench``: the JSON carries every figure, and the bare work replays exactly the method's encoder calls.
 
 No test here depends on timing: rates are only checked to be positive and finite.
 """
@@ -13,6 +13,7 @@ from conftest import TINY_METHOD, TINY_MODEL, tiny_ab_overrides, tiny_overrides
 from PIL import Image
 
 from wildssl.cli import main
+from wildssl.models.text import TextTransformer
 from wildssl.models.vit import VisionTransformer
 from wildssl.train.bench import record_backbone_calls, replay_step
 from wildssl.train.config import build_config
@@ -53,7 +54,7 @@ def test_bench_json_has_every_figure_and_simclr_replays_its_one_student_call_on_
     assert result["images_per_step"] == 8 and result["data"] == {"train": str(data)}
     # SimCLR embeds its two views of the 8 images in one student call with gradients, and nothing else
     assert result["backbone_calls"] == [{"network": "student.backbone", "entry": "forward",
-                                         "images": [16, 3, 16, 16], "kwargs": {}, "grad": True}]
+                                         "input": [16, 3, 16, 16], "kwargs": {}, "grad": True}]
 
 
 def test_bench_without_data_files_says_which_key_to_set(capsys):
@@ -68,20 +69,25 @@ CASES = {
     "mae": ("mae_quick", tiny_overrides("mae")),
     "ijepa": ("ijepa_quick", tiny_overrides("ijepa")),
     "ab_dino": ("ab_dino_quick", tiny_ab_overrides("dino")),
+    "clip": ("clip_quick", tiny_overrides("clip")),
+    "ab_clip": ("ab_clip_quick", tiny_ab_overrides("clip")),
 }
 
 
-class _PatchEmbedCounter:
-    """Counts forward and backward passes through every backbone's patch embedding: an independent count of
-    the backbone calls (each call embeds its images once) and of the calls that were backpropagated."""
+class _EmbeddingCounter:
+    """Counts forward and backward passes through every encoder's input embedding (a ViT's patch embedding,
+    a text tower's token embedding): an independent count of the encoder calls (each call embeds its
+    inputs once) and of the calls that were backpropagated."""
 
     def __init__(self, method):
         self.forward, self.backward, self.handles = {}, {}, []
         for name, module in method.named_modules():
-            if isinstance(module, VisionTransformer):
+            embedding = {VisionTransformer: "patch_embed", TextTransformer: "token_embedding"}.get(type(module))
+            if embedding is not None:
+                embedding = getattr(module, embedding)
                 self.forward[name] = self.backward[name] = 0
-                self.handles.append(module.patch_embed.register_forward_hook(self._bump(self.forward, name)))
-                self.handles.append(module.patch_embed.register_full_backward_hook(self._bump(self.backward, name)))
+                self.handles.append(embedding.register_forward_hook(self._bump(self.forward, name)))
+                self.handles.append(embedding.register_full_backward_hook(self._bump(self.backward, name)))
 
     @staticmethod
     def _bump(counts, name):
@@ -94,7 +100,7 @@ class _PatchEmbedCounter:
             handle.remove()
 
 
-# the counter's backward hook on the patch embedding warns that the images need no gradient: they never do
+# the counter's backward hooks on the embeddings warn that the images need no gradient: they never do
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_replay_makes_the_same_backbone_calls_as_the_method_step_and_backpropagates_only_the_gradient_ones(
@@ -105,7 +111,7 @@ def test_replay_makes_the_same_backbone_calls_as_the_method_step_and_backpropaga
     run.method.train()
     batches = {name: to_device(batch, run.device)
                for name, batch in zip(run.streams, next(zip(*make_loaders(run, 0, 1).values())))}
-    counter = _PatchEmbedCounter(run.method)
+    counter = _EmbeddingCounter(run.method)
     try:
         with record_backbone_calls(run.method) as calls:
             training_step(run, batches, 0)
@@ -123,9 +129,11 @@ def test_replay_makes_the_same_backbone_calls_as_the_method_step_and_backpropaga
     assert all(p.grad is None for p in run.method.parameters())  # the replay leaves no gradients behind
     kwargs = {name for call in calls for name in call.kwargs}
     expected = {"dino": set(), "ab_dino": set(), "ibot": {"mask"}, "mae": {"keep_indices"},
-                "ijepa": {"keep_indices", "keep_valid"}}[case]
+                "ijepa": {"keep_indices", "keep_valid"}, "clip": set(), "ab_clip": set()}[case]
     assert kwargs == expected
+    if case in ("clip", "ab_clip"):  # the text tower is part of the network work, with gradients
+        assert any(call.network == "student.text" and call.grad for call in calls)
     if case in ("dino", "ibot"):  # 2 global crops to the teacher; 2 global + 2 local crops to the student
         batch = run.batch_sizes["train"]
-        images = {name: sum(len(c.images) for c in calls if c.network == name) for name in recorded}
+        images = {name: sum(len(c.inputs) for c in calls if c.network == name) for name in recorded}
         assert images == {"student.backbone": 4 * batch, "teacher.backbone": 2 * batch}

@@ -7,11 +7,13 @@ Four figures of one recipe on the device at hand (CPU or GPU), and two ratios:
     built there, in images/s; per core as images per CPU-second of the process and its loader workers.
     Beside it, **decode**: read + decode + resize of single images in this process, per CPU-second.
 (b) **bare**: the network work the method needs, and nothing else. One real step of the method is run
-    with every ViT backbone of the method recorded (:func:`record_backbone_calls`): which network (its
-    path, e.g. ``student.backbone`` or ``teacher.backbone``), the input images, the keyword arguments
-    (``mask``, ``keep_indices``, ``keep_valid``), whether gradients were on. Those calls are replayed on
-    the recorded tensors, prepared beforehand: the calls made with gradients forward and then backward
-    (from the sum of their outputs), the others (the EMA teacher's) forward only.
+    with every encoder of the method (its ViT backbones and text towers, :data:`ENCODERS`) recorded
+    (:func:`record_backbone_calls`): which network (its path, e.g. ``student.backbone``,
+    ``teacher.backbone``, ``student.text``), the inputs, the keyword arguments (``mask``, ``keep_indices``,
+    ``keep_valid``), whether gradients were on. Those calls are replayed on the recorded tensors, prepared
+    beforehand: the calls made with gradients forward and then backward (from the sum of their outputs),
+    the others (the EMA teacher's) forward only. Heads, predictors and decoders count as the step's
+    overhead.
 (c) **step**: the engine's guarded training step (:func:`wildssl.train.step.training_step`: forward,
     backward, clipping, the one flag read, optimizer, pending state, EMA) on fixed batches on the device.
 (d) **memory**: the peak during (b) and during (c): CUDA's max allocated bytes on a GPU; on the CPU the
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import inspect
 import platform
 import resource
 import tempfile
@@ -37,53 +40,60 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from wildssl.data.views import CropSpec, make_views
 from wildssl.data.workers import resolve_num_workers
 from wildssl.errors import ConfigError
 from wildssl.methods.base import Method
+from wildssl.models.text import TextTransformer
 from wildssl.models.vit import VisionTransformer
 from wildssl.train.run import Run, build_run, compile_networks, make_loaders
 from wildssl.train.step import autocast_context, to_device, training_step
 
 MIB = 2**20
-# the backbone keyword arguments a method may pass (VisionTransformer.forward / forward_features)
-BACKBONE_KWARGS = ("mask", "keep_indices", "keep_valid")
+# The encoders whose calls (b) replays, and the method each runs its blocks in: a method calls the module
+# (``backbone(x, mask=...)``, ``text(tokens)``) or that method directly (MAE's and AB's
+# ``backbone.forward_features(x, keep_indices=...)``, CLIP's ``text.pooled_features``, which runs
+# ``forward_tokens``). Heads, predictors and decoders are not encoders: their cost is the step's overhead.
+ENCODERS: dict[type, str] = {VisionTransformer: "forward_features", TextTransformer: "forward_tokens"}
 
 
 @dataclass
 class BackboneCall:
-    """One call of a ViT backbone during a method step, with its inputs kept for replaying."""
+    """One call of an encoder (a ViT backbone or a text tower) during a method step, its inputs kept."""
 
-    network: str  # the backbone's path in the method: "student.backbone", "teacher.backbone", ...
-    entry: str  # "forward" (the module was called) or "forward_features" (called directly)
-    images: torch.Tensor  # (B, C, H, W), detached copy of the step's views
-    kwargs: dict[str, torch.Tensor]  # mask / keep_indices / keep_valid given, detached copies
+    network: str  # the encoder's path in the method: "student.backbone", "teacher.backbone", "student.text"
+    entry: str  # "forward" (the module was called) or the name of the method called directly
+    inputs: torch.Tensor  # detached copy of the step's views (B, C, H, W) or token ids (B, L)
+    kwargs: dict[str, torch.Tensor]  # the keyword arguments given (mask, keep_indices, keep_valid), copies
     grad: bool  # gradients were enabled: the step backpropagates through this call
 
     def describe(self) -> dict:
-        return {"network": self.network, "entry": self.entry, "images": list(self.images.shape),
+        return {"network": self.network, "entry": self.entry, "input": list(self.inputs.shape),
                 "kwargs": {name: list(value.shape) for name, value in self.kwargs.items()}, "grad": self.grad}
 
 
-def _backbones(method: Method) -> dict[str, VisionTransformer]:
-    return {name: module for name, module in method.named_modules() if isinstance(module, VisionTransformer)}
+def encoders(method: Method) -> dict[str, nn.Module]:
+    """The method's encoders by path (``student.backbone``, ``teacher.backbone``, ``student.text``, ...)."""
+    return {name: module for name, module in method.named_modules() if type(module) in ENCODERS}
 
 
 @contextmanager
 def record_backbone_calls(method: Method) -> Iterator[list[BackboneCall]]:
-    """Record every call of every ViT backbone of ``method`` made inside the block.
+    """Record every call of every encoder of ``method`` (:data:`ENCODERS`) made inside the block.
 
-    A forward pre-hook sees the calls of the module itself (``backbone(x, mask=...)``); methods that call
-    ``backbone.forward_features(x, keep_indices=...)`` directly (MAE, annotation bootstrapping) bypass
-    module hooks, so ``forward_features`` is wrapped on the instance for the block as well. A call that
-    enters through the module is recorded once, as ``forward``."""
+    Calls that bypass the module (a method called directly) bypass module hooks too, so the method that
+    runs the blocks is wrapped on the instance for the block, and a forward pre-hook marks the calls that
+    entered through the module: each call is recorded once, as ``forward`` or by the method's name."""
     calls: list[BackboneCall] = []
     restore: list[Callable[[], None]] = []
 
-    def wrap(path: str, backbone: VisionTransformer) -> None:
+    def wrap(path: str, encoder: nn.Module) -> None:
+        inner = ENCODERS[type(encoder)]
         state = {"entered": False}
-        original = backbone.forward_features
+        original = getattr(encoder, inner)
+        names = list(inspect.signature(original).parameters)[1:]  # after the input
 
         def pre_hook(module, args, kwargs):
             state["entered"] = True
@@ -91,27 +101,27 @@ def record_backbone_calls(method: Method) -> Iterator[list[BackboneCall]]:
         def post_hook(module, args, kwargs, output):
             state["entered"] = False
 
-        def forward_features(x, *args, **kwargs):
-            named = dict(zip(BACKBONE_KWARGS, args), **kwargs)
+        def recorded(x, *args, **kwargs):
+            named = dict(zip(names, args), **kwargs)
             calls.append(BackboneCall(
-                path, "forward" if state["entered"] else "forward_features", x.detach().clone(),
+                path, "forward" if state["entered"] else inner, x.detach().clone(),
                 {k: v.detach().clone() for k, v in named.items() if v is not None}, torch.is_grad_enabled()))
             state["entered"] = False
             return original(x, *args, **kwargs)
 
-        handles = [backbone.register_forward_pre_hook(pre_hook, with_kwargs=True),
-                   backbone.register_forward_hook(post_hook, with_kwargs=True)]
-        backbone.forward_features = forward_features
+        handles = [encoder.register_forward_pre_hook(pre_hook, with_kwargs=True),
+                   encoder.register_forward_hook(post_hook, with_kwargs=True)]
+        setattr(encoder, inner, recorded)
 
         def undo() -> None:
             for handle in handles:
                 handle.remove()
-            del backbone.forward_features  # the class's method again
+            delattr(encoder, inner)  # the class's method again
 
         restore.append(undo)
 
-    for path, backbone in _backbones(method).items():
-        wrap(path, backbone)
+    for path, encoder in encoders(method).items():
+        wrap(path, encoder)
     try:
         yield calls
     finally:
@@ -132,9 +142,10 @@ def replay_step(method: Method, calls: list[BackboneCall], precision: str, devic
                 network = networks[call.network]
                 with torch.set_grad_enabled(call.grad):
                     if call.entry == "forward":
-                        out = network(call.images, **call.kwargs)["tokens"]
+                        out = network(call.inputs, **call.kwargs)
+                        out = out["tokens"] if isinstance(out, dict) else out
                     else:
-                        out = network.forward_features(call.images, **call.kwargs)
+                        out = getattr(network, call.entry)(call.inputs, **call.kwargs)
                 if out.requires_grad:
                     part = out.float().sum()
                     total = part if total is None else total + part
@@ -335,7 +346,7 @@ def bench(config: dict, recipe: str, steps: int = 10, warmup: int = 2, pipeline_
 def summary_lines(result: dict) -> list[str]:
     """The human-readable report of :func:`bench`."""
     calls = result["backbone_calls"]
-    described = "; ".join(f"{c['network']}{'' if c['grad'] else ' (no grad)'} {c['images']}"
+    described = "; ".join(f"{c['network']}{'' if c['grad'] else ' (no grad)'} {c['input']}"
                           + "".join(f" {k}={v}" for k, v in c["kwargs"].items()) for c in calls)
     decode = result["decode_images_per_cpu_s"]
     return [
@@ -345,7 +356,7 @@ def summary_lines(result: dict) -> list[str]:
         f"(a) pipeline: {result['pipeline_images_per_s']:.1f} images/s with {result['pipeline_workers']} workers, "
         f"{result['pipeline_images_per_cpu_s']:.1f} images per CPU-second (read+decode+views)"
         + (f"; decode alone {decode:.1f} images per CPU-second" if decode else ""),
-        f"(b) bare networks: {result['bare_images_per_s']:.1f} images/s ({len(calls)} backbone calls: {described})",
+        f"(b) bare networks: {result['bare_images_per_s']:.1f} images/s ({len(calls)} encoder calls: {described})",
         f"(c) full step: {result['step_images_per_s']:.1f} images/s",
         f"(d) peak memory ({result['memory_kind']}): step {result['step_peak_mib']:.1f} MiB, "
         f"bare {result['bare_peak_mib']:.1f} MiB",
