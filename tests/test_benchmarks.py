@@ -33,3 +33,31 @@ def test_mae_speed_harness_times_both_encoder_paths_on_the_same_step():
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["patches"] == 16 and figures["visible_patches"] == 4
     assert figures["visible_only_s_per_step"] > 0 and figures["all_patches_s_per_step"] > 0
+
+
+def test_reference_vit_of_the_throughput_table_computes_what_wildssls_encoder_computes():
+    """The encoder ratio compares like with like: with wildssl's weights the plain-torch reference gives the
+    same tokens (float64), so a speed difference is the implementation's, not the architecture's."""
+    import importlib.util
+
+    import torch
+
+    from wildssl.models.vit import VisionTransformer
+
+    spec = importlib.util.spec_from_file_location("throughput_table", ROOT / "benchmarks" / "throughput_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    torch.manual_seed(0)
+    ours = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4).double().eval()
+    reference = table.ReferenceViT(16, 4, 32, 2, 4).double()
+    renamed = {"patch_embed.proj.": "patch.", "cls_token": "cls", "pos_embed": "pos", "attn.": "", "mlp.": ""}
+    state = {}
+    for name, value in ours.state_dict().items():
+        if name == "mask_token":
+            continue
+        for old, new in renamed.items():
+            name = name.replace(old, new)
+        state[name] = value
+    reference.load_state_dict(state)  # strict: every parameter of the reference has its counterpart
+    images = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    torch.testing.assert_close(reference(images), ours.forward_features(images), rtol=1e-10, atol=1e-10)
