@@ -16,9 +16,11 @@ Four figures of one recipe on the device at hand (CPU or GPU), and two ratios:
     overhead.
 (c) **step**: the engine's guarded training step (:func:`wildssl.train.step.training_step`: forward,
     backward, clipping, the one flag read, optimizer, pending state, EMA) on fixed batches on the device.
-(d) **memory**: the peak during (b) and during (c): CUDA's max allocated bytes on a GPU; on the CPU the
-    rise of the process's resident set above its level before the phase (Linux ``VmHWM`` after resetting
-    it through ``/proc/self/clear_refs``, with freed heap returned to the system first).
+    (b) and (c) are timed in turn, one call of each per round, and each figure is the median of its
+    rounds: on a shared machine a passing load then falls on both alike.
+(d) **memory**: the peak during the warm-up calls of (b) and of (c): CUDA's max allocated bytes on a GPU;
+    on the CPU the rise of the process's resident set above its level before the phase (Linux ``VmHWM``
+    after resetting it through ``/proc/self/clear_refs``, with freed heap returned to the system first).
 
 Ratios: ``step_over_bare`` = (c)/(b) in images/s (1.0: the step costs no more than its networks; the
 issue's goal on a GPU is >= 0.85) and ``pipeline_over_step`` = (a)/(c) (>= 1: the data keeps up).
@@ -32,6 +34,7 @@ import datetime
 import inspect
 import platform
 import resource
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -225,16 +228,18 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def _timed(fn: Callable[[], None], steps: int, warmup: int, device: torch.device) -> float:
-    """Seconds per call of ``fn`` over ``steps`` calls after ``warmup``."""
-    for _ in range(warmup):
-        fn()
-    _synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    _synchronize(device)
-    return (time.perf_counter() - start) / steps
+def _alternating(fns: dict[str, Callable[[], None]], rounds: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per call of each function, called in turn ``rounds`` times (one call of each per
+    round), so that a load that comes and goes on a shared machine falls on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            _synchronize(device)
+            start = time.perf_counter()
+            fn()
+            _synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def view_specs(method: Method, stream: str) -> list[CropSpec]:
@@ -296,11 +301,12 @@ def measure_decode(run: Run, count: int) -> dict:
 def bench(config: dict, recipe: str, steps: int = 10, warmup: int = 2, pipeline_steps: int | None = None,
           decode_images: int = 64) -> dict:
     """Measure (a)-(d) of ``config`` (see the module docstring); returns the JSON-ready figures."""
-    if steps < 1 or warmup < 0:
-        raise ConfigError(f"wildssl bench: --steps must be >= 1 and --warmup >= 0 (got {steps}, {warmup})")
+    if steps < 1 or warmup < 1:
+        raise ConfigError(f"wildssl bench: --steps and --warmup must be >= 1 (got {steps}, {warmup}); the warm-up "
+                          "steps also measure the peak memory")
     pipeline_steps = pipeline_steps or max(steps + warmup, 3)
     compile_ = config["train"]["compile"]
-    config = {**config, "train": {**config["train"], "steps": max(steps + warmup + 1, pipeline_steps),
+    config = {**config, "train": {**config["train"], "steps": max(steps + 2 * warmup + 1, pipeline_steps),
                                   "compile": False, "images": None, "epochs": None}}
     with tempfile.TemporaryDirectory(prefix="wildssl-bench-") as out_dir:
         run = build_run(config, out_dir)
@@ -309,24 +315,28 @@ def bench(config: dict, recipe: str, steps: int = 10, warmup: int = 2, pipeline_
     pipeline, batches = measure_pipeline(run, pipeline_steps)
     decode = measure_decode(run, decode_images)
 
-    # one real step, recorded; then the networks are compiled (when asked) and the step is timed
+    # one real step, recorded; then the networks are compiled (when asked)
     with record_backbone_calls(run.method) as calls:
         training_step(run, batches, 0)
     if compile_:
         compile_networks(run.method)
-    memory = PeakMemory(device)
     step_index = iter(range(1, run.total_steps))
-    memory.start()
-    step_seconds = _timed(lambda: training_step(run, batches, next(step_index)), steps, warmup, device)
-    step_peak = memory.stop()
+
+    def step() -> None:
+        training_step(run, batches, next(step_index))
 
     bare = replay_step(run.method, calls, precision, device)
-    memory.start()
-    bare_seconds = _timed(bare, steps, warmup, device)
-    bare_peak = memory.stop()
+    # the warm-up calls (and compilation) measure the peak memory of each; then (c) and (b) are timed in turn
+    memory, peaks = PeakMemory(device), {}
+    for name, fn in (("step", step), ("bare", bare)):
+        memory.start()
+        for _ in range(warmup):
+            fn()
+        peaks[name] = memory.stop()
+    seconds = _alternating({"step": step, "bare": bare}, steps, device)
 
     images = run.images_per_step
-    step_rate, bare_rate = images / step_seconds, images / bare_seconds
+    step_rate, bare_rate = images / seconds["step"], images / seconds["bare"]
     return {
         "recipe": recipe, "method": run.method.name,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
@@ -338,7 +348,7 @@ def bench(config: dict, recipe: str, steps: int = 10, warmup: int = 2, pipeline_
         **pipeline, **decode,
         "bare_images_per_s": bare_rate, "step_images_per_s": step_rate,
         "step_over_bare": step_rate / bare_rate, "pipeline_over_step": pipeline["pipeline_images_per_s"] / step_rate,
-        "memory_kind": memory.kind, "step_peak_mib": step_peak, "bare_peak_mib": bare_peak,
+        "memory_kind": memory.kind, "step_peak_mib": peaks["step"], "bare_peak_mib": peaks["bare"],
         "backbone_calls": [call.describe() for call in calls],
     }
 
