@@ -1,4 +1,4 @@
-"""The ``wildssl`` command line: train, config, eval, export, plot, demo, recipes.
+"""The ``wildssl`` command line: train, config, bench, eval, export, plot, demo, recipes.
 
 User errors (a missing path, a bad config key, a corrupt checkpoint) print one line and exit with
 status 2; an interrupted run saves a checkpoint and exits with 130.
@@ -74,6 +74,25 @@ def cmd_config(args) -> int:
     from wildssl.train.config import dump_config
 
     print(dump_config(_config_from_args(args)), end="")
+    return 0
+
+
+# ----------------------------------------------------------------------------- bench
+
+def cmd_bench(args) -> int:
+    from wildssl.train.bench import bench, summary_lines
+
+    config = _config_from_args(args)
+    result = bench(config, args.recipe, steps=args.steps, warmup=args.warmup, pipeline_steps=args.pipeline_steps)
+    for line in summary_lines(result):
+        print(line)
+    if args.json:
+        try:
+            Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        except OSError as error:
+            raise WildsslError(f"cannot write --json {args.json}: {error.strerror or error}; "
+                               "choose a writable path") from None
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -361,6 +380,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", help="as for train: eval.knn_test")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("bench", help="throughput of a recipe: (a) data pipeline, (b) bare networks, (c) full "
+                                     "step, (d) peak memory, with the ratios (c)/(b) and (a)/(c)")
+    p.add_argument("recipe", help="a shipped recipe name (see `wildssl recipes`) or a YAML file")
+    p.add_argument("--data", help="as for train: the method's first stream (real files, to time decoding)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps of (b) and (c) (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before each timing (default 2)")
+    p.add_argument("--pipeline-steps", type=int,
+                   help="batches read for (a) (default: steps + warmup, at least 3; the first is not timed)")
+    p.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("eval", help="evaluate an encoder")
     eval_sub = p.add_subparsers(dest="protocol", required=True)
