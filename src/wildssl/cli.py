@@ -1,4 +1,4 @@
-"""The ``wildssl`` command line: train, config, eval, export, plot, demo, recipes.
+"""The ``wildssl`` command line: train, config, eval, export, plot, demo, vocab, recipes.
 
 User errors (a missing path, a bad config key, a corrupt checkpoint) print one line and exit with
 status 2; an interrupted run saves a checkpoint and exits with 130.
@@ -295,6 +295,29 @@ def cmd_recipes(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- vocab
+
+def cmd_vocab_build(args) -> int:
+    from wildssl.data.vocabulary import Vocabulary
+    from wildssl.data.vocabulary_build import build_vocabulary, read_caption_files
+
+    stop_words: list[str] = []
+    for path in args.stop_words or []:
+        try:
+            stop_words += Path(path).read_text(encoding="utf-8").split()
+        except (OSError, UnicodeDecodeError) as error:
+            raise WildsslError(f"cannot read the stop-word list {path}: {error}") from None
+    synonyms = Vocabulary.load(args.synonyms) if args.synonyms else None
+    vocabulary, counts = build_vocabulary(read_caption_files(args.captions), args.size, stop_words, synonyms,
+                                          args.min_count)
+    sources = ", ".join(Path(p).name for p in args.captions)
+    vocabulary.save(args.out, header=f"wildssl label vocabulary: the {len(vocabulary)} most frequent labels of "
+                                     f"{sources} (wildssl vocab build --size {args.size})")
+    shown = ", ".join(f"{label} ({count})" for label, count in zip(vocabulary.labels[:8], counts))
+    print(f"wrote {args.out}: {len(vocabulary)} labels, {len(vocabulary.terms)} terms; most frequent: {shown}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- demo
 
 DEMO_RECIPE = "demo"
@@ -444,6 +467,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of the curves: K query images with their candidate partners and sampling "
                         "probabilities (adasim_* / nn_* runs) -> <run>/neighbours.png")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("vocab", help="label vocabularies for weakly-supervised pre-training (WSP)")
+    vocab_sub = p.add_subparsers(dest="vocab_command", required=True)
+    v = vocab_sub.add_parser("build", help="a vocabulary of the most frequent caption words and hashtags "
+                                           "(stop words removed, plurals and synonyms folded)")
+    v.add_argument("captions", nargs="+", help="caption files: .jsonl (one image per line with 'captions' or "
+                                               "'caption', e.g. a manifest) or .txt (one caption per line), "
+                                               "optionally .gz")
+    v.add_argument("--size", type=int, required=True, help="number of labels N (the most frequent)")
+    v.add_argument("--out", required=True, help="vocabulary file to write (text: 'label: synonym, ...')")
+    v.add_argument("--stop-words", action="append", metavar="FILE",
+                   help="more stop words, whitespace-separated (repeatable); a built-in English list always applies")
+    v.add_argument("--synonyms", metavar="FILE", help="synonym groups in the vocabulary format ('label: term, "
+                                                      "term'), folded into their label")
+    v.add_argument("--min-count", type=int, default=1, help="leave out labels held by fewer images (default 1)")
+    v.set_defaults(func=cmd_vocab_build)
 
     p = sub.add_parser("recipes", help="list the shipped recipes")
     p.set_defaults(func=cmd_recipes)
