@@ -229,8 +229,8 @@ def cmd_eval_probe(args) -> int:
 def _add_suite_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments shared by ``eval all`` and the probe verbs."""
     parser.add_argument("checkpoint", help="run directory, checkpoint or export of wildssl, or a peer's file "
-                                           "(timm, DINO, MAE or I-JEPA layout; see --layout)")
-    parser.add_argument("--layout", choices=("auto", "wildssl", "timm", "dino", "mae", "ijepa"), default="auto",
+                                           "(timm, DINO, MAE, MAWS or I-JEPA layout; see --layout)")
+    parser.add_argument("--layout", choices=("auto", "wildssl", "timm", "dino", "mae", "maws", "ijepa"), default="auto",
                         help="how to read CHECKPOINT (auto: wildssl files by their metadata, peers' by their keys)")
     parser.add_argument("--encoder", choices=("auto", "teacher", "student"), default="auto",
                         help="which encoder of a checkpoint (auto: the one the method evaluates; DINO's teacher, "
@@ -244,6 +244,24 @@ def _add_suite_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", help="feature cache folder (default $XDG_CACHE_HOME/wildssl/features)")
     parser.add_argument("--no-cache", action="store_true", help="keep features in memory only")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON line")
+
+
+def cmd_eval_zeroshot(args) -> int:
+    from wildssl.eval.zeroshot import DEFAULT_TEMPLATES, load_image_text_model, read_templates, zeroshot_classify
+
+    _check_options(args, {"image_size": "eval.image_size", "batch_size": "eval.batch_size",
+                          "num_workers": "data.num_workers"})
+    templates = read_templates(args.templates) if args.templates else list(DEFAULT_TEMPLATES)
+    method = load_image_text_model(args.checkpoint)
+    result = zeroshot_classify(method, args.data, templates, image_size=args.image_size,
+                               batch_size=args.batch_size, num_workers=args.num_workers, device=_device())
+    if args.json:
+        print(json.dumps({"method": method.name, **result}))
+    else:
+        print(f"zero-shot, {method.name} run {args.checkpoint}: {result['num_images']} images, "
+              f"{result['num_classes']} classes, {result['num_templates']} templates")
+        print(f"  top-1: {100 * result['zeroshot_top1']:.2f}%\n  top-5: {100 * result['zeroshot_top5']:.2f}%")
+    return 0
 
 
 # ----------------------------------------------------------------------------- export
@@ -438,6 +456,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a probe option (repeatable), e.g. --set epochs=10 --set lrs=[0.001,0.01]")
         v.add_argument("--out", help="also write results.json, report.md and pictures here")
         v.set_defaults(func=cmd_eval_probe)
+
+    z = eval_sub.add_parser("zeroshot", help="zero-shot classification from class-name prompts (CLIP, SLIP, SiLC, "
+                                             "AB_CLIP and LiT runs): top-1 / top-5")
+    z.add_argument("checkpoint", help="run directory (or its checkpoint file, with tokenizer.json beside it)")
+    z.add_argument("--data", required=True, help="labelled data SPEC whose classes are named (a .jsonl manifest "
+                                                 "with class-name labels, synthetic:scenes)")
+    z.add_argument("--templates", metavar="FILE", help="prompt templates, one per line with {} for the class name "
+                                                       "(replaces the default set of 8 CLIP templates)")
+    z.add_argument("--image-size", type=int, help="eval resolution (default: the run's crop size)")
+    z.add_argument("--batch-size", type=int, default=256)
+    z.add_argument("--num-workers", type=int, default=0)
+    z.add_argument("--json", action="store_true", help="print the figures as one JSON line")
+    z.set_defaults(func=cmd_eval_zeroshot)
 
     p = sub.add_parser("export", help="write the encoder alone (timm-compatible with --timm)")
     p.add_argument("--checkpoint", required=True, help="run directory or checkpoint file")
