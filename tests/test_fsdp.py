@@ -124,3 +124,43 @@ def test_fsdp_precision_policies():
     assert mixed_precision("fp32").param_dtype is None
     with pytest.raises(ConfigError, match="not one of bf16, fp32"):
         mixed_precision("fp16")
+
+
+def test_engine_with_fsdp_sharding_resumes_exactly_and_exports_one_encoder_file(tmp_path):
+    """The engine's train.sharding=fsdp path in one process (a gloo group of one rank): DCP checkpoints,
+    --resume, and wildssl export of the sharded run."""
+    from conftest import tiny_overrides
+    from wildssl.cli import main
+    from wildssl.models.loading import load_encoder
+    from wildssl.train.config import build_config
+    from wildssl.train.engine import train
+
+    # constant lr and weight decay, so that a 2-step run resumed to 4 steps follows the 4-step run exactly
+    overrides = tiny_overrides("wsp", "method.labels=manifest", "train.sharding=fsdp", "model.depth=2",
+                               "train.activation_checkpointing=true", "train.checkpoint_every=2", "optim.lr=1e-3",
+                               "optim.min_lr=1e-3", "optim.warmup_epochs=0")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        train(build_config("wsp_quick", overrides + ["train.steps=4"]), tmp_path / "whole")
+        train(build_config("wsp_quick", overrides + ["train.steps=2"]), tmp_path / "resumed")
+        summary = train(build_config("wsp_quick", overrides + ["train.steps=4"]), tmp_path / "resumed", resume=True)
+    finally:
+        dist.destroy_process_group()
+    assert summary["start_step"] == 2 and summary["steps"] == 4
+    assert (tmp_path / "whole" / "checkpoint.dcp" / "wildssl.json").is_file()
+    for run in ("whole", "resumed"):
+        assert main(["export", "--checkpoint", str(tmp_path / run), "--out", str(tmp_path / f"{run}.safetensors")]) == 0
+    whole = load_encoder(tmp_path / "whole.safetensors").state_dict()
+    resumed = load_encoder(tmp_path / "resumed.safetensors").state_dict()
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key
+    initial = _method_like_init()
+    assert any(not torch.equal(whole[k], initial[k]) for k in whole if k != "mask_token")  # it trained
+
+
+def _method_like_init():
+    from conftest import tiny_config
+    from wildssl.methods import build_method
+
+    torch.manual_seed(0)
+    return build_method(tiny_config("wsp", "method.labels=manifest", "model.depth=2")).student["backbone"].state_dict()

@@ -268,8 +268,16 @@ def cmd_eval_zeroshot(args) -> int:
 
 def cmd_export(args) -> int:
     from wildssl.models.export import save_encoder_export
+    from wildssl.train import fsdp
 
     teacher = None if args.encoder == "auto" else args.encoder == "teacher"
+    sharded = Path(args.checkpoint) / fsdp.SHARDED_CHECKPOINT
+    if (sharded / fsdp.RUN_STATE).is_file() and not args.timm:  # a train.sharding=fsdp run: consolidate it
+        state = fsdp.read_run_state(sharded)
+        network = state["eval_network"] if teacher is None else ("teacher" if teacher else "student")
+        fsdp.export_consolidated(sharded, args.out, state["config"]["model"], network)
+        print(f"wrote {args.out} (the {network} encoder of the sharded checkpoint {sharded})")
+        return 0
     kwargs = save_encoder_export(Path(args.out), args.checkpoint, teacher=teacher, timm=args.timm)
     print(f"wrote {args.out}")
     if args.timm:

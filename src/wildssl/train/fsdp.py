@@ -18,14 +18,18 @@ method, the optimizer and the step; :func:`load_sharded` restores them exactly (
 reshards); :func:`export_consolidated` turns a DCP directory into one wildssl encoder export file (no
 process group needed), which every wildssl evaluation reads.
 
-Status (torch 2.13, CPU/gloo and CUDA/NCCL): this module and its tests (2 gloo processes == 1 process, exact
-sharded resume, consolidated export). The engine still wraps with DDP only: selecting FSDP2 by config in
-``train/run.py`` (the optimizer and checkpoint paths) is not wired yet.
+In a run (``train.sharding: fsdp``, :func:`shard_for_training`): the engine shards the method instead of
+wrapping it in DDP, and writes ``checkpoint.dcp/`` (the DCP directory plus ``wildssl.json``: step, config,
+counters) instead of ``checkpoint.safetensors``; ``--resume`` reads it back; ``wildssl export --checkpoint
+RUN`` consolidates it into one encoder file for evaluation. The online k-NN and probe (which call the encoder
+outside the sharded forward) and ``train.compile`` are not supported with it (a ConfigError says so).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -38,12 +42,15 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from wildssl import distributed as dist
 from wildssl.errors import CheckpointError, ConfigError
 from wildssl.io import atomic_save
 from wildssl.models.export import timm_kwargs
 from wildssl.models.loading import EXPORT_FORMAT, build_encoder_from_config, load_state_strict
 
 PRECISIONS = ("bf16", "fp32")
+SHARDED_CHECKPOINT = "checkpoint.dcp"
+RUN_STATE = "wildssl.json"  # step, config, eval_network and the run's counters, beside the DCP files
 
 
 def _checkpoint_activations(module: nn.Module) -> None:
@@ -125,3 +132,66 @@ def export_consolidated(directory: str | Path, path: str | Path, model_config: d
     metadata = {"format": EXPORT_FORMAT, "config": json.dumps({"model": model_config}),
                 "timm_kwargs": json.dumps(timm_kwargs(encoder))}
     atomic_save({k: v.contiguous() for k, v in encoder.state_dict().items()}, metadata, Path(path))
+
+
+def shard_for_training(method: nn.Module, config: dict, device: torch.device) -> nn.Module:
+    """``train.sharding: fsdp``: check what FSDP2 runs cannot do, then :func:`shard_method` with the run's
+    precision (``auto``: bf16 on CUDA, fp32 otherwise) and ``train.activation_checkpointing``."""
+    if not dist.is_distributed():
+        raise ConfigError("train.sharding=fsdp shards over the ranks of a torchrun launch (torchrun --nproc_per_node N "
+                          "-m wildssl.cli train ...); in a single plain process use train.sharding=ddp")
+    for key, value in (("eval.knn_every", config["eval"]["knn_every"]), ("eval.online_probe",
+                                                                         config["eval"]["online_probe"]),
+                       ("train.compile", config["train"]["compile"])):
+        if value:
+            raise ConfigError(f"{key}={value} is not supported with train.sharding=fsdp (it reads the encoder outside "
+                              "the sharded forward); set it to 0/false and evaluate the exported checkpoint "
+                              "(wildssl export --checkpoint RUN)")
+    precision = config["train"]["precision"]
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return shard_method(method, precision, config["train"]["activation_checkpointing"], device.type)
+
+
+def nonfinite_shards(method: nn.Module) -> bool:
+    """True when any rank's shard of any floating-point parameter or buffer holds a NaN or an infinity."""
+    bad = torch.zeros(())
+    for tensor in [*method.parameters(), *method.buffers()]:
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        if local.is_floating_point() and not bool(torch.isfinite(local).all()):
+            bad = torch.ones(())
+            break
+    torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    return bool(bad)
+
+
+def save_run_checkpoint(out_dir: Path, method: nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                        config: dict, extra: dict) -> Path:
+    """Write ``out_dir/checkpoint.dcp`` (every rank calls it): into a fresh directory first, which replaces the
+    previous checkpoint only once complete, so an interrupted write leaves the last good one."""
+    final = Path(out_dir) / SHARDED_CHECKPOINT
+    partial = final.with_name(final.name + ".tmp")
+    if dist.is_main_process() and partial.exists():
+        shutil.rmtree(partial)
+    dist.barrier()
+    save_sharded(partial, method, optimizer, step)
+    if dist.is_main_process():
+        state = {"step": step, "config": config, "eval_network": getattr(method, "eval_network", "student"),
+                 "extra": extra}
+        (partial / RUN_STATE).write_text(json.dumps(state))
+        previous = final.with_name(final.name + ".old")
+        if final.exists():
+            os.replace(final, previous)
+        os.replace(partial, final)
+        shutil.rmtree(previous, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def read_run_state(directory: Path) -> dict:
+    """``wildssl.json`` of a sharded run checkpoint: ``{"step", "config", "eval_network", "extra"}``."""
+    path = Path(directory) / RUN_STATE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"cannot read {path} (a sharded checkpoint's run state): {error}") from None
