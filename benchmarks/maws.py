@@ -33,15 +33,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-MODEL = ["model.name=tiny", "model.depth=4", "model.embed_dim=192", "model.num_heads=3", "model.patch_size=8",
-         "model.img_size=64", "data.load_size=72", "data.num_workers=1", "train.progress=false",
-         "train.tensorboard=false", "eval.knn_every=0", "train.log_every=20", "train.checkpoint_every=0",
-         "train.batch_size=64"]
-MAE = ["method.crop_size=64", "method.decoder_dim=128", "method.decoder_depth=2", "method.decoder_heads=4",
+SIZE = 48  # pixels: 6 x 6 patches of 8
+MODEL = ["model.name=tiny", "model.depth=4", "model.embed_dim=128", "model.num_heads=4", "model.patch_size=8",
+         f"model.img_size={SIZE}", "data.load_size=56", "data.num_workers=1", "train.progress=false",
+         "train.tensorboard=false", "eval.knn_every=0", "train.log_every=10", "train.checkpoint_every=0",
+         "train.batch_size=48"]
+MAE = [f"method.crop_size={SIZE}", "method.decoder_dim=128", "method.decoder_depth=2", "method.decoder_heads=4",
        "optim.lr=1.5e-3", "optim.lr_batch_reference=null", "optim.warmup_epochs=2"]
-WSP = ["method.crop_size=64", "method.crop_scale=[0.35,1.0]", "optim.lr=1e-3", "optim.lr_batch_reference=null",
+WSP = [f"method.crop_size={SIZE}", "method.crop_scale=[0.35,1.0]", "optim.lr=1e-3", "optim.lr_batch_reference=null",
        "optim.warmup_epochs=2", "optim.weight_decay=0.1"]
-LIT = ["method.crop_size=64", "method.embed_dim=128", "method.text_size=tiny", "method.text_depth=2",
+LIT = [f"method.crop_size={SIZE}", "method.embed_dim=128", "method.text_size=tiny", "method.text_depth=2",
        "method.text_width=128", "method.text_heads=4", "method.context_length=64", "method.tokenizer=byte",
        "method.vocab_size=259", "method.cache_features=true", "optim.lr=1e-3", "optim.warmup_epochs=2"]
 
@@ -102,9 +103,9 @@ def main() -> int:
     parser.add_argument("--shared", required=True, help="the shared/data folder")
     parser.add_argument("--out", required=True)
     parser.add_argument("--labels", type=int, default=256, help="vocabulary size")
-    parser.add_argument("--mae-steps", type=int, default=300)
-    parser.add_argument("--wsp-steps", type=int, default=300)
-    parser.add_argument("--lit-steps", type=int, default=200)
+    parser.add_argument("--mae-steps", type=int, default=250)
+    parser.add_argument("--wsp-steps", type=int, default=200)
+    parser.add_argument("--lit-steps", type=int, default=150)
     parser.add_argument("--cifar-train", type=int, default=1000)
     parser.add_argument("--cifar-test", type=int, default=500)
     args = parser.parse_args()
@@ -129,7 +130,7 @@ def main() -> int:
             lit = MODEL + LIT + data + [f"model.init_from={out / name}", f"train.steps={args.lit_steps}"]
             run(["train", "lit_quick", "--out", str(out / f"lit_{name}"), *sum([["--set", s] for s in lit], [])], log)
             figures = last_json(run(["eval", "zeroshot", str(out / f"lit_{name}"), "--data", specs["coco_zeroshot"],
-                                     "--image-size", "64", "--json"], log))
+                                     "--image-size", str(SIZE), "--json"], log))
             results[f"zeroshot {name}"] = figures
             print(json.dumps({f"zeroshot {name}": figures}), flush=True)
         for name, run_dir in encoders.items():
@@ -137,9 +138,9 @@ def main() -> int:
             for task, (train_spec, test_spec) in {"coco": (specs["coco_train2017"], specs["coco_val2017"]),
                                                   "cifar": (specs["cifar_train"], specs["cifar_test"])}.items():
                 knn = last_json(run(["eval", "knn", "--checkpoint", str(run_dir), "--train", train_spec, "--test",
-                                     test_spec, "--image-size", "64", "--pool", "cls", "--json", *extra], log))
+                                     test_spec, "--image-size", str(SIZE), "--pool", "cls", "--json", *extra], log))
                 linear = last_json(run(["eval", "linear", str(run_dir), "--train", train_spec, "--test", test_spec,
-                                        "--image-size", "64", "--no-cache", "--json", *extra], log))
+                                        "--image-size", str(SIZE), "--no-cache", "--json", *extra], log))
                 results[f"{name} {task}"] = {"knn_top1": knn["knn_top1"], "linear": linear}
                 print(json.dumps({f"{name} {task}": results[f"{name} {task}"]}), flush=True)
     results["seconds"] = round(time.perf_counter() - start, 1)
