@@ -141,7 +141,8 @@ def main() -> int:
                                      test_spec, "--image-size", str(SIZE), "--pool", "cls", "--json", *extra], log))
                 linear = last_json(run(["eval", "linear", str(run_dir), "--train", train_spec, "--test", test_spec,
                                         "--image-size", str(SIZE), "--no-cache", "--json", *extra], log))
-                results[f"{name} {task}"] = {"knn_top1": knn["knn_top1"], "linear": linear}
+                results[f"{name} {task}"] = {"knn_top1": knn["knn_top1"],
+                                             "linear": {k: linear[k] for k in ("top1", "top5", "pool", "lr")}}
                 print(json.dumps({f"{name} {task}": results[f"{name} {task}"]}), flush=True)
     results["seconds"] = round(time.perf_counter() - start, 1)
     (out / "results.json").write_text(json.dumps(results, indent=1))
