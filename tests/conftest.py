@@ -27,6 +27,7 @@ TINY_METHOD = {
     "silc": TINY_DISTILLATION + TINY_TEXT,
     "mae": ["method.name=mae", "method.crop_size=16", "method.decoder_dim=32", "method.decoder_depth=1",
             "method.decoder_heads=2"],
+    "wsp": ["method.name=wsp", "method.crop_size=16", "method.vocabulary_size=16"],
     "ijepa": ["method.name=ijepa", "method.crop_size=16", "method.min_context=2", "method.predictor_dim=32",
               "method.predictor_depth=1", "method.predictor_heads=2"],
 }

@@ -1,4 +1,4 @@
-"""Peers' checkpoints (timm, official DINO, MAE and I-JEPA layouts) load into wildssl's ViT and reproduce a
+"""Peers' checkpoints (timm, official DINO, MAE, MAWS and I-JEPA layouts) load into wildssl's ViT and reproduce a
 reference model written here from those code bases' published forward pass (not from wildssl's)."""
 
 import argparse
@@ -111,6 +111,23 @@ def test_mae_layout_drops_the_decoder_and_reproduces_the_reference(tmp_path):
     encoder, layout = load_any_encoder(tmp_path / "mae_visualize.pth")
     assert layout == "mae" and torch.equal(encoder.mask_token, torch.zeros_like(encoder.mask_token))
     _assert_reproduces(encoder, reference)
+
+
+def test_maws_clip_checkpoint_layout_keeps_the_image_tower_and_drops_the_text_side(tmp_path):
+    # facebookresearch/maws maws_clip files: CLIP(vision_encoder=timm ViT, text_encoder=XLM-R) state dicts.
+    reference = ReferenceViT(seed=5)
+    text_side = {"vision_projection": torch.randn(WIDTH, 8), "text_projection": torch.randn(16, 8),
+                 "logit_scale": torch.tensor(4.6), "text_encoder.encoder.transformer.token_embedding.weight":
+                 torch.randn(30, 16), "text_encoder.encoder.transformer.layers.layers.0.attention.in_proj_weight":
+                 torch.randn(48, 16)}
+    torch.save({**_state(reference, "vision_encoder."), **text_side}, tmp_path / "vit_b16_xlmr_b.pt")
+    encoder, layout = load_any_encoder(tmp_path / "vit_b16_xlmr_b.pt")
+    assert layout == "maws" and encoder.img_size == IMG and encoder.depth == DEPTH
+    _assert_reproduces(encoder, reference)
+    # the released ViT-only files (mae / maws types) are plain timm state dicts, readable as either layout
+    torch.save(_state(reference), tmp_path / "maws_vit_b16.pt")
+    _assert_reproduces(load_peer_encoder(tmp_path / "maws_vit_b16.pt", "maws")[0], reference)
+    assert load_any_encoder(tmp_path / "maws_vit_b16.pt")[1] == "timm"
 
 
 def test_ijepa_layout_without_cls_token_reproduces_the_target_encoder(tmp_path):

@@ -348,3 +348,18 @@ def test_encoder_without_class_token_reports_mean_patch_as_cls():
     assert out["tokens"].shape == (3, 2 + 4, 16) and out["registers"].shape == (3, 2, 16)
     torch.testing.assert_close(out["cls"], out["patch"].mean(dim=1))
     torch.testing.assert_close(out["patch"], out["tokens"][:, 2:])
+
+
+# The MAWS seed's encoders (Singh et al. 2023, Table 1): name, patch, MLP width, parameters in billions.
+SEED_SIZES = [("base", 16, 3072, 0.086), ("large", 16, 4096, 0.304), ("huge", 14, 5120, 0.632),
+              ("2b", 14, 10240, 1.89), ("6.5b", 14, 16384, 6.44)]
+
+
+@pytest.mark.parametrize("name,patch,mlp,billions", SEED_SIZES)
+def test_seed_model_sizes_build_on_the_meta_device_with_the_seeds_parameter_counts(name, patch, mlp, billions):
+    with torch.device("meta"):
+        encoder = build_encoder(name, patch_size=patch)
+    assert all(p.is_meta for p in encoder.parameters())  # no memory until sharded or materialized
+    assert encoder.blocks[0].mlp.fc1.weight.shape == (mlp, encoder.embed_dim)
+    assert encoder.patch_size == patch
+    assert sum(p.numel() for p in encoder.parameters()) / 1e9 == pytest.approx(billions, rel=0.01)

@@ -1,4 +1,4 @@
-"""The ``wildssl`` command line: train, config, bench, eval, export, plot, demo, recipes.
+"""The ``wildssl`` command line: train, config, bench, eval, export, plot, demo, vocab, recipes.
 
 User errors (a missing path, a bad config key, a corrupt checkpoint) print one line and exit with
 status 2; an interrupted run saves a checkpoint and exits with 130.
@@ -248,8 +248,8 @@ def cmd_eval_probe(args) -> int:
 def _add_suite_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments shared by ``eval all`` and the probe verbs."""
     parser.add_argument("checkpoint", help="run directory, checkpoint or export of wildssl, or a peer's file "
-                                           "(timm, DINO, MAE or I-JEPA layout; see --layout)")
-    parser.add_argument("--layout", choices=("auto", "wildssl", "timm", "dino", "mae", "ijepa"), default="auto",
+                                           "(timm, DINO, MAE, MAWS or I-JEPA layout; see --layout)")
+    parser.add_argument("--layout", choices=("auto", "wildssl", "timm", "dino", "mae", "maws", "ijepa"), default="auto",
                         help="how to read CHECKPOINT (auto: wildssl files by their metadata, peers' by their keys)")
     parser.add_argument("--encoder", choices=("auto", "teacher", "student"), default="auto",
                         help="which encoder of a checkpoint (auto: the one the method evaluates; DINO's teacher, "
@@ -265,12 +265,38 @@ def _add_suite_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON line")
 
 
+def cmd_eval_zeroshot(args) -> int:
+    from wildssl.eval.zeroshot import DEFAULT_TEMPLATES, load_image_text_model, read_templates, zeroshot_classify
+
+    _check_options(args, {"image_size": "eval.image_size", "batch_size": "eval.batch_size",
+                          "num_workers": "data.num_workers"})
+    templates = read_templates(args.templates) if args.templates else list(DEFAULT_TEMPLATES)
+    method = load_image_text_model(args.checkpoint)
+    result = zeroshot_classify(method, args.data, templates, image_size=args.image_size,
+                               batch_size=args.batch_size, num_workers=args.num_workers, device=_device())
+    if args.json:
+        print(json.dumps({"method": method.name, **result}))
+    else:
+        print(f"zero-shot, {method.name} run {args.checkpoint}: {result['num_images']} images, "
+              f"{result['num_classes']} classes, {result['num_templates']} templates")
+        print(f"  top-1: {100 * result['zeroshot_top1']:.2f}%\n  top-5: {100 * result['zeroshot_top5']:.2f}%")
+    return 0
+
+
 # ----------------------------------------------------------------------------- export
 
 def cmd_export(args) -> int:
     from wildssl.models.export import save_encoder_export
+    from wildssl.train import fsdp
 
     teacher = None if args.encoder == "auto" else args.encoder == "teacher"
+    sharded = Path(args.checkpoint) / fsdp.SHARDED_CHECKPOINT
+    if (sharded / fsdp.RUN_STATE).is_file() and not args.timm:  # a train.sharding=fsdp run: consolidate it
+        state = fsdp.read_run_state(sharded)
+        network = state["eval_network"] if teacher is None else ("teacher" if teacher else "student")
+        fsdp.export_consolidated(sharded, args.out, state["config"]["model"], network)
+        print(f"wrote {args.out} (the {network} encoder of the sharded checkpoint {sharded})")
+        return 0
     kwargs = save_encoder_export(Path(args.out), args.checkpoint, teacher=teacher, timm=args.timm)
     print(f"wrote {args.out}")
     if args.timm:
@@ -311,6 +337,29 @@ def cmd_recipes(args) -> int:
         text = (resources.files("wildssl") / "recipes" / f"{name}.yaml").read_text()
         first = next((line[1:].strip() for line in text.splitlines() if line.startswith("#")), "")
         print(f"{name:16s} {first}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- vocab
+
+def cmd_vocab_build(args) -> int:
+    from wildssl.data.vocabulary import Vocabulary
+    from wildssl.data.vocabulary_build import build_vocabulary, read_caption_files
+
+    stop_words: list[str] = []
+    for path in args.stop_words or []:
+        try:
+            stop_words += Path(path).read_text(encoding="utf-8").split()
+        except (OSError, UnicodeDecodeError) as error:
+            raise WildsslError(f"cannot read the stop-word list {path}: {error}") from None
+    synonyms = Vocabulary.load(args.synonyms) if args.synonyms else None
+    vocabulary, counts = build_vocabulary(read_caption_files(args.captions), args.size, stop_words, synonyms,
+                                          args.min_count)
+    sources = ", ".join(Path(p).name for p in args.captions)
+    vocabulary.save(args.out, header=f"wildssl label vocabulary: the {len(vocabulary)} most frequent labels of "
+                                     f"{sources} (wildssl vocab build --size {args.size})")
+    shown = ", ".join(f"{label} ({count})" for label, count in zip(vocabulary.labels[:8], counts))
+    print(f"wrote {args.out}: {len(vocabulary)} labels, {len(vocabulary.terms)} terms; most frequent: {shown}")
     return 0
 
 
@@ -447,6 +496,19 @@ def build_parser() -> argparse.ArgumentParser:
         v.add_argument("--out", help="also write results.json, report.md and pictures here")
         v.set_defaults(func=cmd_eval_probe)
 
+    z = eval_sub.add_parser("zeroshot", help="zero-shot classification from class-name prompts (CLIP, SLIP, SiLC, "
+                                             "AB_CLIP and LiT runs): top-1 / top-5")
+    z.add_argument("checkpoint", help="run directory (or its checkpoint file, with tokenizer.json beside it)")
+    z.add_argument("--data", required=True, help="labelled data SPEC whose classes are named (a .jsonl manifest "
+                                                 "with class-name labels, synthetic:scenes)")
+    z.add_argument("--templates", metavar="FILE", help="prompt templates, one per line with {} for the class name "
+                                                       "(replaces the default set of 8 CLIP templates)")
+    z.add_argument("--image-size", type=int, help="eval resolution (default: the run's crop size)")
+    z.add_argument("--batch-size", type=int, default=256)
+    z.add_argument("--num-workers", type=int, default=0)
+    z.add_argument("--json", action="store_true", help="print the figures as one JSON line")
+    z.set_defaults(func=cmd_eval_zeroshot)
+
     p = sub.add_parser("export", help="write the encoder alone (timm-compatible with --timm)")
     p.add_argument("--checkpoint", required=True, help="run directory or checkpoint file")
     p.add_argument("--out", required=True, help="output .safetensors file")
@@ -475,6 +537,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of the curves: K query images with their candidate partners and sampling "
                         "probabilities (adasim_* / nn_* runs) -> <run>/neighbours.png")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("vocab", help="label vocabularies for weakly-supervised pre-training (WSP)")
+    vocab_sub = p.add_subparsers(dest="vocab_command", required=True)
+    v = vocab_sub.add_parser("build", help="a vocabulary of the most frequent caption words and hashtags "
+                                           "(stop words removed, plurals and synonyms folded)")
+    v.add_argument("captions", nargs="+", help="caption files: .jsonl (one image per line with 'captions' or "
+                                               "'caption', e.g. a manifest) or .txt (one caption per line), "
+                                               "optionally .gz")
+    v.add_argument("--size", type=int, required=True, help="number of labels N (the most frequent)")
+    v.add_argument("--out", required=True, help="vocabulary file to write (text: 'label: synonym, ...')")
+    v.add_argument("--stop-words", action="append", metavar="FILE",
+                   help="more stop words, whitespace-separated (repeatable); a built-in English list always applies")
+    v.add_argument("--synonyms", metavar="FILE", help="synonym groups in the vocabulary format ('label: term, "
+                                                      "term'), folded into their label")
+    v.add_argument("--min-count", type=int, default=1, help="leave out labels held by fewer images (default 1)")
+    v.set_defaults(func=cmd_vocab_build)
 
     p = sub.add_parser("recipes", help="list the shipped recipes")
     p.set_defaults(func=cmd_recipes)

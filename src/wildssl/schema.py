@@ -166,6 +166,8 @@ CORE_RULES: dict[str, Rule] = {
     "train.max_nonfinite": integer(0, MAX_STEPS),
     "train.progress": flag(),
     "train.tensorboard": flag(),
+    "train.sharding": one_of("ddp", "fsdp"),
+    "train.activation_checkpointing": flag(),
     "optim.lr": number(**POSITIVE),
     "optim.lr_batch_reference": integer(1, 2**20, nullable=True),
     "optim.min_lr": number(0.0),

@@ -19,6 +19,8 @@ METHODS = {
     "ab_dino": "wildssl.methods.ab:ABDINO",
     "ab_clip": "wildssl.methods.ab:ABCLIP",
     "mae": "wildssl.methods.mae:MAE",
+    "wsp": "wildssl.methods.wsp:WSP",
+    "lit": "wildssl.methods.lit:LiT",
     "ijepa": "wildssl.methods.ijepa:IJEPA",
     "simsiam": "wildssl.methods.simsiam:SimSiam",
     "adasim_dino": "wildssl.methods.adasim:AdaSimDINO",

@@ -51,6 +51,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -63,7 +64,9 @@ from torch import nn
 from wildssl.data.sampler import IndexHook
 from wildssl.errors import ConfigError
 from wildssl.models.ema import ema_update_
-from wildssl.models.loading import build_encoder_from_config, encoder_state_from_checkpoint, load_state_strict
+from wildssl.io import read_header
+from wildssl.models.loading import (build_encoder_from_config, encoder_state_from_checkpoint, load_state_strict,
+                                    resolve_checkpoint)
 
 log = logging.getLogger("wildssl")
 
@@ -151,7 +154,8 @@ class Method(nn.Module):
         one) strictly from a run directory, checkpoint or export (MAE -> WSP).
 
         Only the encoder is taken: whatever else the checkpoint holds (a decoder, heads, the optimizer)
-        is left out, and so is the mask token when this method does not mask. One line reports it."""
+        is left out, and so is the mask token when this method does not mask. One line reports what was
+        loaded and what was dropped (:func:`init_report`)."""
         state, _ = encoder_state_from_checkpoint(path, teacher=False)
         backbone = self.student["backbone"]
         kept = []
@@ -161,9 +165,7 @@ class Method(nn.Module):
         load_state_strict(backbone, state, str(path))
         if self.teacher is not None and "backbone" in self.teacher:
             self.teacher["backbone"].load_state_dict(backbone.state_dict())
-        values = sum(t.numel() for t in state.values())
-        log.info("model.init_from %s: loaded %d encoder tensors (%.2fM values)%s", path, len(state) - len(kept),
-                 values / 1e6, f"; kept this run's own {', '.join(kept)}" if kept else "")
+        log.info(init_report(path, state, kept, teacher=self.teacher is not None and "backbone" in self.teacher))
 
     def train(self, mode: bool = True) -> "Method":
         """Set the training mode of the student; the teacher and the frozen modules stay in eval mode."""
@@ -306,6 +308,29 @@ class Method(nn.Module):
 
     def forward(self, batches: dict[str, dict], step: StepContext) -> dict:  # pragma: no cover
         raise NotImplementedError
+
+
+def init_report(path, state: dict[str, torch.Tensor], kept: Sequence[str], teacher: bool) -> str:
+    """The one line ``model.init_from`` logs: the encoder tensors loaded (count, values) and, by part, the
+    tensors of the file that were dropped (``student.decoder``, ``optimizer``, ...; an export holds none)
+    plus the encoder tensors this run keeps its own of (``kept``, the mask token of a method that does not
+    mask)."""
+    _, shapes = read_header(resolve_checkpoint(path))
+    dropped: Counter[str] = Counter()
+    for key in shapes:
+        if key.startswith("method."):
+            part = ".".join(key.split(".")[1:3])
+            if part != "student.backbone":
+                dropped[part] += 1
+        elif key.split(".")[0] not in state:  # an export holds the encoder's own names only
+            dropped[key.split(".")[0]] += 1
+    loaded = [k for k in state if k not in kept]
+    values = sum(state[k].numel() for k in loaded)
+    parts = [f"{name} ({count} tensors)" for name, count in sorted(dropped.items())]
+    parts += [f"{name} (this run keeps its own)" for name in kept]
+    into = "the student backbone" + (" and the teacher's copy" if teacher else "")
+    return (f"model.init_from {path}: loaded {len(loaded)} encoder tensors ({values / 1e6:.2f}M values) into {into}; "
+            f"dropped: {', '.join(parts) if parts else 'nothing'}")
 
 
 def normalized_embedding_std(embeddings: torch.Tensor) -> torch.Tensor:

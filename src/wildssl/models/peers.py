@@ -10,6 +10,11 @@ gives the file):
   ``backbone.`` prefixes stripped, the DINO head dropped).
 - ``mae``: the official MAE (He et al. 2022) files, ``{"model": state}``; the decoder
   (``decoder_*``, the decoder's ``mask_token``) is dropped.
+- ``maws``: the released MAWS (Singh et al. 2023, facebookresearch/maws) files: the ViT checkpoints
+  (``mae`` / ``maws`` types) are timm ``VisionTransformer`` state dicts (``num_classes=0``: no head); the
+  ``maws_clip`` checkpoints hold the image tower under ``vision_encoder.`` beside ``vision_projection``,
+  ``text_encoder.*`` (XLM-R) and ``logit_scale``, which are dropped. MAWS's ViTs are timm's with a cls
+  token and a position table over it (``no_embed_class=False``): folded as below.
 - ``ijepa``: the official I-JEPA (Assran et al. 2023) checkpoints, ``{"encoder", "target_encoder",
   "predictor", ...}``: the target encoder by default (the one I-JEPA evaluates), the context encoder
   with ``teacher=False``. I-JEPA's ViT has no cls token: it is built with ``class_token=False``.
@@ -43,14 +48,16 @@ from wildssl.io import read_safetensors
 from wildssl.models.loading import CHECKPOINT_FORMAT, EXPORT_FORMAT, load_encoder, load_state_strict
 from wildssl.models.vit import ENCODER_SIZES, VisionTransformer
 
-LAYOUTS = ("auto", "wildssl", "timm", "dino", "mae", "ijepa")
+LAYOUTS = ("auto", "wildssl", "timm", "dino", "mae", "maws", "ijepa")
 # Keys a layout holds beside the encoder, dropped on purpose (heads and decoders the probes replace).
 DROPPED = {
     "timm": (r"^head\.",),
     "dino": (r"^head\.",),
     "mae": (r"^decoder_", r"^mask_token$", r"^head\."),
+    "maws": (r"^head\.", r"^vision_projection$", r"^text_projection$", r"^text_encoder\.", r"^logit_scale$"),
     "ijepa": (),
 }
+MAWS_IMAGE_TOWER = "vision_encoder."
 UNSUPPORTED = (r"\.ls[12]\.", r"^fc_norm\.", r"^norm_pre\.", r"\.q_norm\.", r"\.k_norm\.")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
@@ -91,6 +98,8 @@ def read_peer_file(path: Path) -> dict:
 def detect_layout(raw: dict) -> str:
     """The layout of a peer's top-level dict (see the module docstring)."""
     keys = set(raw)
+    if any(k.startswith(MAWS_IMAGE_TOWER) for k in keys):
+        return "maws"
     if {"target_encoder", "encoder"} & keys and "predictor" in keys:
         return "ijepa"
     if {"teacher", "student"} & keys:
@@ -127,6 +136,9 @@ def encoder_tensors(raw: dict, layout: str, teacher: bool | None) -> dict[str, t
         raw = raw[name]
     elif layout == "mae" and isinstance(raw.get("model"), dict):
         raw = raw["model"]
+    elif layout == "maws" and any(k.startswith(MAWS_IMAGE_TOWER) for k in raw):
+        # a maws_clip checkpoint: the image tower's keys without their prefix; the text side is dropped below
+        raw = {(k[len(MAWS_IMAGE_TOWER):] if k.startswith(MAWS_IMAGE_TOWER) else k): v for k, v in raw.items()}
     state = {}
     for key, value in raw.items():
         if not torch.is_tensor(value):

@@ -64,6 +64,8 @@ DEFAULTS: dict[str, Any] = {
         "max_nonfinite": 20,
         "progress": True,
         "tensorboard": True,
+        "sharding": "ddp",  # ddp: replicas; fsdp: FSDP2, a unit per block (train/fsdp.py; launch with torchrun)
+        "activation_checkpointing": False,  # fsdp: recompute each student block's activations in the backward
     },
     "optim": {
         "lr": 5e-4,

@@ -31,6 +31,7 @@ from wildssl.methods.base import Method
 from wildssl.models.loading import CHECKPOINT_NAME, read_checkpoint_config
 from wildssl.schema import MAX_STEPS
 from wildssl.train.checkpoint import load_training_checkpoint, nonfinite_tensors, save_training_checkpoint
+from wildssl.train import fsdp
 from wildssl.train.config import dump_config, flatten
 from wildssl.train.optim import build_optimizer, build_schedules
 
@@ -217,6 +218,9 @@ def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
     device = pick_device()
     tcfg = config["train"]
     checkpoint_path = out_dir / CHECKPOINT_NAME
+    sharded = tcfg["sharding"] == "fsdp"
+    if sharded:
+        checkpoint_path = out_dir / fsdp.SHARDED_CHECKPOINT / fsdp.RUN_STATE  # written last: a complete checkpoint
     if checkpoint_path.is_file() and not resume:
         raise CheckpointError(f"run directory {out_dir} already holds a checkpoint; pass --resume to "
                               "continue it or choose another --out")
@@ -251,7 +255,9 @@ def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
     if tcfg["compile"]:
         compile_networks(method)
     model: nn.Module = method
-    if world > 1:
+    if sharded:
+        model = fsdp.shard_for_training(method, config, device)
+    elif world > 1:
         model = nn.parallel.DistributedDataParallel(
             method, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=method.may_leave_parameters_unused, **_buffer_sync(method))
@@ -266,8 +272,13 @@ def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
               stream_positions={name: list(START) for name, source in sources.items() if isinstance(source, ShardStream)})
 
     if checkpoint_path.is_file():
-        check_resume_config(read_checkpoint_config(checkpoint_path), config, str(checkpoint_path))
-        state = load_training_checkpoint(checkpoint_path, method, optimizer)
+        if sharded:
+            state = fsdp.read_run_state(checkpoint_path.parent)
+            check_resume_config(state["config"], config, str(checkpoint_path.parent))
+            fsdp.load_sharded(checkpoint_path.parent, method, optimizer)
+        else:
+            check_resume_config(read_checkpoint_config(checkpoint_path), config, str(checkpoint_path))
+            state = load_training_checkpoint(checkpoint_path, method, optimizer)
         run.start_step = state["step"]
         run.counters.update({k: int(state["extra"].get(k, 0)) for k in COUNTERS})
         run.corrupt_files = {name: set(indices) for name, indices in state["extra"].get("corrupt_files", {}).items()}
@@ -343,6 +354,9 @@ def save_checkpoint(run: Run, step: int) -> None:
     A state holding a non-finite tensor is never written, and a write that fails (a full disk) leaves the
     previous checkpoint as it was: either way the run stops with one line naming the step and the last
     good checkpoint, on every rank (the failure is shared, so that no rank waits for rank 0 forever)."""
+    if run.config["train"]["sharding"] == "fsdp":
+        _save_sharded_checkpoint(run, step)
+        return
     bad = nonfinite_tensors(run.method, run.optimizer)
     if bad:
         kept = run.last_good_checkpoint or "none yet"
@@ -373,3 +387,17 @@ def save_checkpoint(run: Run, step: int) -> None:
         raise TrainingStopped(f"training stopped at step {step}: {reason}; the last good checkpoint is "
                               f"{run.last_good_checkpoint or 'none yet'}")
     run.last_good_checkpoint = run.checkpoint_path
+
+
+def _save_sharded_checkpoint(run: Run, step: int) -> None:
+    """``train.sharding: fsdp``: the run's checkpoint as a DCP directory (:mod:`wildssl.train.fsdp`)."""
+    if fsdp.nonfinite_shards(run.method):
+        raise TrainingStopped(f"training stopped at step {step}: the weights hold non-finite values; nothing was "
+                              f"written, the last good checkpoint is {run.last_good_checkpoint or 'none yet'}")
+    run.gather_corrupt()
+    positions = run.gather_positions()
+    extra = {**run.counters, "corrupt_files": {name: sorted(v) for name, v in run.corrupt_files.items()}}
+    if positions:
+        extra["stream_positions"] = positions
+    run.last_good_checkpoint = fsdp.save_run_checkpoint(run.out_dir, run.method, run.optimizer, step, run.config,
+                                                        extra)

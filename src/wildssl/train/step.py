@@ -72,6 +72,8 @@ def training_step(run: Run, batches: dict[str, dict], step: int,
     clip = config["optim"]["clip_grad"]
     params = [p for group in run.optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"), foreach=True).detach()
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2 (train.sharding=fsdp): the norm of sharded gradients is a DTensor
+        grad_norm = grad_norm.full_tensor()
     flags = torch.stack([(~torch.isfinite(loss.detach())).float(), (~torch.isfinite(grad_norm)).float().to(loss.device),
                          torch.full((), interrupt, device=loss.device)])
     if dist.is_distributed():  # every rank takes the same branch

@@ -1,0 +1,95 @@
+"""LiT: the locked image encoder stays bit-identical and in eval mode while the text tower trains; zero-shot
+classification from prompts: the ensembled class embedding formula, templates, every image-text method."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_config
+from wildssl.cli import main
+from wildssl.errors import ConfigError, DataError
+from wildssl.eval.zeroshot import class_embeddings, load_image_text_model, read_templates, zeroshot_classify
+from wildssl.methods import build_method
+from wildssl.models.loading import load_encoder
+from wildssl.train.config import build_config
+from wildssl.train.engine import train
+
+SCENES = "synthetic:scenes?n={n}&size=32&colours=2&split={split}"
+LIT = ["model.name=tiny", "model.depth=4", "model.embed_dim=128", "model.num_heads=4", "model.patch_size=8",
+       "model.img_size=32", "data.load_size=32", "data.num_workers=0", "train.progress=false",
+       "train.tensorboard=false", "eval.knn_every=0", "train.log_every=10", "train.checkpoint_every=0"]
+
+
+def _locked_encoder(run_dir, steps):
+    """A WSP run on the scenes (labels from the scene manifest's shapes) to lock."""
+    config = build_config("wsp_quick", LIT + ["method.labels=manifest", f"train.steps={steps}", "train.batch_size=64",
+                                              f"data.train={SCENES.format(n=2000, split='train')}"])
+    train(config, run_dir)
+    return run_dir
+
+
+def test_lit_needs_an_encoder_to_lock():
+    with pytest.raises(ConfigError, match="set model.init_from"):
+        build_method(build_config("lit_quick", LIT))
+
+
+def test_lit_leaves_every_image_encoder_tensor_bit_identical_and_in_eval_mode(tmp_path):
+    locked = _locked_encoder(tmp_path / "wsp", steps=1)
+    config = build_config("lit_quick", LIT + [f"model.init_from={locked}", "train.steps=3", "train.batch_size=16",
+                                              "method.cache_features=false", "model.drop_path_rate=0.5"])
+    method = build_method(config).train()
+    assert not method.student["backbone"].training and method.student["text"].training
+    assert not any(p.requires_grad for p in method.student["backbone"].parameters())
+    train(config, tmp_path / "lit")
+    before = load_encoder(locked, teacher=False).state_dict()
+    after = load_encoder(tmp_path / "lit", teacher=False).state_dict()
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    trained = load_image_text_model(tmp_path / "lit")
+    initial = build_method(config)
+    assert not torch.equal(trained.student["text"].token_embedding.weight, initial.student["text"].token_embedding.weight)
+
+
+def test_eval_zeroshot_command_reports_top1_and_top5_and_refuses_a_run_without_text_tower(tmp_path, capsys):
+    locked = _locked_encoder(tmp_path / "wsp", steps=1)
+    config = build_config("lit_quick", LIT + [f"model.init_from={locked}", "train.steps=1", "train.batch_size=16"])
+    train(config, tmp_path / "lit")
+    data = "synthetic:scenes?n=24&size=32&split=test"
+    assert main(["eval", "zeroshot", str(tmp_path / "lit"), "--data", data, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["method"] == "lit" and result["num_images"] == 24 and result["num_templates"] == 8
+    assert 0 <= result["zeroshot_top1"] <= result["zeroshot_top5"] <= 1
+    assert main(["eval", "zeroshot", str(locked), "--data", data]) == 2
+    assert "is a wsp run, which has no text tower" in capsys.readouterr().err
+
+
+def test_class_embeddings_are_the_normalized_mean_of_normalized_prompt_embeddings(tmp_path):
+    config = tiny_config("clip")
+    method = build_method(config).eval()
+    method.prepare({}, tmp_path)  # byte tokenizer: no captions read
+    templates = ["a {}", "the {} here"]
+    weights = class_embeddings(method, ["ring", "star"], templates)
+    for row, name in enumerate(["ring", "star"]):
+        text = method.encode_texts(method.student, [t.format(name) for t in templates]).double()
+        expected = F.normalize(F.normalize(text, dim=-1).mean(dim=0), dim=-1)
+        torch.testing.assert_close(weights[row].double(), expected, rtol=1e-5, atol=1e-6)
+    (tmp_path / "bad.txt").write_text("a photo\n")
+    with pytest.raises(DataError, match=r"bad.txt:1: template 'a photo' must hold"):
+        read_templates(tmp_path / "bad.txt")
+
+
+@pytest.mark.parametrize("name", ["slip", "silc", "ab_clip"])
+def test_zeroshot_loads_every_image_text_method(tmp_path, name):
+    from conftest import TINY_DISTILLATION, TINY_METHOD, tiny_ab_overrides, tiny_overrides
+
+    extra = ["train.steps=1", "train.checkpoint_every=1"]
+    overrides = tiny_ab_overrides("clip", *extra) if name == "ab_clip" else tiny_overrides(name, *extra)
+    train(build_config(None if name == "ab_clip" else f"{name}_quick", overrides), tmp_path)
+    method = load_image_text_model(tmp_path)
+    result = zeroshot_classify(method, "synthetic:scenes?n=16&size=16&split=test", ["a large {}"])
+    assert result["num_images"] == 16 and result["num_classes"] == 8
+    assert result["zeroshot_top1"] <= result["zeroshot_top5"]
+
