@@ -8,7 +8,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from conftest import TINY_METHOD, TINY_MODEL, tiny_ab_overrides, tiny_overrides
 from PIL import Image
 

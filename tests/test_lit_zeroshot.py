@@ -83,7 +83,7 @@ def test_class_embeddings_are_the_normalized_mean_of_normalized_prompt_embedding
 
 @pytest.mark.parametrize("name", ["slip", "silc", "ab_clip"])
 def test_zeroshot_loads_every_image_text_method(tmp_path, name):
-    from conftest import TINY_DISTILLATION, TINY_METHOD, tiny_ab_overrides, tiny_overrides
+    from conftest import tiny_ab_overrides, tiny_overrides
 
     extra = ["train.steps=1", "train.checkpoint_every=1"]
     overrides = tiny_ab_overrides("clip", *extra) if name == "ab_clip" else tiny_overrides(name, *extra)
