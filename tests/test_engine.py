@@ -145,3 +145,22 @@ def test_training_on_a_folder_with_a_corrupt_image_skips_and_counts_it(tmp_path)
     config = _config("simclr", f"data.train={folder}", "train.steps=2")
     summary = train(config, tmp_path / "run")
     assert summary["corrupt_images"] >= 1 and summary["steps"] == 2
+
+
+@pytest.mark.parametrize("figures, standing", [
+    ([0.5, 0.4, 0.3, 0.45], "quality alarm: k-NN top-1 45.0% at step 3 is not above the same encoder at random "
+                            "initialization (50.0%)"),
+    ([0.5, 0.4, 0.6, 0.7], None),
+])
+def test_a_run_below_its_random_init_ends_with_one_quality_alarm_naming_the_last_figure(tmp_path, figures, standing):
+    """The online k-NN is below the random-init floor at steps 1-2: a run that ends below it reports one
+    standing quality alarm with the last figure (not one per evaluation); one that ends above reports none."""
+    scripted = iter(figures)
+    config = build_config("simclr_quick", tiny_overrides("simclr", "train.steps=3", "eval.knn_every=1"))
+    summary = train(config, tmp_path, knn_evaluator=lambda method: {"knn_top1": next(scripted)})
+    quality = [alarm for alarm in summary["alarms"] if alarm.startswith("quality alarm")]
+    if standing is None:
+        assert quality == []
+    else:
+        assert len(quality) == 1 and quality[0].startswith(standing), quality
+    assert next(scripted, "used up") == "used up"  # random init + one evaluation per step

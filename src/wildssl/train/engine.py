@@ -85,7 +85,7 @@ class _Reporter:
         # Epoch diagnostics have their own monitor: its patience counts epochs, not logged steps.
         self.epoch_monitor = CollapseMonitor(after_step=max(1, run.total_steps // 10))
         self.progress = ProgressBar(run) if run.main and tcfg["progress"] else None
-        self.alarms: list[str] = []
+        self._alarms: dict[str, str] = {}  # one entry per kind of alarm, its latest message
         self.last_metrics: dict = {}
         self.knn_random: dict = {}
         self.window_start, self.window_steps = time.perf_counter(), 0
@@ -107,9 +107,17 @@ class _Reporter:
                                   f"{error.strerror or error}; the last good checkpoint is "
                                   f"{self.run.last_good_checkpoint or 'none yet'}") from None
 
-    def alarm(self, step: int, message: str) -> None:
-        if message not in self.alarms:
-            self.alarms.append(message)
+    @property
+    def alarms(self) -> list[str]:
+        """The alarms standing now, in the order they first fired."""
+        return list(self._alarms.values())
+
+    def alarm(self, step: int, message: str, kind: str | None = None) -> None:
+        """Warn in the log, and keep ``message`` as the standing alarm of ``kind`` (default: the message
+        itself, so a repeated collapse alarm is kept once)."""
+        kind = kind or message
+        if self._alarms.get(kind) != message:
+            self._alarms[kind] = message
             log.warning("step %d: %s", step, message)
 
     def _accumulate(self, result: StepResult) -> None:
@@ -197,10 +205,14 @@ class _Reporter:
         floor = self.knn_random.get("knn_top1_random_init")
         if floor is None or "knn_top1" not in result:
             return
-        if result["knn_top1"] <= floor:
-            self.alarm(done, f"quality alarm: k-NN top-1 {100 * result['knn_top1']:.1f}% is not above the same "
-                             f"encoder at random initialization ({100 * floor:.1f}%): the encoder got no better "
-                             "(check the learning rate, the augmentations and the budget for this data)")
+        if result["knn_top1"] <= floor:  # one standing alarm, with the latest figure
+            self.alarm(done, f"quality alarm: k-NN top-1 {100 * result['knn_top1']:.1f}% at step {done} is not above "
+                             f"the same encoder at random initialization ({100 * floor:.1f}%): the encoder got no "
+                             "better (check the learning rate, the augmentations and the budget for this data)",
+                       kind="quality")
+        elif self._alarms.pop("quality", None) is not None:
+            log.info("step %d: k-NN top-1 %.1f%% is above random initialization (%.1f%%) again; quality alarm "
+                     "cleared", done, 100 * result["knn_top1"], 100 * floor)
 
     def close(self) -> None:
         if self.progress is not None:
