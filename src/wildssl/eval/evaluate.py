@@ -38,6 +38,24 @@ def _num_classes(source, labels: torch.Tensor, name) -> int:
     return len(classes) if classes else int(labels.max()) + 1
 
 
+def _class_names(source) -> list[str] | None:
+    base = source.dataset if isinstance(source, Subset) else source
+    return list(base.classes) if getattr(base, "classes", None) else None
+
+
+def align_test_labels(test_labels: torch.Tensor, test_classes: list[str],
+                      memory_classes: list[str]) -> tuple[torch.Tensor, int]:
+    """Test labels ``(N,)`` re-indexed into the memory's classes by name, and the number of classes.
+
+    Two sources number their classes each on its own (sorted names), so a test folder that lacks one of
+    the memory's classes would otherwise shift every later index and score against the wrong classes.
+    A test class the memory does not have gets an index after the memory's: it can never be predicted,
+    so its images count as errors."""
+    names = list(memory_classes) + [name for name in test_classes if name not in memory_classes]
+    position = torch.tensor([names.index(name) for name in test_classes], dtype=torch.long)
+    return position[test_labels], len(names)
+
+
 def evaluate_knn(encoder: nn.Module, train, test, *, image_size: int, load_size: int | None = None, k: int = 20,
                  temperature: float = 0.07, pool: str = "cls", batch_size: int = 256, num_workers: int = 0,
                  device: torch.device | str = "cpu", progress: bool = False) -> dict[str, float]:
@@ -52,6 +70,10 @@ def evaluate_knn(encoder: nn.Module, train, test, *, image_size: int, load_size:
     test_features, test_labels = extract_features(
         encoder, _loader(test_source, batch_size, num_workers), device, image_size, pool, progress=progress)
     num_classes = max(_num_classes(train_source, train_labels, train), _num_classes(test_source, test_labels, test))
+    memory_classes, test_classes = _class_names(train_source), _class_names(test_source)
+    if memory_classes and test_classes and memory_classes != test_classes:
+        test_labels, named = align_test_labels(test_labels, test_classes, memory_classes)
+        num_classes = max(num_classes, named)
     accuracy = knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes, k=k,
                             temperature=temperature)
     return {f"knn_{name}": value for name, value in accuracy.items()}
