@@ -52,3 +52,11 @@ def test_every_shipped_recipe_resolves():
     assert {"demo", "dino", "dino_quick", "simclr", "simclr_quick"} <= set(names)
     for name in names:
         build_config(name)
+
+
+@pytest.mark.parametrize("recipe, key", [("simclr_quick", "method.photometric"), ("slip_quick", "method.ssl_photometric")])
+def test_unknown_photometric_pipeline_is_a_config_error_naming_the_key(recipe, key):
+    from wildssl.methods import build_method
+
+    with pytest.raises(ConfigError, match=rf"{key}='simclr_typo' is not a photometric pipeline; choose one of .*simclr_cifar"):
+        build_method(build_config(recipe, [f"{key}=simclr_typo"]))
