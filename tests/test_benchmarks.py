@@ -38,3 +38,23 @@ def test_ab_vs_base_harness_smoke_run_reports_equal_images_seen(tmp_path):
     assert [r["method"] for r in records] == ["dino", "ab_dino"]
     assert records[0]["images_seen"] == records[1]["images_seen"]
     assert all(0 <= r["knn_top1"] <= 1 for r in records)
+
+
+def test_quick_recipes_harness_table_has_one_row_per_run_with_figures_from_its_json(tmp_path):
+    """A smoke run of two recipes: the table holds exactly one row per (recipe, data set) run, and its
+    trained / random-init / gain cells are those of the run's JSON record (gain = trained - random)."""
+    argv = [sys.executable, str(ROOT / "benchmarks" / "quick_recipes.py"), "--smoke", "--recipes", "simclr_quick",
+            "dino_quick", "--out", str(tmp_path)]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=180, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert [(r["recipe"], r["dataset"]) for r in runs] == [("simclr_quick", "smoke"), ("dino_quick", "smoke")]
+    rows = [line for line in (tmp_path / "table.md").read_text().splitlines()[2:] if line.startswith("|")]
+    assert len(rows) == len(runs)
+    for row, run in zip(rows, runs):
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert cells[:2] == [run["recipe"], run["dataset"]]
+        assert cells[2:5] == [f"{100 * run['trained']:.1f}%", f"{100 * run['random']:.1f}%",
+                              f"{100 * (run['trained'] - run['random']):+.1f}"]
+        assert run["steps"] == 2 and "--val" in run["command"] and run["seconds"] > 0
