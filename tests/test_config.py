@@ -60,3 +60,15 @@ def test_unknown_photometric_pipeline_is_a_config_error_naming_the_key(recipe, k
 
     with pytest.raises(ConfigError, match=rf"{key}='simclr_typo' is not a photometric pipeline; choose one of .*simclr_cifar"):
         build_method(build_config(recipe, [f"{key}=simclr_typo"]))
+
+
+def test_dino_photometric_names_one_pipeline_for_every_crop_or_keeps_the_papers_three():
+    from wildssl.methods import build_method
+
+    paper = build_method(build_config("dino_quick", ["method.photometric=dino", "method.n_local=2"]))
+    assert [s.photometric for s in paper.specs] == ["dino_global1", "dino_global2", "dino_local", "dino_local"]
+    small = build_method(build_config("dino_quick", ["method.photometric=simclr_cifar", "method.n_local=2"]))
+    assert [s.photometric for s in small.specs] == ["simclr_cifar"] * 4
+    assert [s.size for s in small.specs] == [s.size for s in paper.specs]
+    with pytest.raises(ConfigError, match=r"method.photometric='blurry' is not a photometric pipeline; choose dino .*simclr_cifar"):
+        build_method(build_config("dino_quick", ["method.photometric=blurry"]))
