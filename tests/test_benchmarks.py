@@ -61,3 +61,24 @@ def test_reference_vit_of_the_throughput_table_computes_what_wildssls_encoder_co
     reference.load_state_dict(state)  # strict: every parameter of the reference has its counterpart
     images = torch.randn(3, 3, 16, 16, dtype=torch.float64)
     torch.testing.assert_close(reference(images), ours.forward_features(images), rtol=1e-10, atol=1e-10)
+
+
+
+def test_quick_recipes_harness_table_has_one_row_per_run_with_figures_from_its_json(tmp_path):
+    """A smoke run of two recipes: the table holds exactly one row per (recipe, data set) run, and its
+    trained / random-init / gain cells are those of the run's JSON record (gain = trained - random)."""
+    argv = [sys.executable, str(ROOT / "benchmarks" / "quick_recipes.py"), "--smoke", "--recipes", "simclr_quick",
+            "dino_quick", "--out", str(tmp_path)]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=180, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert [(r["recipe"], r["dataset"]) for r in runs] == [("simclr_quick", "smoke"), ("dino_quick", "smoke")]
+    rows = [line for line in (tmp_path / "table.md").read_text().splitlines()[2:] if line.startswith("|")]
+    assert len(rows) == len(runs)
+    for row, run in zip(rows, runs):
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert cells[:2] == [run["recipe"], run["dataset"]]
+        assert cells[2:5] == [f"{100 * run['trained']:.1f}%", f"{100 * run['random']:.1f}%",
+                              f"{100 * (run['trained'] - run['random']):+.1f}"]
+        assert run["steps"] == 2 and "--val" in run["command"] and run["seconds"] > 0

@@ -121,3 +121,23 @@ def test_bad_inheritance_is_a_one_line_config_error(tmp_path):
         build_config(_write(tmp_path, "d.yaml", "inherit: [dino, simclr]\n"))
     with pytest.raises(ConfigError, match="unknown config key 'optim.lrr'"):
         build_config(_write(tmp_path, "e.yaml", "inherit: dino_quick\noptim: {lrr: 1}\n"))
+
+
+@pytest.mark.parametrize("recipe, key", [("simclr_quick", "method.photometric"), ("slip_quick", "method.ssl_photometric")])
+def test_unknown_photometric_pipeline_is_a_config_error_naming_the_key(recipe, key):
+    from wildssl.methods import build_method
+
+    with pytest.raises(ConfigError, match=rf"{key}='simclr_typo' is not a photometric pipeline; choose one of .*simclr_cifar"):
+        build_method(build_config(recipe, [f"{key}=simclr_typo"]))
+
+
+def test_dino_photometric_names_one_pipeline_for_every_crop_or_keeps_the_papers_three():
+    from wildssl.methods import build_method
+
+    paper = build_method(build_config("dino_quick", ["method.photometric=dino", "method.n_local=2"]))
+    assert [s.photometric for s in paper.specs] == ["dino_global1", "dino_global2", "dino_local", "dino_local"]
+    small = build_method(build_config("dino_quick", ["method.photometric=simclr_cifar", "method.n_local=2"]))
+    assert [s.photometric for s in small.specs] == ["simclr_cifar"] * 4
+    assert [s.size for s in small.specs] == [s.size for s in paper.specs]
+    with pytest.raises(ConfigError, match=r"method.photometric='blurry' is not a photometric pipeline; choose dino .*simclr_cifar"):
+        build_method(build_config("dino_quick", ["method.photometric=blurry"]))

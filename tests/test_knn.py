@@ -154,3 +154,26 @@ def test_feature_extraction_errors_name_the_problem():
     features, _ = extract_features(encoder, float_batch, "cpu", image_size=4, normalize_images=False)
     torch.testing.assert_close(encoder.inputs[-1], float_batch[0]["image"])
     assert features.shape == (1, 3)
+
+
+def test_knn_matches_classes_by_name_when_the_test_folder_lacks_one_of_the_memorys(tmp_path):
+    """Folders number their classes each on its own: without matching by name, the test folder's 'c'
+    (its index 1) would be scored as the memory's 'b'."""
+    from PIL import Image
+
+    from wildssl.eval.evaluate import evaluate_knn
+
+    colours = {"a": (250, 20, 20), "b": (20, 250, 20), "c": (20, 20, 250)}
+    for split, names in (("memory", "abc"), ("test", "ac")):
+        for name in names:
+            for k in range(3):
+                path = tmp_path / split / name / f"{k}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (8, 8), tuple(v - 5 * k for v in colours[name])).save(path)
+
+    class ChannelMeans(nn.Module):
+        def forward(self, x):
+            return {"cls": x.mean(dim=(2, 3)), "patch": x.flatten(2).transpose(1, 2)}
+
+    result = evaluate_knn(ChannelMeans(), str(tmp_path / "memory"), str(tmp_path / "test"), image_size=8, k=3)
+    assert result["knn_top1"] == 1.0

@@ -205,6 +205,25 @@ def test_pipelines_use_the_papers_parameters():
     assert blur == {"dino_global1": 1.0, "dino_global2": 0.1, "dino_local": 0.5}
     assert PIPELINES["dino_global2"].solarize_prob == 0.2
     assert all(p.jitter_prob == 0.8 and p.grayscale_prob == 0.2 for p in PIPELINES.values())
+    # SimCLR's CIFAR-10 setting (appendix B.9): colour strength s = 0.5 of (0.8, 0.8, 0.8, 0.2), no blur.
+    assert PIPELINES["simclr_cifar"].jitter == tuple(0.5 * s for s in PIPELINES["simclr"].jitter)
+    assert (PIPELINES["simclr_cifar"].blur_prob, PIPELINES["simclr_cifar"].solarize_prob) == (0.0, 0.0)
+
+
+def test_a_pipeline_without_blur_keeps_a_sharp_edge_that_the_blurring_one_smooths():
+    x = torch.zeros(32, 3, 16, 16)
+    x[:, :, :, 8:] = 1.0  # a vertical edge; jitter and grayscale act per pixel and keep it a step
+    sharp = apply_pipeline("simclr_cifar", x, generator(30))
+    blurred = apply_pipeline("simclr", x, generator(30))
+
+    def smoothed(y):  # images with a column strictly between the two sides of the edge
+        middle = y[:, :, :, 6:10]
+        low, high = y[:, :, :, :1], y[:, :, :, -1:]
+        strictly_between = (middle > torch.minimum(low, high) + 1e-4) & (middle < torch.maximum(low, high) - 1e-4)
+        return strictly_between.flatten(1).any(dim=1)
+
+    assert not smoothed(sharp).any()
+    assert smoothed(blurred).any()
 
 
 def test_unknown_pipeline_raises_a_config_error():

@@ -366,42 +366,39 @@ def cmd_vocab_build(args) -> int:
 # ----------------------------------------------------------------------------- demo
 
 DEMO_RECIPE = "demo"
-# k-NN on the class of the scenes (the shape of the large object, 8 classes); two colours per scene, so
-# colour cannot tell scenes apart and the encoder must see shapes.
-DEMO_TRAIN = "synthetic:scenes?n=2000&size=32&colours=2&split=train"
-DEMO_TEST = "synthetic:scenes?n=1000&size=32&colours=2&split=test"
 
 
 def cmd_demo(args) -> int:
-    """A short pre-training on the embedded synthetic scenes, then k-NN of trained vs random init."""
-    import torch
-
-    from wildssl.eval.evaluate import evaluate_knn
-    from wildssl.models.loading import build_encoder_from_config, load_encoder
+    """A short pre-training on the embedded synthetic scenes; the engine's own k-NN measures the encoder
+    before the first step (random initialization) and after the last, on the recipe's eval sets."""
+    from wildssl.errors import ConfigError
+    from wildssl.eval.evaluate import make_online_knn
     from wildssl.train.config import build_config
     from wildssl.train.engine import train
 
     start = time.perf_counter()
     config = build_config(DEMO_RECIPE, list(args.set or []))
     out = Path(args.out or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
-    streams = {k: v for k, v in config["data"].items() if isinstance(v, str) and v.startswith("synthetic:")}
+    ecfg = config["eval"]
+    if not (ecfg["knn_every"] and ecfg["knn_train"] and ecfg["knn_test"]):
+        raise ConfigError("the demo compares k-NN before and after training: eval.knn_every, eval.knn_train and "
+                          "eval.knn_test must stay set (the demo recipe sets them; do not --set them to 0 or null)")
+    streams = {k: v for k, v in config["data"].items() if isinstance(v, str) and ":" in v}
     log.info("wildssl demo: %s for %d steps on %s -> %s", config["method"]["name"], config["train"]["steps"],
              ", ".join(f"{k}={v}" for k, v in streams.items()), out)
-    summary = train(config, out, resume=False)
-    device = _device()
-    knn = dict(image_size=config["model"]["img_size"], load_size=config["data"]["load_size"],
-               pool=config["eval"]["pool"], device=device)
-    trained = evaluate_knn(load_encoder(out).to(device), DEMO_TRAIN, DEMO_TEST, **knn)
-    torch.manual_seed(config["train"]["seed"])  # the engine's seed: the trained encoder's initial weights
-    random_encoder = build_encoder_from_config(config["model"]).eval().to(device)
-    random = evaluate_knn(random_encoder, DEMO_TRAIN, DEMO_TEST, **knn)
+    summary = train(config, out, resume=False, knn_evaluator=make_online_knn(config, _device()))
+    metrics = summary["final_metrics"]
+    trained, random = metrics["knn_top1"], metrics["knn_top1_random_init"]
     elapsed = time.perf_counter() - start
-    print(f"k-NN top-1 (k=20, T=0.07) on {DEMO_TEST}, memory {DEMO_TRAIN}:")
-    print(f"  trained encoder ({config['method']['name']}, {summary['steps']} steps): {100 * trained['knn_top1']:.2f}%")
-    print(f"  same encoder at random initialization:  {100 * random['knn_top1']:.2f}%")
+    for alarm in summary["alarms"]:
+        print(f"wildssl: WARNING: {alarm}", file=sys.stderr)
+    print(f"k-NN top-1 (k={ecfg['knn_k']}, T={ecfg['knn_temperature']}) on {ecfg['knn_test']}, "
+          f"memory {ecfg['knn_train']}:")
+    print(f"  trained encoder ({config['method']['name']}, {summary['steps']} steps): {100 * trained:.2f}%")
+    print(f"  same encoder at random initialization:  {100 * random:.2f}%")
     print(f"  run directory: {out}   total time: {elapsed:.0f} s")
     if args.json:
-        print(json.dumps({"knn_top1_trained": trained["knn_top1"], "knn_top1_random": random["knn_top1"],
+        print(json.dumps({"knn_top1_trained": trained, "knn_top1_random": random,
                           "method": config["method"]["name"], "steps": summary["steps"],
                           "seconds": round(elapsed, 1), "run_dir": str(out)}))
     return 0

@@ -10,6 +10,8 @@ grayscale, blur, solarize; flips and crops live in :mod:`wildssl.data.views`):
 
 - ``simclr``: SimCLR (Chen et al. 2020, appendix A) with colour strength s = 1: jitter
   (0.8, 0.8, 0.8, 0.2) with p = 0.8, grayscale p = 0.2, blur p = 0.5 with sigma in [0.1, 2.0].
+- ``simclr_cifar``: SimCLR's CIFAR-10 setting (appendix B.9) for small images: colour strength s = 0.5,
+  jitter (0.4, 0.4, 0.4, 0.1) with p = 0.8, grayscale p = 0.2, no blur.
 - ``dino_global1`` / ``dino_global2`` / ``dino_local``: DINO (Caron et al. 2021, ``main_dino.py``
   ``DataAugmentationDINO``): jitter (0.4, 0.4, 0.2, 0.1) p = 0.8 and grayscale p = 0.2 everywhere;
   blur p = 1.0 on the first global crop, p = 0.1 plus solarize p = 0.2 on the second, p = 0.5 on the
@@ -275,6 +277,8 @@ _DINO_JITTER = (0.4, 0.4, 0.2, 0.1)
 
 PIPELINES: dict[str, Pipeline] = {
     "simclr": Pipeline(jitter=(0.8, 0.8, 0.8, 0.2), jitter_prob=0.8, grayscale_prob=0.2, blur_prob=0.5),
+    # At 32 px a blur kernel of 10% of the side smears a crop that holds little detail to begin with.
+    "simclr_cifar": Pipeline(jitter=(0.4, 0.4, 0.4, 0.1), jitter_prob=0.8, grayscale_prob=0.2, blur_prob=0.0),
     "dino_global1": Pipeline(jitter=_DINO_JITTER, jitter_prob=0.8, grayscale_prob=0.2, blur_prob=1.0),
     "dino_global2": Pipeline(
         jitter=_DINO_JITTER, jitter_prob=0.8, grayscale_prob=0.2, blur_prob=0.1, solarize_prob=0.2
@@ -283,6 +287,13 @@ PIPELINES: dict[str, Pipeline] = {
     # SimSiam (Chen & He 2021, Sec. 4) uses MoCo v2's augmentation: weaker jitter than SimCLR's.
     "simsiam": Pipeline(jitter=(0.4, 0.4, 0.4, 0.1), jitter_prob=0.8, grayscale_prob=0.2, blur_prob=0.5),
 }
+
+
+def check_pipeline(name: str, where: str) -> str:
+    """``name`` if it is a pipeline of :data:`PIPELINES`, else a one-line ConfigError naming ``where``."""
+    if name not in PIPELINES:
+        raise ConfigError(f"{where}={name!r} is not a photometric pipeline; choose one of {', '.join(sorted(PIPELINES))}")
+    return name
 
 
 def apply_pipeline(name: str, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

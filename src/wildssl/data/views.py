@@ -207,18 +207,23 @@ def dino_specs(
     n_local: int = 8,
     global_scale: tuple[float, float] = (0.4, 1.0),
     local_scale: tuple[float, float] = (0.05, 0.4),
+    photometric: str | None = None,
 ) -> list[CropSpec]:
     """DINO multi-crop: two global views (pipelines ``dino_global1``, ``dino_global2``) then ``n_local``
-    local views (``dino_local``), all flipped with probability 0.5.
+    local views (``dino_local``), all flipped with probability 0.5. ``photometric`` (a name of
+    :data:`wildssl.data.photometric.PIPELINES`) replaces the three with one pipeline on every crop, e.g.
+    ``simclr_cifar`` for 32-px photos, where the paper's blur (p = 1 on the first global crop) smears the
+    little detail a crop holds.
 
     Defaults are the ``main_dino.py`` argparse defaults (global (0.4, 1), 8 local crops of 96 px at
     (0.05, 0.4)). The released ViT-S/16 and ViT-B/16 runs instead used global (0.25, 1) and 10 local
     crops at (0.05, 0.25); recipes that reproduce them should pass those values.
     """
+    global1, global2, local = (photometric,) * 3 if photometric else ("dino_global1", "dino_global2", "dino_local")
     return [
-        CropSpec(size=global_size, scale=global_scale, photometric="dino_global1"),
-        CropSpec(size=global_size, scale=global_scale, photometric="dino_global2"),
-    ] + [CropSpec(size=local_size, scale=local_scale, photometric="dino_local") for _ in range(n_local)]
+        CropSpec(size=global_size, scale=global_scale, photometric=global1),
+        CropSpec(size=global_size, scale=global_scale, photometric=global2),
+    ] + [CropSpec(size=local_size, scale=local_scale, photometric=local) for _ in range(n_local)]
 
 
 def _to_float(images: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,32 @@ def dense_labels(train_labels: torch.Tensor, test_labels: torch.Tensor) -> tuple
     return dense[: len(train_labels)], dense[len(train_labels):], len(present)
 
 
+def _class_names(source) -> list[str] | None:
+    base = source.dataset if isinstance(source, Subset) else source
+    return list(base.classes) if getattr(base, "classes", None) else None
+
+
+def align_test_labels(test_labels: torch.Tensor, test_classes: list[str],
+                      memory_classes: list[str]) -> tuple[torch.Tensor, int]:
+    """Test labels ``(N,)`` re-indexed into the memory's classes by name, and the number of classes.
+
+    Two sources number their classes each on its own (sorted names), so a test folder that lacks one of
+    the memory's classes would otherwise shift every later index and score against the wrong classes.
+    A test class the memory does not have gets an index after the memory's: it can never be predicted,
+    so its images count as errors."""
+    names, position = class_space(memory_classes, test_classes)
+    return position[test_labels], len(names)
+
+
+def class_space(memory_classes: list[str], test_classes: list[str]) -> tuple[list[str], torch.Tensor]:
+    """The joint class names (the memory's, then those only the test split has) and the position of each
+    test class index in them, ``(len(test_classes) + 1,)`` long: the last entry maps the label -1 (no
+    label) to -1, so ``position[labels]`` renumbers labels and keeps the unlabelled ones."""
+    names = list(memory_classes) + [name for name in test_classes if name not in memory_classes]
+    position = torch.tensor([names.index(name) for name in test_classes] + [-1], dtype=torch.long)
+    return names, position
+
+
 def evaluate_knn(encoder: nn.Module, train, test, *, image_size: int, load_size: int | None = None, k: int = 20,
                  temperature: float = 0.07, pool: str = "cls", batch_size: int = 256, num_workers: int = 0,
                  device: torch.device | str = "cpu", progress: bool = False,
@@ -64,6 +90,9 @@ def evaluate_knn(encoder: nn.Module, train, test, *, image_size: int, load_size:
         encoder, _loader(test_source, batch_size, num_workers), device, image_size, pool, progress=progress)
     _check_labelled(train_source, train_labels, train)
     _check_labelled(test_source, test_labels, test)
+    memory_classes, test_classes = _class_names(train_source), _class_names(test_source)
+    if memory_classes and test_classes and memory_classes != test_classes:
+        test_labels, _ = align_test_labels(test_labels, test_classes, memory_classes)
     train_labels, test_labels, num_classes = dense_labels(train_labels, test_labels)
     accuracy = knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes, k=k,
                             temperature=temperature)

@@ -22,6 +22,7 @@ from torch import nn
 
 from wildssl.errors import ConfigError, DataError
 from wildssl.eval.cache import FeatureStore
+from wildssl.eval.evaluate import class_space
 from wildssl.eval.features import FeatureSet
 from wildssl.eval.progress import progress_bar
 
@@ -159,8 +160,7 @@ def align_classes(train: FeatureSet, test: FeatureSet) -> tuple[FeatureSet, Feat
     has are appended (the probe never learns them, so those images count as errors, as they should)."""
     if not train.classes or not test.classes or train.classes == test.classes:
         return train, test
-    classes = list(train.classes) + [name for name in test.classes if name not in train.classes]
-    position = torch.tensor([classes.index(name) for name in test.classes] + [-1])  # index -1 stays -1
+    classes, position = class_space(train.classes, test.classes)  # the label -1 stays -1
 
     def renumber(labels: torch.Tensor) -> torch.Tensor:
         return position[labels.long()]  # -1 picks the last entry, -1

@@ -1,4 +1,9 @@
-"""SimCLR (Chen et al. 2020): two augmented views, an MLP projection, NT-Xent over the global batch."""
+"""SimCLR (Chen et al. 2020): two augmented views, an MLP projection, NT-Xent over the global batch.
+
+``photometric`` names the views' colour pipeline (:data:`wildssl.data.photometric.PIPELINES`): ``simclr``
+(the paper's ImageNet setting, colour strength 1 and blur) or ``simclr_cifar`` (its CIFAR-10 setting,
+strength 0.5 and no blur, for small images).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wildssl.data.photometric import check_pipeline
 from wildssl.data.views import CropSpec, make_views, preprocess_images
 from wildssl.losses.nt_xent import nt_xent_loss
 from wildssl.methods.base import (AnnotationInput, AnnotationSpace, Method, StepContext, check_pool,
@@ -23,15 +29,17 @@ class SimCLR(Method):
         "proj_dim": 128,
         "proj_layers": 2,
         "pool": "cls",
+        "photometric": "simclr",
     }
 
     def __init__(self, config: dict):
         super().__init__(config)
         o = self.options
         check_pool(o["pool"])
+        check_pipeline(o["photometric"], "method.photometric")
         width = self.student["backbone"].embed_dim
         self.student["head"] = ProjectionHead(width, o["proj_hidden_dim"], o["proj_dim"], o["proj_layers"])
-        self.specs = [CropSpec(o["crop_size"], tuple(o["crop_scale"]), photometric="simclr")] * 2
+        self.specs = [CropSpec(o["crop_size"], tuple(o["crop_scale"]), photometric=o["photometric"])] * 2
 
     def embed(self, images: torch.Tensor, networks: nn.ModuleDict | None = None) -> torch.Tensor:
         """(B, 3, H, W) normalized views -> (B, proj_dim) projections z (of the student by default)."""

@@ -1,13 +1,15 @@
 """SLIP (Mu et al. 2021): CLIP plus SimCLR on the image tower.
 
 Each image gives CLIP's view (RandomResizedCrop scale (0.5, 1) as in SLIP) and two SimCLR views
-(scale (0.08, 1), flip, colour jitter, grayscale, blur); all three go through the backbone in one call.
+(scale (0.08, 1), flip, colour jitter, grayscale, blur: the ``ssl_photometric`` pipeline, SimCLR's
+``simclr`` by default or ``simclr_cifar`` for small images); all three go through the backbone in one call.
 The SimCLR views pass a 3-layer MLP (hidden 4096, out 256, BatchNorm) into NT-Xent at temperature 0.1.
 Loss = CLIP loss + ``ssl_scale`` * NT-Xent (SLIP's Eq. 3).
 """
 
 from __future__ import annotations
 
+from wildssl.data.photometric import check_pipeline
 from wildssl.data.views import CropSpec, make_views
 from wildssl.losses.nt_xent import nt_xent_loss
 from wildssl.methods.base import StepContext, pooled_features
@@ -26,9 +28,11 @@ class SLIP(CLIP):
         "ssl_layers": 3,
         "ssl_temperature": 0.1,
         "ssl_scale": 1.0,
+        "ssl_photometric": "simclr",  # the SimCLR views' colour pipeline, as SimCLR's method.photometric
     }
 
     def __init__(self, config: dict):
+        check_pipeline(config["method"]["ssl_photometric"], "method.ssl_photometric")  # before CLIP builds the views
         super().__init__(config)
         o = self.options
         width = self.student["backbone"].embed_dim
@@ -36,7 +40,7 @@ class SLIP(CLIP):
 
     def view_specs(self) -> list[CropSpec]:
         o = self.options
-        simclr = CropSpec(o["crop_size"], tuple(o["ssl_crop_scale"]), photometric="simclr")
+        simclr = CropSpec(o["crop_size"], tuple(o["ssl_crop_scale"]), photometric=o["ssl_photometric"])
         return super().view_specs() + [simclr, simclr]
 
     def forward(self, batches: dict[str, dict], step: StepContext) -> dict:

@@ -1,0 +1,285 @@
+"""Quick recipes on real photos: each recipe x data set, trained vs random-init k-NN and wall time.
+
+For every (recipe, data set) it runs, one at a time,
+
+    wildssl train RECIPE --data TRAIN --val TEST --out OUT/RECIPE-DATASET --set eval.knn_every=<total steps>
+
+and reads the run's own figures from its last JSON line: the online k-NN top-1 (k=20, T=0.07) of the
+trained encoder and of the same encoder at its random initialization (measured by the engine before
+step 0, same network, same pooling), both with the memory taken from the labelled training images and
+the test images from ``--val``. It records the wall time of the whole command (training plus the two
+k-NN evaluations), the load average before it started, then writes ``results.json`` and a Markdown table
+(``table.md``) under ``--out``.
+
+Data sets (converted from ``$WILDSSL_SHARED_DATA`` into ``--out/data``, which must be git-ignored):
+
+- ``cifar10``: the first 5,000 train images of ``cifar10_carry.npz`` (shuffled, about 500 per class)
+  and its first 1,000 test images, as class-folder PNGs (32 px, object-centric, 10 classes).
+- ``camvid``: regions of the CamVid street frames: the 4 x 3 grid of 42-px squares of every frame,
+  labelled by the class covering at least half of the square (from the masks, Unlabelled excluded;
+  squares with no such class are left out): about 3,300 squares of the 367 train frames to train on,
+  2,100 of the 233 test frames to test on (Road, Building, Sky, Tree, Pavement, Car, ...). The label
+  of a whole frame (its largest class) is nearly constant (Road or Building) and shifts between the
+  train and the test drives, so k-NN on it measured noise (see ``benchmarks/demo.md``). Manifests with
+  integer labels (the CamVid class ids), so that the memory and the test set index classes alike even
+  where one lacks a class.
+- ``flickr8k``: the 1,000 Flickr8k photos with their captions; label = the scene named by at least two
+  of the five captions (:data:`FLICKR_SCENES`, first match wins; images naming none stay unlabelled and
+  are used for training only). Train on the official train split, test on dev + test. The captions
+  also let the CLIP family (CLIP, SLIP, SiLC) train here.
+
+``--smoke``: tiny models on a few synthetic and converted images for a few steps, in seconds; it checks
+the harness, not the recipes.
+
+Example (the table in ``benchmarks/demo.md``):
+
+    python benchmarks/quick_recipes.py --recipes simclr_quick dino_quick --datasets cifar10 camvid flickr8k \\
+        --out .carry/quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+DATASETS = ("cifar10", "camvid", "flickr8k")
+CAPTIONED = ("flickr8k",)  # the data sets whose images carry captions (needed by the CLIP family)
+CAPTION_METHODS = ("clip", "slip", "silc", "ab_clip")
+
+CIFAR_TRAIN_IMAGES = 5000
+CIFAR_TEST_IMAGES = 1000
+CAMVID_UNLABELLED = 11  # the class id of "Unlabelled" in camvid_scenes/categories.json
+CAMVID_REGION = 42  # pixels: a 4 x 3 grid of squares on the 171 x 128 frames
+# Scene keywords of Flickr8k captions, in priority order: (class name, words of its captions).
+FLICKR_SCENES = (
+    ("dog", ("dog", "dogs", "puppy", "puppies")),
+    ("snow", ("snow", "snowy", "ski", "skier", "skiing", "snowboard", "snowboarder")),
+    ("water", ("water", "beach", "ocean", "lake", "river", "pool", "swimming", "surf", "surfer", "wave",
+               "waves", "sea", "swims", "splashing")),
+    ("street", ("street", "road", "city", "sidewalk", "building", "buildings", "crowd")),
+    ("rock", ("rock", "rocks", "rocky", "mountain", "mountains", "cliff", "climbing", "climber", "climbs")),
+    ("grass", ("grass", "grassy", "field", "park", "lawn", "yard")),
+)
+FLICKR_MIN_CAPTIONS = 2  # captions (of 5) that must name a scene for it to be the label
+
+SMOKE_OVERRIDES = ["model.depth=1", "model.embed_dim=32", "model.num_heads=2", "train.steps=2",
+                   "train.batch_size=8", "train.checkpoint_every=0", "train.tensorboard=false"]
+SMOKE_METHOD = {
+    "simclr": ["method.proj_hidden_dim=32", "method.proj_dim=16"],
+    "dino": ["method.n_local=2", "method.out_dim=32", "method.hidden_dim=32", "method.bottleneck_dim=16"],
+}
+
+
+# ----------------------------------------------------------------------------- data sets
+
+def _write_manifest(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def prepare_cifar10(shared: Path, out: Path, train_images: int = CIFAR_TRAIN_IMAGES,
+                    test_images: int = CIFAR_TEST_IMAGES) -> tuple[str, str]:
+    """Class-folder PNGs of the carry file's first train / test images; returns (train, test) folders."""
+    data = np.load(shared / "cifar10_carry.npz")
+    classes = [str(c) for c in data["classes"]]
+    for split, count in (("train", train_images), ("test", test_images)):
+        images, labels = data[f"x_{split}"][:count], data[f"y_{split}"][:count]
+        for index, (image, label) in enumerate(zip(images, labels)):
+            path = out / split / classes[int(label)] / f"{index:05d}.png"
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(image).save(path)
+    return str(out / "train"), str(out / "test")
+
+
+def camvid_regions(mask: np.ndarray, region: int = CAMVID_REGION) -> list[tuple[tuple[int, int, int, int], int]]:
+    """The grid of ``region`` x ``region`` pixel squares of a CamVid mask ``(H, W)`` (class ids, 11 =
+    Unlabelled) whose most common class covers at least half of the square: ``[(box x0, y0, x1, y1),
+    class id]`` in row-major order."""
+    regions = []
+    for top in range(0, mask.shape[0] - region + 1, region):
+        for left in range(0, mask.shape[1] - region + 1, region):
+            counts = np.bincount(mask[top:top + region, left:left + region].ravel(), minlength=CAMVID_UNLABELLED + 1)
+            counts = counts[:CAMVID_UNLABELLED]
+            if counts.max() * 2 >= region * region:
+                regions.append(((left, top, left + region, top + region), int(counts.argmax())))
+    return regions
+
+
+def prepare_camvid(shared: Path, out: Path) -> tuple[str, str]:
+    """Manifests of the region squares (PNG) of the CamVid train and test frames, labelled by the class
+    covering most of each square (integer CamVid class ids, the same in both manifests)."""
+    root = shared / "camvid_scenes"
+    records = [json.loads(line) for line in (root / "annotations.jsonl").read_text().splitlines() if line.strip()]
+    for split in ("train", "test"):
+        entries = []
+        for r in (r for r in records if r["split"] == split):
+            mask = np.asarray(Image.open(root / r["mask"]))
+            with Image.open(root / r["file"]) as frame:
+                frame = frame.convert("RGB")
+                for k, (box, label) in enumerate(camvid_regions(mask)):
+                    path = out / split / f"{Path(r['file']).stem}_{k:02d}.png"
+                    if not path.exists():
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        frame.crop(box).save(path)
+                    entries.append({"path": str(path.resolve()), "label": label})
+        _write_manifest(out / f"{split}.jsonl", entries)
+    return str(out / "train.jsonl"), str(out / "test.jsonl")
+
+
+def flickr_label(captions: list[str]) -> int | None:
+    """Index into :data:`FLICKR_SCENES` of the first scene named by >= FLICKR_MIN_CAPTIONS captions."""
+    words = [set(re.findall(r"[a-z]+", caption.lower())) for caption in captions]
+    for index, (_, keywords) in enumerate(FLICKR_SCENES):
+        if sum(bool(w.intersection(keywords)) for w in words) >= FLICKR_MIN_CAPTIONS:
+            return index
+    return None
+
+
+def prepare_flickr8k(shared: Path, out: Path) -> tuple[str, str]:
+    """Manifests (captions + scene label) of the Flickr8k train split and of dev + test (labelled only)."""
+    root = shared / "flickr8k_mini"
+    records = [json.loads(line) for line in (root / "annotations.jsonl").read_text().splitlines() if line.strip()]
+    train, test = [], []
+    for r in records:
+        entry = {"path": str(root / r["file"]), "captions": r["captions"], "label": flickr_label(r["captions"])}
+        if r["split"] == "train":
+            train.append(entry)
+        elif r["split"] in ("dev", "test") and entry["label"] is not None:
+            test.append(entry)
+    _write_manifest(out / "train.jsonl", train)
+    _write_manifest(out / "test.jsonl", test)
+    return str(out / "train.jsonl"), str(out / "test.jsonl")
+
+
+PREPARE = {"cifar10": prepare_cifar10, "camvid": prepare_camvid, "flickr8k": prepare_flickr8k}
+
+
+def prepare(dataset: str, shared: Path, out: Path) -> tuple[str, str]:
+    """(train SPEC, test SPEC) of ``dataset``, converted under ``out/<dataset>`` on first use."""
+    return PREPARE[dataset](shared, out / dataset)
+
+
+def prepare_smoke(out: Path) -> tuple[str, str]:
+    """A labelled 24-image folder (two classes of flat colours) for the smoke run."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 24), ("test", 8)):
+        for index in range(count):
+            name = "red" if index % 2 else "blue"
+            colour = np.array((200, 30, 30) if index % 2 else (30, 30, 200))
+            pixels = np.clip(colour + rng.integers(-20, 20, (24, 32, 3)), 0, 255).astype(np.uint8)
+            path = out / "smoke" / split / name / f"{index}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(path)
+    return str(out / "smoke" / "train"), str(out / "smoke" / "test")
+
+
+# ----------------------------------------------------------------------------- runs
+
+def recipe_config(recipe: str, overrides: list[str]) -> dict:
+    from wildssl.train.config import build_config
+
+    return build_config(recipe, overrides)
+
+
+def device_name() -> str:
+    """The machine in a few words: CPU count and architecture, or the GPU's name."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{os.cpu_count()}-core CPU ({platform.machine()})"
+
+
+def run_one(recipe: str, dataset: str, train: str, test: str, out: Path, overrides: list[str]) -> dict:
+    """Train ``recipe`` on ``train`` with the online k-NN on ``test``; returns the run's record."""
+    steps = recipe_config(recipe, overrides)["train"]["steps"]
+    run_dir = out / "runs" / f"{recipe}-{dataset}"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    # k-NN only before the first step (random init) and after the last: more would cost run time.
+    argv = ["wildssl", "train", recipe, "--data", train, "--val", test, "--out", str(run_dir)]
+    for item in overrides + [f"eval.knn_every={steps}", "train.progress=false"]:
+        argv += ["--set", item]
+    load = os.getloadavg()[0]
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "wildssl.cli", *argv[1:]], capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if result.returncode:
+        raise SystemExit(f"{' '.join(argv[:3])} on {dataset} failed:\n{result.stderr[-3000:]}")
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    trained, random = summary["knn_top1"], summary["knn_top1_random_init"]
+    return {"recipe": recipe, "dataset": dataset, "trained": trained, "random": random, "gain": trained - random,
+            "seconds": round(seconds, 1), "load_before": round(load, 2), "steps": summary["steps"],
+            "alarms": summary["alarms"], "date": time.strftime("%Y-%m-%d"), "device": device_name(),
+            "command": " ".join(shlex.quote(a) for a in argv)}
+
+
+def markdown_table(records: list[dict]) -> str:
+    """One row per run: k-NN top-1 of the trained and random-init encoders (%), the gain (points), the
+    wall time of the command (s), the load average before it, date, device and command."""
+    lines = ["| recipe | data | trained | random init | gain | wall s | load before | date | device | command |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        lines.append(f"| {r['recipe']} | {r['dataset']} | {100 * r['trained']:.1f}% | {100 * r['random']:.1f}% | "
+                     f"{100 * r['gain']:+.1f} | {r['seconds']:.0f} | {r['load_before']:.2f} | {r['date']} | "
+                     f"{r['device']} | `{r['command']}` |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", nargs="+", default=["simclr_quick", "dino_quick"])
+    parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key in every run (repeatable)")
+    parser.add_argument("--shared", default=os.environ.get("WILDSSL_SHARED_DATA", "../shared/data"),
+                        help="the shared data folder (default $WILDSSL_SHARED_DATA)")
+    parser.add_argument("--smoke", action="store_true", help="tiny models, a 24-image folder, 2 steps")
+    parser.add_argument("--out", required=True, help="output folder (git-ignored, e.g. .carry/quick)")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    records = []
+    for recipe in args.recipes:
+        method = recipe_config(recipe, args.set)["method"]["name"]
+        streams = __import__("wildssl.methods", fromlist=["get_method_class"]).get_method_class(method).streams
+        for dataset in (["smoke"] if args.smoke else args.datasets):
+            if method in CAPTION_METHODS and dataset not in CAPTIONED + ("smoke",):
+                print(json.dumps({"recipe": recipe, "dataset": dataset, "skipped": "no captions"}), flush=True)
+                continue
+            overrides = list(args.set)
+            if args.smoke:
+                train, test = prepare_smoke(out / "data")
+                base = method.removeprefix("ab_")
+                overrides = SMOKE_OVERRIDES + SMOKE_METHOD.get(base, []) + overrides
+            else:
+                train, test = prepare(dataset, Path(args.shared), out / "data")
+            if "bootstrap" in streams and not any(o.startswith("data.bootstrap=") for o in overrides):
+                overrides.append(f"data.bootstrap={train}")  # AB: the training images, unlabeled, as well
+            record = run_one(recipe, dataset, train, test, out, overrides)
+            print(json.dumps(record), flush=True)
+            records.append(record)
+    environment = {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "cpus": os.cpu_count(),
+                   "python": platform.python_version(), "torch": __import__("torch").__version__}
+    (out / "results.json").write_text(json.dumps({"environment": environment, "runs": records}, indent=1))
+    (out / "table.md").write_text(markdown_table(records))
+    print(markdown_table(records))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
