@@ -4,7 +4,7 @@ synthetic scenes and its encoder beats the same architecture at random init on k
 (CLIP, SLIP and SiLC have theirs in test_clip_method.py and test_slip_silc.py.)
 
 Measured here (seed 0, 100 steps, k-NN top-1 trained vs random init, 8 classes): SimCLR 33% vs 23%;
-DINO 30.4% vs 23.2%; AB_SimCLR and AB_CLIP pass the margin; AB_DINO (150 steps) 32.4% vs 23.2%.
+DINO 30.4% vs 23.2%; AB_SimCLR and AB_CLIP pass the margin; AB_DINO (bootstrap weight 0.1) 28.4% vs 23.2%.
 """
 
 import math
@@ -25,9 +25,12 @@ CASES = {
     "simclr": SSL,
     "dino": DISTILL,
     "ab_simclr": SSL + AB,
-    # AB_DINO's bootstrap targets come from a teacher that has barely learned in 100 steps (measured
-    # +2 to +4 points there, with ratios 0.1-1.0); 150 steps give it time (32.4% vs 23.2%).
-    "ab_dino": DISTILL + AB + ["train.steps=150"],
+    # AB_DINO's psi_AB is a K x D embedding of its own, random at the start, so in a short run the
+    # bootstrap loss is mostly noise for the backbone (weight 1: 25.0% vs 23.2% at 150 steps; weight 0.3:
+    # teacher entropy swings 0.1-4 nats, embedding std falls to 0.04, 28.0% at 100 steps). A small weight
+    # keeps DINO's signal in charge while every part of the bootstrap path still trains:
+    # weight 0.1, 100 steps: 28.4% vs 23.2% (seed 0), at 2/3 of the 150-step cost.
+    "ab_dino": DISTILL + AB + ["method.ab_loss_ratio=0.1"],
     "ab_clip": TEXT + AB,
 }
 # Distillation losses are no progress measure in a short run: at step 0 the student equals the teacher
