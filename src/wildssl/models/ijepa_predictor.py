@@ -16,7 +16,7 @@ from torch import nn
 
 from wildssl.errors import ConfigError
 from wildssl.models.position import sincos_position_embedding
-from wildssl.models.vit import LAYER_NORM_EPS, Block
+from wildssl.models.vit import LAYER_NORM_EPS, Block, init_linear_and_norm
 
 
 class IJEPAPredictor(nn.Module):
@@ -47,13 +47,7 @@ class IJEPAPredictor(nn.Module):
     def _init_weights(self) -> None:
         # The released I-JEPA: truncated normal (std .02) weights and mask token, zero biases.
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_linear_and_norm(self, lambda weight: nn.init.trunc_normal_(weight, std=0.02))
 
     def no_weight_decay(self) -> set[str]:
         return {"mask_token"}

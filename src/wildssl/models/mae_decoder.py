@@ -14,7 +14,7 @@ from torch import nn
 
 from wildssl.errors import ConfigError
 from wildssl.models.position import sincos_position_embedding
-from wildssl.models.vit import LAYER_NORM_EPS, Block
+from wildssl.models.vit import LAYER_NORM_EPS, Block, init_linear_and_norm
 
 
 class MAEDecoder(nn.Module):
@@ -51,13 +51,7 @@ class MAEDecoder(nn.Module):
     def _init_weights(self) -> None:
         # The released MAE: xavier-uniform linear layers, zero biases, mask token N(0, 0.02).
         nn.init.normal_(self.mask_token, std=0.02)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_linear_and_norm(self, nn.init.xavier_uniform_)
 
     def no_weight_decay(self) -> set[str]:
         return {"mask_token"}

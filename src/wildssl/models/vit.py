@@ -16,6 +16,8 @@ Encoders trained elsewhere without a cls token (I-JEPA, :mod:`wildssl.models.pee
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -93,6 +95,19 @@ class Block(nn.Module):
         return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
 
 
+def init_linear_and_norm(root: nn.Module, init_weight: Callable[[torch.Tensor], object]) -> None:
+    """Every ``nn.Linear`` of ``root``: ``init_weight`` on its weight and a zero bias; every ``nn.LayerNorm``:
+    weight 1, bias 0 (the timm / MAE / I-JEPA initialization, with the weight rule of each)."""
+    for module in root.modules():
+        if isinstance(module, nn.Linear):
+            init_weight(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
 def _mean_patch(patch: torch.Tensor, keep_valid: torch.Tensor | None) -> torch.Tensor:
     """Mean of the patch tokens ``(B, N, D)`` over the valid ones (``keep_valid`` ``(B, N)``, or all)."""
     if keep_valid is None:
@@ -159,13 +174,7 @@ class VisionTransformer(nn.Module):
         if self.reg_token is not None:
             nn.init.trunc_normal_(self.reg_token, std=0.02)
         nn.init.zeros_(self.mask_token)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_linear_and_norm(self, lambda weight: nn.init.trunc_normal_(weight, std=0.02))
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names exempt from weight decay (the learned tokens and position table)."""
