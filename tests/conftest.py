@@ -7,6 +7,10 @@ import torch
 # One thread: tests share 2 cores with other processes, and oversubscribed threads run 10-20x slower.
 torch.set_num_threads(1)
 
+# Tests that start a process group (2 processes talking over a local port): pytest-xdist runs them all on
+# one worker (--dist loadgroup in pyproject.toml), one at a time, so two groups never race for a port.
+PROCESS_GROUP = pytest.mark.xdist_group("process_group")
+
 TINY_DATA = "synthetic:scenes?n=64&size=16&split=train"
 
 TINY_MODEL = ["model.name=tiny", "model.depth=1", "model.embed_dim=32", "model.num_heads=2",

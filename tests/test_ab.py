@@ -5,7 +5,7 @@ import tempfile
 
 import pytest
 import torch
-from conftest import tiny_ab_overrides
+from conftest import PROCESS_GROUP, tiny_ab_overrides
 
 from wildssl.data import collate, open_source
 from wildssl.data.boxes import box_iou
@@ -378,6 +378,7 @@ def _ddp_worker(rank: int, out_dir: str) -> None:
         cleanup_distributed()
 
 
+@PROCESS_GROUP
 def test_every_ab_method_and_ablation_trains_under_two_process_ddp_with_equal_weights(tmp_path, monkeypatch):
     import socket
     import time

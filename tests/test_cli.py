@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from conftest import PROCESS_GROUP, tiny_overrides
 from wildssl.cli import main
 
 
@@ -90,6 +90,7 @@ def test_recipes_lists_every_shipped_recipe(capsys):
     assert {"demo", "dino", "dino_quick", "simclr", "simclr_quick"} <= names
 
 
+@PROCESS_GROUP
 def test_ddp_training_with_two_gloo_processes(tmp_path):
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             "-m", "wildssl.cli", "train", "simclr_quick", "--out", str(tmp_path / "ddp")]

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from conftest import PROCESS_GROUP
 import wildssl.losses.clip_loss as clip_module
 from wildssl.losses.clip_loss import clip_accuracy, clip_loss
 from wildssl.models.logit_scale import LogitScale
@@ -172,6 +173,7 @@ def _distributed_worker(rank: int, world: int, port: int, image, text, results) 
         dist.destroy_process_group()
 
 
+@PROCESS_GROUP
 def test_two_process_gloo_loss_and_ddp_averaged_gradients_equal_single_process():
     world, batch, dim = 2, 3, 4
     generator = torch.Generator().manual_seed(6)

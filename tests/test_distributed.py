@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from conftest import PROCESS_GROUP
 import wildssl.losses.nt_xent as nt_xent_module
 from wildssl.errors import ConfigError
 from wildssl.losses.dino_loss import DINOCenter
@@ -172,6 +173,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@PROCESS_GROUP
 def test_two_rank_gloo_nt_xent_matches_single_process_loss_and_gradient(monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import tiny_config
+from conftest import PROCESS_GROUP, tiny_config
 from wildssl.data.vocabulary import Vocabulary
 from wildssl.losses.wsp_loss import wsp_loss
 from wildssl.methods.wsp import WSP
@@ -87,6 +87,7 @@ def _worker(rank, tmp):
     dist.destroy_process_group()
 
 
+@PROCESS_GROUP
 def test_fsdp2_on_two_gloo_processes_equals_one_process_and_resumes_exactly(tmp_path):
     from wildssl.models.loading import load_encoder
     from wildssl.train.fsdp import export_consolidated

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from conftest import PROCESS_GROUP
 from wildssl.methods.latent_cache import LatentCache, blocked_topk
 from wildssl.methods.similarity_window import SimilarityWindow
 
@@ -159,6 +160,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@PROCESS_GROUP
 def test_two_rank_gloo_cache_updates_equal_the_single_process_cache(monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))
