@@ -11,6 +11,15 @@ torch.set_num_threads(1)
 # one worker (--dist loadgroup in pyproject.toml), one at a time, so two groups never race for a port.
 PROCESS_GROUP = pytest.mark.xdist_group("process_group")
 
+
+def free_port() -> int:
+    """A local TCP port free at this moment, for a test's process group (MASTER_PORT)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 TINY_DATA = "synthetic:scenes?n=64&size=16&split=train"
 
 TINY_MODEL = ["model.name=tiny", "model.depth=1", "model.embed_dim=32", "model.num_heads=2",

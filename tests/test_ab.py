@@ -5,7 +5,7 @@ import tempfile
 
 import pytest
 import torch
-from conftest import PROCESS_GROUP, tiny_ab_overrides
+from conftest import PROCESS_GROUP, free_port, tiny_ab_overrides
 
 from wildssl.data import collate, open_source
 from wildssl.data.boxes import box_iou
@@ -380,12 +380,9 @@ def _ddp_worker(rank: int, out_dir: str) -> None:
 
 @PROCESS_GROUP
 def test_every_ab_method_and_ablation_trains_under_two_process_ddp_with_equal_weights(tmp_path, monkeypatch):
-    import socket
     import time
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("WORLD_SIZE", "2"),
                         ("CUDA_VISIBLE_DEVICES", ""), ("OMP_NUM_THREADS", "1")):
         monkeypatch.setenv(name, value)

@@ -2,13 +2,12 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import PROCESS_GROUP
+from conftest import PROCESS_GROUP, free_port
 import wildssl.losses.clip_loss as clip_module
 from wildssl.losses.clip_loss import clip_accuracy, clip_loss
 from wildssl.models.logit_scale import LogitScale
@@ -145,12 +144,6 @@ def test_per_rank_losses_with_global_label_offsets_average_to_the_global_loss(mo
     assert torch.allclose(torch.stack(losses).mean().double(), global_loss, atol=1e-5)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _distributed_worker(rank: int, world: int, port: int, image, text, results) -> None:
     import torch.distributed as dist
 
@@ -182,7 +175,7 @@ def test_two_process_gloo_loss_and_ddp_averaged_gradients_equal_single_process()
     manager = mp.get_context("spawn").Manager()
     results = manager.dict()
     mp.start_processes(
-        _distributed_worker, args=(world, _free_port(), image, text, results), nprocs=world, start_method="spawn"
+        _distributed_worker, args=(world, free_port(), image, text, results), nprocs=world, start_method="spawn"
     )
 
     single_image = image.clone().requires_grad_(True)

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 
 import pytest
@@ -9,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from conftest import PROCESS_GROUP
+from conftest import PROCESS_GROUP, free_port
 import wildssl.losses.nt_xent as nt_xent_module
 from wildssl.errors import ConfigError
 from wildssl.losses.dino_loss import DINOCenter
@@ -167,16 +166,10 @@ def _check_slot_loss(rank: int) -> None:
         assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @PROCESS_GROUP
 def test_two_rank_gloo_nt_xent_matches_single_process_loss_and_gradient(monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     monkeypatch.setenv("WORLD_SIZE", str(WORLD_SIZE))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the workers stay on CPU with gloo even on a GPU host
     context = torch.multiprocessing.start_processes(_worker, nprocs=WORLD_SIZE, join=False, start_method="spawn")

@@ -1,5 +1,4 @@
 import os
-import socket
 import time
 
 import pytest
@@ -7,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from conftest import PROCESS_GROUP
+from conftest import PROCESS_GROUP, free_port
 from wildssl.methods.latent_cache import LatentCache, blocked_topk
 from wildssl.methods.similarity_window import SimilarityWindow
 
@@ -154,16 +153,10 @@ def _worker(rank: int) -> None:
         cleanup_distributed()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @PROCESS_GROUP
 def test_two_rank_gloo_cache_updates_equal_the_single_process_cache(monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     monkeypatch.setenv("WORLD_SIZE", str(WORLD_SIZE))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     context = torch.multiprocessing.start_processes(_worker, nprocs=WORLD_SIZE, join=False, start_method="spawn")
