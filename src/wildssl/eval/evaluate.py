@@ -12,7 +12,7 @@ from wildssl.data import collate, open_source
 from wildssl.data.decode import DEFAULT_MAX_PIXELS
 from wildssl.data.sample import Source
 from wildssl.errors import DataError
-from wildssl.eval.features import extract_features
+from wildssl.eval.features import class_space, extract_features
 from wildssl.eval.knn import knn_accuracy
 
 log = logging.getLogger("wildssl")
@@ -61,15 +61,6 @@ def align_test_labels(test_labels: torch.Tensor, test_classes: list[str],
     so its images count as errors."""
     names, position = class_space(memory_classes, test_classes)
     return position[test_labels], len(names)
-
-
-def class_space(memory_classes: list[str], test_classes: list[str]) -> tuple[list[str], torch.Tensor]:
-    """The joint class names (the memory's, then those only the test split has) and the position of each
-    test class index in them, ``(len(test_classes) + 1,)`` long: the last entry maps the label -1 (no
-    label) to -1, so ``position[labels]`` renumbers labels and keeps the unlabelled ones."""
-    names = list(memory_classes) + [name for name in test_classes if name not in memory_classes]
-    position = torch.tensor([names.index(name) for name in test_classes] + [-1], dtype=torch.long)
-    return names, position
 
 
 def evaluate_knn(encoder: nn.Module, train, test, *, image_size: int, load_size: int | None = None, k: int = 20,

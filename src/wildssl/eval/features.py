@@ -19,6 +19,15 @@ from wildssl.eval.progress import progress_bar
 POOLS = ("cls", "avg")
 
 
+def class_space(memory_classes: list[str], test_classes: list[str]) -> tuple[list[str], torch.Tensor]:
+    """The joint class names (the memory's, then those only the test split has) and the position of each
+    test class index in them, ``(len(test_classes) + 1,)`` long: the last entry maps the label -1 (no
+    label) to -1, so ``position[labels]`` renumbers labels and keeps the unlabelled ones."""
+    names = list(memory_classes) + [name for name in test_classes if name not in memory_classes]
+    position = torch.tensor([names.index(name) for name in test_classes] + [-1], dtype=torch.long)
+    return names, position
+
+
 @torch.no_grad()
 def extract_features(
     encoder: nn.Module,

@@ -22,8 +22,7 @@ from torch import nn
 
 from wildssl.errors import ConfigError, DataError
 from wildssl.eval.cache import FeatureStore
-from wildssl.eval.evaluate import class_space
-from wildssl.eval.features import FeatureSet
+from wildssl.eval.features import FeatureSet, class_space
 from wildssl.eval.progress import progress_bar
 
 # Keys every probe section of a suite accepts, beside its own.
