@@ -147,6 +147,34 @@ def test_clip_psi_ab_is_its_own_head_on_the_students_text_tower(monkeypatch):
     assert all(g == 0 for g in _grad_norms(text.projection, loss))
 
 
+def test_ab_clip_runs_the_students_text_tower_once_per_step_with_the_two_pass_gradient(monkeypatch):
+    """CLIP's loss and psi_AB read one pass of the student's text tower (``step.memo``); the gradient is
+    the one two separate passes give (the memo switched off by a step without it)."""
+    method, config = _method("clip")
+    batches = _batches(config)
+    text = method.student["text"]
+    passes = []
+    original = text.forward_tokens
+    monkeypatch.setattr(text, "forward_tokens", lambda tokens: passes.append(1) or original(tokens))
+    shared = method(batches, _step())["loss"]
+    assert len(passes) == 1
+    shared_grads = torch.autograd.grad(shared, list(text.parameters()))
+
+    class NoMemo(dict):  # a memo that forgets: every read misses, as before the memo existed
+        def get(self, key, default=None):
+            return default
+
+    step = _step()
+    step.memo = NoMemo()
+    passes.clear()
+    separate = method(batches, step)["loss"]
+    assert len(passes) == 2
+    separate_grads = torch.autograd.grad(separate, list(text.parameters()))
+    torch.testing.assert_close(shared, separate)
+    for a, b in zip(shared_grads, separate_grads):  # fp32: the sums run in another order
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
 def test_dino_psi_ab_is_a_learned_embedding_of_the_prototypes(monkeypatch):
     method, config = _method("dino", "method.ab_base_loss=false")
     calls = _bootstrap_head_inputs(monkeypatch, method)

@@ -137,7 +137,7 @@ class AnnotationBootstrapping:
             teacher_logits = target_logits.view(n, batch, -1).transpose(0, 1)[:, pairs["tgt_idx"]]  # (B, P, K)
         else:
             teacher_logits = target_logits.view(-1, batch, target_logits.shape[-1]).transpose(0, 1)  # (B, P, K)
-        features = None if head.fixed_set else self.annotation_features(self.student, annotation_batch)
+        features = None if head.fixed_set else self.annotation_features(self.student, annotation_batch, step)
         student_logits = head.logits(phi, head.annotations(features))  # (B, P, K), fp32
         loss = bootstrap_loss(student_logits, teacher_logits, valid=found)
         metrics = {"bootstrap_loss": loss.detach()}

@@ -83,6 +83,9 @@ class StepContext:
     generator: torch.Generator
     values: dict[str, float] = field(default_factory=dict)  # this step's entries of method.schedules()
     log: bool = True  # the engine logs this step: compute costly diagnostics (GPU syncs) only then
+    # Values a step computes once and reads in two places (e.g. the student's caption features, read by
+    # CLIP's loss and by annotation bootstrapping's psi_AB): filled and read by the method, new every step.
+    memo: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -291,11 +294,13 @@ class Method(nn.Module):
         """What annotation bootstrapping's psi_AB reads for this base method (see :class:`AnnotationInput`)."""
         raise NotImplementedError(f"method {self.name} does not expose an annotation space")
 
-    def annotation_features(self, networks: nn.ModuleDict, annotation_batch: dict) -> torch.Tensor:
+    def annotation_features(self, networks: nn.ModuleDict, annotation_batch: dict,
+                            step: StepContext | None = None) -> torch.Tensor:
         """``(K, feature_dim)`` features of the K annotations of ``annotation_batch`` from the annotation
         backbone of ``networks`` (the student), *with* gradient: psi_AB's input. Only for bases whose
         :meth:`annotation_input` has a ``feature_dim``; the order of the K annotations is that of
-        :meth:`annotation_space`."""
+        :meth:`annotation_space`. With ``step``, a base may share them with its own loss through
+        ``step.memo`` (CLIP: one text-tower pass per step, not two)."""
         raise NotImplementedError(f"method {self.name} has no annotation features")
 
     def annotation_space(self, networks: nn.ModuleDict, images: torch.Tensor, annotation_batch: dict,

@@ -149,12 +149,29 @@ class CLIP(Method):
         """Normalized images ``(B, 3, H, W)`` -> image embeddings ``(B, embed_dim)``, unnormalized."""
         return self.project_images(networks, pooled(networks["backbone"](images), self.options["pool"]))
 
-    def encode_texts(self, networks: nn.ModuleDict, captions: Sequence[str]) -> torch.Tensor:
-        """``B`` captions -> text embeddings ``(B, embed_dim)``, unnormalized (tokenized on the CPU)."""
+    def text_features(self, networks: nn.ModuleDict, captions: Sequence[str],
+                      step: StepContext | None = None) -> torch.Tensor:
+        """``B`` captions -> the text tower's pooled features ``(B, text width)``, before the projection
+        (tokenized on the CPU). With ``step``, the student's features of the same caption list are
+        computed once per step and kept in ``step.memo``: CLIP's loss and annotation bootstrapping's
+        psi_AB read the same pass (its gradient then sums both uses, as two passes would)."""
         text = networks["text"]
-        return text(self.tokenize(captions, text.token_embedding.weight.device))
+        if step is None or networks is not self.student:
+            return text.pooled_features(self.tokenize(captions, text.token_embedding.weight.device))
+        kept = step.memo.get("student_text_features")
+        if kept is not None and kept[0] is captions:
+            return kept[1]
+        features = text.pooled_features(self.tokenize(captions, text.token_embedding.weight.device))
+        step.memo["student_text_features"] = (captions, features)
+        return features
 
-    def contrastive(self, features: Sequence[torch.Tensor], captions: Sequence[str]) -> tuple[torch.Tensor, dict]:
+    def encode_texts(self, networks: nn.ModuleDict, captions: Sequence[str],
+                     step: StepContext | None = None) -> torch.Tensor:
+        """``B`` captions -> text embeddings ``(B, embed_dim)``, unnormalized (see :meth:`text_features`)."""
+        return networks["text"].projection(self.text_features(networks, captions, step))
+
+    def contrastive(self, features: Sequence[torch.Tensor], captions: Sequence[str],
+                    step: StepContext | None = None) -> tuple[torch.Tensor, dict]:
         """CLIP loss of the student for one or more views of the same images against their captions.
 
         ``features``: pooled backbone features ``(B, width)`` of each view. Each view is contrasted with
@@ -164,7 +181,7 @@ class CLIP(Method):
             raise DataError(f"method {self.name} got a batch without captions; give data.{self.streams[0]} a "
                             "source with captions (a .jsonl manifest with 'caption', tar shards with .txt, "
                             "or synthetic:scenes)")
-        text = self.encode_texts(self.student, captions)
+        text = self.encode_texts(self.student, captions, step)
         scale = self.student["logit_scale"]()
         images = [self.project_images(self.student, f) for f in features]
         loss = torch.stack([clip_loss(image, text, scale) for image in images]).mean()
@@ -176,17 +193,18 @@ class CLIP(Method):
         batch = batches["train"]  # annotation bootstrapping passes its annotation stream under this name
         (view,) = make_views(batch["image"], self.specs, step.generator, aspect=batch["aspect"])
         features = pooled(self.student["backbone"](view.images), self.options["pool"])
-        loss, metrics = self.contrastive([features], batch["caption"])
+        loss, metrics = self.contrastive([features], batch["caption"], step)
         return {"loss": loss, "metrics": metrics}
 
     def annotation_input(self) -> AnnotationInput:
         return AnnotationInput(feature_dim=self.student["text"].width)
 
-    def annotation_features(self, networks: nn.ModuleDict, annotation_batch: dict) -> torch.Tensor:
+    def annotation_features(self, networks: nn.ModuleDict, annotation_batch: dict,
+                            step: StepContext | None = None) -> torch.Tensor:
         """The text tower's pooled features ``(K, text width)`` of the batch's captions, before CLIP's text
-        projection (psi_AB's input, with gradient into the tower)."""
-        text = networks["text"]
-        return text.pooled_features(self.tokenize(annotation_batch["caption"], text.token_embedding.weight.device))
+        projection (psi_AB's input, with gradient into the tower; with ``step``, the same pass as the
+        CLIP loss's)."""
+        return self.text_features(networks, annotation_batch["caption"], step)
 
     @torch.no_grad()
     def annotation_space(self, networks: nn.ModuleDict, images: torch.Tensor, annotation_batch: dict,

@@ -54,7 +54,8 @@ class SimCLR(Method):
     def annotation_input(self) -> AnnotationInput:
         return AnnotationInput(feature_dim=self.student["backbone"].embed_dim)
 
-    def annotation_features(self, networks: nn.ModuleDict, annotation_batch: dict) -> torch.Tensor:
+    def annotation_features(self, networks: nn.ModuleDict, annotation_batch: dict,
+                            step: StepContext | None = None) -> torch.Tensor:
         """Pooled backbone features ``(K, width)`` of the annotation images (psi_AB's input, with gradient)."""
         return pooled(networks["backbone"](self.annotation_images(annotation_batch)), self.options["pool"])
 
