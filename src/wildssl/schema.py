@@ -152,6 +152,7 @@ CORE_RULES: dict[str, Rule] = {
     "data.prefetch": Rule("int", 1, 1024, choices=("auto",)),  # auto: data/workers.py resolve_prefetch
     "data.shuffle_shards": integer(1, 2**20),
     "data.max_pixels": integer(1, 2**40),
+    "data.decode": one_of("cpu", "gpu", "auto"),  # data/gpu_decode.py resolve_decode
     "train.steps": integer(1, MAX_STEPS),
     "train.epochs": number(**POSITIVE, high=1e6, nullable=True),
     "train.images": integer(1, 10**15, nullable=True),

@@ -173,6 +173,10 @@ class FileSource(Source):
     ``max_pixels``: images with more pixels to decode are skipped like unreadable ones (see the module
     docstring)."""
 
+    # reads image files through ``_open``, so that ``data.decode: gpu`` can hand JPEGs to the device
+    # (:mod:`wildssl.data.gpu_decode`); False where ``_decode`` makes the pixels itself (video frames)
+    image_files = True
+
     def __init__(self, load_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.load_size = check_load_size(load_size)
         self.max_pixels = check_max_pixels(max_pixels)
@@ -196,6 +200,11 @@ class FileSource(Source):
         return decode_image(self._open(index), self.load_size, self.max_pixels)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.item(index)
+
+    def item(self, index: int, jpeg_bytes: bool = False) -> dict[str, Any]:
+        """``source[index]``; with ``jpeg_bytes`` a JPEG the device can decode is returned undecoded, as its
+        file bytes in ``jpeg`` with ``image`` None (``data.decode: gpu``, :mod:`wildssl.data.gpu_decode`)."""
         count = len(self)
         if not 0 <= index < count:
             raise IndexError(f"index {index} out of range for {count} items of {self.describe()}")
@@ -203,13 +212,19 @@ class FileSource(Source):
         for skipped in range(count):
             current = (index + skipped) % count
             try:
-                image, width, height = self._decode(current)
+                if jpeg_bytes and self.image_files:
+                    # imported here: gpu_decode imports this module
+                    from wildssl.data.gpu_decode import read_jpeg
+
+                    image, jpeg, width, height = read_jpeg(self._open(current), self.load_size, self.max_pixels)
+                else:
+                    (image, width, height), jpeg = self._decode(current), None
                 annotations = self._annotations(current, width, height)
             except DECODE_ERRORS as error:
                 self._warn_unreadable(current, error)
                 unreadable.append(current)
                 continue
-            return make_sample(image, width / height, current, corrupt=unreadable, **annotations)
+            return make_sample(image, width / height, current, corrupt=unreadable, jpeg=jpeg, **annotations)
         raise DataError(f"no readable image in {self.describe()}: all {count} items failed to decode")
 
     def _warn_unreadable(self, index: int, error: BaseException) -> None:

@@ -19,6 +19,9 @@ index          int, the index actually returned (see below)
 corrupt        list[int], indices of the unreadable images skipped to produce this sample (a source
                skips an unreadable item i for i + 1, i + 2, ...; usually empty)
 num_corrupt    int, ``len(corrupt)``
+jpeg           only with ``data.decode: gpu`` (:mod:`wildssl.data.gpu_decode`), and only where the device
+               decodes the image: ``{"data": the JPEG file's bytes, uint8 (N,), "pixels": W * H}``;
+               ``image`` is then None
 =============  ====================================================================================
 """
 
@@ -79,13 +82,15 @@ def make_sample(
     boxes: Sequence[Sequence[float]] = (),
     box_labels: Sequence[int] | None = None,
     corrupt: Sequence[int] = (),
+    jpeg: dict | None = None,
 ) -> dict[str, Any]:
-    """Assemble a sample dict (module docstring) from an image (3, S, S) uint8 and its annotations."""
+    """Assemble a sample dict (module docstring) from an image (3, S, S) uint8 and its annotations, or from
+    a JPEG file ``jpeg`` left for the device to decode, with ``image`` None."""
     box_tensor = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
     if box_labels is None:
         box_labels = [-1] * len(box_tensor)
     captions = list(captions)
-    return {
+    sample = {
         "image": image,
         "aspect": float(aspect),
         "label": int(label),
@@ -98,16 +103,25 @@ def make_sample(
         "corrupt": [int(i) for i in corrupt],
         "num_corrupt": len(corrupt),
     }
+    if jpeg is not None:
+        sample["jpeg"] = jpeg
+    return sample
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Batch sample dicts: image (B, 3, S, S) uint8, aspect (B,) float32, label (B,) long, index (B,) long,
     caption list[str]; labels, captions, boxes (M_b, 4) and box_labels (M_b,) stay per-sample lists
     because their lengths differ. ``corrupt`` is the sorted list of the distinct unreadable items the
-    samples skipped and ``num_corrupt`` its length: two samples skipping the same file count it once."""
+    samples skipped and ``num_corrupt`` its length: two samples skipping the same file count it once.
+
+    When some samples hold a ``jpeg`` file (``data.decode: gpu``), ``jpeg`` is the list of them (None where a
+    worker decoded the image) and ``image`` the list of the decoded images (None where ``jpeg`` is set), for
+    :class:`wildssl.data.gpu_decode.DeviceDecoder` to assemble into (B, 3, S, S) on the device."""
     corrupt = sorted({i for s in samples for i in s["corrupt"]})
-    return {
-        "image": torch.stack([s["image"] for s in samples]),
+    jpegs = [s.get("jpeg") for s in samples]
+    pending = any(jpeg is not None for jpeg in jpegs)
+    batch = {
+        "image": [s["image"] for s in samples] if pending else torch.stack([s["image"] for s in samples]),
         "aspect": torch.tensor([s["aspect"] for s in samples], dtype=torch.float32),
         "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
         "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
@@ -119,3 +133,6 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "boxes": [s["boxes"] for s in samples],
         "box_labels": [s["box_labels"] for s in samples],
     }
+    if pending:
+        batch["jpeg"] = jpegs
+    return batch

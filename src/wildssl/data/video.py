@@ -77,6 +77,7 @@ class VideoFrames(FileSource):
     """
 
     QUERY_PARAMETERS = {"fps": float}
+    image_files = False  # frames come from the video decoder: data.decode=gpu leaves them on the CPU
 
     def __init__(self, path: str | os.PathLike, fps: float = DEFAULT_FPS, load_size: int = DEFAULT_LOAD_SIZE,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> None:

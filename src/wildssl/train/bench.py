@@ -5,7 +5,10 @@ Four figures of one recipe on the device at hand (CPU or GPU), and two ratios:
 (a) **pipeline**: the data pipeline alone from the configured files: the run's own loaders (read, decode,
     resize in ``data.num_workers`` processes, collate), the transfer to the device and the method's views
     built there, in images/s; per core as images per CPU-second of the process and its loader workers.
-    Beside it, **decode**: read + decode + resize of single images in this process, per CPU-second.
+    Beside it, **decode**: read + decode + resize of single images in this process, per CPU-second and per
+    second; with ``data.decode: gpu`` the files are read here and decoded on the device in batches of
+    ``train.batch_size`` (:mod:`wildssl.data.gpu_decode`), which is the figure to hold against the CPU's
+    per core.
 (b) **bare**: the network work the method needs, and nothing else. One real step of the method is run
     with every encoder of the method (its ViT backbones and text towers, :data:`ENCODERS`) recorded
     (:func:`record_backbone_calls`): which network (its path, e.g. ``student.backbone``,
@@ -45,6 +48,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from wildssl.data.gpu_decode import JpegBytes
+from wildssl.data.sample import collate
 from wildssl.data.views import CropSpec, make_views
 from wildssl.data.workers import resolve_num_workers
 from wildssl.errors import ConfigError
@@ -52,7 +57,7 @@ from wildssl.methods.base import Method
 from wildssl.models.text import TextTransformer
 from wildssl.models.vit import VisionTransformer
 from wildssl.train.run import Run, build_run, compile_networks, make_loaders
-from wildssl.train.step import autocast_context, to_device, training_step
+from wildssl.train.step import autocast_context, device_batches, training_step
 
 MIB = 2**20
 # The encoders whose calls (b) replays, and the method each runs its blocks in: a method calls the module
@@ -262,7 +267,7 @@ def measure_pipeline(run: Run, steps: int) -> tuple[dict, dict[str, dict]]:
     first, started, images = None, 0.0, 0
     cpu_before = _cpu_seconds()
     for stream_batches in zip(*loaders.values()):
-        batches = {name: to_device(batch, run.device) for name, batch in zip(run.streams, stream_batches)}
+        batches = device_batches(run, stream_batches)
         for name, batch in batches.items():
             if specs[name]:
                 make_views(batch["image"], specs[name], generator, aspect=batch["aspect"])
@@ -285,15 +290,29 @@ def measure_pipeline(run: Run, steps: int) -> tuple[dict, dict[str, dict]]:
 
 
 def measure_decode(run: Run, count: int) -> dict:
-    """Read + decode + resize of ``count`` images of the first stream in this process, per CPU-second."""
-    source = run.sources[run.streams[0]]
+    """Read + decode + resize of ``count`` images of the first stream in this process, per CPU-second and
+    per second (wall). With a device decoder (``data.decode: gpu``) the files are read here (the workers'
+    part) and decoded and resized on the device in batches of ``train.batch_size``, synchronized."""
+    name = run.streams[0]
+    source, decoder = run.sources[name], run.decoders.get(name)
+    backend = "gpu" if decoder is not None else "cpu"
     if not hasattr(source, "__getitem__") or not hasattr(source, "__len__"):
-        return {"decode_images_per_cpu_s": None}  # a streamed source has no random access
+        # a streamed source has no random access
+        return {"decode_backend": backend, "decode_images_per_cpu_s": None, "decode_images_per_s": None}
     count = min(count, len(source))
-    start = time.process_time()
-    for index in range(count):
-        source[index]
-    return {"decode_images_per_cpu_s": count / max(time.process_time() - start, 1e-9)}
+    _synchronize(run.device)
+    start, start_cpu = time.perf_counter(), time.process_time()
+    if decoder is None:
+        for index in range(count):
+            source[index]
+    else:
+        items, batch = JpegBytes(source), run.config["train"]["batch_size"]
+        for first in range(0, count, batch):
+            decoder(collate([items[index] for index in range(first, min(first + batch, count))]))
+        _synchronize(run.device)
+    wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+    return {"decode_backend": backend, "decode_images_per_cpu_s": count / max(cpu, 1e-9),
+            "decode_images_per_s": count / max(wall, 1e-9)}
 
 
 # ----------------------------------------------------------------------------- the bench
@@ -365,7 +384,8 @@ def summary_lines(result: dict) -> list[str]:
         f"compile {result['compile']}",
         f"(a) pipeline: {result['pipeline_images_per_s']:.1f} images/s with {result['pipeline_workers']} workers, "
         f"{result['pipeline_images_per_cpu_s']:.1f} images per CPU-second (read+decode+views)"
-        + (f"; decode alone {decode:.1f} images per CPU-second" if decode else ""),
+        + (f"; decode alone ({result['decode_backend']}) {decode:.1f} images per CPU-second, "
+           f"{result['decode_images_per_s']:.1f} images/s in one process" if decode else ""),
         f"(b) bare networks: {result['bare_images_per_s']:.1f} images/s ({len(calls)} encoder calls: {described})",
         f"(c) full step: {result['step_images_per_s']:.1f} images/s",
         f"(d) peak memory ({result['memory_kind']}): step {result['step_peak_mib']:.1f} MiB, "

@@ -48,6 +48,9 @@ DEFAULTS: dict[str, Any] = {
         "num_workers": "auto",  # decoding processes per rank: auto = min(cores per rank - 1, 8)
         "prefetch": "auto",  # batches each worker prepares ahead: auto = max(2, ceil(4 / workers))
         "shuffle_shards": 8,  # streamed tar shards: shards whose samples are shuffled together
+        # where JPEGs are decoded: cpu (the workers, Pillow), gpu (nvJPEG on the device, the workers only
+        # read the files; needs torchvision and CUDA), auto (gpu where it can); data/gpu_decode.py
+        "decode": "cpu",
     },
     "train": {
         "steps": 1000,

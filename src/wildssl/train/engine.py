@@ -35,7 +35,7 @@ from wildssl.errors import ConfigError
 from wildssl.eval.online_probe import make_online_probe
 from wildssl.train.logging import CollapseMonitor, MetricLogger, ProgressBar
 from wildssl.train.run import Run, TrainingStopped, build_run, loader_spans, make_loaders, pick_device, save_checkpoint
-from wildssl.train.step import StepResult, to_device, training_step
+from wildssl.train.step import StepResult, device_batches, training_step
 
 log = logging.getLogger("wildssl")
 
@@ -241,7 +241,7 @@ def train(config: dict, out_dir: str | Path, resume: bool = False, knn_evaluator
             for start, stop in loader_spans(run):
                 loaders = make_loaders(run, start, stop)
                 for step, stream_batches in enumerate(zip(*loaders.values()), start=start):
-                    batches = {name: to_device(batch, run.device) for name, batch in zip(run.streams, stream_batches)}
+                    batches = device_batches(run, stream_batches)
                     run.record_corrupt(batches)
                     result = training_step(run, batches, step, lambda: interrupt.raised)
                     if online_probe is not None and result.finite:

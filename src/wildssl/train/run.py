@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from wildssl import distributed as dist
 from wildssl.data import collate, open_source
+from wildssl.data.gpu_decode import DeviceDecoder, JpegBytes, resolve_decode, supports
 from wildssl.data.sampler import StepBatchSampler, stream_seed
 from wildssl.data.shard_stream import START, ShardStream, StreamBatches
 from wildssl.data.workers import resolve_num_workers, resolve_prefetch
@@ -76,6 +77,9 @@ class Run:
     # streamed sources (ShardStream): stream -> this rank's position [epoch, group, offset] after the last
     # batch a finished step consumed; saved for every rank in the checkpoint
     stream_positions: dict[str, list[int]] = field(default_factory=dict)
+    # data.decode=gpu: stream -> the decoder that finishes its batches on the device (streams whose
+    # workers leave JPEGs undecoded); empty when the CPU decodes everything
+    decoders: dict[str, DeviceDecoder] = field(default_factory=dict)
 
     @property
     def main(self) -> bool:
@@ -243,6 +247,14 @@ def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
         if isinstance(sources[name], ShardStream) and method.index_hook(name) is not None:
             raise ConfigError(f"method {method.name} chooses which images stream {name!r} reads, which a streamed "
                               f"source cannot do; give data.{name} map-style data (drop the stream: prefix)")
+    decoders = {}
+    if resolve_decode(config["data"]["decode"], device) == "gpu":
+        for name, source in sources.items():
+            if supports(source):
+                decoders[name] = DeviceDecoder(source, device)
+            else:
+                log.info("data.decode=gpu: data.%s (%s) is decoded on the CPU: only image files (a folder, a "
+                         ".jsonl manifest, map-style tar shards) are decoded on the device", name, source.describe())
     global_batch = tcfg["batch_size"]
     batch_sizes = {name: (global_batch if index == 0 else
                           config["data"][f"{name}_batch_size"] or method.stream_batch_size(name, global_batch))
@@ -269,7 +281,8 @@ def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
               method_schedules=method.schedules(total_steps, steps_per_epoch),
               freeze_steps=int(round(config["optim"]["freeze_last_layer_epochs"] * steps_per_epoch)),
               start_step=0,
-              stream_positions={name: list(START) for name, source in sources.items() if isinstance(source, ShardStream)})
+              stream_positions={name: list(START) for name, source in sources.items() if isinstance(source, ShardStream)},
+              decoders=decoders)
 
     if checkpoint_path.is_file():
         if sharded:
@@ -331,7 +344,8 @@ def make_loaders(run: Run, start: int, stop: int) -> dict[str, DataLoader]:
             continue
         sampler = StepBatchSampler(len(source), run.batch_sizes[name], run.total_steps, start, seed, run.rank,
                                    run.world, stop_step=stop, index_hook=run.method.index_hook(name))
-        loaders[name] = DataLoader(source, batch_sampler=sampler, collate_fn=collate, **common)
+        dataset = JpegBytes(source) if name in run.decoders else source  # workers read the JPEGs' bytes only
+        loaders[name] = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, **common)
     return loaders
 
 

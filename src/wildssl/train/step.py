@@ -46,6 +46,17 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
+def device_batches(run: Run, stream_batches) -> dict[str, dict]:
+    """The loaders' batches of one step (one per stream, in ``run.streams`` order) on the run's device; the
+    JPEGs the workers left undecoded (``data.decode: gpu``) are decoded there first."""
+    batches = {}
+    for name, batch in zip(run.streams, stream_batches):
+        if name in run.decoders:
+            batch = run.decoders[name](batch)
+        batches[name] = to_device(batch, run.device)
+    return batches
+
+
 def step_context(run: Run, step: int) -> StepContext:
     generator = torch.Generator(device=run.device).manual_seed(view_seed(run.config["train"]["seed"], step, run.rank))
     log_every = run.config["train"]["log_every"]
