@@ -48,6 +48,9 @@ logger = logging.getLogger("wildssl.data")
 
 DECODE_CHOICES = ("cpu", "gpu", "auto")
 MIN_TORCHVISION = (0, 19)  # decode_jpeg takes a list of images (one batched nvJPEG call) from 0.19
+# Pillow's format of a JPEG file: MPO is a camera's JPEG with more pictures appended, of which Pillow and
+# nvJPEG both decode the first
+DEVICE_FORMATS = ("JPEG", "MPO")
 DEVICE_MODES = ("RGB", "L")  # Pillow's mode of a YCbCr or grayscale JPEG; nvJPEG converts both to RGB
 # Decoded pixels per decode_jpeg call: 96 MiB of uint8 images, and 384 MiB of float during their resize.
 PIXELS_PER_CALL = 32_000_000
@@ -131,7 +134,7 @@ def read_jpeg(file: str | os.PathLike | BinaryIO, load_size: int,
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # decode_image's reason
         with Image.open(io.BytesIO(data)) as image:  # the header only
             width, height = image.size
-            to_device = (image.format == "JPEG" and image.mode in DEVICE_MODES
+            to_device = (image.format in DEVICE_FORMATS and image.mode in DEVICE_MODES
                          and 0 < width * height <= max_pixels and data.endswith(_EOI))
     if to_device:
         return None, {"data": torch.frombuffer(bytearray(data), dtype=torch.uint8), "pixels": width * height}, \
