@@ -82,3 +82,22 @@ def test_quick_recipes_harness_table_has_one_row_per_run_with_figures_from_its_j
         assert cells[2:5] == [f"{100 * run['trained']:.1f}%", f"{100 * run['random']:.1f}%",
                               f"{100 * (run['trained'] - run['random']):+.1f}"]
         assert run["steps"] == 2 and "--val" in run["command"] and run["seconds"] > 0
+
+
+def test_maws_fsdp_harness_smoke_run_times_mae_and_wsp_engine_steps_under_fsdp(tmp_path):
+    """benchmarks/maws_fsdp.py --smoke: both MAWS stages through the engine with train.sharding=fsdp and
+    activation checkpointing in a one-rank gloo group; the JSON has the fields the GPU run reports."""
+    out = tmp_path / "maws_fsdp.json"
+    argv = [sys.executable, str(ROOT / "benchmarks" / "maws_fsdp.py"), "--smoke", "--batch-size", "4", "--steps", "1",
+            "--warmup", "1", "--precision", "fp32", "--out", str(out)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["fits"] and report["sharding"] == "fsdp" and report["activation_checkpointing"]
+    assert report["world_size"] == 1 and report["precision"] == "fp32" and report["batch_size"] == 4
+    assert set(report["methods"]) == {"mae", "wsp"}
+    for name, figures in report["methods"].items():
+        assert figures["recipe"] == f"maws_{name}" and figures["steps_timed"] == 1 and figures["warmup_steps"] == 1
+        assert figures["images_per_s"] > 0 and figures["step_s_median"] > 0
+        assert figures["max_memory_allocated_bytes"] is None  # CUDA's peak; none on the CPU
+        assert figures["final_loss"] > 0
