@@ -82,3 +82,49 @@ def test_quick_recipes_harness_table_has_one_row_per_run_with_figures_from_its_j
         assert cells[2:5] == [f"{100 * run['trained']:.1f}%", f"{100 * run['random']:.1f}%",
                               f"{100 * (run['trained'] - run['random']):+.1f}"]
         assert run["steps"] == 2 and "--val" in run["command"] and run["seconds"] > 0
+
+
+def _maws_fsdp_harness():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("maws_fsdp", ROOT / "benchmarks" / "maws_fsdp.py")
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+    return harness
+
+
+def test_maws_fsdp_harness_smoke_run_times_mae_and_wsp_engine_steps_under_fsdp(tmp_path):
+    """benchmarks/maws_fsdp.py --smoke (in this process): both MAWS stages through the engine with
+    train.sharding=fsdp and activation checkpointing in a one-rank gloo group; the JSON has the fields the
+    GPU run reports."""
+    out = tmp_path / "maws_fsdp.json"
+    _maws_fsdp_harness().main(["--smoke", "--batch-size", "4", "--steps", "1", "--warmup", "1", "--precision", "fp32",
+                               "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["fits"] and report["sharding"] == "fsdp" and report["activation_checkpointing"]
+    assert report["world_size"] == 1 and report["precision"] == "fp32" and report["batch_size"] == 4
+    assert set(report["methods"]) == {"mae", "wsp"}
+    for name, figures in report["methods"].items():
+        assert figures["recipe"] == f"maws_{name}" and figures["steps_timed"] == 1 and figures["warmup_steps"] == 1
+        assert figures["images_per_s"] > 0 and figures["step_s_median"] > 0
+        assert figures["max_memory_allocated_bytes"] is None  # CUDA's peak; none on the CPU
+        assert figures["final_loss"] > 0
+
+
+def test_maws_fsdp_largest_tries_sizes_smallest_first_and_stops_at_the_first_that_does_not_fit(monkeypatch):
+    """--largest without a GPU: each size's process is replaced by one that writes what a GPU run would
+    (base, large fit; huge runs out of memory); the report names large and tried nothing after huge."""
+    harness = _maws_fsdp_harness()
+    launched = []
+
+    def fake_run(command, **kwargs):
+        model, out = command[command.index("--model") + 1], Path(command[command.index("--out") + 1])
+        launched.append(model)
+        assert command[command.index("--batch-size") + 1] == "16" and "--largest" not in command
+        out.write_text(json.dumps({"model": model, "fits": model in ("base", "large")}))
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(harness.subprocess, "run", fake_run)
+    report = harness.run_largest(harness.parse_args(["--largest", "--batch-size", "16"]))
+    assert launched == ["base", "large", "huge"]
+    assert report["largest_that_fits"] == "large" and [t["model"] for t in report["tried"]] == launched

@@ -152,3 +152,23 @@ def test_invalid_arguments_raise_data_error(kwargs, message):
 def test_index_out_of_range_raises_index_error():
     with pytest.raises(IndexError):
         SyntheticScenes(n=3, size=16)[3]
+
+
+def test_distractors_caps_the_small_objects_and_keeps_the_rest_of_each_scene():
+    from wildssl.data import open_source
+
+    default = SyntheticScenes(n=30, size=32)
+    assert default.distractors == 3
+    for cap in (0, 1):
+        capped = open_source(f"synthetic:scenes?n=30&size=32&distractors={cap}")
+        for i in range(30):
+            full, fewer = default.scene(i), capped.scene(i)
+            assert len(fewer.objects) == min(cap + 1, len(full.objects))
+            assert fewer.objects == full.objects[: len(fewer.objects)]  # the same main object and first ones
+            assert fewer.background == full.background and capped[i]["label"] == default[i]["label"]
+    alone = open_source("synthetic:scenes?n=5&size=32&distractors=0&colours=2")
+    for i in range(5):
+        sample = alone[i]
+        assert sample["labels"] == [sample["label"]] and " with " not in sample["caption"]
+    with pytest.raises(DataError, match="distractors must be in 0..3, got 4"):
+        SyntheticScenes(n=5, distractors=4)

@@ -147,8 +147,11 @@ _BOX_DRAWS = 4  # side, stretch, centre x, centre y
 _DRAWS = _HEADER_DRAWS + (1 + _MAX_DISTRACTORS) * _OBJECT_DRAWS + _BOX_DRAWS * (1 + _MAX_DISTRACTORS * _PLACEMENT_TRIES)
 
 
-def sample_scene(rng: np.random.Generator, num_classes: int, colours: int = len(PALETTE)) -> Scene:
-    """Draw a scene: main object, 1-3 distractors not touching any other object, colours, background.
+def sample_scene(rng: np.random.Generator, num_classes: int, colours: int = len(PALETTE),
+                 distractors: int = _MAX_DISTRACTORS) -> Scene:
+    """Draw a scene: main object, 1-3 distractors (at most ``distractors``) not touching any other object,
+    colours, background. Fewer ``distractors`` keep every other draw: the scene is the default one with its
+    last distractors left out.
 
     All randomness comes from one fixed-size block of uniforms: a scene costs one generator call, and
     how many placement tries fail never shifts the other draws."""
@@ -160,7 +163,7 @@ def sample_scene(rng: np.random.Generator, num_classes: int, colours: int = len(
     background = int(background_draw * colours)
 
     boxes = [_box(MAIN_SIDE, box_draws[:_BOX_DRAWS])]
-    for distractor in range(1 + int(count_draw * _MAX_DISTRACTORS)):
+    for distractor in range(min(distractors, 1 + int(count_draw * _MAX_DISTRACTORS))):
         first = _BOX_DRAWS * (1 + distractor * _PLACEMENT_TRIES)
         for attempt in range(_PLACEMENT_TRIES):
             start = first + _BOX_DRAWS * attempt
@@ -237,6 +240,8 @@ class SyntheticScenes(Source):
             decoded image would be.
         colours: how many of ``PALETTE``'s colours are used (the first ones). Few colours make colour
             useless for telling scenes apart, so self-supervised methods must look at shapes.
+        distractors: the most small distractor objects per scene (0-3; a scene draws 1-3 and keeps at most
+            this many); 0 gives one object per scene, whose caption names only the class shape.
 
     Samples follow :class:`wildssl.data.sample.Source`; ``aspect`` is 1.0, ``boxes`` hold every object
     (main first) with its shape as box label, ``labels`` the sorted set of shapes present; ``mask(i)``
@@ -244,7 +249,8 @@ class SyntheticScenes(Source):
     """
 
     # what ``open_source("synthetic:scenes?...")`` accepts, with the type each query value is parsed to
-    QUERY_PARAMETERS = {"n": int, "size": int, "seed": int, "split": str, "num_classes": int, "colours": int}
+    QUERY_PARAMETERS = {"n": int, "size": int, "seed": int, "split": str, "num_classes": int, "colours": int,
+                        "distractors": int}
 
     def __init__(
         self,
@@ -255,6 +261,7 @@ class SyntheticScenes(Source):
         num_classes: int = len(SHAPES),
         load_size: int | None = None,
         colours: int = len(PALETTE),
+        distractors: int = _MAX_DISTRACTORS,
     ) -> None:
         where = f"synthetic:scenes (n={n}, size={size}, seed={seed}, split={split}, num_classes={num_classes})"
         if n < 1:
@@ -269,10 +276,12 @@ class SyntheticScenes(Source):
             raise DataError(f"{where}: num_classes must be in 2..{len(SHAPES)}")
         if not 2 <= colours <= len(PALETTE):
             raise DataError(f"{where}: colours must be in 2..{len(PALETTE)}")
+        if not 0 <= distractors <= _MAX_DISTRACTORS:
+            raise DataError(f"{where}: distractors must be in 0..{_MAX_DISTRACTORS}, got {distractors}")
         if load_size is not None and load_size < 1:
             raise DataError(f"{where}: load_size must be >= 1, got {load_size}")
         self.n, self.size, self.seed, self.split, self.num_classes = n, size, seed, split, num_classes
-        self.colours = colours
+        self.colours, self.distractors = colours, distractors
         self.load_size = size if load_size is None else load_size
         self.classes = list(SHAPES[:num_classes])
 
@@ -287,7 +296,7 @@ class SyntheticScenes(Source):
         if not 0 <= index < self.n:
             raise IndexError(f"index {index} out of range for {self.n} synthetic scenes")
         rng = np.random.default_rng([self.seed, SPLITS.index(self.split), index])
-        return sample_scene(rng, self.num_classes, self.colours)
+        return sample_scene(rng, self.num_classes, self.colours, self.distractors)
 
     def __getitem__(self, index: int) -> dict:
         scene = self.scene(index)
