@@ -99,7 +99,8 @@ def entry_config(suite: dict, entry: dict, scale: str, seed: int, specs: dict[st
     curve = suite["knn_curve"]
     if curve:
         batch = build_config(entry["recipe"], overrides)["train"]["batch_size"]
-        every = max(1, images // (batch * curve["points"]))
+        points = 1 if scale == "tiny" else curve["points"]  # tiny: the floor and the end only
+        every = max(1, images // (batch * points))
         overrides += [f"eval.knn_train={specs[curve['train']]}", f"eval.knn_test={specs[curve['test']]}",
                       f"eval.knn_every={every}"]
     else:
@@ -283,16 +284,25 @@ def run_benchmark(suite_path: str | Path, scale: str = "cpu", seeds: int | None 
             raise ConfigError(f"{out} holds suite {previous['suite']['name']} at scale {previous['scale']}; resume it "
                               f"with the same suite and --scale, or choose another --out")
     specs = resolve_data(suite, scale, shared, Path(data_dir) if data_dir else out / "data")
+    entries = {e["label"]: e for e in suite["entries"]}
     # every config first: an unknown recipe or key fails before any training
-    configs = {(e["label"], s): entry_config(suite, e, scale, s, specs, out) for e in suite["entries"] for s in seed_list}
+    def entry_seeds(entry: dict) -> list[int]:
+        return seed_list[:entry["seeds"]] if entry["seeds"] else seed_list
+
+    for entry in suite["entries"]:
+        if entry["init_from"] and len(entry_seeds(entry)) > len(entry_seeds(entries[entry["init_from"]])):
+            raise ConfigError(f"suite {suite['name']} entry {entry['label']}: it runs more seeds than {entry['init_from']}, "
+                              "whose encoder it starts from; give it seeds <= that entry's")
+    configs = {(e["label"], s): entry_config(suite, e, scale, s, specs, out)
+               for e in suite["entries"] for s in entry_seeds(e)}
     meta = {"suite": suite, "suite_file": str(suite_path), "scale": scale, "seeds": seed_list,
             "command": command or f"wildssl benchmark run {suite_path} --scale {scale}", "device": device_name(),
             "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "data": specs}
     if meta_path.is_file():
         meta["started"] = json.loads(meta_path.read_text()).get("started", meta["started"])
     write_json(meta_path, meta)
-    jobs = [(FLOOR, s) for s in seed_list] + [(e["label"], s) for s in seed_list for e in suite["entries"]]
-    entries = {e["label"]: e for e in suite["entries"]}
+    jobs = [(FLOOR, s) for s in seed_list] + [(e["label"], s) for s in seed_list for e in suite["entries"]
+                                              if s in entry_seeds(e)]
     began, timed = time.perf_counter(), []
     for number, (label, seed) in enumerate(jobs, start=1):
         where = f"[{number}/{len(jobs)}] {suite['name']} {label} seed {seed}"
@@ -301,7 +311,9 @@ def run_benchmark(suite_path: str | Path, scale: str = "cpu", seeds: int | None 
             continue
         started = time.perf_counter()
         if label == FLOOR:
-            run_floor(suite, configs[(suite["entries"][0]["label"], seed)], seed, scale, specs, out)
+            first = suite["entries"][0]
+            config = configs.get((first["label"], seed)) or entry_config(suite, first, scale, seed, specs, out)
+            run_floor(suite, config, seed, scale, specs, out)
         else:
             run_entry(suite, entries[label], configs[(label, seed)], seed, scale, specs, out)
         timed.append(time.perf_counter() - started)
@@ -309,4 +321,4 @@ def run_benchmark(suite_path: str | Path, scale: str = "cpu", seeds: int | None 
         eta = sum(timed) / len(timed) * left
         print(f"{where}: {timed[-1]:.1f} s; elapsed {_minutes(time.perf_counter() - began)}; "
               f"ETA {_minutes(eta)} for {left} more", file=sys.stderr, flush=True)
-    return write_outputs(out)
+    return write_outputs(out, plots=scale != "tiny")  # tiny: seconds per suite; `report` draws them

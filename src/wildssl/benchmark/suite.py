@@ -19,6 +19,7 @@
         set: [method.crop_size=32]   # --set overrides of this entry (after the scale's)
         streams: {train: cifar_train}  # data.<stream> of the method, by data name
         init_from: null           # label of an earlier entry whose encoder (same seed) sets model.init_from
+        seeds: null               # at most this many seeds for this entry (default: all of the suite's)
     probes:                       # wildssl eval all probes (wildssl.eval.report), data by name; plus
       knn: {train: cifar_train, test: cifar_test}   # ``zeroshot: {data: NAME}`` for image-text entries
     knn_curve: {train: cifar_train, test: cifar_test, points: 4}  # the engine's online k-NN over steps
@@ -43,7 +44,7 @@ NETWORKS = ("auto", "teacher", "student")
 SUITE_KEYS = ("name", "mirrors", "direction", "network", "seeds", "data", "scales", "entries", "probes",
               "knn_curve", "metrics", "notes")
 SCALE_KEYS = ("images", "set", "probes", "data")
-ENTRY_KEYS = ("label", "recipe", "set", "streams", "init_from", "notes")
+ENTRY_KEYS = ("label", "recipe", "set", "streams", "init_from", "seeds", "notes")
 CURVE_KEYS = ("train", "test", "points")
 # probes the harness runs itself (not through wildssl eval all): they need the whole method, not an encoder
 METHOD_PROBES = ("zeroshot",)
@@ -72,15 +73,24 @@ def _string_list(value: Any, where: str) -> list[str]:
 
 
 def read_suite(path: str | Path) -> dict:
+    """(See :func:`check_suite`.) Recipe YAML paths are relative to the suite file's folder."""
+    return _read(Path(path))
+
+
+def _read(path: Path) -> dict:
     """The suite at ``path`` checked and with its defaults filled in; every mistake is one ConfigError line."""
-    path = Path(path)
     if not path.is_file():
         raise ConfigError(f"suite file not found: {path} (the shipped suites are benchmarks/suites/*.yaml)")
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"suite {path} is not valid YAML: {str(error).splitlines()[0]}") from None
-    return check_suite(tree, str(path))
+    suite = check_suite(tree, str(path))
+    for entry in suite["entries"]:
+        recipe = Path(entry["recipe"])
+        if recipe.suffix in (".yaml", ".yml") and not recipe.is_absolute():
+            entry["recipe"] = str(path.parent / recipe)
+    return suite
 
 
 def check_suite(tree: Any, where: str = "suite") -> dict:
@@ -136,9 +146,13 @@ def check_suite(tree: Any, where: str = "suite") -> dict:
         init_from = entry.get("init_from")
         if init_from is not None and init_from not in labels:
             raise _fail(here, f"init_from {init_from!r} must name an entry listed before it ({', '.join(labels)})")
+        seeds = entry.get("seeds")
+        if seeds is not None and (not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1):
+            raise _fail(here, f"seeds must be an integer >= 1 (at most that many of the suite's seeds), got {seeds!r}")
         labels.append(label)
         suite["entries"].append({"label": label, "recipe": recipe, "set": _string_list(entry.get("set"), f"{here} set"),
-                                 "streams": dict(streams), "init_from": init_from, "notes": str(entry.get("notes") or "")})
+                                 "streams": dict(streams), "init_from": init_from, "seeds": seeds,
+                                 "notes": str(entry.get("notes") or "")})
     suite["probes"] = _check_probes(tree["probes"], suite["data"], f"{where} probes")
     for scale in SCALES:
         for probe, options in suite["scales"][scale]["probes"].items():

@@ -164,13 +164,14 @@ def write_plots(out: Path, meta: dict, runs: list[dict], table: dict) -> list[st
     return written
 
 
-def write_outputs(out: str | Path) -> dict:
-    """Rebuild ``results.json``, ``table.md`` and the plots of the suite folder ``out`` from its recorded runs."""
+def write_outputs(out: str | Path, plots: bool = True) -> dict:
+    """Rebuild ``results.json``, ``table.md`` and (with ``plots``) the plots of the suite folder ``out`` from
+    its recorded runs."""
     out = Path(out)
     meta, runs = read_runs(out)
     table = aggregate(meta, runs)
     text = markdown(meta, runs, table)
-    pictures = write_plots(out, meta, runs, table)
+    pictures = write_plots(out, meta, runs, table) if plots else []
     if pictures:
         text += "\n" + "\n".join(f"![{p}]({p})" for p in pictures) + "\n"
     (out / "table.md").write_text(text)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from wildssl.benchmark.prepare import TEST_SETS, is_prepared_name
 
-IMAGES = 16  # images seen per entry when the suite gives no scales.tiny.images: 2 steps of 8
-SCENES = "synthetic:scenes?n=32&size=16&colours=2&split={split}"
+IMAGES = 8  # images seen per entry when the suite gives no scales.tiny.images: one step of 8
+# 4 shapes: 4 images of a class on average, enough for a 2-way 1-shot episode with a query
+SCENES = "synthetic:scenes?n=16&size=16&colours=2&num_classes=4&split={split}"
 MODEL = ["model.name=tiny", "model.depth=1", "model.embed_dim=32", "model.num_heads=2", "model.patch_size=4",
          "model.img_size=16", "data.load_size=16", "data.num_workers=0", "train.batch_size=8",
          "train.log_every=1", "train.checkpoint_every=0"]
