@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wildssl.benchmark import runner, table
+from wildssl.benchmark import runner, table, tiny
 from wildssl.benchmark.prepare import prepare
 from wildssl.benchmark.suite import check_suite, read_suite
 from wildssl.cli import main
@@ -60,7 +60,7 @@ def test_every_suite_resolves_at_cpu_and_gpu_scale_with_equal_images_seen_and_on
     suite = read_suite(path)
     specs = {name: f"/prepared/{name}" for name in suite["data"]}  # paths are not opened when configs are built
     for scale in ("cpu", "gpu"):
-        configs = [runner.entry_config(suite, entry, scale, 0, specs, tmp_path) for entry in suite["entries"]]
+        configs = [runner.entry_config(suite, entry, scale, 0, specs, tmp_path)[0] for entry in suite["entries"]]
         assert len({c["train"]["images"] for c in configs}) == 1, scale
         assert {c["eval"]["encoder"] for c in configs} == {suite["network"]}
         # the scale's model, the same for every entry (the floor is the first entry's architecture)
@@ -73,7 +73,7 @@ def test_every_suite_resolves_at_cpu_and_gpu_scale_with_equal_images_seen_and_on
 
 @pytest.mark.parametrize("path", SUITES, ids=lambda p: p.stem)
 def test_every_suite_runs_at_tiny_scale_and_tables_each_entry_and_the_floor(path, tmp_path):
-    results = runner.run_benchmark(path, "tiny", seeds=1, out=tmp_path)
+    runner.run_benchmark(path, "tiny", seeds=1, out=tmp_path)
     suite = read_suite(path)
     labels = [e["label"] for e in suite["entries"]]
     rows = table_rows((tmp_path / "table.md").read_text())
@@ -84,8 +84,7 @@ def test_every_suite_runs_at_tiny_scale_and_tables_each_entry_and_the_floor(path
             figures = record["probes"][probe]
             assert "skipped" in figures or all(np.isfinite(v) for v in figures.values()), (label, probe)
         if label != "random_init":
-            assert record["images"] == results["runs"][1]["images"]  # equal images seen
-            assert record["steps"] >= 1
+            assert record["images"] == tiny.IMAGES and record["steps"] >= 1  # equal images seen
     assert all(cell != "" for cells in rows.values() for cell in cells)
 
 
@@ -95,7 +94,7 @@ def _small_suite(tmp_path: Path) -> Path:
     return path
 
 
-def test_resuming_a_killed_suite_reruns_nothing_that_finished(tmp_path, monkeypatch):
+def test_resuming_a_killed_suite_reruns_nothing_that_finished(tmp_path, monkeypatch, capsys):
     from wildssl.train import engine
 
     calls = []
@@ -109,6 +108,9 @@ def test_resuming_a_killed_suite_reruns_nothing_that_finished(tmp_path, monkeypa
     out = tmp_path / "out"
     runner.run_benchmark(_small_suite(tmp_path), "tiny", out=out)
     assert sorted(calls) == ["dino-s0", "dino-s1", "simclr-s0", "simclr-s1"]
+    progress = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
+    assert len(progress) == 6 and all(re.match(r"\[\d/6\] small \w+ seed \d: [\d.]+ s; elapsed .*; ETA ", line)
+                                      for line in progress)
     stamps = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json")}
     assert len(stamps) == 6  # 4 runs and 2 floors
     # killed during training of dino seed 1 (nothing of it recorded) and during evaluation of simclr seed 0
@@ -118,6 +120,11 @@ def test_resuming_a_killed_suite_reruns_nothing_that_finished(tmp_path, monkeypa
     calls.clear()
     runner.run_benchmark(_small_suite(tmp_path), "tiny", out=out)
     assert calls == ["dino-s1"]  # simclr-s0 had finished training: only evaluated again
+    # dino-s1 was killed after its last checkpoint: the engine resumed it there and trained no step again
+    summary = json.loads((out / "runs" / "dino-s1" / "train_done.json").read_text())
+    assert summary["start_step"] == summary["total_steps"] == summary["steps"]
+    skipped = [line for line in capsys.readouterr().err.splitlines() if line.endswith("recorded, skipped")]
+    assert len(skipped) == 4
     for name, stamp in stamps.items():
         now = (out / "runs" / name / "result.json").stat().st_mtime_ns
         assert (now == stamp) == (name not in ("dino-s1", "simclr-s0")), name
@@ -125,7 +132,7 @@ def test_resuming_a_killed_suite_reruns_nothing_that_finished(tmp_path, monkeypa
 
 def test_report_rebuilds_the_same_table_from_the_recorded_runs(tmp_path, capsys):
     out = tmp_path / "out"
-    runner.run_benchmark(_small_suite(tmp_path), "tiny", out=out)
+    runner.run_benchmark(_small_suite(tmp_path), "tiny", seeds=1, out=out)
     first = (out / "table.md").read_text()
     assert "![" not in first  # tiny runs draw no plots; report draws them and links them below the table
     results = json.loads((out / "results.json").read_text())

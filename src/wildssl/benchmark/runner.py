@@ -74,10 +74,12 @@ def run_dir(out: Path, label: str, seed: int) -> Path:
     return out / "runs" / f"{label}-s{seed}"
 
 
-def entry_config(suite: dict, entry: dict, scale: str, seed: int, specs: dict[str, str], out: Path) -> dict:
-    """The resolved training config of ``entry`` at ``scale`` and ``seed`` (unknown recipes and keys are
-    ConfigErrors naming the entry). Order: recipe, the scale's overrides, the entry's, the streams, then
-    the harness's (images seen, seed, network, k-NN curve; at tiny scale the tiny profile)."""
+def entry_config(suite: dict, entry: dict, scale: str, seed: int, specs: dict[str, str],
+                 out: Path) -> tuple[dict, list[str]]:
+    """The resolved training config of ``entry`` at ``scale`` and ``seed`` and the ``--set`` overrides it is
+    built from (unknown recipes and keys are ConfigErrors naming the entry). Order: recipe, the scale's
+    overrides, the entry's, the streams, then the harness's (images seen, seed, network, k-NN curve; at tiny
+    scale the tiny profile)."""
     from wildssl.methods import get_method_class
     from wildssl.train.config import build_config
 
@@ -110,8 +112,7 @@ def entry_config(suite: dict, entry: dict, scale: str, seed: int, specs: dict[st
     if missing:
         raise ConfigError(f"{where}: method {method} reads streams {', '.join(get_method_class(method).streams)}; "
                           f"give streams: {{{missing[0]}: <data name>}} too (the recipe's default would be used)")
-    config["_overrides"] = overrides
-    return config
+    return config, overrides
 
 
 def probe_suite(suite: dict, scale: str, specs: dict[str, str], seed: int) -> tuple[dict, dict]:
@@ -194,14 +195,14 @@ def train_entry(config: dict, folder: Path) -> dict:
     from wildssl.train import engine
 
     began = time.perf_counter()
-    config = {k: v for k, v in config.items() if k != "_overrides"}
     summary = engine.train(config, folder / "train", resume=True,
                            knn_evaluator=make_online_knn(config, engine.pick_device()))
     summary["seconds"] = round(time.perf_counter() - began, 1)
     return summary
 
 
-def run_entry(suite: dict, entry: dict, config: dict, seed: int, scale: str, specs: dict, out: Path) -> dict:
+def run_entry(suite: dict, entry: dict, config: dict, overrides: list[str], seed: int, scale: str, specs: dict,
+              out: Path) -> dict:
     """Train and evaluate one (entry, seed); returns (and records) its ``result.json``."""
     from wildssl.models.loading import evaluated_network, load_encoder
 
@@ -223,7 +224,7 @@ def run_entry(suite: dict, entry: dict, config: dict, seed: int, scale: str, spe
     probes = evaluate_encoder(load_encoder(train_dir, teacher), eval_suite, report_dir, entry["label"])
     probes.update(evaluate_method_probes(train_dir, config["method"]["name"], method_probes))
     result = {"label": entry["label"], "seed": seed, "recipe": entry["recipe"], "method": config["method"]["name"],
-              "overrides": config["_overrides"], "images": config["train"]["images"], "steps": summary["steps"],
+              "overrides": overrides, "images": config["train"]["images"], "steps": summary["steps"],
               "network": evaluated_network(train_dir, teacher), "train_seconds": summary["seconds"],
               "eval_seconds": round(time.perf_counter() - began, 1), "probes": probes,
               "knn_curve": knn_curve(train_dir), "metrics": last_metrics(train_dir, suite["metrics"]),
@@ -239,8 +240,7 @@ def run_floor(suite: dict, config: dict, seed: int, scale: str, specs: dict, out
 
     folder = run_dir(out, FLOOR, seed)
     folder.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in config.items() if k != "_overrides"}
-    config["model"] = {**config["model"], "init_from": None}
+    config = {**config, "model": {**config["model"], "init_from": None}}
     torch.manual_seed(seed)
     method = build_method(config)
     teacher = None if suite["network"] == "auto" else suite["network"] == "teacher"
@@ -312,10 +312,10 @@ def run_benchmark(suite_path: str | Path, scale: str = "cpu", seeds: int | None 
         started = time.perf_counter()
         if label == FLOOR:
             first = suite["entries"][0]
-            config = configs.get((first["label"], seed)) or entry_config(suite, first, scale, seed, specs, out)
+            config, _ = configs.get((first["label"], seed)) or entry_config(suite, first, scale, seed, specs, out)
             run_floor(suite, config, seed, scale, specs, out)
         else:
-            run_entry(suite, entries[label], configs[(label, seed)], seed, scale, specs, out)
+            run_entry(suite, entries[label], *configs[(label, seed)], seed, scale, specs, out)
         timed.append(time.perf_counter() - started)
         left = len(jobs) - number
         eta = sum(timed) / len(timed) * left
