@@ -5,7 +5,8 @@
 ``$WILDSSL_SHARED_DATA`` (its README describes the files). Sets:
 
 - ``cifar10:train`` / ``cifar10:test``: class-folder PNGs of ``cifar10_carry.npz`` (10,000 train and
-  3,000 test images, 32 px, 10 classes, object-centric).
+  3,000 test images, 32 px, 10 classes, object-centric); ``cifar10:train2k``: the first 2,000 train images
+  (the file is shuffled, so about 200 per class), for suites that need several epochs in their budget.
 - ``camvid:train`` / ``camvid:test``: the CamVid street frames (SegNet train / test split, 171 x 128) with
   their per-pixel masks (11 classes, 11 = Unlabelled): linear segmentation, scene pre-training.
 - ``coco:train`` / ``coco:val``: COCO mini train2017 / val2017 images that have instances (boxes with
@@ -96,11 +97,11 @@ def flickr_label(captions: list[str]) -> str | None:
     return None
 
 
-def _cifar10(split: str) -> Callable[[Path, Path], str]:
+def _cifar10(split: str, count: int | None = None) -> Callable[[Path, Path], str]:
     def convert(shared: Path, out: Path) -> str:
         data = np.load(_need(shared / "cifar10_carry.npz"))
         classes = [str(c) for c in data["classes"]]
-        images, labels = data[f"x_{split}"], data[f"y_{split}"]
+        images, labels = data[f"x_{split}"][:count], data[f"y_{split}"][:count]
         for index, (image, label) in enumerate(zip(images, labels)):
             path = out / classes[int(label)] / f"{index:05d}.png"
             if not path.exists():
@@ -153,7 +154,7 @@ def _scenes(shared: Path, out: Path) -> str:
 
 
 CATALOGUE: dict[str, Callable[[Path, Path], str]] = {
-    "cifar10:train": _cifar10("train"), "cifar10:test": _cifar10("test"),
+    "cifar10:train": _cifar10("train"), "cifar10:train2k": _cifar10("train", 2000), "cifar10:test": _cifar10("test"),
     "camvid:train": _camvid("train"), "camvid:test": _camvid("test"),
     "coco:train": _coco("train2017"), "coco:val": _coco("val2017"),
     "flickr8k:train": _flickr_train, "flickr8k:test": _flickr_test,
