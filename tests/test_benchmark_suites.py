@@ -2,7 +2,6 @@
 table is rebuilt from the recorded runs with mean and spread computed as numpy does."""
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -196,7 +195,8 @@ def test_bad_suites_are_one_line_errors(tmp_path, capsys):
         runner.run_benchmark(unknown, "tiny", out=tmp_path / "o2")
     assert not (tmp_path / "o2" / "runs").exists()  # nothing trained before the error
     stream = tmp_path / "stream.yaml"
-    stream.write_text(SMALL.replace("streams: {train: train}}\n  - {label: dino", "streams: {train: nope}}\n  - {label: dino"))
+    stream.write_text(SMALL.replace("streams: {train: train}}\n  - {label: dino",
+                                    "streams: {train: nope}}\n  - {label: dino"))
     with pytest.raises(ConfigError, match="'nope', which is not a name under data"):
         read_suite(stream)
 

@@ -291,8 +291,8 @@ def run_benchmark(suite_path: str | Path, scale: str = "cpu", seeds: int | None 
 
     for entry in suite["entries"]:
         if entry["init_from"] and len(entry_seeds(entry)) > len(entry_seeds(entries[entry["init_from"]])):
-            raise ConfigError(f"suite {suite['name']} entry {entry['label']}: it runs more seeds than {entry['init_from']}, "
-                              "whose encoder it starts from; give it seeds <= that entry's")
+            raise ConfigError(f"suite {suite['name']} entry {entry['label']}: it runs more seeds than "
+                              f"{entry['init_from']}, whose encoder it starts from; give it seeds <= that entry's")
     configs = {(e["label"], s): entry_config(suite, e, scale, s, specs, out)
                for e in suite["entries"] for s in entry_seeds(e)}
     meta = {"suite": suite, "suite_file": str(suite_path), "scale": scale, "seeds": seed_list,

@@ -25,12 +25,14 @@ FIGURES = {
 
 
 def read_runs(out: Path) -> tuple[dict, list[dict]]:
-    """``suite.json`` and every ``runs/*/result.json`` of a suite folder (sorted by label and seed)."""
+    """``suite.json`` and the ``runs/*/result.json`` of its seeds in a suite folder (sorted by label and seed)."""
     meta_path = out / "suite.json"
     if not meta_path.is_file():
         raise DataError(f"{out} is not a benchmark folder: no suite.json (written by wildssl benchmark run)")
     meta = json.loads(meta_path.read_text())
     runs = [json.loads(path.read_text()) for path in sorted((out / "runs").glob("*/result.json"))]
+    # the seeds of the latest invocation (--seeds 2 after --seeds 3 leaves the third seed's runs out)
+    runs = [r for r in runs if r["seed"] in meta["seeds"]]
     return meta, sorted(runs, key=lambda r: (r["label"], r["seed"]))
 
 
@@ -102,8 +104,9 @@ def markdown(meta: dict, runs: list[dict], table: dict) -> str:
              f"- Command: `{meta['command']}`", f"- Date: {meta['started']}; device: {meta['device']}",
              f"- Wall time of the recorded runs (training + evaluation): {wall / 60:.1f} min",
              f"- Seeds recorded: {', '.join(map(str, seeds)) or 'none'}; network evaluated: {suite['network']}",
-             "", "Cells: mean ± spread over seeds (spread = sample standard deviation, n - 1; none with one seed); "
-             "probe figures in percent. `random_init` is the floor: the first entry's encoder at its initial weights.",
+             "", ("Cells: mean ± spread over seeds (spread = sample standard deviation, n - 1; none with one seed); "
+                  "probe figures in percent. `random_init` is the floor: the first entry's encoder at its initial "
+                  "weights."),
              "", "| entry | runs | " + " | ".join(c[0] for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
     for label, row in table.items():
         cells = [cell(row.get(title), probe != "metrics") for title, probe, _ in cols]
@@ -154,7 +157,8 @@ def write_plots(out: Path, meta: dict, runs: list[dict], table: dict) -> list[st
         for label, points in curves.items():
             steps = sorted(points)
             axis.plot(steps, [100 * float(np.mean(points[s])) for s in steps], marker="o", label=label)
-        axis.set(xlabel="training step", ylabel="online k-NN top-1 (%)", title="k-NN over training (step 0: random init)")
+        axis.set(xlabel="training step", ylabel="online k-NN top-1 (%)",
+                 title="k-NN over training (step 0: random init)")
         axis.legend(fontsize=7)
         axis.grid(alpha=0.3)
         figure.tight_layout()
