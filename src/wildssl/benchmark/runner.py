@@ -123,7 +123,8 @@ def probe_suite(suite: dict, scale: str, specs: dict[str, str], seed: int) -> tu
     encoder_probes, method_probes = {}, {}
     for name, options in suite["probes"].items():
         kind = probe_kind(name)
-        options = {**(tiny.PROBES.get(kind, {}) if scale == "tiny" else {}), **options,
+        # the suite's options, then (tiny) one quick fit, then the scale's own options for this probe
+        options = {**options, **(tiny.PROBES.get(kind, {}) if scale == "tiny" else {}),
                    **suite["scales"][scale]["probes"].get(name, {})}
         options = {k: specs[v] if k in ("train", "test", "data") else v for k, v in options.items()}
         (method_probes if kind in METHOD_PROBES else encoder_probes)[name] = options

@@ -159,6 +159,8 @@ def check_suite(tree: Any, where: str = "suite") -> dict:
             if probe not in suite["probes"] or not isinstance(options, dict):
                 raise _fail(f"{where} scales.{scale}.probes", f"{probe!r} must be a probe of the suite's probes: "
                                                               "with a mapping of options")
+            _check_probes({probe: {**suite["probes"][probe], **options}}, suite["data"],
+                          f"{where} scales.{scale}.probes")
     curve = tree.get("knn_curve")
     if curve is not None:
         curve = dict(_check_keys(curve, CURVE_KEYS, f"{where} knn_curve"))
