@@ -207,3 +207,75 @@ def test_missing_shared_data_names_the_file_and_the_environment_variable(tmp_pat
     monkeypatch.delenv("WILDSSL_SHARED_DATA", raising=False)
     with pytest.raises(DataError, match="WILDSSL_SHARED_DATA"):
         prepare("scenes", None, tmp_path / "out")
+
+
+def _fake_shared(root: Path) -> Path:
+    """A shared folder in the real layout with a handful of records per set."""
+    from PIL import Image
+
+    image = Image.new("RGB", (8, 6), (90, 120, 30))
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    np.savez(root / "cifar10_carry.npz", x_train=rng.integers(0, 255, (6, 32, 32, 3), dtype=np.uint8),
+             y_train=np.array([0, 1, 2, 0, 1, 2], dtype=np.uint8), x_test=rng.integers(0, 255, (3, 32, 32, 3),
+                                                                                    dtype=np.uint8),
+             y_test=np.array([2, 1, 0], dtype=np.uint8), classes=np.array(["airplane", "automobile", "bird"]))
+    sets = {
+        "camvid_scenes": [{"file": f"images/{s}_{i}.jpg", "mask": f"masks/{s}_{i}.png", "split": s}
+                          for s in ("train", "val", "test") for i in range(2)],
+        "coco_mini": [{"file": f"images/{s}_{i}.jpg", "coco_split": s, "has_instances": i == 0, "captions": ["a cat"],
+                       "labels": ["cat"] if i == 0 else None,
+                       "objects": [{"bbox_xywh": [1, 1, 3, 3], "category": "cat"}] if i == 0 else None}
+                      for s in ("train2017", "val2017") for i in range(2)],
+        "flickr8k_mini": [{"file": f"images/{s}_{i}.jpg", "split": s,
+                           "captions": ["a dog runs", "a dog on grass", "grass", "a field", "a dog"] if i == 0
+                           else ["a man", "a person", "someone", "a man", "people"]}
+                          for s in ("train", "dev", "test") for i in range(2)],
+    }
+    for name, records in sets.items():
+        for r in records:
+            (root / name / r["file"]).parent.mkdir(parents=True, exist_ok=True)
+            image.save(root / name / r["file"])
+        (root / name / "annotations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root
+
+
+def test_prepared_sets_keep_every_probe_test_image_out_of_the_pre_training_sets(tmp_path):
+    from wildssl.benchmark.prepare import prepare_all
+
+    shared = _fake_shared(tmp_path / "shared")
+    specs = prepare_all(shared, tmp_path / "prepared")
+
+    def files(name):
+        return [json.loads(line)["file"] for line in Path(specs[name]).read_text().splitlines()]
+
+    held_out = set(files("camvid:test") + files("coco:val") + files("flickr8k:test"))
+    assert held_out and not held_out & set(files("scenes") + files("captions"))
+    assert all(Path(f).name.startswith("train") for f in files("scenes") + files("captions"))
+    assert len(files("scenes")) == 2 + 2 + 2 and len(files("captions")) == 2 + 2  # camvid + coco + flickr train
+    assert len(files("coco:train")) == len(files("coco:val")) == 1  # only the images with instances
+    # Flickr8k test: dev + test images whose captions name a scene, labelled by its name (first rule wins)
+    labels = [json.loads(line)["label"] for line in Path(specs["flickr8k:test"]).read_text().splitlines()]
+    assert labels == ["dog", "dog"]
+    assert sorted(p.parent.name for p in Path(specs["cifar10:train"]).rglob("*.png")) == \
+        ["airplane", "airplane", "automobile", "automobile", "bird", "bird"]
+    # converted once: a second call reads the marker and writes nothing
+    stamp = Path(specs["scenes"]).stat().st_mtime_ns
+    assert prepare_all(shared, tmp_path / "prepared")["scenes"] == specs["scenes"]
+    assert Path(specs["scenes"]).stat().st_mtime_ns == stamp
+
+
+def test_prepared_sets_of_the_real_shared_data_have_the_documented_sizes(tmp_path):
+    from conftest import shared_data_dir
+    from wildssl.benchmark.prepare import prepare_all
+
+    shared = shared_data_dir()
+    if shared is None:
+        pytest.skip("no shared data (set WILDSSL_SHARED_DATA)")
+    names = ["camvid:train", "camvid:test", "coco:train", "coco:val", "flickr8k:train", "captions", "scenes"]
+    specs = prepare_all(shared, tmp_path, names)
+    sizes = {name: len(Path(specs[name]).read_text().splitlines()) for name in names}
+    # shared/data/README.md: CamVid 367 train / 233 test; COCO mini 80 train2017 + 79 val2017 with instances;
+    # Flickr8k mini 753 train
+    assert sizes == {"camvid:train": 367, "camvid:test": 233, "coco:train": 80, "coco:val": 79, "flickr8k:train": 753,
+                     "captions": 753 + 80, "scenes": 367 + 80 + 753}
