@@ -267,6 +267,7 @@ def test_prepared_sets_keep_every_probe_test_image_out_of_the_pre_training_sets(
 
 def test_prepared_sets_of_the_real_shared_data_have_the_documented_sizes(tmp_path):
     from conftest import shared_data_dir
+
     from wildssl.benchmark.prepare import prepare_all
 
     shared = shared_data_dir()
