@@ -54,6 +54,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from wildssl.benchmark.prepare import FLICKR_MIN_CAPTIONS, FLICKR_SCENES
+
 DATASETS = ("cifar10", "camvid", "flickr8k")
 CAPTIONED = ("flickr8k",)  # the data sets whose images carry captions (needed by the CLIP family)
 CAPTION_METHODS = ("clip", "slip", "silc", "ab_clip")
@@ -62,17 +64,8 @@ CIFAR_TRAIN_IMAGES = 5000
 CIFAR_TEST_IMAGES = 1000
 CAMVID_UNLABELLED = 11  # the class id of "Unlabelled" in camvid_scenes/categories.json
 CAMVID_REGION = 42  # pixels: a 4 x 3 grid of squares on the 171 x 128 frames
-# Scene keywords of Flickr8k captions, in priority order: (class name, words of its captions).
-FLICKR_SCENES = (
-    ("dog", ("dog", "dogs", "puppy", "puppies")),
-    ("snow", ("snow", "snowy", "ski", "skier", "skiing", "snowboard", "snowboarder")),
-    ("water", ("water", "beach", "ocean", "lake", "river", "pool", "swimming", "surf", "surfer", "wave",
-               "waves", "sea", "swims", "splashing")),
-    ("street", ("street", "road", "city", "sidewalk", "building", "buildings", "crowd")),
-    ("rock", ("rock", "rocks", "rocky", "mountain", "mountains", "cliff", "climbing", "climber", "climbs")),
-    ("grass", ("grass", "grassy", "field", "park", "lawn", "yard")),
-)
-FLICKR_MIN_CAPTIONS = 2  # captions (of 5) that must name a scene for it to be the label
+# FLICKR_SCENES (class name, caption words) and FLICKR_MIN_CAPTIONS come from wildssl.benchmark.prepare: the
+# same rule as the benchmark suites' flickr8k:test set, here with integer labels.
 
 SMOKE_OVERRIDES = ["model.depth=1", "model.embed_dim=32", "model.num_heads=2", "train.steps=2",
                    "train.batch_size=8", "train.checkpoint_every=0", "train.tensorboard=false"]

@@ -1,4 +1,4 @@
-"""The ``wildssl`` command line: train, config, bench, eval, export, plot, demo, vocab, recipes.
+"""The ``wildssl`` command line: train, config, bench, benchmark, eval, export, plot, demo, vocab, recipes.
 
 User errors (a missing path, a bad config key, a corrupt checkpoint) print one line and exit with
 status 2; an interrupted run saves a checkpoint and exits with 130.
@@ -326,6 +326,42 @@ def cmd_plot(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- benchmark suites
+
+def cmd_benchmark_run(args) -> int:
+    import shlex
+
+    from wildssl.benchmark.runner import run_benchmark
+
+    parts = ["wildssl", "benchmark", "run", args.suite, "--scale", args.scale]
+    for flag, value in (("--seeds", args.seeds), ("--out", args.out), ("--shared", args.shared),
+                        ("--data-dir", args.data_dir)):
+        if value is not None:
+            parts += [flag, str(value)]
+    command = " ".join(shlex.quote(p) for p in parts)
+    results = run_benchmark(args.suite, args.scale, args.seeds, args.out, args.shared, args.data_dir, command)
+    out = Path(args.out or Path("runs") / "bench" / f"{results['suite']}-{args.scale}")
+    print((out / "table.md").read_text())
+    print(f"wrote {out / 'results.json'} and {out / 'table.md'}")
+    return 0
+
+
+def cmd_benchmark_report(args) -> int:
+    from wildssl.benchmark.table import write_outputs
+
+    write_outputs(args.dir)
+    print((Path(args.dir) / "table.md").read_text())
+    return 0
+
+
+def cmd_benchmark_prepare(args) -> int:
+    from wildssl.benchmark.prepare import prepare_all
+
+    for name, spec in prepare_all(args.shared, args.out, args.sets).items():
+        print(f"{name}: {spec}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- recipes
 
 def cmd_recipes(args) -> int:
@@ -438,6 +474,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batches read for (a) (default: steps + warmup, at least 3; the first is not timed)")
     p.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("benchmark", help="suites of runs at equal images seen, evaluated alike, with a table "
+                                         "of mean and spread over seeds (benchmarks/suites/*.yaml)")
+    bench_sub = p.add_subparsers(dest="benchmark_command", required=True)
+    b = bench_sub.add_parser("run", help="train and evaluate every entry and seed of a suite (resumes a killed one)")
+    b.add_argument("suite", help="suite YAML file (benchmarks/suites/*.yaml)")
+    b.add_argument("--scale", choices=("tiny", "cpu", "gpu"), default="cpu",
+                   help="tiny: synthetic data in seconds (tests); cpu: ~30 min on 2 cores; gpu: <= 10 min on one GPU")
+    b.add_argument("--seeds", type=int, help="seeds per entry (default: the suite's)")
+    b.add_argument("--out", help="output folder (default runs/bench/<suite>-<scale>); the same --out resumes")
+    b.add_argument("--shared", help="shared real data folder (default $WILDSSL_SHARED_DATA)")
+    b.add_argument("--data-dir", help="where the prepared data sets are written (default <out>/data)")
+    b.set_defaults(func=cmd_benchmark_run)
+    b = bench_sub.add_parser("report", help="rebuild results.json, table.md and the plots from the recorded runs")
+    b.add_argument("dir", help="a benchmark run's output folder")
+    b.set_defaults(func=cmd_benchmark_report)
+    b = bench_sub.add_parser("prepare", help="convert the shared real data into the suites' named data sets")
+    b.add_argument("--shared", help="shared real data folder (default $WILDSSL_SHARED_DATA)")
+    b.add_argument("--out", required=True, help="folder of the prepared sets (give it to run as --data-dir)")
+    b.add_argument("--sets", nargs="+", help="only these sets (default all: cifar10:train, cifar10:test, ...)")
+    b.set_defaults(func=cmd_benchmark_prepare)
 
     p = sub.add_parser("eval", help="evaluate an encoder")
     eval_sub = p.add_subparsers(dest="protocol", required=True)

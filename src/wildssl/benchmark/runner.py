@@ -1,0 +1,325 @@
+"""``wildssl benchmark run``: train every (entry, seed) of a suite at equal images seen, evaluate each encoder
+and the random-init floor with the same probes and network, and record every run as it finishes.
+
+Layout of the output folder ``DIR``::
+
+    suite.json                    the resolved suite, scale, seeds, command, device, data SPECs
+    runs/<label>-s<seed>/train/   the training run (checkpoint, config.yaml, metrics.jsonl)
+    runs/<label>-s<seed>/train_done.json   the engine's summary, written when training finished
+    runs/<label>-s<seed>/eval/    the wildssl eval all report of the encoder
+    runs/<label>-s<seed>/result.json       the run's figures, written last (atomically)
+    runs/random_init-s<seed>/result.json   the floor: the first entry's architecture at its initial weights
+    results.json, table.md, probes.png, knn_curve.png   (wildssl.benchmark.table)
+
+Resuming (the same command again): a run with ``result.json`` is skipped; one with ``train_done.json``
+is only evaluated again; any other resumes from its training checkpoint (``train.checkpoint_every``) or
+starts over.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from wildssl.benchmark import tiny
+from wildssl.benchmark.prepare import is_prepared_name, prepare
+from wildssl.benchmark.suite import METHOD_PROBES, SCALES, read_suite
+from wildssl.errors import ConfigError
+
+log = logging.getLogger("wildssl")
+
+FLOOR = "random_init"
+RESULT = "result.json"
+TRAIN_DONE = "train_done.json"
+RUN_OVERRIDES = ["train.progress=false", "train.tensorboard=false"]
+
+
+def write_json(path: Path, value) -> None:
+    """Write ``value`` as JSON to ``path`` atomically: a killed write never leaves a half file."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(value, indent=1))
+    os.replace(temporary, path)
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{os.cpu_count()}-core CPU ({platform.machine()}), {torch.get_num_threads()} torch threads"
+
+
+def resolve_data(suite: dict, scale: str, shared: str | Path | None, data_dir: Path) -> dict[str, str]:
+    """``{data name: SPEC}`` of the suite at ``scale``: prepared sets converted from the shared data (tiny:
+    synthetic stand-ins), SPECs as given; ``scales.<scale>.data`` replaces names for that scale."""
+    values = {**suite["data"], **suite["scales"][scale]["data"]}
+    specs = {}
+    for name, value in values.items():
+        if scale == "tiny":
+            specs[name] = tiny.data_spec(value)
+        elif is_prepared_name(value):
+            specs[name] = prepare(value, shared, data_dir)
+        else:
+            specs[name] = value
+    return specs
+
+
+def run_dir(out: Path, label: str, seed: int) -> Path:
+    return out / "runs" / f"{label}-s{seed}"
+
+
+def entry_config(suite: dict, entry: dict, scale: str, seed: int, specs: dict[str, str],
+                 out: Path) -> tuple[dict, list[str]]:
+    """The resolved training config of ``entry`` at ``scale`` and ``seed`` and the ``--set`` overrides it is
+    built from (unknown recipes and keys are ConfigErrors naming the entry). Order: recipe, the scale's
+    overrides, the entry's, the streams, then the harness's (images seen, seed, network, k-NN curve; at tiny
+    scale the tiny profile)."""
+    from wildssl.methods import get_method_class
+    from wildssl.train.config import build_config
+
+    where = f"suite {suite['name']} entry {entry['label']}"
+    images = suite["scales"][scale]["images"] or (tiny.IMAGES if scale == "tiny" else None)
+    if images is None:
+        raise ConfigError(f"{where}: the suite gives no scales.{scale}.images (images seen per entry at this scale)")
+    overrides = suite["scales"][scale]["set"] + entry["set"]
+    overrides += [f"data.{stream}={specs[name]}" for stream, name in entry["streams"].items()]
+    if entry["init_from"]:
+        overrides.append(f"model.init_from={run_dir(out, entry['init_from'], seed) / 'train'}")
+    try:
+        method = build_config(entry["recipe"], overrides)["method"]["name"]
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from None
+    if scale == "tiny":
+        overrides += tiny.MODEL + tiny.method_overrides(method)
+    overrides += RUN_OVERRIDES + [f"train.images={images}", f"train.seed={seed}", f"eval.encoder={suite['network']}"]
+    curve = suite["knn_curve"]
+    if curve:
+        batch = build_config(entry["recipe"], overrides)["train"]["batch_size"]
+        points = 1 if scale == "tiny" else curve["points"]  # tiny: the floor and the end only
+        every = max(1, images // (batch * points))
+        overrides += [f"eval.knn_train={specs[curve['train']]}", f"eval.knn_test={specs[curve['test']]}",
+                      f"eval.knn_every={every}"]
+    else:
+        overrides.append("eval.knn_every=0")
+    config = build_config(entry["recipe"], overrides)
+    missing = [s for s in get_method_class(method).streams if s not in entry["streams"]]
+    if missing:
+        raise ConfigError(f"{where}: method {method} reads streams {', '.join(get_method_class(method).streams)}; "
+                          f"give streams: {{{missing[0]}: <data name>}} too (the recipe's default would be used)")
+    return config, overrides
+
+
+def probe_suite(suite: dict, scale: str, specs: dict[str, str], seed: int) -> tuple[dict, dict]:
+    """(the ``wildssl eval all`` suite of the encoder probes, the method probes), data names as SPECs and
+    the scale's probe options applied (tiny: one quick fit each, :data:`wildssl.benchmark.tiny.PROBES`)."""
+    from wildssl.eval.report import probe_kind
+
+    encoder_probes, method_probes = {}, {}
+    for name, options in suite["probes"].items():
+        kind = probe_kind(name)
+        # the suite's options, then (tiny) one quick fit, then the scale's own options for this probe
+        options = {**options, **(tiny.PROBES.get(kind, {}) if scale == "tiny" else {}),
+                   **suite["scales"][scale]["probes"].get(name, {})}
+        options = {k: specs[v] if k in ("train", "test", "data") else v for k, v in options.items()}
+        (method_probes if kind in METHOD_PROBES else encoder_probes)[name] = options
+    return {"image_size": None, "batch_size": 256, "seed": seed, "probes": encoder_probes}, method_probes
+
+
+def scalar_figures(figures: dict) -> dict:
+    """The numbers of a probe's results (the grids, curves and matrices stay in the eval report)."""
+    return {k: v for k, v in figures.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def evaluate_encoder(encoder, eval_suite: dict, out: Path | None, name: str) -> dict:
+    """The scalar figures of every encoder probe; the eval report (with its plots) goes to ``out`` unless None."""
+    from wildssl.eval.cache import FeatureStore
+    from wildssl.eval.report import run_suite
+    from wildssl.train.engine import pick_device
+
+    if not eval_suite["probes"]:
+        return {}
+    store = FeatureStore(encoder, pick_device(), None)
+    report = run_suite(store, eval_suite, out, name=name)
+    return {probe: scalar_figures(figures) for probe, figures in report["probes"].items()}
+
+
+def evaluate_method_probes(train_dir: Path, method_name: str, method_probes: dict) -> dict:
+    """Zero-shot of image-text runs; other methods get ``{"skipped": reason}``."""
+    from wildssl.eval.zeroshot import load_image_text_model, zeroshot_classify
+    from wildssl.methods import get_method_class
+    from wildssl.methods.clip import CLIP
+    from wildssl.train.engine import pick_device
+
+    results = {}
+    for name, options in method_probes.items():
+        if not issubclass(get_method_class(method_name), CLIP):
+            results[name] = {"skipped": f"{method_name} has no text tower"}
+            continue
+        method = load_image_text_model(train_dir)
+        began = time.perf_counter()
+        figures = zeroshot_classify(method, options["data"], image_size=options.get("image_size"), device=pick_device())
+        results[name] = {**figures, "seconds": round(time.perf_counter() - began, 1)}
+    return results
+
+
+def knn_curve(train_dir: Path) -> list[list[float]]:
+    """``[[step, k-NN top-1], ...]`` of the engine's online k-NN (step 0: the random initialization)."""
+    from wildssl.train.logging import read_metrics
+
+    curve = []
+    for record in read_metrics(train_dir):
+        if "knn_top1_random_init" in record:
+            curve.append([record["step"], record["knn_top1_random_init"]])
+        elif "knn_top1" in record:
+            curve.append([record["step"], record["knn_top1"]])
+    return curve
+
+
+def last_metrics(train_dir: Path, keys: list[str]) -> dict[str, float]:
+    from wildssl.train.logging import read_metrics
+
+    found: dict[str, float] = {}
+    for record in read_metrics(train_dir):
+        found.update({k: record[k] for k in keys if k in record})
+    return found
+
+
+def train_entry(config: dict, folder: Path) -> dict:
+    """Train (or resume) one run into ``folder / "train"``; the engine's summary with the wall time."""
+    from wildssl.eval.evaluate import make_online_knn
+    from wildssl.train import engine
+
+    began = time.perf_counter()
+    summary = engine.train(config, folder / "train", resume=True,
+                           knn_evaluator=make_online_knn(config, engine.pick_device()))
+    summary["seconds"] = round(time.perf_counter() - began, 1)
+    return summary
+
+
+def run_entry(suite: dict, entry: dict, config: dict, overrides: list[str], seed: int, scale: str, specs: dict,
+              out: Path) -> dict:
+    """Train and evaluate one (entry, seed); returns (and records) its ``result.json``."""
+    from wildssl.models.loading import evaluated_network, load_encoder
+
+    folder = run_dir(out, entry["label"], seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    done = folder / TRAIN_DONE
+    if done.is_file():
+        summary = json.loads(done.read_text())
+    else:
+        summary = train_entry(config, folder)
+        write_json(done, summary)
+    train_dir = folder / "train"
+    teacher = None if suite["network"] == "auto" else suite["network"] == "teacher"
+    eval_suite, method_probes = probe_suite(suite, scale, specs, seed)
+    began = time.perf_counter()
+    if (folder / "eval").exists():
+        shutil.rmtree(folder / "eval")  # a half-written report of a killed evaluation
+    report_dir = None if scale == "tiny" else folder / "eval"  # tiny: no per-probe plots (seconds per suite)
+    probes = evaluate_encoder(load_encoder(train_dir, teacher), eval_suite, report_dir, entry["label"])
+    probes.update(evaluate_method_probes(train_dir, config["method"]["name"], method_probes))
+    result = {"label": entry["label"], "seed": seed, "recipe": entry["recipe"], "method": config["method"]["name"],
+              "overrides": overrides, "images": config["train"]["images"], "steps": summary["steps"],
+              "network": evaluated_network(train_dir, teacher), "train_seconds": summary["seconds"],
+              "eval_seconds": round(time.perf_counter() - began, 1), "probes": probes,
+              "knn_curve": knn_curve(train_dir), "metrics": last_metrics(train_dir, suite["metrics"]),
+              "alarms": summary.get("alarms", [])}
+    write_json(folder / RESULT, result)
+    return result
+
+
+def run_floor(suite: dict, config: dict, seed: int, scale: str, specs: dict, out: Path) -> dict:
+    """The random-init floor of ``seed``: the first entry's architecture at the initial weights its run
+    starts from (the engine seeds with ``train.seed`` before building the method), same probes."""
+    from wildssl.methods import build_method
+
+    folder = run_dir(out, FLOOR, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {**config, "model": {**config["model"], "init_from": None}}
+    torch.manual_seed(seed)
+    method = build_method(config)
+    teacher = None if suite["network"] == "auto" else suite["network"] == "teacher"
+    eval_suite, method_probes = probe_suite(suite, scale, specs, seed)
+    began = time.perf_counter()
+    if (folder / "eval").exists():
+        shutil.rmtree(folder / "eval")
+    report_dir = None if scale == "tiny" else folder / "eval"
+    probes = evaluate_encoder(method.encoder(teacher).eval(), eval_suite, report_dir, FLOOR)
+    probes.update({name: {"skipped": "the floor is an encoder without a trained text tower"} for name in method_probes})
+    result = {"label": FLOOR, "seed": seed, "recipe": suite["entries"][0]["recipe"], "method": "random init",
+              "overrides": [], "images": 0, "steps": 0, "network": f"{method.name} initial weights",
+              "train_seconds": 0.0, "eval_seconds": round(time.perf_counter() - began, 1), "probes": probes,
+              "knn_curve": [], "metrics": {}, "alarms": []}
+    write_json(folder / RESULT, result)
+    return result
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def run_benchmark(suite_path: str | Path, scale: str = "cpu", seeds: int | None = None, out: str | Path | None = None,
+                  shared: str | Path | None = None, data_dir: str | Path | None = None,
+                  command: str | None = None) -> dict:
+    """Run (or resume) the suite at ``suite_path``; returns the results (see :mod:`wildssl.benchmark.table`)."""
+    from wildssl.benchmark.table import write_outputs
+
+    if scale not in SCALES:
+        raise ConfigError(f"unknown scale {scale!r}; scales: {', '.join(SCALES)}")
+    suite = read_suite(suite_path)
+    seed_list = list(range(seeds if seeds is not None else suite["seeds"]))
+    if not seed_list:
+        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    out = Path(out or Path("runs") / "bench" / f"{suite['name']}-{scale}")
+    out.mkdir(parents=True, exist_ok=True)
+    meta_path = out / "suite.json"
+    if meta_path.is_file():
+        previous = json.loads(meta_path.read_text())
+        if previous["scale"] != scale or previous["suite"]["name"] != suite["name"]:
+            raise ConfigError(f"{out} holds suite {previous['suite']['name']} at scale {previous['scale']}; resume it "
+                              f"with the same suite and --scale, or choose another --out")
+    specs = resolve_data(suite, scale, shared, Path(data_dir) if data_dir else out / "data")
+    entries = {e["label"]: e for e in suite["entries"]}
+    # every config first: an unknown recipe or key fails before any training
+    def entry_seeds(entry: dict) -> list[int]:
+        return seed_list[:entry["seeds"]] if entry["seeds"] else seed_list
+
+    for entry in suite["entries"]:
+        if entry["init_from"] and len(entry_seeds(entry)) > len(entry_seeds(entries[entry["init_from"]])):
+            raise ConfigError(f"suite {suite['name']} entry {entry['label']}: it runs more seeds than "
+                              f"{entry['init_from']}, whose encoder it starts from; give it seeds <= that entry's")
+    configs = {(e["label"], s): entry_config(suite, e, scale, s, specs, out)
+               for e in suite["entries"] for s in entry_seeds(e)}
+    meta = {"suite": suite, "suite_file": str(suite_path), "scale": scale, "seeds": seed_list,
+            "command": command or f"wildssl benchmark run {suite_path} --scale {scale}", "device": device_name(),
+            "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "data": specs}
+    if meta_path.is_file():
+        meta["started"] = json.loads(meta_path.read_text()).get("started", meta["started"])
+    write_json(meta_path, meta)
+    jobs = [(FLOOR, s) for s in seed_list] + [(e["label"], s) for s in seed_list for e in suite["entries"]
+                                              if s in entry_seeds(e)]
+    began, timed = time.perf_counter(), []
+    for number, (label, seed) in enumerate(jobs, start=1):
+        where = f"[{number}/{len(jobs)}] {suite['name']} {label} seed {seed}"
+        if (run_dir(out, label, seed) / RESULT).is_file():
+            print(f"{where}: recorded, skipped", file=sys.stderr, flush=True)
+            continue
+        started = time.perf_counter()
+        if label == FLOOR:
+            first = suite["entries"][0]
+            config, _ = configs.get((first["label"], seed)) or entry_config(suite, first, scale, seed, specs, out)
+            run_floor(suite, config, seed, scale, specs, out)
+        else:
+            run_entry(suite, entries[label], *configs[(label, seed)], seed, scale, specs, out)
+        timed.append(time.perf_counter() - started)
+        left = len(jobs) - number
+        eta = sum(timed) / len(timed) * left
+        print(f"{where}: {timed[-1]:.1f} s; elapsed {_minutes(time.perf_counter() - began)}; "
+              f"ETA {_minutes(eta)} for {left} more", file=sys.stderr, flush=True)
+    return write_outputs(out, plots=scale != "tiny")  # tiny: seconds per suite; `report` draws them

@@ -1,0 +1,282 @@
+"""``wildssl benchmark``: every shipped suite runs at tiny scale, resumes without redoing finished runs, and its
+table is rebuilt from the recorded runs with mean and spread computed as numpy does."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wildssl.benchmark import runner, table, tiny
+from wildssl.benchmark.prepare import prepare
+from wildssl.benchmark.suite import check_suite, read_suite
+from wildssl.cli import main
+from wildssl.errors import ConfigError, DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+SUITES = sorted((ROOT / "benchmarks" / "suites").glob("*.yaml"))
+SHIPPED = {"object_centric", "scene_data", "decoupled", "weak_supervision", "adasim", "maws", "slotmim"}
+
+# A two-entry suite of its own for the resume, report and spread tests (k-NN only: cheap).
+SMALL = """
+name: small
+mirrors: a test
+direction: none
+seeds: 2
+data:
+  train: synthetic:scenes?n=16&size=16&colours=2&num_classes=4&split=train
+  test: synthetic:scenes?n=16&size=16&colours=2&num_classes=4&split=test
+entries:
+  - {label: simclr, recipe: simclr_quick, streams: {train: train}}
+  - {label: dino, recipe: dino_quick, streams: {train: train}}
+probes:
+  knn: {train: train, test: test}
+knn_curve: {train: train, test: test, points: 2}
+"""
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    """The rows of table.md's main table: {entry: [cells after the runs column]}."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and cells[0] not in ("entry",) and not cells[0].startswith("---"):
+            rows[cells[0]] = cells[2:]
+    return rows
+
+
+def test_the_seven_suites_of_issue_13_are_shipped_and_name_their_seed_table_and_direction():
+    assert {p.stem for p in SUITES} == SHIPPED
+    for path in SUITES:
+        suite = read_suite(path)
+        assert path.read_text().startswith("# Mirrors seed"), path.name
+        assert suite["name"] == path.stem and suite["mirrors"].startswith("seed") and suite["direction"]
+
+
+@pytest.mark.parametrize("path", SUITES, ids=lambda p: p.stem)
+def test_every_suite_resolves_at_cpu_and_gpu_scale_with_equal_images_seen_and_one_network(path, tmp_path):
+    suite = read_suite(path)
+    specs = {name: f"/prepared/{name}" for name in suite["data"]}  # paths are not opened when configs are built
+    for scale in ("cpu", "gpu"):
+        configs = [runner.entry_config(suite, entry, scale, 0, specs, tmp_path)[0] for entry in suite["entries"]]
+        assert len({c["train"]["images"] for c in configs}) == 1, scale
+        assert {c["eval"]["encoder"] for c in configs} == {suite["network"]}
+        # the scale's model, the same for every entry (the floor is the first entry's architecture)
+        assert len({json.dumps({k: c["model"][k] for k in ("name", "depth", "embed_dim", "patch_size", "img_size")})
+                    for c in configs}) == 1
+        for entry, config in zip(suite["entries"], configs):
+            for stream, name in entry["streams"].items():
+                assert config["data"][stream] == specs[name]
+
+
+@pytest.mark.parametrize("path", SUITES, ids=lambda p: p.stem)
+def test_every_suite_runs_at_tiny_scale_and_tables_each_entry_and_the_floor(path, tmp_path):
+    runner.run_benchmark(path, "tiny", seeds=1, out=tmp_path)
+    suite = read_suite(path)
+    labels = [e["label"] for e in suite["entries"]]
+    rows = table_rows((tmp_path / "table.md").read_text())
+    assert list(rows) == ["random_init", *labels]
+    for label in ["random_init", *labels]:
+        record = json.loads((tmp_path / "runs" / f"{label}-s0" / "result.json").read_text())
+        for probe in suite["probes"]:
+            figures = record["probes"][probe]
+            assert "skipped" in figures or all(np.isfinite(v) for v in figures.values()), (label, probe)
+        if label != "random_init":
+            assert record["images"] == tiny.IMAGES and record["steps"] >= 1  # equal images seen
+    assert all(cell != "" for cells in rows.values() for cell in cells)
+
+
+def _small_suite(tmp_path: Path) -> Path:
+    path = tmp_path / "small.yaml"
+    path.write_text(SMALL)
+    return path
+
+
+def test_resuming_a_killed_suite_reruns_nothing_that_finished(tmp_path, monkeypatch, capsys):
+    from wildssl.train import engine
+
+    calls = []
+    real_train = engine.train
+
+    def counting_train(config, out_dir, *args, **kwargs):
+        calls.append(Path(out_dir).parent.name)
+        return real_train(config, out_dir, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "train", counting_train)
+    out = tmp_path / "out"
+    runner.run_benchmark(_small_suite(tmp_path), "tiny", out=out)
+    assert sorted(calls) == ["dino-s0", "dino-s1", "simclr-s0", "simclr-s1"]
+    progress = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
+    assert len(progress) == 6 and all(re.match(r"\[\d/6\] small \w+ seed \d: [\d.]+ s; elapsed .*; ETA ", line)
+                                      for line in progress)
+    stamps = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json")}
+    assert len(stamps) == 6  # 4 runs and 2 floors
+    # killed during training of dino seed 1 (nothing of it recorded) and during evaluation of simclr seed 0
+    (out / "runs" / "dino-s1" / "result.json").unlink()
+    (out / "runs" / "dino-s1" / "train_done.json").unlink()
+    (out / "runs" / "simclr-s0" / "result.json").unlink()
+    calls.clear()
+    runner.run_benchmark(_small_suite(tmp_path), "tiny", out=out)
+    assert calls == ["dino-s1"]  # simclr-s0 had finished training: only evaluated again
+    # dino-s1 was killed after its last checkpoint: the engine resumed it there and trained no step again
+    summary = json.loads((out / "runs" / "dino-s1" / "train_done.json").read_text())
+    assert summary["start_step"] == summary["total_steps"] == summary["steps"]
+    skipped = [line for line in capsys.readouterr().err.splitlines() if line.endswith("recorded, skipped")]
+    assert len(skipped) == 4
+    for name, stamp in stamps.items():
+        now = (out / "runs" / name / "result.json").stat().st_mtime_ns
+        assert (now == stamp) == (name not in ("dino-s1", "simclr-s0")), name
+
+
+def test_report_rebuilds_the_same_table_from_the_recorded_runs(tmp_path, capsys):
+    out = tmp_path / "out"
+    runner.run_benchmark(_small_suite(tmp_path), "tiny", seeds=1, out=out)
+    first = (out / "table.md").read_text()
+    assert "![" not in first  # tiny runs draw no plots; report draws them and links them below the table
+    results = json.loads((out / "results.json").read_text())
+    (out / "table.md").unlink()
+    (out / "results.json").unlink()
+    assert main(["benchmark", "report", str(out)]) == 0
+    rebuilt = (out / "table.md").read_text()
+    assert "\n".join(line for line in rebuilt.splitlines() if not line.startswith("![")).rstrip() == first.rstrip()
+    assert json.loads((out / "results.json").read_text()) == results
+    assert (out / "probes.png").is_file() and (out / "knn_curve.png").is_file()
+    # the k-NN curve of every run starts at the random initialization (step 0) and ends at its last step
+    for run in results["runs"]:
+        if run["label"] != "random_init":
+            assert run["knn_curve"][0][0] == 0 and run["knn_curve"][-1][0] == run["steps"]
+
+
+def test_table_cells_are_numpy_mean_and_sample_standard_deviation_of_the_recorded_values(tmp_path):
+    suite = check_suite({"name": "formula", "data": {"d": "synthetic:scenes"}, "seeds": 3,
+                         "entries": [{"label": "a", "recipe": "simclr_quick", "streams": {"train": "d"}}],
+                         "probes": {"knn": {"train": "d", "test": "d"}}, "metrics": ["embedding_std"]})
+    (tmp_path / "suite.json").write_text(json.dumps({"suite": suite, "scale": "tiny", "seeds": [0, 1, 2],
+                                                     "command": "c", "device": "d", "started": "s"}))
+    rng = np.random.default_rng(0)
+    values = {"a": rng.uniform(0, 1, 3), "random_init": rng.uniform(0, 1, 3)}
+    stds = rng.uniform(0, 2, 3)
+    for label, figures in values.items():
+        for seed, value in enumerate(figures):
+            folder = tmp_path / "runs" / f"{label}-s{seed}"
+            folder.mkdir(parents=True)
+            (folder / "result.json").write_text(json.dumps(
+                {"label": label, "seed": seed, "probes": {"knn": {"top1": value}}, "train_seconds": 1.0,
+                 "eval_seconds": 1.0, "metrics": {"embedding_std": stds[seed]} if label == "a" else {},
+                 "knn_curve": []}))
+    results = table.write_outputs(tmp_path, plots=False)
+    rows = table_rows((tmp_path / "table.md").read_text())
+    for label, figures in values.items():
+        mean, sd = np.mean(figures), np.std(figures, ddof=1)
+        stats = results["table"][label]["knn top1"]
+        assert stats["n"] == 3 and abs(stats["mean"] - mean) < 1e-12 and abs(stats["spread"] - sd) < 1e-12
+        assert rows[label][0] == f"{100 * mean:.1f} ± {100 * sd:.1f}"
+    assert rows["a"][1] == f"{np.mean(stds):.3f} ± {np.std(stds, ddof=1):.3f}"  # metrics: not in percent
+    assert rows["random_init"][1] == "-"
+
+
+def test_a_single_seed_has_no_spread():
+    assert table.spread([0.25]) == (0.25, None)
+    assert table.cell({"mean": 0.25, "spread": None, "n": 1}, percent=True) == "25.0"
+
+
+def test_bad_suites_are_one_line_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(SMALL.replace("entries:", "entriez:"))
+    with pytest.raises(ConfigError, match="unknown key 'entriez'") as error:
+        read_suite(bad)
+    assert "\n" not in str(error.value)
+    assert main(["benchmark", "run", str(bad), "--scale", "tiny", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
+    unknown = tmp_path / "recipe.yaml"
+    unknown.write_text(SMALL.replace("recipe: dino_quick", "recipe: dino_quik"))
+    with pytest.raises(ConfigError, match=r"entry dino: unknown recipe 'dino_quik'"):
+        runner.run_benchmark(unknown, "tiny", out=tmp_path / "o2")
+    assert not (tmp_path / "o2" / "runs").exists()  # nothing trained before the error
+    stream = tmp_path / "stream.yaml"
+    stream.write_text(SMALL.replace("streams: {train: train}}\n  - {label: dino",
+                                    "streams: {train: nope}}\n  - {label: dino"))
+    with pytest.raises(ConfigError, match="'nope', which is not a name under data"):
+        read_suite(stream)
+
+
+def test_missing_shared_data_names_the_file_and_the_environment_variable(tmp_path, monkeypatch):
+    with pytest.raises(DataError, match=re.escape(str(tmp_path / "cifar10_carry.npz")) + ".*WILDSSL_SHARED_DATA"):
+        prepare("cifar10:train", tmp_path, tmp_path / "out")
+    monkeypatch.delenv("WILDSSL_SHARED_DATA", raising=False)
+    with pytest.raises(DataError, match="WILDSSL_SHARED_DATA"):
+        prepare("scenes", None, tmp_path / "out")
+
+
+def _fake_shared(root: Path) -> Path:
+    """A shared folder in the real layout with a handful of records per set."""
+    from PIL import Image
+
+    image = Image.new("RGB", (8, 6), (90, 120, 30))
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    np.savez(root / "cifar10_carry.npz", x_train=rng.integers(0, 255, (6, 32, 32, 3), dtype=np.uint8),
+             y_train=np.array([0, 1, 2, 0, 1, 2], dtype=np.uint8), x_test=rng.integers(0, 255, (3, 32, 32, 3),
+                                                                                    dtype=np.uint8),
+             y_test=np.array([2, 1, 0], dtype=np.uint8), classes=np.array(["airplane", "automobile", "bird"]))
+    sets = {
+        "camvid_scenes": [{"file": f"images/{s}_{i}.jpg", "mask": f"masks/{s}_{i}.png", "split": s}
+                          for s in ("train", "val", "test") for i in range(2)],
+        "coco_mini": [{"file": f"images/{s}_{i}.jpg", "coco_split": s, "has_instances": i == 0, "captions": ["a cat"],
+                       "labels": ["cat"] if i == 0 else None,
+                       "objects": [{"bbox_xywh": [1, 1, 3, 3], "category": "cat"}] if i == 0 else None}
+                      for s in ("train2017", "val2017") for i in range(2)],
+        "flickr8k_mini": [{"file": f"images/{s}_{i}.jpg", "split": s,
+                           "captions": ["a dog runs", "a dog on grass", "grass", "a field", "a dog"] if i == 0
+                           else ["a man", "a person", "someone", "a man", "people"]}
+                          for s in ("train", "dev", "test") for i in range(2)],
+    }
+    for name, records in sets.items():
+        for r in records:
+            (root / name / r["file"]).parent.mkdir(parents=True, exist_ok=True)
+            image.save(root / name / r["file"])
+        (root / name / "annotations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root
+
+
+def test_prepared_sets_keep_every_probe_test_image_out_of_the_pre_training_sets(tmp_path):
+    from wildssl.benchmark.prepare import prepare_all
+
+    shared = _fake_shared(tmp_path / "shared")
+    specs = prepare_all(shared, tmp_path / "prepared")
+
+    def files(name):
+        return [json.loads(line)["file"] for line in Path(specs[name]).read_text().splitlines()]
+
+    held_out = set(files("camvid:test") + files("coco:val") + files("flickr8k:test"))
+    assert held_out and not held_out & set(files("scenes") + files("captions"))
+    assert all(Path(f).name.startswith("train") for f in files("scenes") + files("captions"))
+    assert len(files("scenes")) == 2 + 2 + 2 and len(files("captions")) == 2 + 2  # camvid + coco + flickr train
+    assert len(files("coco:train")) == len(files("coco:val")) == 1  # only the images with instances
+    # Flickr8k test: dev + test images whose captions name a scene, labelled by its name (first rule wins)
+    labels = [json.loads(line)["label"] for line in Path(specs["flickr8k:test"]).read_text().splitlines()]
+    assert labels == ["dog", "dog"]
+    assert sorted(p.parent.name for p in Path(specs["cifar10:train"]).rglob("*.png")) == \
+        ["airplane", "airplane", "automobile", "automobile", "bird", "bird"]
+    # converted once: a second call reads the marker and writes nothing
+    stamp = Path(specs["scenes"]).stat().st_mtime_ns
+    assert prepare_all(shared, tmp_path / "prepared")["scenes"] == specs["scenes"]
+    assert Path(specs["scenes"]).stat().st_mtime_ns == stamp
+
+
+def test_prepared_sets_of_the_real_shared_data_have_the_documented_sizes(tmp_path):
+    from conftest import shared_data_dir
+
+    from wildssl.benchmark.prepare import prepare_all
+
+    shared = shared_data_dir()
+    if shared is None:
+        pytest.skip("no shared data (set WILDSSL_SHARED_DATA)")
+    names = ["camvid:train", "camvid:test", "coco:train", "coco:val", "flickr8k:train", "captions", "scenes"]
+    specs = prepare_all(shared, tmp_path, names)
+    sizes = {name: len(Path(specs[name]).read_text().splitlines()) for name in names}
+    # shared/data/README.md: CamVid 367 train / 233 test; COCO mini 80 train2017 + 79 val2017 with instances;
+    # Flickr8k mini 753 train
+    assert sizes == {"camvid:train": 367, "camvid:test": 233, "coco:train": 80, "coco:val": 79, "flickr8k:train": 753,
+                     "captions": 753 + 80, "scenes": 367 + 80 + 753}
