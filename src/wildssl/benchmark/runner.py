@@ -31,12 +31,11 @@ import torch
 
 from wildssl.benchmark import tiny
 from wildssl.benchmark.prepare import is_prepared_name, prepare
-from wildssl.benchmark.suite import METHOD_PROBES, SCALES, read_suite
+from wildssl.benchmark.suite import FLOOR, METHOD_PROBES, SCALES, read_suite
 from wildssl.errors import ConfigError
 
 log = logging.getLogger("wildssl")
 
-FLOOR = "random_init"
 RESULT = "result.json"
 TRAIN_DONE = "train_done.json"
 RUN_OVERRIDES = ["train.progress=false", "train.tensorboard=false"]

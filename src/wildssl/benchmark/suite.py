@@ -40,6 +40,7 @@ import yaml
 from wildssl.errors import ConfigError
 
 SCALES = ("tiny", "cpu", "gpu")
+FLOOR = "random_init"  # the label of every suite's random-init floor row (one run per seed)
 NETWORKS = ("auto", "teacher", "student")
 SUITE_KEYS = ("name", "mirrors", "direction", "network", "seeds", "data", "scales", "entries", "probes",
               "knn_curve", "metrics", "notes")

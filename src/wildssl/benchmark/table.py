@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from wildssl.benchmark.suite import FLOOR
 from wildssl.errors import DataError
 
 # probe kind -> the figures shown for it, first found wins (discovery shows both)
@@ -65,8 +66,6 @@ def spread(values: list[float]) -> tuple[float, float | None]:
 def aggregate(meta: dict, runs: list[dict]) -> dict:
     """``{row label: {column title: {"mean", "spread", "n", "values"}}}``; the floor row first, then the
     entries in suite order; columns of :func:`columns`."""
-    from wildssl.benchmark.runner import FLOOR
-
     cols = columns(meta, runs)
     table: dict[str, dict] = {}
     for label in [FLOOR] + [e["label"] for e in meta["suite"]["entries"]]:

@@ -20,6 +20,7 @@ EXIF orientation is not applied: pixels, sizes and boxes refer to the image as s
 from __future__ import annotations
 
 import abc
+import io
 import logging
 import os
 import warnings
@@ -167,6 +168,37 @@ def check_max_pixels(max_pixels: int) -> int:
     return max_pixels
 
 
+# ``data.decode: gpu`` (:mod:`wildssl.data.gpu_decode`): which files the device decodes, read here in the
+# loader workers as bytes, the rest decoded by the CPU path as always.
+DEVICE_FORMATS = ("JPEG", "MPO")
+DEVICE_MODES = ("RGB", "L")  # Pillow's mode of a YCbCr or grayscale JPEG; nvJPEG converts both to RGB
+_EOI = b"\xff\xd9"  # a JPEG's last marker: a file cut short lacks it and goes to Pillow, which refuses it
+
+
+def read_jpeg(file: str | os.PathLike | BinaryIO, load_size: int,
+              max_pixels: int) -> tuple[torch.Tensor | None, dict | None, int, int]:
+    """Read one image file: ``(None, jpeg, width, height)`` for a JPEG the device decodes, where ``jpeg`` is
+    ``{"data": the whole file, uint8 (N,), "pixels": width * height}``, and ``(image, None, width, height)``
+    otherwise, ``image`` being the CPU path's (3, S, S) uint8 (:func:`~wildssl.data.decode.decode_image`).
+    Raises the CPU path's decode errors for a file whose header Pillow cannot read."""
+    if isinstance(file, (str, os.PathLike)):
+        with open(file, "rb") as handle:
+            data = handle.read()
+    else:
+        data = file.read()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # decode_image's reason
+        with Image.open(io.BytesIO(data)) as image:  # the header only
+            width, height = image.size
+            to_device = (image.format in DEVICE_FORMATS and image.mode in DEVICE_MODES
+                         and 0 < width * height <= max_pixels and data.endswith(_EOI))
+    if to_device:
+        return None, {"data": torch.frombuffer(bytearray(data), dtype=torch.uint8), "pixels": width * height}, \
+            width, height
+    image, width, height = decode_image(io.BytesIO(data), load_size, max_pixels)
+    return image, None, width, height
+
+
 class FileSource(Source):
     """Shared by file-backed sources: decoding and skipping unreadable items.
 
@@ -213,9 +245,6 @@ class FileSource(Source):
             current = (index + skipped) % count
             try:
                 if jpeg_bytes and self.image_files:
-                    # imported here: gpu_decode imports this module
-                    from wildssl.data.gpu_decode import read_jpeg
-
                     image, jpeg, width, height = read_jpeg(self._open(current), self.load_size, self.max_pixels)
                 else:
                     (image, width, height), jpeg = self._decode(current), None

@@ -28,19 +28,15 @@ torchvision is imported only when the key asks for it (it does not import with e
 
 from __future__ import annotations
 
-import io
 import logging
-import os
-import warnings
 from collections import defaultdict
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import Dataset
 
-from wildssl.data.decode import DECODE_ERRORS, FileSource, decode_image
+from wildssl.data.decode import DECODE_ERRORS, FileSource
 from wildssl.data.sample import collate
 from wildssl.errors import ConfigError
 
@@ -50,11 +46,8 @@ DECODE_CHOICES = ("cpu", "gpu", "auto")
 MIN_TORCHVISION = (0, 19)  # decode_jpeg takes a list of images (one batched nvJPEG call) from 0.19
 # Pillow's format of a JPEG file: MPO is a camera's JPEG with more pictures appended, of which Pillow and
 # nvJPEG both decode the first
-DEVICE_FORMATS = ("JPEG", "MPO")
-DEVICE_MODES = ("RGB", "L")  # Pillow's mode of a YCbCr or grayscale JPEG; nvJPEG converts both to RGB
 # Decoded pixels per decode_jpeg call: 96 MiB of uint8 images, and 384 MiB of float during their resize.
 PIXELS_PER_CALL = 32_000_000
-_EOI = b"\xff\xd9"  # a JPEG's last marker: a file cut short lacks it and goes to Pillow, which refuses it
 _warned: set[str] = set()  # one log line per message and process
 
 
@@ -118,30 +111,6 @@ def supports(source: object) -> bool:
 
 
 # ----------------------------------------------------------------------------- in the loader workers
-
-def read_jpeg(file: str | os.PathLike | BinaryIO, load_size: int,
-              max_pixels: int) -> tuple[torch.Tensor | None, dict | None, int, int]:
-    """Read one image file: ``(None, jpeg, width, height)`` for a JPEG the device decodes, where ``jpeg`` is
-    ``{"data": the whole file, uint8 (N,), "pixels": width * height}``, and ``(image, None, width, height)``
-    otherwise, ``image`` being the CPU path's (3, S, S) uint8 (:func:`~wildssl.data.decode.decode_image`).
-    Raises the CPU path's decode errors for a file whose header Pillow cannot read."""
-    if isinstance(file, (str, os.PathLike)):
-        with open(file, "rb") as handle:
-            data = handle.read()
-    else:
-        data = file.read()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # decode_image's reason
-        with Image.open(io.BytesIO(data)) as image:  # the header only
-            width, height = image.size
-            to_device = (image.format in DEVICE_FORMATS and image.mode in DEVICE_MODES
-                         and 0 < width * height <= max_pixels and data.endswith(_EOI))
-    if to_device:
-        return None, {"data": torch.frombuffer(bytearray(data), dtype=torch.uint8), "pixels": width * height}, \
-            width, height
-    image, width, height = decode_image(io.BytesIO(data), load_size, max_pixels)
-    return image, None, width, height
-
 
 class JpegBytes(Dataset):
     """``source`` as the loader workers read it with ``data.decode: gpu``: item ``i`` is ``source[i]`` with
