@@ -1,4 +1,4 @@
-"""safetensors files written atomically and read with one-line errors (no pickle anywhere).
+"""safetensors (and small text) files written atomically, safetensors read with one-line errors (no pickle).
 
 Writes go to ``<name>.tmp`` first, are flushed to the disk and are then renamed over the old file: an
 interrupted write (Ctrl-C, a killed job) or a failed one (a full disk, a read-only place) leaves the
@@ -45,6 +45,16 @@ def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path
         raise CheckpointError(f"cannot write {path}: {write_error_reason(error)}; {kept} (free some space or "
                               "choose a writable place)") from None
     _sync_directory(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file (UTF-8) via ``<name>.tmp`` and a rename: a write killed half-way leaves the previous
+    file (or none), never a truncated one. For small files that are rewritten whole (JSON records, manifests,
+    a tokenizer); errors propagate unchanged."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def write_error_reason(error: BaseException) -> str:

@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from wildssl.errors import DataError
+from wildssl.io import atomic_write_text
 
 SHARED_ENV = "WILDSSL_SHARED_DATA"
 # Scene keywords of Flickr8k captions, in priority order: (class name, words of its captions).
@@ -82,9 +83,7 @@ def _records(shared: Path, name: str) -> list[dict]:
 
 def _manifest(path: Path, records: list[dict]) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text("".join(json.dumps(r) + "\n" for r in records))
-    temporary.replace(path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
     return str(path)
 
 

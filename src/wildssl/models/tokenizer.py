@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from wildssl.errors import CheckpointError, ConfigError, DataError
+from wildssl.io import atomic_write_text
 
 PAD_ID, SOT_ID, EOT_ID = 0, 1, 2
 SPECIAL_TOKENS = ("[PAD]", "[SOT]", "[EOT]")  # in id order
@@ -112,14 +113,6 @@ class CaptionTokenizer:
         return kind._from_file(data, path)
 
 
-def _write_atomic(path: str | os.PathLike, text: str) -> None:
-    # A crash mid-write must not leave a truncated tokenizer beside a valid checkpoint.
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 class ByteTokenizer(CaptionTokenizer):
     """UTF-8 bytes as tokens: byte ``b`` is id ``b + 3`` (after the three special ids). Needs no training."""
 
@@ -140,7 +133,7 @@ class ByteTokenizer(CaptionTokenizer):
         return f"byte tokenizer ({self.vocab_size} ids: 3 special + 256 UTF-8 bytes)"
 
     def save(self, path: str | os.PathLike) -> None:
-        _write_atomic(path, json.dumps({"format": _BYTE_FORMAT, "version": 1}))
+        atomic_write_text(path, json.dumps({"format": _BYTE_FORMAT, "version": 1}))
 
     @classmethod
     def _from_file(cls, data: dict[str, Any], path: Path) -> ByteTokenizer:
@@ -235,7 +228,7 @@ class BPETokenizer(CaptionTokenizer):
         return f"byte-level BPE tokenizer ({self.vocab_size} ids, lowercased)"
 
     def save(self, path: str | os.PathLike) -> None:
-        _write_atomic(path, self._tokenizer.to_str())
+        atomic_write_text(path, self._tokenizer.to_str())
 
     @classmethod
     def _from_file(cls, data: dict[str, Any], path: Path) -> BPETokenizer:

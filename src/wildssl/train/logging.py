@@ -13,6 +13,8 @@ import math
 import time
 from pathlib import Path
 
+from wildssl.io import atomic_write_text
+
 log = logging.getLogger("wildssl")
 
 
@@ -29,9 +31,7 @@ class MetricLogger:
         if truncate_after is not None and self.path.is_file():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and _step_of(line) <= truncate_after]
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(self.path)
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         self.writer = None
         if tensorboard:
             try:
