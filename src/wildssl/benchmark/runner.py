@@ -33,6 +33,7 @@ from wildssl.benchmark import tiny
 from wildssl.benchmark.prepare import is_prepared_name, prepare
 from wildssl.benchmark.suite import FLOOR, METHOD_PROBES, SCALES, read_suite
 from wildssl.errors import ConfigError
+from wildssl.io import atomic_write_text
 
 log = logging.getLogger("wildssl")
 
@@ -43,9 +44,7 @@ RUN_OVERRIDES = ["train.progress=false", "train.tensorboard=false"]
 
 def write_json(path: Path, value) -> None:
     """Write ``value`` as JSON to ``path`` atomically: a killed write never leaves a half file."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(value, indent=1))
-    os.replace(temporary, path)
+    atomic_write_text(path, json.dumps(value, indent=1))
 
 
 def device_name() -> str:
@@ -148,6 +147,23 @@ def evaluate_encoder(encoder, eval_suite: dict, out: Path | None, name: str) -> 
     return {probe: scalar_figures(figures) for probe, figures in report["probes"].items()}
 
 
+def suite_teacher(suite: dict) -> bool | None:
+    """The suite's ``network`` as :func:`~wildssl.models.loading.load_encoder`'s ``teacher`` (None: auto)."""
+    return None if suite["network"] == "auto" else suite["network"] == "teacher"
+
+
+def evaluate_run(encoder, name: str, folder: Path, suite: dict, scale: str, specs: dict,
+                 seed: int) -> tuple[dict, dict]:
+    """(the scalar figures of every encoder probe of ``encoder``, the suite's method probes) for the run in
+    ``folder``; its eval report goes to ``folder / "eval"`` (none at tiny scale: seconds per suite), replacing
+    the half-written one a killed evaluation may have left."""
+    eval_suite, method_probes = probe_suite(suite, scale, specs, seed)
+    if (folder / "eval").exists():
+        shutil.rmtree(folder / "eval")
+    report_dir = None if scale == "tiny" else folder / "eval"
+    return evaluate_encoder(encoder, eval_suite, report_dir, name), method_probes
+
+
 def evaluate_method_probes(train_dir: Path, method_name: str, method_probes: dict) -> dict:
     """Zero-shot of image-text runs; other methods get ``{"skipped": reason}``."""
     from wildssl.eval.zeroshot import load_image_text_model, zeroshot_classify
@@ -215,13 +231,10 @@ def run_entry(suite: dict, entry: dict, config: dict, overrides: list[str], seed
         summary = train_entry(config, folder)
         write_json(done, summary)
     train_dir = folder / "train"
-    teacher = None if suite["network"] == "auto" else suite["network"] == "teacher"
-    eval_suite, method_probes = probe_suite(suite, scale, specs, seed)
+    teacher = suite_teacher(suite)
     began = time.perf_counter()
-    if (folder / "eval").exists():
-        shutil.rmtree(folder / "eval")  # a half-written report of a killed evaluation
-    report_dir = None if scale == "tiny" else folder / "eval"  # tiny: no per-probe plots (seconds per suite)
-    probes = evaluate_encoder(load_encoder(train_dir, teacher), eval_suite, report_dir, entry["label"])
+    probes, method_probes = evaluate_run(load_encoder(train_dir, teacher), entry["label"], folder, suite, scale,
+                                         specs, seed)
     probes.update(evaluate_method_probes(train_dir, config["method"]["name"], method_probes))
     result = {"label": entry["label"], "seed": seed, "recipe": entry["recipe"], "method": config["method"]["name"],
               "overrides": overrides, "images": config["train"]["images"], "steps": summary["steps"],
@@ -243,13 +256,9 @@ def run_floor(suite: dict, config: dict, seed: int, scale: str, specs: dict, out
     config = {**config, "model": {**config["model"], "init_from": None}}
     torch.manual_seed(seed)
     method = build_method(config)
-    teacher = None if suite["network"] == "auto" else suite["network"] == "teacher"
-    eval_suite, method_probes = probe_suite(suite, scale, specs, seed)
     began = time.perf_counter()
-    if (folder / "eval").exists():
-        shutil.rmtree(folder / "eval")
-    report_dir = None if scale == "tiny" else folder / "eval"
-    probes = evaluate_encoder(method.encoder(teacher).eval(), eval_suite, report_dir, FLOOR)
+    probes, method_probes = evaluate_run(method.encoder(suite_teacher(suite)).eval(), FLOOR, folder, suite, scale,
+                                         specs, seed)
     probes.update({name: {"skipped": "the floor is an encoder without a trained text tower"} for name in method_probes})
     result = {"label": FLOOR, "seed": seed, "recipe": suite["entries"][0]["recipe"], "method": "random init",
               "overrides": [], "images": 0, "steps": 0, "network": f"{method.name} initial weights",
