@@ -10,6 +10,7 @@ from wildssl.losses.dino_loss import (
     DINOCenter,
     dino_cross_entropy,
     entropy,
+    sinkhorn_knopp_probabilities,
     teacher_probabilities,
     teacher_temperature_schedule,
 )
@@ -120,3 +121,46 @@ def test_entropy_bounds_and_formula():
     assert entropy(torch.eye(k)[:3]).tolist() == [0.0, 0.0, 0.0]
     p = torch.softmax(torch.randn(5, k, dtype=torch.float64), dim=-1)
     torch.testing.assert_close(entropy(p), -(p * p.log()).sum(dim=-1))
+
+
+def reference_sinkhorn(logits: torch.Tensor, temperature: float, iterations: int) -> list[list[float]]:
+    """DINOv2's Sinkhorn-Knopp centering element by element in float64: exp(t / T) normalized to total 1,
+    then per iteration every prototype's column to 1/K and every crop's row to 1/N; the result times N."""
+    rows, cols = logits.shape
+    q = [[math.exp(float(logits[n, k]) / temperature) for k in range(cols)] for n in range(rows)]
+    total = sum(map(sum, q))
+    q = [[v / total for v in row] for row in q]
+    for _ in range(iterations):
+        column = [sum(q[n][k] for n in range(rows)) for k in range(cols)]
+        q = [[q[n][k] / column[k] / cols for k in range(cols)] for n in range(rows)]
+        q = [[v / sum(row) / rows for v in row] for row in q]
+    return [[v * rows for v in row] for row in q]
+
+
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_sinkhorn_knopp_matches_the_float64_formula(iterations):
+    logits = torch.randn(6, 5, generator=torch.Generator().manual_seed(3))
+    probs = sinkhorn_knopp_probabilities(logits, 0.2, iterations)
+    torch.testing.assert_close(probs.double(), torch.tensor(reference_sinkhorn(logits, 0.2, iterations),
+                                                            dtype=torch.float64), rtol=1e-5, atol=1e-7)
+    assert probs.dtype == torch.float32 and not probs.requires_grad
+    # A common shift of every logit changes nothing (the exponent's overflow guard).
+    torch.testing.assert_close(sinkhorn_knopp_probabilities(logits + 30.0, 0.2, iterations), probs)
+
+
+def test_sinkhorn_knopp_spreads_a_collapsed_teacher_over_the_prototypes():
+    # Every crop prefers prototype 0: softmax would put most mass there, Sinkhorn-Knopp spreads it evenly.
+    logits = torch.randn(64, 4, generator=torch.Generator().manual_seed(4)) * 0.1
+    logits[:, 0] += 1.0
+    probs = sinkhorn_knopp_probabilities(logits, 0.1, iterations=30)
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(64))
+    torch.testing.assert_close(probs.sum(dim=0), torch.full((4,), 16.0), rtol=1e-3, atol=1e-3)
+    assert teacher_probabilities(logits, torch.zeros(4), 0.1).sum(dim=0)[0] > 50
+
+
+def test_centering_must_be_center_or_sinkhorn():
+    from wildssl.methods import build_method
+    from wildssl.train.config import build_config
+    from conftest import TINY_MODEL
+    with pytest.raises(ConfigError, match="method.centering='sinkhorn_knop' must be one of center, sinkhorn"):
+        build_method(build_config("dino_quick", TINY_MODEL + ["method.centering=sinkhorn_knop"]))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import PROCESS_GROUP, free_port
 import wildssl.losses.nt_xent as nt_xent_module
 from wildssl.errors import ConfigError
-from wildssl.losses.dino_loss import DINOCenter
+from wildssl.losses.dino_loss import DINOCenter, sinkhorn_knopp_probabilities
 from wildssl.losses.nt_xent import nt_xent_loss
 from wildssl.losses.slot_loss import matched_slots, slot_contrastive_loss
 from wildssl import distributed
@@ -139,6 +139,23 @@ def _check_collectives(rank: int) -> None:
     center.observe(teacher_logits[rank * 4 : (rank + 1) * 4])
     center.commit_step()
     torch.testing.assert_close(center.center, 0.75 + 0.25 * teacher_logits.mean(dim=0, keepdim=True))
+
+    # Sinkhorn-Knopp centering (DINOv2) balances the prototypes over the global batch: each rank's rows
+    # equal the single-process result on all ranks' rows (the ranks' maxima differ: rank 1's are larger).
+    logits = torch.randn(WORLD_SIZE * 4, 7, generator=generator) + torch.arange(WORLD_SIZE).repeat_interleave(4)[:, None]
+    local = sinkhorn_knopp_probabilities(logits[rank * 4 : (rank + 1) * 4], 0.1)
+    torch.testing.assert_close(all_gather_no_grad(local), _single_process_sinkhorn(logits, 0.1), rtol=1e-5, atol=1e-7)
+
+
+def _single_process_sinkhorn(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Three alternating scalings in float64: prototype totals to 1/K, then crop totals to 1/N; times N."""
+    q = torch.exp(logits.double() / temperature)
+    q = q / q.sum()
+    crops, prototypes = q.shape
+    for _ in range(3):
+        q = q / (prototypes * q.sum(dim=0, keepdim=True))
+        q = q / (crops * q.sum(dim=1, keepdim=True))
+    return (q * crops).float()
 
 
 def _check_slot_loss(rank: int) -> None:

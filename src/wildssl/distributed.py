@@ -84,6 +84,14 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return out / world_size
 
 
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum of ``t`` over ranks (a new, detached tensor); a detached copy when not distributed."""
+    out = t.detach().clone()
+    if get_world_size() > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out
+
+
 def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` from every rank along dim 0 without autograd, for evaluation features.
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wildssl.errors import ConfigError
-from wildssl.distributed import all_reduce_mean
+from wildssl.distributed import all_reduce_max, all_reduce_mean, get_world_size
 
 
 def dino_cross_entropy(
@@ -76,6 +76,31 @@ def teacher_probabilities(teacher_logits: torch.Tensor, center: torch.Tensor, te
     if teacher_temp <= 0:
         raise ValueError(f"teacher_probabilities teacher_temp must be > 0, got {teacher_temp}")
     return F.softmax((teacher_logits.detach().float() - center.float()) / teacher_temp, dim=-1)
+
+
+@torch.no_grad()
+def sinkhorn_knopp_probabilities(teacher_logits: torch.Tensor, teacher_temp: float, iterations: int = 3) -> torch.Tensor:
+    """DINOv2's centering of the teacher (Oquab et al. 2023, from SwAV): ``softmax(t / teacher_temp)``
+    rescaled by ``iterations`` Sinkhorn-Knopp steps so that, over the batch of every rank, each of the K
+    prototypes gets an equal share of the mass, and each crop's row is a distribution (sums to 1).
+
+    ``teacher_logits`` ``(N, K)``. Returns fp32 ``(N, K)`` probabilities, no gradient. Each step first
+    scales the prototypes' totals to ``1 / K``, then every crop's total to ``1 / N_all`` (all ranks' crops;
+    every rank must pass the same ``N``), and the result is multiplied by ``N_all``. The logits are
+    shifted by their maximum over all ranks before ``exp`` (a common factor, which the scaling removes).
+    """
+    if teacher_temp <= 0 or iterations < 1:
+        raise ValueError(f"sinkhorn_knopp_probabilities needs teacher_temp > 0 and iterations >= 1, "
+                         f"got {teacher_temp}, {iterations}")
+    logits = teacher_logits.detach().float()
+    world = get_world_size()
+    q = torch.exp((logits - all_reduce_max(logits.max())) / teacher_temp).t()  # (K, N)
+    prototypes, crops = q.shape[0], q.shape[1] * world
+    q = q / (all_reduce_mean(q.sum()) * world)
+    for _ in range(iterations):
+        q = q / (all_reduce_mean(q.sum(dim=1, keepdim=True)) * world) / prototypes
+        q = q / q.sum(dim=0, keepdim=True) / crops
+    return (q * crops).t()
 
 
 class DINOCenter(nn.Module):

@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from wildssl.losses.dino_loss import (DINOCenter, dino_cross_entropy, entropy, teacher_probabilities,
-                                      teacher_temperature_schedule)
+from wildssl.errors import ConfigError
+from wildssl.losses.dino_loss import (DINOCenter, dino_cross_entropy, entropy, sinkhorn_knopp_probabilities,
+                                      teacher_probabilities, teacher_temperature_schedule)
 from wildssl.models.heads import DINOHead
 
 # The head, temperatures and centering of DINO-style distillation: the released ViT-S/16 settings.
@@ -41,7 +42,11 @@ DISTILLATION_DEFAULTS = {
     "warmup_teacher_temp": 0.04,
     "teacher_temp_warmup_epochs": 30.0,
     "center_momentum": 0.9,
+    # "center" (DINO: subtract a running mean of the teacher's logits) or "sinkhorn" (DINOv2: three
+    # Sinkhorn-Knopp steps spread each batch's mass evenly over the prototypes, with no running state).
+    "centering": "center",
 }
+CENTERINGS = ("center", "sinkhorn")
 
 # DINO's multi-crop (released ViT-S/16: 10 local crops, scales split at 0.25).
 MULTI_CROP_DEFAULTS = {
@@ -76,6 +81,9 @@ class SelfDistillation(nn.Module):
         self.options, self.prefix = options, prefix
         self.out_dim = self.option("out_dim")
         self.center = DINOCenter(self.out_dim, self.option("center_momentum"))
+        if self.option("centering") not in CENTERINGS:
+            raise ConfigError(f"method.{self.prefix}centering={self.option('centering')!r} must be one of "
+                              f"{', '.join(CENTERINGS)}")
 
     def option(self, key: str):
         return self.options[self.prefix + key]
@@ -94,9 +102,13 @@ class SelfDistillation(nn.Module):
     @torch.no_grad()
     def targets(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
         """Centered, sharpened teacher distributions of ``(N, K)`` logits (fp32, no gradient); records
-        the batch mean so that the center moves after a finite step."""
+        the batch mean so that the center moves after a finite step (with Sinkhorn-Knopp centering the
+        center is kept too, for :meth:`centered_logits`, but the targets do not use it)."""
         teacher_logits = teacher_logits.float()
-        probs = teacher_probabilities(teacher_logits, self.center.center, teacher_temp)
+        if self.option("centering") == "sinkhorn":
+            probs = sinkhorn_knopp_probabilities(teacher_logits, teacher_temp)
+        else:
+            probs = teacher_probabilities(teacher_logits, self.center.center, teacher_temp)
         self.center.observe(teacher_logits)
         return probs
 

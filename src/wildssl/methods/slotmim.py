@@ -112,6 +112,7 @@ class SlotMIM(Method):
         "warmup_teacher_temp": 0.04,
         "teacher_temp_warmup_epochs": 50.0,
         "center_momentum": 0.9,
+        "centering": "center",
         "mask_ratio": [0.1, 0.5],
         "slot_temperature": 0.2,
         "patch_loss_weight": 0.5,
