@@ -79,22 +79,3 @@ def test_bad_mask_options_are_one_line_config_errors():
         _method("method.mask_ratio=[0.5, 0.1]")
     with pytest.raises(ConfigError, match="method.mask_probability"):
         _method("method.mask_probability=1.5")
-    with pytest.raises(ConfigError, match="method.mask_warmup_epochs"):
-        _method("method.mask_warmup_epochs=-1")
-
-
-def test_mask_warmup_ramps_the_masked_share_from_zero_to_mask_probability():
-    method = _method("method.mask_probability=0.8", "method.mask_warmup_epochs=2")
-    schedule = method.schedules(total_steps=30, steps_per_epoch=5)["mask_probability"]
-    expected = [0.8 * min(step / 10, 1.0) for step in range(30)]  # 2 epochs of 5 steps
-    assert schedule.tolist() == pytest.approx(expected)
-    assert method.schedules(30, 5)["mask_probability"].shape == (30,)
-    assert _method().schedules(30, 5)["mask_probability"].tolist() == [0.5] * 30  # iBOT's: no warm-up
-    # The step masks the share the schedule gives it: none at step 0, every global crop at 1.0.
-    source = open_source("synthetic:scenes?n=8&size=16&split=train", load_size=16)
-    batch = collate([source[i] for i in range(8)])
-    for share, masked in ((0.0, 0.0), (1.0, 1.0)):
-        values = {k: float(v[0]) for k, v in method.schedules(10, 10).items()} | {"mask_probability": share}
-        out = method({"train": batch}, StepContext(0, 10, torch.Generator().manual_seed(0), values))
-        crops_masked = float(out["metrics"]["masked_fraction"]) > 0
-        assert crops_masked == bool(masked)

@@ -4,8 +4,7 @@ self-distillation plus masked patch self-distillation, both from an EMA teacher.
 Per image: two global crops and ``n_local`` local crops (DINO's multi-crop). The student sees the global
 crops with blockwise-masked patches replaced by the mask token (a ratio drawn per crop from
 ``mask_ratio``, for a ``mask_probability`` share of the crops; the rest are left whole, which is iBOT's
-``--pred_ratio 0 0.3 --pred_ratio_var 0 0.2``; ``mask_warmup_epochs`` > 0 ramps that share up linearly from 0,
-a CPU-scale deviation, off by default) and the local crops whole; the teacher sees the global
+``--pred_ratio 0 0.3 --pred_ratio_var 0 0.2``) and the local crops whole; the teacher sees the global
 crops whole. Two losses (Eq. 1 and the [CLS] loss of Sec. 3.2), each with its own centering and
 teacher-temperature schedule (:class:`~wildssl.methods.distillation.SelfDistillation`, twice):
 
@@ -57,15 +56,6 @@ def ibot_masks(count: int, grid: tuple[int, int], ratio_range: tuple[float, floa
     return masks
 
 
-def mask_probability_schedule(probability: float, warmup_epochs: float, total_steps: int,
-                              steps_per_epoch: int) -> np.ndarray:
-    """Per-step share of masked global crops: ``probability * min(1, step / warmup)`` with ``warmup`` the
-    warm-up in steps (at most the run), constant ``probability`` without a warm-up."""
-    warmup = min(int(round(warmup_epochs * steps_per_epoch)), total_steps)
-    ramp = np.minimum(np.arange(total_steps, dtype=np.float64) / warmup, 1.0) if warmup > 0 else np.ones(total_steps)
-    return probability * ramp
-
-
 def patch_options(options: dict) -> dict:
     """The patch distillation's options (``patch_*`` keys): the method's own ``patch_*`` values where it has
     them (``patch_out_dim``, ``patch_teacher_temp``, ``patch_warmup_teacher_temp``), the cls values else."""
@@ -84,9 +74,6 @@ class IBOT(Method):
         "patch_warmup_teacher_temp": 0.04,
         "mask_ratio": [0.1, 0.5],
         "mask_probability": 0.5,
-        # Epochs over which the masked share of the global crops grows linearly from 0 to mask_probability;
-        # 0 (iBOT's) masks from the first step. Short CPU runs learn from the cls loss first (benchmarks/masked.md).
-        "mask_warmup_epochs": 0.0,
         "cls_loss_weight": 1.0,
         "patch_loss_weight": 1.0,
     }
@@ -99,9 +86,6 @@ class IBOT(Method):
         self.mask_ratio = check_mask_options(o)
         if not 0.0 <= o["mask_probability"] <= 1.0:
             raise ConfigError(f"method.mask_probability={o['mask_probability']} must be in [0, 1] (iBOT: 0.5)")
-        if not (isinstance(o["mask_warmup_epochs"], (int, float)) and o["mask_warmup_epochs"] >= 0):
-            raise ConfigError(f"method.mask_warmup_epochs={o['mask_warmup_epochs']!r} must be a number >= 0 "
-                              "(iBOT: 0, masking from the first step)")
         self.distillation = SelfDistillation(o)
         self.patch_distillation = SelfDistillation(patch_options(o), prefix=PATCH)
         self.student["head"] = IBOTHead(self.student["backbone"].embed_dim, o["out_dim"], o["patch_out_dim"],
@@ -114,10 +98,7 @@ class IBOT(Method):
 
     def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
         return {**self.distillation.schedules(total_steps, steps_per_epoch),
-                **self.patch_distillation.schedules(total_steps, steps_per_epoch),
-                "mask_probability": mask_probability_schedule(self.options["mask_probability"],
-                                                              self.options["mask_warmup_epochs"],
-                                                              total_steps, steps_per_epoch)}
+                **self.patch_distillation.schedules(total_steps, steps_per_epoch)}
 
     def forward(self, batches: dict[str, dict], step: StepContext) -> dict:
         o = self.options
@@ -126,7 +107,7 @@ class IBOT(Method):
         global_images = torch.cat([v.images for v in views[: self.n_global]])  # (G * B, 3, S, S)
         grid = self.student["backbone"].patch_grid(*global_images.shape[-2:])
         masks = ibot_masks(global_images.shape[0], grid, self.mask_ratio, step.generator,
-                           step.values["mask_probability"]).to(global_images.device)
+                           o["mask_probability"]).to(global_images.device)
         teacher_temp = self.distillation.teacher_temp(step.values)
         patch_teacher_temp = self.patch_distillation.teacher_temp(step.values)
 
