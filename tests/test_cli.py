@@ -112,3 +112,16 @@ def test_demo_json_line_has_trained_and_random_knn(tmp_path, capsys):
     result = json.loads(out.strip().splitlines()[-1])
     assert 0 <= result["knn_top1_trained"] <= 1 and 0 <= result["knn_top1_random"] <= 1
     assert result["steps"] == 2 and result["method"] == "ab_clip"
+
+
+def test_eval_knn_pools_as_the_run_did_unless_told(tmp_path, capsys):
+    # A run whose own k-NN read the mean patch token is evaluated (and its random-init floor too) on that
+    # feature by default; --pool still chooses.
+    _train(tmp_path, capsys, "simclr", "method.pool=avg", "eval.pool=avg")
+    data = "synthetic:scenes?n=16&size=16"
+    common = ["eval", "knn", "--checkpoint", str(tmp_path / "run"), "--train", data + "&split=train",
+              "--test", data + "&split=test", "--json"]
+    for extra, pool in (([], "avg"), (["--random-init"], "avg"), (["--pool", "cls"], "cls")):
+        code, out, err = _run(capsys, *common, *extra)
+        assert code == 0, err
+        assert json.loads(out.strip().splitlines()[-1])["pool"] == pool

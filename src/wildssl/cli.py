@@ -118,6 +118,19 @@ def _knn_encoder(args):
     return load_encoder(args.checkpoint, teacher=teacher), model_config
 
 
+def _knn_pool(args) -> str:
+    """--pool, else the pooling the run's own k-NN used (its config's ``eval.pool``: a run trained on the mean
+    patch token is read the same way, and so is its random-init floor), else the class token."""
+    if args.pool is not None:
+        return args.pool
+    if args.checkpoint is None:
+        return "cls"
+    from wildssl.models.loading import read_checkpoint_config
+
+    pool = read_checkpoint_config(args.checkpoint).get("eval", {}).get("pool", "cls")
+    return pool if pool in ("cls", "avg") else "cls"
+
+
 # eval knn options -> the config keys whose type and range they share (wildssl.schema)
 KNN_OPTION_KEYS = {"k": "eval.knn_k", "temperature": "eval.knn_temperature", "batch_size": "eval.batch_size",
                    "image_size": "eval.image_size", "load_size": "data.load_size",
@@ -150,15 +163,16 @@ def cmd_eval_knn(args) -> int:
     network = "random-init" if args.random_init else evaluated_network(args.checkpoint, teacher)
     device = _device()
     image_size = args.image_size or model_config.get("img_size", 224)
+    pool = _knn_pool(args)
     result = evaluate_knn(encoder.to(device), args.train, args.test, image_size=image_size,
-                          load_size=args.load_size, k=args.k, temperature=args.temperature, pool=args.pool,
+                          load_size=args.load_size, k=args.k, temperature=args.temperature, pool=pool,
                           batch_size=args.batch_size, num_workers=args.num_workers, device=device,
                           progress=not args.json, max_pixels=args.max_pixels)
     if args.json:
         print(json.dumps({"knn_top1": result["knn_top1"], **{k: v for k, v in result.items() if k != "knn_top1"},
-                          "network": network}))
+                          "network": network, "pool": pool}))
     else:
-        print(f"network: {network}")
+        print(f"network: {network}, features: {pool}")
         for name, value in result.items():
             print(f"{name}: {100 * value:.2f}%")
     return 0
@@ -509,7 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--encoder", choices=("auto", "teacher", "student"), default="auto",
                    help="which encoder of a checkpoint (auto: the one the method evaluates: DINO's teacher, "
                         "SimCLR's and CLIP's student, the same for their AB variants)")
-    k.add_argument("--pool", choices=("cls", "avg"), default="cls")
+    k.add_argument("--pool", choices=("cls", "avg"),
+                   help="features: the class token or the mean patch token (default: the run's eval.pool, the "
+                        "pooling its own k-NN used; cls without a checkpoint)")
     k.add_argument("--image-size", type=int, help="eval resolution (default: the model's img_size)")
     k.add_argument("--load-size", type=int, help="decode size of the sources (default: the eval resolution)")
     k.add_argument("--max-pixels", type=int, default=40_000_000,
