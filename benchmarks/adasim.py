@@ -5,7 +5,8 @@ Each pair method runs its ``*_quick`` recipe; its base runs the same recipe with
 the second view comes from. All runs train on the first ``--train-images`` images of the CIFAR-10 carry
 file (class-balanced), with the online k-NN every epoch (memory: those training images; test: the first
 ``--knn-test-images`` test images), and end with the k-NN of the trained encoder and of the same
-architecture at its initialization on the full carry file (memory 10,000 train, test 3,000).
+architecture at its initialization on the full carry file (memory 10,000 train, test 3,000), both on the
+feature the run's own k-NN reads (its ``eval.pool``).
 
     python benchmarks/adasim.py --cifar .carry/cifar10_carry.npz --out runs/adasim_cmp          # CPU, ~30 min CPU
     python benchmarks/adasim.py --cifar .carry/cifar10_carry.npz --out $OUT/cmp --set model.name=small \\
@@ -161,7 +162,7 @@ def main() -> None:
         record = {"run": name, "recipe": recipe, "method": config["method"]["name"], "steps": summary["steps"],
                   "steps_per_epoch": steps_per_epoch, "epochs": summary["steps"] / steps_per_epoch,
                   "knn_top1": knn["knn_top1"], "knn_top1_random_init": random["knn_top1"],
-                  "gain_points": round(100 * (knn["knn_top1"] - random["knn_top1"]), 2),
+                  "gain_points": round(100 * (knn["knn_top1"] - random["knn_top1"]), 2), "pool": knn["pool"],
                   "train_wall_s": round(wall, 1), "train_cpu_s": round(cpu, 1),
                   "load_average": [round(load_before, 2), round(load_after, 2)], "alarms": summary["alarms"],
                   "curves": per_epoch(run_dir)}
