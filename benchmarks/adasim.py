@@ -123,7 +123,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cifar", required=True, help="cifar10_carry.npz")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--train-images", type=int, default=2000)
+    parser.add_argument("--train-images", type=int, default=5000,
+                        help="training images (the first ones of the carry file; 5,000 as benchmarks/quick_recipes.py)")
     parser.add_argument("--knn-test-images", type=int, default=1000)
     parser.add_argument("--only", action="append", choices=[name for name, _, _ in RUNS])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
