@@ -172,3 +172,20 @@ def test_distractors_caps_the_small_objects_and_keeps_the_rest_of_each_scene():
         assert sample["labels"] == [sample["label"]] and " with " not in sample["caption"]
     with pytest.raises(DataError, match="distractors must be in 0..3, got 4"):
         SyntheticScenes(n=5, distractors=4)
+
+
+def test_rendered_scenes_are_kept_and_a_changed_sample_leaves_the_next_one_alone(monkeypatch):
+    from wildssl.data import open_source, synthetic
+
+    source = open_source("synthetic:scenes?n=4&size=16", load_size=16)
+    first = source[2]
+    first["image"].zero_()  # a caller changing its sample in place
+    calls = []
+    monkeypatch.setattr(synthetic, "render_scene", lambda *a: calls.append(a) or (_ for _ in ()).throw(AssertionError))
+    again = source[2]  # from the kept pixels: no render
+    assert not calls and again["image"].sum() > 0
+    monkeypatch.undo()
+    fresh = open_source("synthetic:scenes?n=4&size=16", load_size=16)[2]
+    assert torch.equal(again["image"], fresh["image"]) and again["captions"] == fresh["captions"]
+    monkeypatch.setattr(synthetic, "RENDER_CACHE_BYTES", 0)  # too large to keep: rendered every time
+    assert not open_source("synthetic:scenes?n=4&size=16", load_size=16)._cache
