@@ -87,7 +87,8 @@ def sinkhorn_knopp_probabilities(teacher_logits: torch.Tensor, teacher_temp: flo
     ``teacher_logits`` ``(N, K)``. Returns fp32 ``(N, K)`` probabilities, no gradient. Each step first
     scales the prototypes' totals to ``1 / K``, then every crop's total to ``1 / N_all`` (all ranks' crops;
     every rank must pass the same ``N``), and the result is multiplied by ``N_all``. The logits are
-    shifted by their maximum over all ranks before ``exp`` (a common factor, which the scaling removes).
+    shifted by their maximum over all ranks before ``exp``: a common factor, which the first scaling removes,
+    as it removes DINOv2's initial division by the total mass (left out here: one collective fewer).
     """
     if teacher_temp <= 0 or iterations < 1:
         raise ValueError(f"sinkhorn_knopp_probabilities needs teacher_temp > 0 and iterations >= 1, "
@@ -96,7 +97,6 @@ def sinkhorn_knopp_probabilities(teacher_logits: torch.Tensor, teacher_temp: flo
     world = get_world_size()
     q = torch.exp((logits - all_reduce_max(logits.max())) / teacher_temp).t()  # (K, N)
     prototypes, crops = q.shape[0], q.shape[1] * world
-    q = q / (all_reduce_mean(q.sum()) * world)
     for _ in range(iterations):
         q = q / (all_reduce_mean(q.sum(dim=1, keepdim=True)) * world) / prototypes
         q = q / q.sum(dim=0, keepdim=True) / crops
