@@ -224,6 +224,7 @@ NAME_RULES: tuple[NameRule, ...] = (
     NameRule("*_prob", _NUMBERS, 0.0, 1.0, kind="float"),
     NameRule("*_scale", ("list",), 0.0, 1.0, low_open=True, ordered=True),  # crop scales (area fractions)
     NameRule("*_scale", _NUMBERS, 0.0, kind="float"),  # loss weights
+    NameRule("*_weight", _NUMBERS, 0.0, kind="float"),  # loss weights
     NameRule("*_ratio", _NUMBERS, 0.0, kind="float"),
     NameRule("*_range", ("list",), ordered=True),
     NameRule("*crop_size", _NUMBERS, 1, MAX_PIXELS_SIDE, kind="int"),  # sides in pixels

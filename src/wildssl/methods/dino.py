@@ -17,12 +17,15 @@ from wildssl.data.views import ViewBatch, dino_specs, make_views
 from wildssl.errors import ConfigError
 from wildssl.methods.base import (AnnotationInput, AnnotationSpace, Method, StepContext, check_pool,
                                   normalized_embedding_std, pooled, pooled_features)
+from wildssl.losses.koleo_loss import koleo_loss
 from wildssl.methods.distillation import DISTILLATION_DEFAULTS, MULTI_CROP_DEFAULTS, SelfDistillation
 
 
 class DINO(Method):
     name = "dino"
-    defaults = {**DISTILLATION_DEFAULTS, **MULTI_CROP_DEFAULTS, "pool": "cls", "photometric": "dino"}
+    # koleo_weight: DINOv2's KoLeo term on the student's pooled features of each global crop (0 = DINO).
+    defaults = {**DISTILLATION_DEFAULTS, **MULTI_CROP_DEFAULTS, "pool": "cls", "photometric": "dino",
+                "koleo_weight": 0.0}
     eval_network = "teacher"  # DINO reports its EMA teacher
 
     def __init__(self, config: dict):
@@ -82,10 +85,16 @@ class DINO(Method):
         with torch.no_grad():
             teacher_logits, teacher_features = self._logits(self.teacher, views[: self.n_global])
             probs = self.distillation.targets(torch.cat(teacher_logits), teacher_temp)
-        student_logits, _ = self._logits(self.student, views)
+        student_logits, student_features = self._logits(self.student, views)
         loss = self.distillation.loss(student_logits, probs.chunk(self.n_global))
         metrics = {**self.distillation.metrics(probs, teacher_temp),
                    "embedding_std": normalized_embedding_std(teacher_features)}
+        if self.options["koleo_weight"] > 0:
+            # DINOv2: one KoLeo term per global crop, summed, on the student's (pooled) features
+            batch = views[0].images.shape[0]
+            koleo = sum(koleo_loss(f) for f in student_features[: self.n_global * batch].split(batch))
+            loss = loss + self.options["koleo_weight"] * koleo
+            metrics["koleo"] = koleo.detach()
         return loss, metrics, teacher_features[: views[0].images.shape[0]]
 
     def forward(self, batches: dict[str, dict], step: StepContext) -> dict:

@@ -1,0 +1,75 @@
+"""KoLeo (DINOv2's spreading term) against a float64 formula, and its place in DINO's loss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_batch, tiny_config
+from wildssl.errors import ConfigError
+from wildssl.losses.koleo_loss import koleo_loss
+from wildssl.methods import build_method
+from wildssl.methods.base import StepContext
+
+
+def reference_koleo(rows: list[list[float]], eps: float = 1e-8) -> float:
+    """-mean_i log(min_{j != i} ||u_i - u_j|| + eps), u = x / ||x||, element by element in float64."""
+    units = []
+    for row in rows:
+        norm = math.sqrt(sum(v * v for v in row))
+        units.append([v / norm for v in row])
+    total = 0.0
+    for i, u in enumerate(units):
+        nearest = min(math.sqrt(sum((a - b) ** 2 for a, b in zip(u, w))) for j, w in enumerate(units) if j != i)
+        total += math.log(nearest + eps)
+    return -total / len(units)
+
+
+@pytest.mark.parametrize("shape", [(2, 3), (7, 5), (16, 4)])
+def test_koleo_matches_the_float64_formula(shape):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[0]), dtype=torch.float64)
+    assert koleo_loss(x).item() == pytest.approx(reference_koleo(x.tolist()), rel=1e-5)
+
+
+def test_koleo_is_scale_invariant_and_falls_as_the_batch_spreads():
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(32, 8, generator=g)
+    bunched = torch.ones(32, 8) + 0.05 * torch.randn(32, 8, generator=g)
+    assert koleo_loss(3.0 * spread).item() == pytest.approx(koleo_loss(spread).item(), rel=1e-5)
+    assert koleo_loss(spread) < koleo_loss(bunched) - 2.0
+    # its gradient pushes each sample away from its nearest neighbour
+    x = bunched.clone().requires_grad_(True)
+    koleo_loss(x).backward()
+    stepped = (x - 0.1 * x.grad).detach()
+    assert koleo_loss(stepped) < koleo_loss(bunched)
+
+
+def test_koleo_needs_two_samples():
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        koleo_loss(torch.randn(1, 4))
+
+
+def _dino_loss(weight: float) -> tuple[float, dict]:
+    config = tiny_config("dino", f"method.koleo_weight={weight}", "model.drop_path_rate=0.0")
+    torch.manual_seed(0)
+    method = build_method(config)
+    step = StepContext(0, 10, torch.Generator().manual_seed(1), {"teacher_temp": 0.04}, log=True)
+    loss, metrics, _ = method.loss_and_latents(tiny_batch(8), step)
+    return loss.item(), metrics
+
+
+def test_dino_adds_the_weighted_koleo_of_its_student_global_crops():
+    plain, plain_metrics = _dino_loss(0.0)
+    with_koleo, metrics = _dino_loss(0.5)
+    assert "koleo" not in plain_metrics
+    # the same weights and crops: the two losses differ by exactly 0.5 x the sum over the two global crops
+    assert metrics["koleo"].item() > 0
+    assert with_koleo == pytest.approx(plain + 0.5 * metrics["koleo"].item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("value", ["-0.1", "true", "lots"])
+def test_koleo_weight_must_be_a_non_negative_number(value):
+    with pytest.raises(ConfigError, match="method.koleo_weight=.* is invalid.*: method.koleo_weight must be"):
+        build_method(tiny_config("dino", f"method.koleo_weight={value}"))
