@@ -15,9 +15,9 @@ import torch
 from wildssl.data.photometric import PIPELINES
 from wildssl.data.views import ViewBatch, dino_specs, make_views
 from wildssl.errors import ConfigError
+from wildssl.losses.koleo_loss import koleo_loss
 from wildssl.methods.base import (AnnotationInput, AnnotationSpace, Method, StepContext, check_pool,
                                   normalized_embedding_std, pooled, pooled_features)
-from wildssl.losses.koleo_loss import koleo_loss
 from wildssl.methods.distillation import DISTILLATION_DEFAULTS, MULTI_CROP_DEFAULTS, SelfDistillation
 
 
