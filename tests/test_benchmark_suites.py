@@ -68,6 +68,11 @@ def test_every_suite_resolves_at_cpu_and_gpu_scale_with_equal_images_seen_and_on
         for entry, config in zip(suite["entries"], configs):
             for stream, name in entry["streams"].items():
                 assert config["data"][stream] == specs[name]
+        # a k-NN probe reads the feature each entry trains and watches (its eval.pool), for the floor too
+        knn_pools = {options.get("pool", "cls") for name, options in suite["probes"].items()
+                     if name.split("@")[0] == "knn"}
+        if knn_pools:
+            assert {c["eval"]["pool"] for c in configs} <= knn_pools, (scale, knn_pools)
 
 
 @pytest.mark.parametrize("path", SUITES, ids=lambda p: p.stem)
