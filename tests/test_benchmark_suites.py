@@ -12,6 +12,7 @@ from wildssl.benchmark import runner, table, tiny
 from wildssl.benchmark.prepare import prepare
 from wildssl.benchmark.suite import check_suite, read_suite
 from wildssl.cli import main
+from wildssl.eval.report import probe_kind
 from wildssl.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +71,7 @@ def test_every_suite_resolves_at_cpu_and_gpu_scale_with_equal_images_seen_and_on
                 assert config["data"][stream] == specs[name]
         # a k-NN probe reads the feature each entry trains and watches (its eval.pool), for the floor too
         knn_pools = {options.get("pool", "cls") for name, options in suite["probes"].items()
-                     if name.split("@")[0] == "knn"}
+                     if probe_kind(name) == "knn"}
         if knn_pools:
             assert {c["eval"]["pool"] for c in configs} <= knn_pools, (scale, knn_pools)
 

@@ -89,13 +89,13 @@ class DINO(Method):
         loss = self.distillation.loss(student_logits, probs.chunk(self.n_global))
         metrics = {**self.distillation.metrics(probs, teacher_temp),
                    "embedding_std": normalized_embedding_std(teacher_features)}
+        batch = views[0].images.shape[0]
         if self.options["koleo_weight"] > 0:
             # DINOv2: one KoLeo term per global crop, summed, on the student's (pooled) features
-            batch = views[0].images.shape[0]
             koleo = sum(koleo_loss(f) for f in student_features[: self.n_global * batch].split(batch))
             loss = loss + self.options["koleo_weight"] * koleo
             metrics["koleo"] = koleo.detach()
-        return loss, metrics, teacher_features[: views[0].images.shape[0]]
+        return loss, metrics, teacher_features[:batch]
 
     def forward(self, batches: dict[str, dict], step: StepContext) -> dict:
         loss, metrics, _ = self.loss_and_latents(batches["train"], step)
