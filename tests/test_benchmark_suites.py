@@ -2,6 +2,7 @@
 table is rebuilt from the recorded runs with mean and spread computed as numpy does."""
 
 import json
+import shutil
 import re
 from pathlib import Path
 
@@ -286,3 +287,32 @@ def test_prepared_sets_of_the_real_shared_data_have_the_documented_sizes(tmp_pat
     # Flickr8k mini 753 train
     assert sizes == {"camvid:train": 367, "camvid:test": 233, "coco:train": 80, "coco:val": 79, "flickr8k:train": 753,
                      "captions": 753 + 80, "scenes": 367 + 80 + 753}
+
+
+def test_resuming_with_other_settings_names_the_run_and_the_change_instead_of_mixing_them(tmp_path, capsys):
+    out = tmp_path / "out"
+    suite = _small_suite(tmp_path)
+    runner.run_benchmark(suite, "tiny", seeds=1, out=out)
+    recorded = json.loads((out / "runs" / "dino-s0" / "settings.json").read_text())
+    assert "train.images=8" in recorded
+    assert [s for s in recorded if s.startswith("data.train=")][0] in ("data.train=train", "data.train=test")
+    # the same suite again: every run recorded, nothing trained, no error
+    runner.run_benchmark(suite, "tiny", seeds=1, out=out)
+    # another budget in images seen: an error naming the first run and both values; nothing recorded changes
+    text = Path(suite).read_text().replace("seeds: 2\n", "seeds: 2\nscales: {tiny: {images: 16}}\n")
+    Path(suite).write_text(text)
+    before = (out / "runs" / "simclr-s0" / "result.json").read_text()
+    assert main(["benchmark", "run", str(suite), "--scale", "tiny", "--seeds", "1", "--out", str(out)]) != 0
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "simclr-s0 was recorded with other settings" in err
+    assert "then train.images=8, now train.images=16" in err and "Traceback" not in err
+    assert (out / "runs" / "simclr-s0" / "result.json").read_text() == before
+    # a run recorded before settings.json existed is checked through its result.json
+    (out / "runs" / "simclr-s0" / "settings.json").unlink()
+    with pytest.raises(ConfigError, match="simclr-s0 .*then train.images=8, now train.images=16"):
+        runner.run_benchmark(suite, "tiny", seeds=1, out=out)
+    # deleting the run folder (as the error says) runs it again with the new settings
+    shutil.rmtree(out / "runs" / "simclr-s0")
+    shutil.rmtree(out / "runs" / "dino-s0")
+    runner.run_benchmark(suite, "tiny", seeds=1, out=out)
+    assert json.loads((out / "runs" / "simclr-s0" / "result.json").read_text())["images"] == 16

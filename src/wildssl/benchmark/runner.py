@@ -4,6 +4,7 @@ and the random-init floor with the same probes and network, and record every run
 Layout of the output folder ``DIR``::
 
     suite.json                    the resolved suite, scale, seeds, command, device, data SPECs
+    runs/<label>-s<seed>/settings.json     the run's overrides (data as the suite's names), written before training
     runs/<label>-s<seed>/train/   the training run (checkpoint, config.yaml, metrics.jsonl)
     runs/<label>-s<seed>/train_done.json   the engine's summary, written when training finished
     runs/<label>-s<seed>/eval/    the wildssl eval all report of the encoder
@@ -13,7 +14,8 @@ Layout of the output folder ``DIR``::
 
 Resuming (the same command again): a run with ``result.json`` is skipped; one with ``train_done.json``
 is only evaluated again; any other resumes from its training checkpoint (``train.checkpoint_every``) or
-starts over.
+starts over. A recorded run whose settings differ from the suite's now (another budget, recipe or override)
+is an error naming the run and the first difference: resuming never mixes two settings in one table.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from wildssl.io import atomic_write_text
 log = logging.getLogger("wildssl")
 
 RESULT = "result.json"
+SETTINGS = "settings.json"
 TRAIN_DONE = "train_done.json"
 RUN_OVERRIDES = ["train.progress=false", "train.tensorboard=false"]
 
@@ -217,6 +220,46 @@ def train_entry(config: dict, folder: Path) -> dict:
     return summary
 
 
+def comparable_settings(overrides: list[str], specs: dict[str, str]) -> list[str]:
+    """``overrides`` with each data SPEC written as the suite's data name and without ``model.init_from`` (a path
+    under the output folder; the entry's ``init_from`` label is part of the suite): what must match on resume."""
+    names = {}
+    for name, spec in sorted(specs.items()):  # names of one SPEC (the same data): the first in sorted order
+        names.setdefault(spec, name)
+    settings = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key != "model.init_from":
+            settings.append(f"{key}={names.get(value, value)}")
+    return settings
+
+
+def recorded_settings(folder: Path, recorded_specs: dict[str, str]) -> list[str] | None:
+    """The settings a run in ``folder`` was started with: its ``settings.json``, else (runs recorded before it
+    existed) the overrides of its ``result.json`` read with the data SPECs the output folder recorded; None when
+    nothing was recorded."""
+    if (folder / SETTINGS).is_file():
+        return json.loads((folder / SETTINGS).read_text())
+    if (folder / RESULT).is_file():
+        return comparable_settings(json.loads((folder / RESULT).read_text())["overrides"], recorded_specs)
+    return None
+
+
+def check_recorded_settings(out: Path, configs: dict, specs: dict[str, str], recorded_specs: dict[str, str]) -> None:
+    """ConfigError when a recorded run of ``configs`` was started with other settings than it would be now."""
+    for (label, seed), (_, overrides) in configs.items():
+        folder = run_dir(out, label, seed)
+        before = recorded_settings(folder, recorded_specs)
+        now = comparable_settings(overrides, specs)
+        if before is None or before == now:
+            continue
+        then = [f"then {s}" for s in before if s not in now][:1]
+        later = [f"now {s}" for s in now if s not in before][:1]
+        change = ", ".join(then + later) or "the same overrides in another order"
+        raise ConfigError(f"{folder} was recorded with other settings than the suite gives now ({change}); "
+                          f"delete that run folder to run it again, or give another --out")
+
+
 def run_entry(suite: dict, entry: dict, config: dict, overrides: list[str], seed: int, scale: str, specs: dict,
               out: Path) -> dict:
     """Train and evaluate one (entry, seed); returns (and records) its ``result.json``."""
@@ -224,6 +267,8 @@ def run_entry(suite: dict, entry: dict, config: dict, overrides: list[str], seed
 
     folder = run_dir(out, entry["label"], seed)
     folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / SETTINGS).is_file():
+        write_json(folder / SETTINGS, comparable_settings(overrides, specs))
     done = folder / TRAIN_DONE
     if done.is_file():
         summary = json.loads(done.read_text())
@@ -287,6 +332,7 @@ def run_benchmark(suite_path: str | Path, scale: str = "cpu", seeds: int | None 
     out = Path(out or Path("runs") / "bench" / f"{suite['name']}-{scale}")
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "suite.json"
+    previous = {}
     if meta_path.is_file():
         previous = json.loads(meta_path.read_text())
         if previous["scale"] != scale or previous["suite"]["name"] != suite["name"]:
@@ -304,6 +350,7 @@ def run_benchmark(suite_path: str | Path, scale: str = "cpu", seeds: int | None 
                               f"{entry['init_from']}, whose encoder it starts from; give it seeds <= that entry's")
     configs = {(e["label"], s): entry_config(suite, e, scale, s, specs, out)
                for e in suite["entries"] for s in entry_seeds(e)}
+    check_recorded_settings(out, configs, specs, previous.get("data", specs))
     meta = {"suite": suite, "suite_file": str(suite_path), "scale": scale, "seeds": seed_list,
             "command": command or f"wildssl benchmark run {suite_path} --scale {scale}", "device": device_name(),
             "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "data": specs}
