@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from wildssl.benchmark import runner, table, tiny
 from wildssl.benchmark.prepare import prepare
@@ -293,8 +294,8 @@ def test_resuming_with_other_settings_names_the_run_and_the_change_instead_of_mi
     out = tmp_path / "out"
     suite = _small_suite(tmp_path)
     runner.run_benchmark(suite, "tiny", seeds=1, out=out)
-    recorded = json.loads((out / "runs" / "dino-s0" / "settings.json").read_text())
-    assert "train.images=8" in recorded
+    recorded = json.loads((out / "runs" / "dino-s0" / "settings.json").read_text())["config"]
+    assert "train.images=8" in recorded and "method.name=dino" in recorded  # the resolved config
     assert [s for s in recorded if s.startswith("data.train=")][0] in ("data.train=train", "data.train=test")
     # the same suite again: every run recorded, nothing trained, no error
     runner.run_benchmark(suite, "tiny", seeds=1, out=out)
@@ -305,14 +306,31 @@ def test_resuming_with_other_settings_names_the_run_and_the_change_instead_of_mi
     assert main(["benchmark", "run", str(suite), "--scale", "tiny", "--seeds", "1", "--out", str(out)]) != 0
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "simclr-s0 was recorded with other settings" in err
-    assert "then train.images=8, now train.images=16" in err and "Traceback" not in err
+    assert "train.images: 8 then, 16 now" in err and "Traceback" not in err
     assert (out / "runs" / "simclr-s0" / "result.json").read_text() == before
     # a run recorded before settings.json existed is checked through its result.json
     (out / "runs" / "simclr-s0" / "settings.json").unlink()
-    with pytest.raises(ConfigError, match="simclr-s0 .*then train.images=8, now train.images=16"):
+    with pytest.raises(ConfigError, match="simclr-s0 .*train.images: 8 then, 16 now"):
         runner.run_benchmark(suite, "tiny", seeds=1, out=out)
     # deleting the run folder (as the error says) runs it again with the new settings
     shutil.rmtree(out / "runs" / "simclr-s0")
     shutil.rmtree(out / "runs" / "dino-s0")
     runner.run_benchmark(suite, "tiny", seeds=1, out=out)
     assert json.loads((out / "runs" / "simclr-s0" / "result.json").read_text())["images"] == 16
+
+
+def test_resuming_after_a_recipe_file_was_edited_names_the_changed_key(tmp_path):
+    from wildssl.train.config import build_config
+
+    recipe = tmp_path / "my_simclr.yaml"
+    recipe.write_text(yaml.safe_dump(build_config("simclr_quick")))
+    suite = tmp_path / "mine.yaml"
+    suite.write_text(SMALL.replace("name: small", "name: mine").replace("recipe: simclr_quick", "recipe: my_simclr.yaml"))
+    out = tmp_path / "out"
+    runner.run_benchmark(suite, "tiny", seeds=1, out=out)
+    runner.run_benchmark(suite, "tiny", seeds=1, out=out)  # unchanged: resumes without an error
+    lr = build_config("simclr_quick")["optim"]["lr"]
+    recipe.write_text(recipe.read_text().replace(f"lr: {lr}", f"lr: {lr * 2}"))
+    assert build_config(str(recipe))["optim"]["lr"] == lr * 2
+    with pytest.raises(ConfigError, match=rf"simclr-s0 .*optim.lr: {lr} then, {lr * 2} now"):
+        runner.run_benchmark(suite, "tiny", seeds=1, out=out)

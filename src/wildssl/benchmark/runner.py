@@ -4,7 +4,7 @@ and the random-init floor with the same probes and network, and record every run
 Layout of the output folder ``DIR``::
 
     suite.json                    the resolved suite, scale, seeds, command, device, data SPECs
-    runs/<label>-s<seed>/settings.json     the run's overrides (data as the suite's names), written before training
+    runs/<label>-s<seed>/settings.json     the run's resolved config (data as the suite's names), written before training
     runs/<label>-s<seed>/train/   the training run (checkpoint, config.yaml, metrics.jsonl)
     runs/<label>-s<seed>/train_done.json   the engine's summary, written when training finished
     runs/<label>-s<seed>/eval/    the wildssl eval all report of the encoder
@@ -14,8 +14,8 @@ Layout of the output folder ``DIR``::
 
 Resuming (the same command again): a run with ``result.json`` is skipped; one with ``train_done.json``
 is only evaluated again; any other resumes from its training checkpoint (``train.checkpoint_every``) or
-starts over. A recorded run whose settings differ from the suite's now (another budget, recipe or override)
-is an error naming the run and the first difference: resuming never mixes two settings in one table.
+starts over. A recorded run whose resolved config differs from the suite's now (another budget, override or
+edited recipe) is an error naming the run and the first difference: resuming never mixes two settings in one table.
 """
 
 from __future__ import annotations
@@ -220,12 +220,18 @@ def train_entry(config: dict, folder: Path) -> dict:
     return summary
 
 
+def _spec_names(specs: dict[str, str]) -> dict[str, str]:
+    """{SPEC: the suite's data name}; names of one SPEC (the same data): the first in sorted order."""
+    names: dict[str, str] = {}
+    for name, spec in sorted(specs.items()):
+        names.setdefault(spec, name)
+    return names
+
+
 def comparable_settings(overrides: list[str], specs: dict[str, str]) -> list[str]:
     """``overrides`` with each data SPEC written as the suite's data name and without ``model.init_from`` (a path
-    under the output folder; the entry's ``init_from`` label is part of the suite): what must match on resume."""
-    names = {}
-    for name, spec in sorted(specs.items()):  # names of one SPEC (the same data): the first in sorted order
-        names.setdefault(spec, name)
+    under the output folder; the entry's ``init_from`` label is part of the suite)."""
+    names = _spec_names(specs)
     settings = []
     for override in overrides:
         key, _, value = override.partition("=")
@@ -234,28 +240,59 @@ def comparable_settings(overrides: list[str], specs: dict[str, str]) -> list[str
     return settings
 
 
-def recorded_settings(folder: Path, recorded_specs: dict[str, str]) -> list[str] | None:
-    """The settings a run in ``folder`` was started with: its ``settings.json``, else (runs recorded before it
-    existed) the overrides of its ``result.json`` read with the data SPECs the output folder recorded; None when
-    nothing was recorded."""
+def comparable_config(config: dict, specs: dict[str, str]) -> list[str]:
+    """The resolved training config as sorted ``key.path=value`` lines, data SPECs as the suite's names and without
+    ``model.init_from``: what must match on resume (it also catches an edited recipe file)."""
+    names = _spec_names(specs)
+
+    def lines(value, prefix: str):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                yield from lines(item, f"{prefix}{key}.")
+        elif prefix[:-1] != "model.init_from":
+            shown = names.get(value, value) if isinstance(value, str) else json.dumps(value)
+            yield f"{prefix[:-1]}={shown}"
+
+    return sorted(lines(config, ""))
+
+
+def recorded_settings(folder: Path, recorded_specs: dict[str, str]) -> tuple[str, list[str]] | None:
+    """("config" or "overrides", the settings a run in ``folder`` was started with): its ``settings.json`` (the
+    resolved config), else (runs recorded before it existed) the overrides of its ``result.json`` read with the data
+    SPECs the output folder recorded; None when nothing was recorded."""
     if (folder / SETTINGS).is_file():
-        return json.loads((folder / SETTINGS).read_text())
+        recorded = json.loads((folder / SETTINGS).read_text())
+        return ("config", recorded["config"]) if isinstance(recorded, dict) else ("overrides", recorded)
     if (folder / RESULT).is_file():
-        return comparable_settings(json.loads((folder / RESULT).read_text())["overrides"], recorded_specs)
+        return "overrides", comparable_settings(json.loads((folder / RESULT).read_text())["overrides"], recorded_specs)
     return None
+
+
+def describe_change(before: list[str], now: list[str], most: int = 4) -> str:
+    """``key: old then, new now; ...`` for the keys whose ``key=value`` lines differ (at most ``most`` named)."""
+    def as_dict(lines: list[str]) -> dict[str, str]:
+        return dict(line.partition("=")[::2] for line in lines)
+
+    then, later = as_dict(before), as_dict(now)
+    keys = [k for k in dict.fromkeys([*then, *later]) if then.get(k) != later.get(k)]
+    parts = [f"{k}: {then.get(k, '(unset)')} then, {later.get(k, '(unset)')} now" for k in keys[:most]]
+    if len(keys) > most:
+        parts.append(f"and {len(keys) - most} more")
+    return "; ".join(parts) or "the same settings in another order"
 
 
 def check_recorded_settings(out: Path, configs: dict, specs: dict[str, str], recorded_specs: dict[str, str]) -> None:
     """ConfigError when a recorded run of ``configs`` was started with other settings than it would be now."""
-    for (label, seed), (_, overrides) in configs.items():
+    for (label, seed), (config, overrides) in configs.items():
         folder = run_dir(out, label, seed)
-        before = recorded_settings(folder, recorded_specs)
-        now = comparable_settings(overrides, specs)
-        if before is None or before == now:
+        recorded = recorded_settings(folder, recorded_specs)
+        if recorded is None:
             continue
-        then = [f"then {s}" for s in before if s not in now][:1]
-        later = [f"now {s}" for s in now if s not in before][:1]
-        change = ", ".join(then + later) or "the same overrides in another order"
+        kind, before = recorded
+        now = comparable_config(config, specs) if kind == "config" else comparable_settings(overrides, specs)
+        if before == now:
+            continue
+        change = describe_change(before, now)
         raise ConfigError(f"{folder} was recorded with other settings than the suite gives now ({change}); "
                           f"delete that run folder to run it again, or give another --out")
 
@@ -268,7 +305,7 @@ def run_entry(suite: dict, entry: dict, config: dict, overrides: list[str], seed
     folder = run_dir(out, entry["label"], seed)
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / SETTINGS).is_file():
-        write_json(folder / SETTINGS, comparable_settings(overrides, specs))
+        write_json(folder / SETTINGS, {"config": comparable_config(config, specs)})
     done = folder / TRAIN_DONE
     if done.is_file():
         summary = json.loads(done.read_text())
