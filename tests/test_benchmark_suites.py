@@ -2,8 +2,8 @@
 table is rebuilt from the recorded runs with mean and spread computed as numpy does."""
 
 import json
-import shutil
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np

@@ -15,7 +15,7 @@ Layout of the output folder ``DIR``::
 Resuming (the same command again): a run with ``result.json`` is skipped; one with ``train_done.json``
 is only evaluated again; any other resumes from its training checkpoint (``train.checkpoint_every``) or
 starts over. A recorded run whose resolved config differs from the suite's now (another budget, override or
-edited recipe) is an error naming the run and the first difference: resuming never mixes two settings in one table.
+edited recipe) is an error naming the run and the changed keys: resuming never mixes two settings in one table.
 """
 
 from __future__ import annotations
@@ -261,8 +261,7 @@ def recorded_settings(folder: Path, recorded_specs: dict[str, str]) -> tuple[str
     resolved config), else (runs recorded before it existed) the overrides of its ``result.json`` read with the data
     SPECs the output folder recorded; None when nothing was recorded."""
     if (folder / SETTINGS).is_file():
-        recorded = json.loads((folder / SETTINGS).read_text())
-        return ("config", recorded["config"]) if isinstance(recorded, dict) else ("overrides", recorded)
+        return "config", json.loads((folder / SETTINGS).read_text())["config"]
     if (folder / RESULT).is_file():
         return "overrides", comparable_settings(json.loads((folder / RESULT).read_text())["overrides"], recorded_specs)
     return None
