@@ -25,22 +25,13 @@ TESTS = Path(__file__).resolve().parents[1] / "tests"
 BIG_MEMORY, BIG_TEST = 4000, 2000
 
 
-def larger_knn_gain(run_dir: Path, pool: str | None) -> tuple[float, float]:
+def larger_knn(run_dir: Path, pool: str | None) -> tuple[float, float]:
     """k-NN top-1 of the run's trained encoder and of its random initialization on the larger set."""
     import yaml
-    from conftest import E2E_DATA
-
-    from wildssl.eval.evaluate import evaluate_knn
-    from wildssl.methods import build_method
-    from wildssl.models.loading import CHECKPOINT_NAME, load_encoder
+    from conftest import knn_of_trained_and_initial
 
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    torch.manual_seed(config["train"]["seed"])  # as the test: the trained run's initial weights
-    initial = build_method(config).encoder().eval()
-    trained = load_encoder(run_dir / CHECKPOINT_NAME)
-    specs = E2E_DATA.format(n=BIG_MEMORY, split="train"), E2E_DATA.format(n=BIG_TEST, split="test")
-    pool = pool or config["eval"]["pool"]
-    return tuple(evaluate_knn(encoder, *specs, image_size=32, pool=pool)["knn_top1"] for encoder in (trained, initial))
+    return knn_of_trained_and_initial(config, run_dir, pool, memory=BIG_MEMORY, test=BIG_TEST)
 
 
 def main(argv: list[str]) -> None:
@@ -71,7 +62,7 @@ def main(argv: list[str]) -> None:
     record = {"test": f"{module_name}::{function_name}" + (f"[{param}]" if param else ""), "seed": int(seed),
               "overrides": overrides, "status": status}
     if "trained" in seen:
-        big_trained, big_initial = larger_knn_gain(seen["run_dir"], seen["pool"])
+        big_trained, big_initial = larger_knn(seen["run_dir"], seen["pool"])
         record.update(knn=[round(seen["trained"], 3), round(seen["initial"], 3)],
                       gain=round(seen["trained"] - seen["initial"], 3),
                       knn_4x=[round(big_trained, 3), round(big_initial, 3)], gain_4x=round(big_trained - big_initial, 3))

@@ -111,9 +111,7 @@ def train_and_compare_knn(recipe: str, run_dir, *extra: str, metric: str = "loss
     mean patch token), by default the config's ``eval.pool``."""
     import json
 
-    from wildssl.eval.evaluate import evaluate_knn
-    from wildssl.methods import build_method, get_method_class
-    from wildssl.models.loading import CHECKPOINT_NAME, load_encoder
+    from wildssl.methods import get_method_class
     from wildssl.train.config import build_config
     from wildssl.train.engine import train
 
@@ -123,13 +121,24 @@ def train_and_compare_knn(recipe: str, run_dir, *extra: str, metric: str = "loss
     train(config, run_dir)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r[metric] for r in records if metric in r]
+    return (losses, *knn_of_trained_and_initial(config, run_dir, pool))
+
+
+def knn_of_trained_and_initial(config: dict, run_dir, pool: str | None = None, memory: int = 1000,
+                               test: int = 500) -> tuple[float, float]:
+    """k-NN top-1 of the run's trained encoder and of the same encoder at its initial (random) weights, with
+    ``memory`` training scenes and ``test`` test scenes (benchmarks/e2e_seeds.py re-measures with more)."""
+    from wildssl.eval.evaluate import evaluate_knn
+    from wildssl.methods import build_method
+    from wildssl.models.loading import CHECKPOINT_NAME, load_encoder
+
     torch.manual_seed(config["train"]["seed"])  # the engine's seed: the trained run's initial weights
     initial = build_method(config).encoder()
-    specs = E2E_DATA.format(n=1000, split="train"), E2E_DATA.format(n=500, split="test")
+    specs = E2E_DATA.format(n=memory, split="train"), E2E_DATA.format(n=test, split="test")
     pool = pool or config["eval"]["pool"]
     trained_knn = evaluate_knn(load_encoder(run_dir / CHECKPOINT_NAME), *specs, image_size=32, pool=pool)["knn_top1"]
     initial_knn = evaluate_knn(initial.eval(), *specs, image_size=32, pool=pool)["knn_top1"]
-    return losses, trained_knn, initial_knn
+    return trained_knn, initial_knn
 
 
 def make_feature_set(cls, labels, *, avg=None, patch=None, grid=None, boxes=None, box_labels=None, masks=None,
