@@ -88,7 +88,7 @@ def test_bad_mask_options_are_one_line_config_errors():
 # crops, lr 2e-3, a fast 0.9 EMA teacher, and teacher temperatures 0.02 for cls and patches from the first step.
 # The paper's 0.04 gave +5.4 / +0.8 / +0.6 at seeds 0 / 1 / 2; 0.02 gave +5.4 / +6.2 / +3.0, the only setting of
 # the rounds above random init with room at three seeds. On a 4x larger k-NN set the same checkpoints are at
-# their random init's level (-0.6 / -4.2 / -1.0): the gain this test sees is real but small.
+# their random init's level (-0.6 / -4.2 / -1.0): the gain this test sees holds for a small k-NN memory only.
 IBOT_E2E = ["method.n_local=2", "method.out_dim=256", "method.patch_out_dim=256", "optim.lr=0.002",
             "ema.momentum=0.9", "ema.momentum_end=0.9"] + [
     f"method.{prefix}{key}=0.02" for prefix in ("", "patch_") for key in ("teacher_temp", "warmup_teacher_temp")]
