@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_ab_vs_base_harness_smoke_run_reports_equal_images_seen(tmp_path):
     argv = [sys.executable, str(ROOT / "benchmarks" / "ab_vs_base.py"), "--smoke", "--only", "dino",
             "--out", str(tmp_path)]
@@ -64,6 +67,7 @@ def test_reference_vit_of_the_throughput_table_computes_what_wildssls_encoder_co
 
 
 
+@pytest.mark.slow
 def test_quick_recipes_harness_table_has_one_row_per_run_with_figures_from_its_json(tmp_path):
     """A smoke run of two recipes: the table holds exactly one row per (recipe, data set) run, and its
     trained / random-init / gain cells are those of the run's JSON record (gain = trained - random)."""

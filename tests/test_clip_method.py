@@ -184,6 +184,7 @@ def test_engine_run_keeps_its_tokenizer_and_resumes_with_it(tmp_path):
 E2E_TEXT = ["method.tokenizer=bpe", "method.vocab_size=512", "method.context_length=16"]
 
 
+@pytest.mark.slow
 def test_clip_on_captioned_scenes_lowers_its_loss_and_beats_random_init_on_knn(tmp_path):
     pytest.importorskip("tokenizers")
     losses, trained, initial = train_and_compare_knn("clip", tmp_path, *E2E_TEXT)

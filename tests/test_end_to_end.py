@@ -50,6 +50,7 @@ CASES = {
 DISTILLATION = {"dino", "ab_dino"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", sorted(CASES))
 def test_training_beats_random_init_on_knn(tmp_path, recipe):
     metric = "teacher_entropy" if recipe in DISTILLATION else "loss"

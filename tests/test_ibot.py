@@ -94,6 +94,7 @@ IBOT_E2E = ["method.n_local=2", "method.out_dim=256", "method.patch_out_dim=256"
     f"method.{prefix}{key}=0.02" for prefix in ("", "patch_") for key in ("teacher_temp", "warmup_teacher_temp")]
 
 
+@pytest.mark.slow
 def test_ibot_training_beats_its_random_init_on_knn_without_collapse(tmp_path):
     entropies, trained, initial = train_and_compare_knn("ibot", tmp_path, *IBOT_E2E, metric="teacher_entropy")
     # A distillation loss is no progress measure in a short run (it rises as the teacher's targets spread,

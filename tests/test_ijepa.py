@@ -131,6 +131,7 @@ IJEPA_E2E = ["model.depth=2", "model.embed_dim=64", "model.patch_size=4", "train
              "optim.lr=0.003", "method.predictor_dim=64", "method.predictor_depth=2", "method.predictor_heads=4"]
 
 
+@pytest.mark.slow
 def test_ijepa_training_lowers_the_loss_and_beats_its_random_init_on_knn(tmp_path):
     losses, trained, initial = train_and_compare_knn("ijepa", tmp_path, *IJEPA_E2E)
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses

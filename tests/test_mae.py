@@ -90,6 +90,7 @@ MAE_E2E = ["model.depth=2", "model.embed_dim=64", "model.patch_size=4", "train.b
            "method.decoder_heads=4", "method.crop_scale=[0.35, 1.0]"]
 
 
+@pytest.mark.slow
 def test_mae_training_lowers_the_loss_and_beats_its_random_init_on_knn(tmp_path):
     losses, trained, initial = train_and_compare_knn("mae", tmp_path, *MAE_E2E)
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses

@@ -157,6 +157,7 @@ def test_silc_has_no_single_clip_view_keys(tmp_path):
 E2E_FASTER = ["model.depth=2"]
 
 
+@pytest.mark.slow
 def test_slip_on_captioned_scenes_lowers_its_loss_and_beats_random_init_on_knn(tmp_path):
     pytest.importorskip("tokenizers")
     losses, trained, initial = train_and_compare_knn("slip", tmp_path, *E2E_TEXT, *E2E_FASTER)
@@ -164,6 +165,7 @@ def test_slip_on_captioned_scenes_lowers_its_loss_and_beats_random_init_on_knn(t
     assert trained > initial + KNN_MARGIN, (trained, initial)
 
 
+@pytest.mark.slow
 def test_silc_on_captioned_scenes_lowers_its_clip_loss_and_beats_random_init_on_knn(tmp_path):
     pytest.importorskip("tokenizers")
     # The distillation loss is no progress measure (its targets sharpen as the teacher learns), so the

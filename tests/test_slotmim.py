@@ -93,6 +93,7 @@ def _quick_recipe(recipe: str, keys: tuple[str, ...]) -> list[str]:
     return [f"{key}={'null' if flat[key] is None else flat[key]}" for key in keys]
 
 
+@pytest.mark.slow
 def test_slotmim_quick_beats_its_random_init_on_knn(tmp_path):
     # Measured (seed 0): k-NN top-1 of the mean patch token 29.6% vs 21.4% at initialization.
     quick = _quick_recipe("slotmim_quick", ("train.batch_size", "train.steps", "optim.lr", "optim.lr_batch_reference"))
