@@ -12,13 +12,6 @@ torch.set_num_threads(1)
 PROCESS_GROUP = pytest.mark.xdist_group("process_group")
 
 
-def pytest_collection_modifyitems(config, items):
-    """Run the tests marked ``slow`` (the end-to-end trainings, about 30-160 s each) first. With two xdist
-    workers the short tests then fill the gaps around them, instead of one worker finishing a long run alone
-    while the other waits. ``python -m pytest -m "not slow"`` leaves them out for a quick loop."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 def free_port() -> int:
     """A local TCP port free at this moment, for a test's process group (MASTER_PORT)."""
     import socket
