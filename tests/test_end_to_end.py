@@ -9,16 +9,11 @@ benchmarks/e2e_seeds.md): SimCLR +6.4 / +8.6 / +6.4; DINO +6.6 / +8.4 / +8.4; AB
 AB_DINO +6.8 / +8.0 / +8.2; AB_CLIP +10.0 / +10.8 / +11.6.
 """
 
-import math
-
 import pytest
 
-from conftest import KNN_MARGIN, train_and_compare_knn
+from conftest import FAST_TEACHER, KNN_MARGIN, assert_no_collapse, train_and_compare_knn
 
 SSL = ["method.temperature=0.1", "method.crop_scale=[0.25, 1.0]", "optim.lr=0.003"]
-# A 100-step run needs a fast teacher: with the recipes' 0.99+ momentum the targets stay at their
-# random initialization for the whole run.
-FAST_TEACHER = ["ema.momentum=0.9", "ema.momentum_end=0.9"]
 # dino_quick is tuned for 32-px photos (SimCLR's CIFAR colours on every crop); on the two-colour scenes of this
 # test, 100 steps of those settings gain under 1 point. The test pins the DINO paper's colour pipelines, and
 # two global crops of 128 images (DINO without multi-crop, as the paper's 2x224 ablation) with the mean patch
@@ -44,9 +39,8 @@ CASES = {
     "ab_dino": DISTILL + AB + ["method.ab_loss_ratio=0.1"],
     "ab_clip": TEXT + AB,
 }
-# Distillation losses are no progress measure in a short run: at step 0 the student equals the teacher
-# (loss = teacher entropy, near 0 for a fresh head at temperature 0.04), and the loss rises as the
-# teacher's distribution spreads. For those the test checks that neither collapse happened instead.
+# Distillation losses are no progress measure in a short run: for those the test checks that neither
+# collapse happened instead (conftest.assert_no_collapse says why).
 DISTILLATION = {"dino", "ab_dino"}
 
 
@@ -56,8 +50,7 @@ def test_training_beats_random_init_on_knn(tmp_path, recipe):
     metric = "teacher_entropy" if recipe in DISTILLATION else "loss"
     values, trained, initial = train_and_compare_knn(recipe, tmp_path, *CASES[recipe], metric=metric)
     if recipe in DISTILLATION:
-        uniform = math.log(256)
-        assert 0.05 < values[-1] < 0.99 * uniform, values  # neither one-hot nor uniform collapse
+        assert_no_collapse(values, prototypes=256)
     else:
         assert sum(values[-3:]) / 3 < sum(values[:3]) / 3, values
     assert trained > initial + KNN_MARGIN, (trained, initial)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from test_clip_method import one_thread  # noqa: F401 (the fixture this module uses)
-from conftest import KNN_MARGIN, TINY_DATA, tiny_batch, tiny_overrides, train_and_compare_knn
+from conftest import FAST_TEACHER, KNN_MARGIN, TINY_DATA, tiny_batch, tiny_overrides, train_and_compare_knn
 from test_clip_method import E2E_TEXT, reference_clip_loss, step_context
 from wildssl.data import open_source
 from wildssl.data.views import make_views
@@ -172,6 +172,6 @@ def test_silc_on_captioned_scenes_lowers_its_clip_loss_and_beats_random_init_on_
     # falling loss checked is the CLIP part. A fast teacher (momentum 0.9) suits a 100-step run.
     losses, trained, initial = train_and_compare_knn(
         "silc", tmp_path, *E2E_TEXT, *E2E_FASTER, "method.n_local=2", "method.teacher_temp_warmup_epochs=1",
-        "ema.momentum=0.9", "ema.momentum_end=0.9", metric="clip_loss")
+        *FAST_TEACHER, metric="clip_loss")
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
     assert trained > initial + KNN_MARGIN, (trained, initial)
