@@ -1,0 +1,95 @@
+"""Cross-validated k-NN of trained runs and of their random initialization, for small labelled sets.
+
+    python benchmarks/knn_folds.py --data TRAIN --val TEST [--folds 5] RUN_DIR [RUN_DIR ...]
+
+A k-NN test of 156 photos (Flickr8k's labelled dev + test) measures a top-1 near 40% with a binomial
+standard error of about 3.9 points, so a +5 gain is barely above the noise, and random-init floors of two
+seeds differ by 7 points on it (``benchmarks/demo.md``, seventh round). This re-measures a run on every
+labelled image of ``--data`` and ``--val`` together: the images are split into ``--folds`` folds (fixed
+order, seed 0) and each fold is classified with the others as the k-NN memory (k=20, T=0.07, the DINO
+protocol of the online k-NN). Every labelled image is a test image once, so the figure rests on all of them.
+
+For each run it measures the network the run's own k-NN measured (``load_encoder``'s default: DINO's
+teacher, SimCLR's student), with the run's pooling (``eval.pool``), and the same network at its random
+initialization: the method is rebuilt from the run's config under the run's seed, as the engine builds it
+before step 0. The ``--data`` images were seen (unlabelled) in training; the labels were not. One JSON line
+per run on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from wildssl.data import open_source
+from wildssl.eval.evaluate import _loader
+from wildssl.eval.features import extract_features
+from wildssl.eval.knn import knn_accuracy
+from wildssl.methods import build_method
+from wildssl.models.loading import CHECKPOINT_NAME, load_encoder
+
+
+def labelled_features(encoder, specs: list[str], image_size: int, pool: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """l2-normalized features and labels of the labelled images of every spec (labels < 0 dropped)."""
+    features, labels = [], []
+    for spec in specs:
+        f, y = extract_features(encoder.eval(), _loader(open_source(spec, image_size), 256, 0), "cpu", image_size,
+                                pool)
+        keep = y >= 0
+        features.append(f[keep])
+        labels.append(y[keep])
+    return torch.cat(features), torch.cat(labels)
+
+
+def folded_knn(features: torch.Tensor, labels: torch.Tensor, folds: int, k: int = 20,
+               temperature: float = 0.07) -> float:
+    """Top-1 over every image, each fold classified with the other folds as the memory."""
+    classes, dense = torch.unique(labels, return_inverse=True)
+    order = torch.randperm(len(dense), generator=torch.Generator().manual_seed(0))
+    correct = 0
+    for fold in order.chunk(folds):
+        memory = torch.ones(len(dense), dtype=torch.bool)
+        memory[fold] = False
+        top1 = knn_accuracy(features[memory], dense[memory], features[fold], dense[fold], len(classes), k=k,
+                            temperature=temperature)["top1"]
+        correct += round(top1 * len(fold))
+    return correct / len(dense)
+
+
+def measure(run_dir: Path, specs: list[str], folds: int) -> dict:
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    pool, image_size = config["eval"]["pool"], config["model"]["img_size"]
+    torch.manual_seed(config["train"]["seed"])  # the engine's seed: the run's initial weights
+    initial = build_method(config).encoder()
+    trained = load_encoder(run_dir / CHECKPOINT_NAME)
+    result = {"run": str(run_dir), "pool": pool, "folds": folds}
+    for name, encoder in (("trained", trained), ("random_init", initial)):
+        with torch.no_grad():
+            features, labels = labelled_features(encoder, specs, image_size, pool)
+        result[f"knn_top1_{name}"] = folded_knn(features, labels, folds)
+    n = len(labels)
+    p = result["knn_top1_random_init"]
+    result.update(images=n, gain=result["knn_top1_trained"] - p, standard_error=math.sqrt(p * (1 - p) / n))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories (config.yaml + checkpoint)")
+    parser.add_argument("--data", required=True, help="the training images (labelled ones are used)")
+    parser.add_argument("--val", required=True, help="the held-out images")
+    parser.add_argument("--folds", type=int, default=5)
+    args = parser.parse_args(argv)
+    for run in args.runs:
+        print(json.dumps(measure(run, [args.data, args.val], args.folds)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
