@@ -70,8 +70,7 @@ def measure(run_dir: Path, specs: list[str], folds: int) -> dict:
     trained = load_encoder(run_dir / CHECKPOINT_NAME)
     result = {"run": str(run_dir), "pool": pool, "folds": folds}
     for name, encoder in (("trained", trained), ("random_init", initial)):
-        with torch.no_grad():
-            features, labels = labelled_features(encoder, specs, image_size, pool)
+        features, labels = labelled_features(encoder, specs, image_size, pool)  # extract_features: no grad
         result[f"knn_top1_{name}"] = folded_knn(features, labels, folds)
     n = len(labels)
     p = result["knn_top1_random_init"]

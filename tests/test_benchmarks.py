@@ -1,5 +1,6 @@
 """The benchmark harnesses stay runnable: tiny CPU smoke runs (``wildssl bench`` is tested in test_bench.py)."""
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -10,6 +11,14 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _benchmark_module(name: str):
+    """``benchmarks/<name>.py`` loaded as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.slow
@@ -43,15 +52,9 @@ def test_mae_speed_harness_times_both_encoder_paths_on_the_same_step():
 def test_reference_vit_of_the_throughput_table_computes_what_wildssls_encoder_computes():
     """The encoder ratio compares like with like: with wildssl's weights the plain-torch reference gives the
     same tokens (float64), so a speed difference is the implementation's, not the architecture's."""
-    import importlib.util
-
-    import torch
-
     from wildssl.models.vit import VisionTransformer
 
-    spec = importlib.util.spec_from_file_location("throughput_table", ROOT / "benchmarks" / "throughput_table.py")
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
+    table = _benchmark_module("throughput_table")
     torch.manual_seed(0)
     ours = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4).double().eval()
     reference = table.ReferenceViT(16, 4, 32, 2, 4).double()
@@ -90,21 +93,12 @@ def test_quick_recipes_harness_table_has_one_row_per_run_with_figures_from_its_j
         assert run["steps"] == 2 and "--val" in run["command"] and run["seconds"] > 0
 
 
-def _maws_fsdp_harness():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("maws_fsdp", ROOT / "benchmarks" / "maws_fsdp.py")
-    harness = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(harness)
-    return harness
-
-
 def test_maws_fsdp_harness_smoke_run_times_mae_and_wsp_engine_steps_under_fsdp(tmp_path):
     """benchmarks/maws_fsdp.py --smoke (in this process): both MAWS stages through the engine with
     train.sharding=fsdp and activation checkpointing in a one-rank gloo group; the JSON has the fields the
     GPU run reports."""
     out = tmp_path / "maws_fsdp.json"
-    _maws_fsdp_harness().main(["--smoke", "--batch-size", "4", "--steps", "1", "--warmup", "1", "--precision", "fp32",
+    _benchmark_module("maws_fsdp").main(["--smoke", "--batch-size", "4", "--steps", "1", "--warmup", "1", "--precision", "fp32",
                                "--out", str(out)])
     report = json.loads(out.read_text())
     assert report["fits"] and report["sharding"] == "fsdp" and report["activation_checkpointing"]
@@ -120,7 +114,7 @@ def test_maws_fsdp_harness_smoke_run_times_mae_and_wsp_engine_steps_under_fsdp(t
 def test_maws_fsdp_largest_tries_sizes_smallest_first_and_stops_at_the_first_that_does_not_fit(monkeypatch):
     """--largest without a GPU: each size's process is replaced by one that writes what a GPU run would
     (base, large fit; huge runs out of memory); the report names large and tried nothing after huge."""
-    harness = _maws_fsdp_harness()
+    harness = _benchmark_module("maws_fsdp")
     launched = []
 
     def fake_run(command, **kwargs):
@@ -137,9 +131,7 @@ def test_maws_fsdp_largest_tries_sizes_smallest_first_and_stops_at_the_first_tha
 
 
 def test_folded_knn_classifies_every_image_once_against_the_other_folds_as_a_brute_force_knn_does():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from knn_folds import folded_knn
-
+    folded_knn = _benchmark_module("knn_folds").folded_knn
     generator = torch.Generator().manual_seed(3)
     features = torch.nn.functional.normalize(torch.randn(53, 8, generator=generator, dtype=torch.float64), dim=1)
     labels = torch.randint(0, 4, (53,), generator=generator) * 7 + 2  # sparse class ids: 2, 9, 16, 23
