@@ -7,8 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,3 +153,28 @@ def test_folded_knn_classifies_every_image_once_against_the_other_folds_as_a_bru
     assert folded_knn(features.float(), labels, folds, k=k, temperature=temperature) == pytest.approx(correct / 53)
     separable = torch.nn.functional.normalize(torch.eye(4)[labels // 7] + 0.01 * features[:, :4].float(), dim=1)
     assert folded_knn(separable, labels, folds, k=k, temperature=temperature) == 1.0
+
+
+def test_cifar10_preparation_writes_the_first_images_of_each_split_and_all_of_them_for_the_folded_knn(tmp_path):
+    quick = _benchmark_module("quick_recipes")
+    rng = np.random.default_rng(0)
+    arrays = {f"x_{s}": rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8) for s, n in (("train", 7), ("test", 5))}
+    arrays.update(y_train=np.array([0, 1, 2, 0, 1, 2, 0], np.uint8), y_test=np.array([2, 1, 0, 2, 1], np.uint8),
+                  classes=np.array(["cat", "dog", "ship"]))
+    np.savez(tmp_path / "cifar10_carry.npz", **arrays)
+
+    def written(folder: str) -> dict[str, tuple[int, np.ndarray]]:
+        return {p.name: (arrays["classes"].tolist().index(p.parent.name), np.asarray(Image.open(p)))
+                for p in Path(folder).glob("*/*.png")}
+
+    for name, counts in (("cifar10", (3, 2)), ("cifar10_all", (7, 5))):
+        if name == "cifar10":
+            folders = quick.prepare_cifar10(tmp_path, tmp_path / "out" / name, *counts)
+        else:
+            folders = quick.prepare(name, tmp_path, tmp_path / "out")
+        for folder, split, count in zip(folders, ("train", "test"), counts):
+            files = written(folder)
+            assert sorted(files) == [f"{i:05d}.png" for i in range(count)]
+            for i in range(count):
+                label, pixels = files[f"{i:05d}.png"]
+                assert label == arrays[f"y_{split}"][i] and np.array_equal(pixels, arrays[f"x_{split}"][i])
