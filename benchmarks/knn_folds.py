@@ -31,7 +31,7 @@ from wildssl.data import open_source
 from wildssl.eval.evaluate import _loader
 from wildssl.eval.features import extract_features
 from wildssl.eval.knn import knn_accuracy
-from wildssl.methods import build_method
+from wildssl.methods import build_initial_method
 from wildssl.models.loading import CHECKPOINT_NAME, load_encoder
 
 
@@ -65,8 +65,7 @@ def folded_knn(features: torch.Tensor, labels: torch.Tensor, folds: int, k: int 
 def measure(run_dir: Path, specs: list[str], folds: int) -> dict:
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     pool, image_size = config["eval"]["pool"], config["model"]["img_size"]
-    torch.manual_seed(config["train"]["seed"])  # the engine's seed: the run's initial weights
-    initial = build_method(config).encoder()
+    initial = build_initial_method(config).encoder()  # the run's initial weights, as the engine built them
     trained = load_encoder(run_dir / CHECKPOINT_NAME)
     result = {"run": str(run_dir), "pool": pool, "folds": folds}
     for name, encoder in (("trained", trained), ("random_init", initial)):

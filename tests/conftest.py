@@ -147,11 +147,10 @@ def knn_of_trained_and_initial(config: dict, run_dir, pool: str | None = None, m
     """k-NN top-1 of the run's trained encoder and of the same encoder at its initial (random) weights, with
     ``memory`` training scenes and ``test`` test scenes (benchmarks/e2e_seeds.py re-measures with more)."""
     from wildssl.eval.evaluate import evaluate_knn
-    from wildssl.methods import build_method
+    from wildssl.methods import build_initial_method
     from wildssl.models.loading import CHECKPOINT_NAME, load_encoder
 
-    torch.manual_seed(config["train"]["seed"])  # the engine's seed: the trained run's initial weights
-    initial = build_method(config).encoder()
+    initial = build_initial_method(config).encoder()  # the trained run's initial weights
     specs = E2E_DATA.format(n=memory, split="train"), E2E_DATA.format(n=test, split="test")
     pool = pool or config["eval"]["pool"]
     trained_knn = evaluate_knn(load_encoder(run_dir / CHECKPOINT_NAME), *specs, image_size=32, pool=pool)["knn_top1"]

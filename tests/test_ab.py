@@ -11,7 +11,7 @@ from wildssl.data import collate, open_source
 from wildssl.data.boxes import box_iou
 from wildssl.data.views import preprocess_images
 from wildssl.methods import ab as ab_module
-from wildssl.methods import build_method
+from wildssl.methods import build_initial_method, build_method
 from wildssl.methods.base import StepContext, pooled
 from wildssl.train.config import build_config
 
@@ -201,9 +201,8 @@ def test_teacher_with_momentum_one_never_moves(tmp_path):
 
     config = build_config(None, tiny_ab_overrides("simclr", "train.steps=3", "ema.momentum=1.0",
                                                   "ema.momentum_end=1.0"))
-    torch.manual_seed(config["train"]["seed"])
     # weights = parameters; BatchNorm running statistics (buffers) follow the batches as in any teacher
-    initial = {k: v.detach().clone() for k, v in build_method(config).teacher.named_parameters()}
+    initial = {k: v.detach().clone() for k, v in build_initial_method(config).teacher.named_parameters()}
     train(config, tmp_path)
     from safetensors.torch import load_file
 
@@ -390,8 +389,7 @@ def _ddp_worker(rank: int, out_dir: str) -> None:
         for index, (base, extra) in enumerate(DDP_CASES):
             config = build_config(None, tiny_ab_overrides(base, "train.steps=2", "train.checkpoint_every=0",
                                                           "data.bootstrap_batch_size=4", *extra))
-            torch.manual_seed(config["train"]["seed"])
-            initial = dict(build_method(config).named_parameters())
+            initial = dict(build_initial_method(config).named_parameters())
             engine.train(config, f"{out_dir}/{index}")
             params = dict(runs[-1].method.named_parameters())
             flat = torch.cat([p.detach().flatten().double() for p in params.values()])

@@ -49,11 +49,10 @@ def test_resume_after_ctrl_c_is_bit_identical_to_an_unbroken_run(tmp_path, monke
 
 
 def test_training_changes_the_weights_and_logs_each_step_once(tmp_path):
-    from wildssl.methods import build_method
+    from wildssl.methods import build_initial_method
 
     config = _config("simclr", "train.steps=3")
-    torch.manual_seed(config["train"]["seed"])
-    initial = {f"method.{k}": v for k, v in build_method(config).state_dict().items()}
+    initial = {f"method.{k}": v for k, v in build_initial_method(config).state_dict().items()}
     summary = train(config, tmp_path)
     trained = load_file(str(tmp_path / CHECKPOINT_NAME))
     moved = [k for k, v in initial.items() if v.is_floating_point() and not torch.equal(v, trained[k])]
@@ -164,3 +163,34 @@ def test_a_run_below_its_random_init_ends_with_one_quality_alarm_naming_the_last
     else:
         assert len(quality) == 1 and quality[0].startswith(standing), quality
     assert next(scripted, "used up") == "used up"  # random init + one evaluation per step
+
+
+def test_build_initial_method_rebuilds_the_weights_a_run_starts_from_whatever_the_global_rng_state():
+    from wildssl.methods import build_initial_method
+
+    config = _config("simclr", "train.steps=1", "eval.knn_every=1",
+                     "eval.knn_train=synthetic:scenes?n=64&size=16&split=train",
+                     "eval.knn_test=synthetic:scenes?n=48&size=16&split=test")
+    torch.manual_seed(123)  # a state the engine does not start from
+    first = build_initial_method(config).state_dict()
+    torch.rand(7)
+    again = build_initial_method(config).state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    other = build_initial_method({**config, "train": {**config["train"], "seed": config["train"]["seed"] + 1}})
+    assert any(not torch.equal(first[k], v) for k, v in other.state_dict().items())
+
+
+def test_the_engines_random_init_knn_is_the_knn_of_build_initial_method(tmp_path):
+    from wildssl.eval.evaluate import make_online_knn
+    from wildssl.methods import build_initial_method
+
+    config = _config("simclr", "train.steps=1", "eval.knn_every=1",
+                     "eval.knn_train=synthetic:scenes?n=64&size=16&split=train",
+                     "eval.knn_test=synthetic:scenes?n=48&size=16&split=test")
+    knn = make_online_knn(config, "cpu")  # what the CLI hands the engine
+    train(config, tmp_path, knn_evaluator=knn)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = next(r for r in rows if "knn_top1_random_init" in r)
+    rebuilt = knn(build_initial_method(config))
+    assert rebuilt["knn_top1"] == logged["knn_top1_random_init"]
+    assert rebuilt["knn_top5"] == logged["knn_top5_random_init"]

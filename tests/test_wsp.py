@@ -12,7 +12,7 @@ from wildssl.data import open_source
 from wildssl.data.vocabulary import Vocabulary
 from wildssl.errors import ConfigError
 from wildssl.losses.wsp_loss import wsp_loss
-from wildssl.methods import build_method
+from wildssl.methods import build_initial_method, build_method
 from wildssl.methods.base import StepContext
 
 
@@ -120,8 +120,7 @@ def test_wsp_trained_encoder_beats_its_random_initialization_on_knn(wsp_shapes_r
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1  # it learned: the loss left ln 4 clearly
-    torch.manual_seed(config["train"]["seed"])  # the engine's seed: the trained run's initial weights
-    initial = build_method(config).encoder().eval()
+    initial = build_initial_method(config).encoder().eval()  # the trained run's initial weights
     specs = SHAPES_DATA.format(n=1000, split="train"), SHAPES_DATA.format(n=500, split="test")
     trained_knn = evaluate_knn(load_encoder(run_dir / CHECKPOINT_NAME), *specs, image_size=32, pool="cls")["knn_top1"]
     initial_knn = evaluate_knn(initial, *specs, image_size=32, pool="cls")["knn_top1"]

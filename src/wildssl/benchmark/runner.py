@@ -330,13 +330,12 @@ def run_entry(suite: dict, entry: dict, config: dict, overrides: list[str], seed
 def run_floor(suite: dict, config: dict, seed: int, scale: str, specs: dict, out: Path) -> dict:
     """The random-init floor of ``seed``: the first entry's architecture at the initial weights its run
     starts from (the engine seeds with ``train.seed`` before building the method), same probes."""
-    from wildssl.methods import build_method
+    from wildssl.methods import build_initial_method
 
     folder = run_dir(out, FLOOR, seed)
     folder.mkdir(parents=True, exist_ok=True)
-    config = {**config, "model": {**config["model"], "init_from": None}}
-    torch.manual_seed(seed)
-    method = build_method(config)
+    config = {**config, "model": {**config["model"], "init_from": None}, "train": {**config["train"], "seed": seed}}
+    method = build_initial_method(config)
     began = time.perf_counter()
     probes, method_probes = evaluate_run(method.encoder(suite_teacher(suite)).eval(), FLOOR, folder, suite, scale,
                                          specs, seed)

@@ -50,3 +50,13 @@ def build_method(config: dict):
     if config["model"].get("init_from"):
         method.init_encoder_from(config["model"]["init_from"])
     return method
+
+
+def build_initial_method(config: dict):
+    """The method exactly as a run of ``config`` starts: the global RNG seeded with ``train.seed``, then
+    :func:`build_method`. The engine builds its method with this call, so the random-init floor of a run
+    (``benchmarks/knn_folds.py``, the benchmark suites' floor, the tests' floors) is rebuilt with the same one."""
+    import torch
+
+    torch.manual_seed(config["train"]["seed"])
+    return build_method(config)

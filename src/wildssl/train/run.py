@@ -27,7 +27,7 @@ from wildssl.data.sampler import StepBatchSampler, stream_seed
 from wildssl.data.shard_stream import START, ShardStream, StreamBatches
 from wildssl.data.workers import resolve_num_workers, resolve_prefetch
 from wildssl.errors import CheckpointError, ConfigError, WildsslError
-from wildssl.methods import build_method
+from wildssl.methods import build_initial_method
 from wildssl.methods.base import Method
 from wildssl.models.loading import CHECKPOINT_NAME, read_checkpoint_config
 from wildssl.schema import MAX_STEPS
@@ -232,8 +232,7 @@ def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
         prepare_out_dir(out_dir, resume)
     dist.barrier()
 
-    torch.manual_seed(tcfg["seed"])  # identical initial weights on every rank
-    method = build_method(config).to(device)
+    method = build_initial_method(config).to(device)  # seeded with train.seed: the same weights on every rank
     streams = type(method).streams
     sources = {}
     for name in streams:
