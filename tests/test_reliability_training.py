@@ -102,11 +102,9 @@ def _nan_gradient_from_step(monkeypatch, first: int) -> None:
     monkeypatch.setattr(SimCLR, "forward", forward)
 
 
-def test_nonfinite_gradient_never_writes_a_nonfinite_checkpoint_and_stops_in_one_line(tmp_path, capsys,
-                                                                                     monkeypatch):
-    _nan_gradient_from_step(monkeypatch, 4)
-    out = tmp_path / "run"
-    argv = ["train", "simclr_quick", "--out", str(out), *_set(EXPLODING + ["train.steps=30", "train.max_nonfinite=1"])]
+def _stopped_in_one_line(capsys, argv: list[str]) -> tuple[list[str], re.Match]:
+    """Run the CLI; it must end with code 2 and one error line that names the stop step and the last good
+    checkpoint (returned as the match's groups 1 and 2), with no traceback."""
     code, _, err = _cli(capsys, *argv)
     assert code == 2 and "Traceback" not in err
     errors = _error_lines(err)
@@ -114,6 +112,15 @@ def test_nonfinite_gradient_never_writes_a_nonfinite_checkpoint_and_stops_in_one
     found = re.search(r"training stopped at step (\d+): 2 non-finite steps .* the last good checkpoint is (\S+)$",
                       errors[0])
     assert found, errors[0]
+    return errors, found
+
+
+def test_nonfinite_gradient_never_writes_a_nonfinite_checkpoint_and_stops_in_one_line(tmp_path, capsys,
+                                                                                     monkeypatch):
+    _nan_gradient_from_step(monkeypatch, 4)
+    out = tmp_path / "run"
+    argv = ["train", "simclr_quick", "--out", str(out), *_set(EXPLODING + ["train.steps=30", "train.max_nonfinite=1"])]
+    errors, found = _stopped_in_one_line(capsys, argv)
     stopped_at, last_good = int(found.group(1)), Path(found.group(2))
     assert last_good == out / CHECKPOINT_NAME and read_header(last_good)[0]["step"] == str(stopped_at)
 
@@ -137,13 +144,7 @@ def test_exploding_learning_rate_with_a_nonfinite_loss_stops_in_one_line_without
     out = tmp_path / "run"
     argv = ["train", "simclr_quick", "--out", str(out),
             *_set(EXPLODING + ["optim.lr=1e9", "train.steps=30", "train.max_nonfinite=1"])]
-    code, _, err = _cli(capsys, *argv)
-    assert code == 2 and "Traceback" not in err
-    errors = _error_lines(err)
-    assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0]
-    found = re.search(r"training stopped at step (\d+): 2 non-finite steps .* the last good checkpoint is (\S+)$",
-                      errors[0])
-    assert found, errors[0]
+    errors, found = _stopped_in_one_line(capsys, argv)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     nonfinite = [r["step"] for r in rows if not math.isfinite(r["loss"])]
     assert len(nonfinite) == 2 and nonfinite == [r["step"] for r in rows[-2:]]  # the run stopped at the second
