@@ -27,6 +27,11 @@ Data sets (converted from ``$WILDSSL_SHARED_DATA`` into ``--out/data``, which mu
   of the five captions (:data:`FLICKR_SCENES`, first match wins; images naming none stay unlabelled and
   are used for training only). Train on the official train split, test on dev + test. The captions
   also let the CLIP family (CLIP, SLIP, SiLC) train here.
+- ``camvid_objects``: single street objects of the CamVid frames (:func:`camvid_objects`: each connected
+  component of Pole, SignSymbol, Car, Pedestrian or Bicyclist at least 8 px on both sides, cut as a square):
+  about 1,100 crops of the train frames to train on, 900 of the test and val frames to test on.
+- ``cifar10_all`` (not trained on by default): every image of ``cifar10_carry.npz``, the set of the 5-fold
+  k-NN of ``benchmarks/knn_folds.py`` for CIFAR-10 runs.
 
 ``--smoke``: tiny models on a few synthetic and converted images for a few steps, in seconds; it checks
 the harness, not the recipes.
@@ -56,7 +61,7 @@ from PIL import Image
 
 from wildssl.benchmark.prepare import FLICKR_MIN_CAPTIONS, FLICKR_SCENES
 
-DATASETS = ("cifar10", "camvid", "flickr8k")
+DATASETS = ("cifar10", "camvid", "flickr8k", "camvid_objects")
 CAPTIONED = ("flickr8k",)  # the data sets whose images carry captions (needed by the CLIP family)
 CAPTION_METHODS = ("clip", "slip", "silc", "ab_clip")
 
@@ -64,6 +69,10 @@ CIFAR_TRAIN_IMAGES = 5000
 CIFAR_TEST_IMAGES = 1000
 CAMVID_UNLABELLED = 11  # the class id of "Unlabelled" in camvid_scenes/categories.json
 CAMVID_REGION = 42  # pixels: a 4 x 3 grid of squares on the 171 x 128 frames
+# camvid_objects: the street objects of the masks (Pole, SignSymbol, Car, Pedestrian, Bicyclist), cropped where
+# their box is 8 px or more on both sides (of 171 x 128 frames): about 1,100 train and 900 test crops.
+CAMVID_OBJECTS = (2, 6, 8, 9, 10)
+CAMVID_MIN_OBJECT = 8
 # FLICKR_SCENES (class name, caption words) and FLICKR_MIN_CAPTIONS come from wildssl.benchmark.prepare: the
 # same rule as the benchmark suites' flickr8k:test set, here with integer labels.
 
@@ -133,6 +142,59 @@ def prepare_camvid(shared: Path, out: Path) -> tuple[str, str]:
     return str(out / "train.jsonl"), str(out / "test.jsonl")
 
 
+def camvid_objects(mask: np.ndarray, classes: tuple[int, ...] = CAMVID_OBJECTS,
+                   min_side: int = CAMVID_MIN_OBJECT) -> list[tuple[tuple[int, int, int, int], int]]:
+    """The objects of a CamVid mask ``(H, W)``: each 4-connected component of one of ``classes`` whose
+    bounding box is at least ``min_side`` pixels on both sides, as ``[(square box x0, y0, x1, y1), class id]``.
+    The square has the box's longer side, is centred on the box and is shifted to lie inside the frame."""
+    height, width = mask.shape
+    seen = np.zeros(mask.shape, dtype=bool)
+    objects = []
+    for y0, x0 in zip(*np.nonzero(np.isin(mask, classes))):
+        if seen[y0, x0]:
+            continue
+        label, stack = int(mask[y0, x0]), [(int(y0), int(x0))]
+        seen[y0, x0] = True
+        top, left, bottom, right = y0, x0, y0, x0
+        while stack:  # flood fill of one component
+            y, x = stack.pop()
+            top, left, bottom, right = min(top, y), min(left, x), max(bottom, y), max(right, x)
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < height and 0 <= nx < width and not seen[ny, nx] and mask[ny, nx] == label:
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+        h, w = bottom - top + 1, right - left + 1
+        if min(h, w) < min_side:
+            continue
+        side = min(max(h, w), height, width)
+        cx, cy = (left + right + 1) // 2, (top + bottom + 1) // 2
+        x = min(max(cx - side // 2, 0), width - side)
+        y = min(max(cy - side // 2, 0), height - side)
+        objects.append(((int(x), int(y), int(x + side), int(y + side)), label))
+    return objects
+
+
+def prepare_camvid_objects(shared: Path, out: Path) -> tuple[str, str]:
+    """Manifests of the object crops (PNG) of the CamVid frames: train frames for training, test + val frames
+    for the k-NN test (more test objects), labelled by the object's CamVid class id."""
+    root = shared / "camvid_scenes"
+    records = [json.loads(line) for line in (root / "annotations.jsonl").read_text().splitlines() if line.strip()]
+    for split, frames in (("train", ("train",)), ("test", ("test", "val"))):
+        entries = []
+        for r in (r for r in records if r["split"] in frames):
+            mask = np.asarray(Image.open(root / r["mask"]))
+            with Image.open(root / r["file"]) as frame:
+                frame = frame.convert("RGB")
+                for k, (box, label) in enumerate(camvid_objects(mask)):
+                    path = out / split / f"{Path(r['file']).stem}_{k:02d}.png"
+                    if not path.exists():
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        frame.crop(box).save(path)
+                    entries.append({"path": str(path.resolve()), "label": label})
+        _write_manifest(out / f"{split}.jsonl", entries)
+    return str(out / "train.jsonl"), str(out / "test.jsonl")
+
+
 def flickr_label(captions: list[str]) -> int | None:
     """Index into :data:`FLICKR_SCENES` of the first scene named by >= FLICKR_MIN_CAPTIONS captions."""
     words = [set(re.findall(r"[a-z]+", caption.lower())) for caption in captions]
@@ -166,7 +228,7 @@ def prepare_cifar10_all(shared: Path, out: Path) -> tuple[str, str]:
 
 
 PREPARE = {"cifar10": prepare_cifar10, "camvid": prepare_camvid, "flickr8k": prepare_flickr8k,
-           "cifar10_all": prepare_cifar10_all}
+           "camvid_objects": prepare_camvid_objects, "cifar10_all": prepare_cifar10_all}
 
 
 def prepare(dataset: str, shared: Path, out: Path) -> tuple[str, str]:

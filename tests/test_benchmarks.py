@@ -178,3 +178,24 @@ def test_cifar10_preparation_writes_the_first_images_of_each_split_and_all_of_th
             for i in range(count):
                 label, pixels = files[f"{i:05d}.png"]
                 assert label == arrays[f"y_{split}"][i] and np.array_equal(pixels, arrays[f"x_{split}"][i])
+
+
+def test_camvid_objects_are_4_connected_components_of_object_classes_cut_as_squares_inside_the_frame():
+    quick = _benchmark_module("quick_recipes")
+    mask = np.full((40, 60), 3, dtype=np.uint8)  # Road: not an object class
+    mask[5:15, 10:22] = 8  # a car, 10 x 12: square of 12 centred on it
+    mask[20:40, 0:5] = 9  # a pedestrian 20 x 5: narrower than 8 px, left out
+    mask[30:40, 50:60] = 6  # a sign, 10 x 10, at the corner
+    mask[30:40, 40:49] = 6  # another sign, 10 x 9, apart from the first by one column of road
+    mask[0:9, 51:60] = 10  # a bicyclist, 9 x 9, touching the top and right edges
+    mask[9:20, 42:51] = 10  # diagonal neighbour only: a separate component, 11 x 9
+    objects = quick.camvid_objects(mask)
+    assert sorted(objects) == sorted([
+        ((10, 4, 22, 16), 8),  # centre (16, 10): x 10-22, y 4-16
+        ((50, 30, 60, 40), 6),
+        ((39, 30, 49, 40), 6),  # side 10 centred at x 44.5 -> 39-49
+        ((51, 0, 60, 9), 10),
+        ((41, 9, 52, 20), 10),  # side 11 centred at x 46.5 -> 41-52
+    ])
+    for (x0, y0, x1, y1), _ in objects:
+        assert 0 <= x0 and 0 <= y0 and x1 <= 60 and y1 <= 40 and x1 - x0 == y1 - y0
