@@ -124,15 +124,21 @@ def camvid_regions(mask: np.ndarray, region: int = CAMVID_REGION) -> list[tuple[
 def prepare_camvid(shared: Path, out: Path) -> tuple[str, str]:
     """Manifests of the region squares (PNG) of the CamVid train and test frames, labelled by the class
     covering most of each square (integer CamVid class ids, the same in both manifests)."""
+    return _camvid_crops(shared, out, camvid_regions, {"train": ("train",), "test": ("test",)})
+
+
+def _camvid_crops(shared: Path, out: Path, cut, frames: dict[str, tuple[str, ...]]) -> tuple[str, str]:
+    """PNG crops ``cut(mask) -> [(box, class id)]`` of the CamVid frames of each output split (``frames``: the
+    CamVid splits it takes its frames from) and their manifests; returns (train, test) manifest paths."""
     root = shared / "camvid_scenes"
     records = [json.loads(line) for line in (root / "annotations.jsonl").read_text().splitlines() if line.strip()]
-    for split in ("train", "test"):
+    for split, sources in frames.items():
         entries = []
-        for r in (r for r in records if r["split"] == split):
+        for r in (r for r in records if r["split"] in sources):
             mask = np.asarray(Image.open(root / r["mask"]))
             with Image.open(root / r["file"]) as frame:
                 frame = frame.convert("RGB")
-                for k, (box, label) in enumerate(camvid_regions(mask)):
+                for k, (box, label) in enumerate(cut(mask)):
                     path = out / split / f"{Path(r['file']).stem}_{k:02d}.png"
                     if not path.exists():
                         path.parent.mkdir(parents=True, exist_ok=True)
@@ -177,22 +183,7 @@ def camvid_objects(mask: np.ndarray, classes: tuple[int, ...] = CAMVID_OBJECTS,
 def prepare_camvid_objects(shared: Path, out: Path) -> tuple[str, str]:
     """Manifests of the object crops (PNG) of the CamVid frames: train frames for training, test + val frames
     for the k-NN test (more test objects), labelled by the object's CamVid class id."""
-    root = shared / "camvid_scenes"
-    records = [json.loads(line) for line in (root / "annotations.jsonl").read_text().splitlines() if line.strip()]
-    for split, frames in (("train", ("train",)), ("test", ("test", "val"))):
-        entries = []
-        for r in (r for r in records if r["split"] in frames):
-            mask = np.asarray(Image.open(root / r["mask"]))
-            with Image.open(root / r["file"]) as frame:
-                frame = frame.convert("RGB")
-                for k, (box, label) in enumerate(camvid_objects(mask)):
-                    path = out / split / f"{Path(r['file']).stem}_{k:02d}.png"
-                    if not path.exists():
-                        path.parent.mkdir(parents=True, exist_ok=True)
-                        frame.crop(box).save(path)
-                    entries.append({"path": str(path.resolve()), "label": label})
-        _write_manifest(out / f"{split}.jsonl", entries)
-    return str(out / "train.jsonl"), str(out / "test.jsonl")
+    return _camvid_crops(shared, out, camvid_objects, {"train": ("train",), "test": ("test", "val")})
 
 
 def flickr_label(captions: list[str]) -> int | None:
