@@ -189,6 +189,7 @@ def test_camvid_objects_are_4_connected_components_of_object_classes_cut_as_squa
     mask[30:40, 40:49] = 6  # another sign, 10 x 9, apart from the first by one column of road
     mask[0:9, 51:60] = 10  # a bicyclist, 9 x 9, touching the top and right edges
     mask[9:20, 42:51] = 10  # diagonal neighbour only: a separate component, 11 x 9
+    mask[0:8, 25:41] = 2  # a pole lying at the top edge, 8 x 16: its centred square would start at y = -4
     objects = quick.camvid_objects(mask)
     assert sorted(objects) == sorted([
         ((10, 4, 22, 16), 8),  # centre (16, 10): x 10-22, y 4-16
@@ -196,6 +197,7 @@ def test_camvid_objects_are_4_connected_components_of_object_classes_cut_as_squa
         ((39, 30, 49, 40), 6),  # side 10 centred at x 44.5 -> 39-49
         ((51, 0, 60, 9), 10),
         ((41, 9, 52, 20), 10),  # side 11 centred at x 46.5 -> 41-52
+        ((25, 0, 41, 16), 2),  # shifted down into the frame
     ])
     for (x0, y0, x1, y1), _ in objects:
         assert 0 <= x0 and 0 <= y0 and x1 <= 60 and y1 <= 40 and x1 - x0 == y1 - y0
