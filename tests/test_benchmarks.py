@@ -167,11 +167,9 @@ def test_cifar10_preparation_writes_the_first_images_of_each_split_and_all_of_th
         return {p.name: (arrays["classes"].tolist().index(p.parent.name), np.asarray(Image.open(p)))
                 for p in Path(folder).glob("*/*.png")}
 
-    for name, counts in (("cifar10", (3, 2)), ("cifar10_all", (7, 5))):
-        if name == "cifar10":
-            folders = quick.prepare_cifar10(tmp_path, tmp_path / "out" / name, *counts)
-        else:
-            folders = quick.prepare(name, tmp_path, tmp_path / "out")
+    first = quick.prepare_cifar10(tmp_path, tmp_path / "out" / "cifar10", 3, 2)
+    every = quick.prepare("cifar10_all", tmp_path, tmp_path / "out")
+    for folders, counts in ((first, (3, 2)), (every, (7, 5))):
         for folder, split, count in zip(folders, ("train", "test"), counts):
             files = written(folder)
             assert sorted(files) == [f"{i:05d}.png" for i in range(count)]
