@@ -51,11 +51,11 @@ def test_koleo_needs_two_samples():
         koleo_loss(torch.randn(1, 4))
 
 
-def _dino_loss(weight: float) -> tuple[float, dict]:
+def _dino_loss(weight: float, values: dict | None = None) -> tuple[float, dict]:
     config = tiny_config("dino", f"method.koleo_weight={weight}", "model.drop_path_rate=0.0")
     torch.manual_seed(0)
     method = build_method(config)
-    step = StepContext(0, 10, torch.Generator().manual_seed(1), {"teacher_temp": 0.04}, log=True)
+    step = StepContext(0, 10, torch.Generator().manual_seed(1), {"teacher_temp": 0.04, **(values or {})}, log=True)
     loss, metrics, _ = method.loss_and_latents(tiny_batch(8), step)
     return loss.item(), metrics
 
@@ -73,3 +73,28 @@ def test_dino_adds_the_weighted_koleo_of_its_student_global_crops():
 def test_koleo_weight_must_be_a_non_negative_number(value):
     with pytest.raises(ConfigError, match="method.koleo_weight=.* is invalid.*: method.koleo_weight must be"):
         build_method(tiny_config("dino", f"method.koleo_weight={value}"))
+
+
+def test_koleo_with_one_image_per_batch_is_a_config_error_naming_both_keys():
+    # KoLeo needs a neighbour in the batch: batch 1 must fail when the method is built, in one line, not at
+    # the first step with a traceback; without KoLeo the same batch builds.
+    with pytest.raises(ConfigError, match=r"method.koleo_weight=0.5 .* train.batch_size=1: raise the batch"):
+        build_method(tiny_config("dino", "method.koleo_weight=0.5", "train.batch_size=1"))
+    build_method(tiny_config("dino", "method.koleo_weight=0", "train.batch_size=1"))
+
+
+def test_koleo_weight_follows_a_half_cosine_to_its_end_value_and_the_loss_uses_this_steps_weight():
+    total = 50
+    method = build_method(tiny_config("dino", "method.koleo_weight=0.5", "method.koleo_weight_end=0.1"))
+    weights = method.schedules(total, steps_per_epoch=10)["koleo_weight"]
+    expected = [0.1 + 0.4 * (1 + math.cos(math.pi * t / total)) / 2 for t in range(total)]
+    assert weights.tolist() == pytest.approx(expected, abs=1e-12)
+    assert weights[0] == 0.5 and weights[-1] == pytest.approx(0.1, abs=1e-3)
+    # null end value: constant, as DINOv2
+    constant = build_method(tiny_config("dino", "method.koleo_weight=0.5", "method.koleo_weight_end=null"))
+    constant = constant.schedules(total, 10)["koleo_weight"]
+    assert constant.tolist() == [0.5] * total
+    # the loss adds this step's weight (the schedule's value), not the configured start value
+    plain, _ = _dino_loss(0.0)
+    scheduled, metrics = _dino_loss(0.5, {"koleo_weight": 0.2})
+    assert scheduled == pytest.approx(plain + 0.2 * metrics["koleo"].item(), rel=1e-5)

@@ -225,6 +225,7 @@ NAME_RULES: tuple[NameRule, ...] = (
     NameRule("*_scale", ("list",), 0.0, 1.0, low_open=True, ordered=True),  # crop scales (area fractions)
     NameRule("*_scale", _NUMBERS, 0.0, kind="float"),  # loss weights
     NameRule("*_weight", _NUMBERS, 0.0, kind="float"),  # loss weights
+    NameRule("*_weight_end", _NUMBERS, 0.0, kind="float"),  # a loss weight at the last step
     NameRule("*_ratio", _NUMBERS, 0.0, kind="float"),
     NameRule("*_range", ("list",), ordered=True),
     NameRule("*crop_size", _NUMBERS, 1, MAX_PIXELS_SIDE, kind="int"),  # sides in pixels

@@ -14,6 +14,7 @@ import torch
 
 from wildssl.data.photometric import PIPELINES
 from wildssl.data.views import ViewBatch, dino_specs, make_views
+from wildssl.distributed import get_world_size
 from wildssl.errors import ConfigError
 from wildssl.losses.koleo_loss import koleo_loss
 from wildssl.methods.base import (AnnotationInput, AnnotationSpace, Method, StepContext, check_pool,
@@ -23,9 +24,10 @@ from wildssl.methods.distillation import DISTILLATION_DEFAULTS, MULTI_CROP_DEFAU
 
 class DINO(Method):
     name = "dino"
-    # koleo_weight: DINOv2's KoLeo term on the student's pooled features of each global crop (0 = DINO).
+    # koleo_weight: DINOv2's KoLeo term on the student's pooled features of each global crop (0 = DINO);
+    # koleo_weight_end: its weight at the last step, reached by a half-cosine (null: constant, as DINOv2).
     defaults = {**DISTILLATION_DEFAULTS, **MULTI_CROP_DEFAULTS, "pool": "cls", "photometric": "dino",
-                "koleo_weight": 0.0}
+                "koleo_weight": 0.0, "koleo_weight_end": None}
     eval_network = "teacher"  # DINO reports its EMA teacher
 
     def __init__(self, config: dict):
@@ -43,9 +45,21 @@ class DINO(Method):
                                 global_scale=tuple(o["global_scale"]), local_scale=tuple(o["local_scale"]),
                                 photometric=photometric)
         self.n_global = len(self.specs) - o["n_local"]
+        self.koleo = max(o["koleo_weight"], o["koleo_weight_end"] or 0.0) > 0
+        per_rank = config["train"]["batch_size"] // get_world_size()
+        if self.koleo and per_rank < 2:
+            raise ConfigError(f"method.koleo_weight={o['koleo_weight']} pairs each image with its nearest neighbour "
+                              f"in the batch, and a rank gets {per_rank} image(s) of train.batch_size="
+                              f"{config['train']['batch_size']}: raise the batch to 2 per rank or set "
+                              "method.koleo_weight=0")
 
     def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
-        return self.distillation.schedules(total_steps, steps_per_epoch)
+        values = self.distillation.schedules(total_steps, steps_per_epoch)
+        start, end = self.options["koleo_weight"], self.options["koleo_weight_end"]
+        end = start if end is None else end
+        progress = np.arange(total_steps) / max(total_steps, 1)
+        values["koleo_weight"] = end + 0.5 * (start - end) * (1 + np.cos(np.pi * progress))
+        return values
 
     def _logits(self, networks, views) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Head logits per crop, and the pooled features of all crops ``(V * B, width)``."""
@@ -90,10 +104,11 @@ class DINO(Method):
         metrics = {**self.distillation.metrics(probs, teacher_temp),
                    "embedding_std": normalized_embedding_std(teacher_features)}
         batch = views[0].images.shape[0]
-        if self.options["koleo_weight"] > 0:
+        if self.koleo:
             # DINOv2: one KoLeo term per global crop, summed, on the student's (pooled) features
             koleo = sum(koleo_loss(f) for f in student_features[: self.n_global * batch].split(batch))
-            loss = loss + self.options["koleo_weight"] * koleo
+            weight = step.values.get("koleo_weight", self.options["koleo_weight"])
+            loss = loss + weight * koleo
             metrics["koleo"] = koleo.detach()
         return loss, metrics, teacher_features[:batch]
 
