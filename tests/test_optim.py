@@ -2,8 +2,9 @@ import math
 
 import numpy as np
 
+from wildssl.schedules import cosine_schedule
 from wildssl.train.config import build_config
-from wildssl.train.optim import apply_schedules, build_optimizer, build_schedules, cosine_schedule
+from wildssl.train.optim import apply_schedules, build_optimizer, build_schedules
 
 
 def test_cosine_schedule_matches_formula():

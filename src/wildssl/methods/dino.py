@@ -20,6 +20,7 @@ from wildssl.losses.koleo_loss import koleo_loss
 from wildssl.methods.base import (AnnotationInput, AnnotationSpace, Method, StepContext, check_pool,
                                   normalized_embedding_std, pooled, pooled_features)
 from wildssl.methods.distillation import DISTILLATION_DEFAULTS, MULTI_CROP_DEFAULTS, SelfDistillation
+from wildssl.schedules import cosine_schedule
 
 
 class DINO(Method):
@@ -55,10 +56,9 @@ class DINO(Method):
 
     def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
         values = self.distillation.schedules(total_steps, steps_per_epoch)
-        start, end = self.options["koleo_weight"], self.options["koleo_weight_end"]
-        end = start if end is None else end
-        progress = np.arange(total_steps) / max(total_steps, 1)
-        values["koleo_weight"] = end + 0.5 * (start - end) * (1 + np.cos(np.pi * progress))
+        if self.koleo:
+            start, end = self.options["koleo_weight"], self.options["koleo_weight_end"]
+            values["koleo_weight"] = cosine_schedule(start, start if end is None else end, total_steps)
         return values
 
     def _logits(self, networks, views) -> tuple[list[torch.Tensor], torch.Tensor]:
