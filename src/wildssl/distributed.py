@@ -7,6 +7,7 @@ Everything here works unchanged when ``torch.distributed`` is not initialized (o
 from __future__ import annotations
 
 import os
+import time
 import warnings
 
 import torch
@@ -174,7 +175,21 @@ def setup_distributed(backend: str | None = None) -> tuple[int, int, int, torch.
     return rank, world_size, local_rank, device
 
 
+# How long cleanup_distributed leaves gloo's worker threads, without the GIL held, to let go of finished
+# collectives before the group is destroyed (see there).
+GLOO_DRAIN_SECONDS = 0.1
+
+
 def cleanup_distributed() -> None:
-    """Destroy the default process group if one exists; safe to call in a single process."""
+    """Destroy the default process group if one exists; safe to call in a single process.
+
+    Gloo's worker threads let go of a finished collective a moment after its caller has the result. If Python has
+    freed the collective's tensors by then, letting go needs the GIL, and the group's destructor joins those threads
+    while holding the GIL: a thread still holding such a collective deadlocks the process at exit (seen on a loaded
+    2-core machine: the main thread in ``~ProcessGroupGloo`` -> ``std::thread::join``, a ``pt_gloo_runloop`` thread
+    waiting for the GIL in ``~AsyncAllgatherWork``). A short sleep first, with the GIL free, lets them finish. It is
+    no collective, so it is safe on the error path, where the other ranks may be gone."""
     if is_distributed():
+        if dist.get_backend() == "gloo":
+            time.sleep(GLOO_DRAIN_SECONDS)
         dist.destroy_process_group()
