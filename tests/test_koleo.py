@@ -12,6 +12,7 @@ from wildssl.errors import ConfigError
 from wildssl.losses.koleo_loss import koleo_loss
 from wildssl.methods import build_method
 from wildssl.methods.base import StepContext
+from wildssl.methods.dino import DINO
 
 
 def reference_koleo(rows: list[list[float]], eps: float = 1e-8) -> float:
@@ -85,7 +86,8 @@ def test_koleo_with_one_image_per_batch_is_a_config_error_naming_both_keys():
 
 def test_koleo_weight_follows_a_half_cosine_to_its_end_value_and_the_loss_uses_this_steps_weight():
     total = 50
-    method = build_method(tiny_config("dino", "method.koleo_weight=0.5", "method.koleo_weight_end=0.1"))
+    method = build_method(tiny_config("dino", "method.koleo_weight=0.5", "method.koleo_weight_end=0.1",
+                                      "method.koleo_decay_fraction=1"))
     weights = method.schedules(total, steps_per_epoch=10)["koleo_weight"]
     expected = [0.1 + 0.4 * (1 + math.cos(math.pi * t / total)) / 2 for t in range(total)]
     assert weights.tolist() == pytest.approx(expected, abs=1e-12)
@@ -98,3 +100,25 @@ def test_koleo_weight_follows_a_half_cosine_to_its_end_value_and_the_loss_uses_t
     plain, _ = _dino_loss(0.0)
     scheduled, metrics = _dino_loss(0.5, {"koleo_weight": 0.2})
     assert scheduled == pytest.approx(plain + 0.2 * metrics["koleo"].item(), rel=1e-5)
+
+
+def test_koleo_weight_falls_over_the_given_share_of_the_run_and_then_holds_its_end_value():
+    total, share = 60, 0.25
+    method = build_method(tiny_config("dino", "method.koleo_weight=0.5", "method.koleo_weight_end=0.1",
+                                      f"method.koleo_decay_fraction={share}"))
+    weights = method.schedules(total, steps_per_epoch=10)["koleo_weight"]
+    falling = 15  # a quarter of 60 steps
+    expected = [0.1 + 0.4 * (1 + math.cos(math.pi * t / falling)) / 2 if t < falling else 0.1 for t in range(total)]
+    assert weights.tolist() == pytest.approx(expected, abs=1e-12)
+    # DINO's default is the whole run (the schedule of the test above); dino_quick's recipe sets a third
+    assert DINO.defaults["koleo_decay_fraction"] == 1.0
+    whole = build_method(tiny_config("dino", "method.koleo_weight=0.5", "method.koleo_weight_end=0.1",
+                                     "method.koleo_decay_fraction=1"))
+    assert whole.schedules(total, 10)["koleo_weight"][falling:].min() > 0.1 + 1e-6
+
+
+@pytest.mark.parametrize("value", ["0", "-0.5", "1.5", "most"])
+def test_koleo_decay_fraction_must_be_a_share_of_the_run(value):
+    with pytest.raises(ConfigError, match=r"method.koleo_decay_fraction=.* is invalid.*: "
+                                          r"method.koleo_decay_fraction must be"):
+        build_method(tiny_config("dino", "method.koleo_weight=0.5", f"method.koleo_decay_fraction={value}"))

@@ -227,6 +227,7 @@ NAME_RULES: tuple[NameRule, ...] = (
     NameRule("*_weight", _NUMBERS, 0.0, kind="float"),  # loss weights
     NameRule("*_weight_end", _NUMBERS, 0.0, kind="float"),  # a loss weight at the last step
     NameRule("*_ratio", _NUMBERS, 0.0, kind="float"),
+    NameRule("*_fraction", _NUMBERS, 0.0, 1.0, low_open=True, kind="float"),  # a share of the run or of a set
     NameRule("*_range", ("list",), ordered=True),
     NameRule("*crop_size", _NUMBERS, 1, MAX_PIXELS_SIDE, kind="int"),  # sides in pixels
     NameRule("global_size", _NUMBERS, 1, MAX_PIXELS_SIDE, kind="int"),

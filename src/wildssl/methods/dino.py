@@ -26,9 +26,10 @@ from wildssl.schedules import cosine_schedule
 class DINO(Method):
     name = "dino"
     # koleo_weight: DINOv2's KoLeo term on the student's pooled features of each global crop (0 = DINO);
-    # koleo_weight_end: its weight at the last step, reached by a half-cosine (null: constant, as DINOv2).
+    # koleo_weight_end: its weight at the end, reached by a half-cosine (null: constant, as DINOv2);
+    # koleo_decay_fraction: the share of the run that half-cosine takes; the weight stays at koleo_weight_end after.
     defaults = {**DISTILLATION_DEFAULTS, **MULTI_CROP_DEFAULTS, "pool": "cls", "photometric": "dino",
-                "koleo_weight": 0.0, "koleo_weight_end": None}
+                "koleo_weight": 0.0, "koleo_weight_end": None, "koleo_decay_fraction": 1.0}
     eval_network = "teacher"  # DINO reports its EMA teacher
 
     def __init__(self, config: dict):
@@ -58,7 +59,10 @@ class DINO(Method):
         values = self.distillation.schedules(total_steps, steps_per_epoch)
         if self.koleo:
             start, end = self.options["koleo_weight"], self.options["koleo_weight_end"]
-            values["koleo_weight"] = cosine_schedule(start, start if end is None else end, total_steps)
+            end = start if end is None else end
+            falling = max(1, min(total_steps, round(self.options["koleo_decay_fraction"] * total_steps)))
+            values["koleo_weight"] = np.concatenate([cosine_schedule(start, end, falling),
+                                                     np.full(total_steps - falling, end, dtype=np.float64)])
         return values
 
     def _logits(self, networks, views) -> tuple[list[torch.Tensor], torch.Tensor]:
