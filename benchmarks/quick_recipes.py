@@ -30,6 +30,8 @@ Data sets (converted from ``$WILDSSL_SHARED_DATA`` into ``--out/data``, which mu
 - ``camvid_objects``: single street objects of the CamVid frames (:func:`camvid_objects`: each connected
   component of Pole, SignSymbol, Car, Pedestrian or Bicyclist at least 8 px on both sides, cut as a square):
   about 1,100 crops of the train frames to train on, 900 of the test and val frames to test on.
+- ``cifar10_1700``: the first 1,700 of those train images (the size of the held-out set that issue 6 describes),
+  tested on the same 1,000 test images: a small k-NN memory (about 170 per class).
 - ``cifar10_all`` (not trained on by default): every image of ``cifar10_carry.npz``, the set of the 5-fold
   k-NN of ``benchmarks/knn_folds.py`` for CIFAR-10 runs.
 
@@ -61,11 +63,12 @@ from PIL import Image
 
 from wildssl.benchmark.prepare import FLICKR_MIN_CAPTIONS, FLICKR_SCENES
 
-DATASETS = ("cifar10", "camvid", "flickr8k", "camvid_objects")
+DATASETS = ("cifar10", "camvid", "flickr8k", "camvid_objects", "cifar10_1700")
 CAPTIONED = ("flickr8k",)  # the data sets whose images carry captions (needed by the CLIP family)
 CAPTION_METHODS = ("clip", "slip", "silc", "ab_clip")
 
 CIFAR_TRAIN_IMAGES = 5000
+CIFAR_SMALL_TRAIN_IMAGES = 1700  # the size of the held-out set of issue 6 (32 px, 43 classes)
 CIFAR_TEST_IMAGES = 1000
 CAMVID_UNLABELLED = 11  # the class id of "Unlabelled" in camvid_scenes/categories.json
 CAMVID_REGION = 42  # pixels: a 4 x 3 grid of squares on the 171 x 128 frames
@@ -211,6 +214,11 @@ def prepare_flickr8k(shared: Path, out: Path) -> tuple[str, str]:
     return str(out / "train.jsonl"), str(out / "test.jsonl")
 
 
+def prepare_cifar10_1700(shared: Path, out: Path) -> tuple[str, str]:
+    """The first :data:`CIFAR_SMALL_TRAIN_IMAGES` train images of ``cifar10``, with its test images."""
+    return prepare_cifar10(shared, out, CIFAR_SMALL_TRAIN_IMAGES, CIFAR_TEST_IMAGES)
+
+
 def prepare_cifar10_all(shared: Path, out: Path) -> tuple[str, str]:
     """Every image of the carry file (10,000 train, 3,000 test): the set of the 5-fold k-NN
     (``benchmarks/knn_folds.py``) that measures a CIFAR-10 run with a standard error of 0.4 points, where the
@@ -219,7 +227,8 @@ def prepare_cifar10_all(shared: Path, out: Path) -> tuple[str, str]:
 
 
 PREPARE = {"cifar10": prepare_cifar10, "camvid": prepare_camvid, "flickr8k": prepare_flickr8k,
-           "camvid_objects": prepare_camvid_objects, "cifar10_all": prepare_cifar10_all}
+           "camvid_objects": prepare_camvid_objects, "cifar10_1700": prepare_cifar10_1700,
+           "cifar10_all": prepare_cifar10_all}
 
 
 def prepare(dataset: str, shared: Path, out: Path) -> tuple[str, str]:
