@@ -228,3 +228,23 @@ def test_setup_rejects_inconsistent_launcher_environment(monkeypatch, env):
         monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError):
         setup_distributed()
+
+
+@PROCESS_GROUP
+def test_cleanup_leaves_gloo_threads_time_with_the_gil_free_before_it_destroys_the_group(monkeypatch, tmp_path):
+    # The group's destructor joins gloo's worker threads with the GIL held; a thread still letting go of a finished
+    # collective whose tensors Python freed needs the GIL, and the process deadlocked at exit (2 in 4 loaded runs of
+    # the two-process DDP test). cleanup_distributed must sleep (releasing the GIL) before it destroys the group.
+    events = []
+    destroy = dist.destroy_process_group
+    monkeypatch.setattr(distributed.time, "sleep", lambda seconds: events.append(("sleep", seconds)))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: (events.append(("destroy",)), destroy())[1])
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        cleanup_distributed()
+    finally:
+        if dist.is_initialized():
+            destroy()
+    assert events == [("sleep", distributed.GLOO_DRAIN_SECONDS), ("destroy",)]
+    assert distributed.GLOO_DRAIN_SECONDS >= 0.05
+    assert not dist.is_initialized()
