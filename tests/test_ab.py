@@ -381,8 +381,8 @@ def _ddp_worker(rank: int, out_dir: str) -> None:
     from wildssl.train import engine
 
     os.environ["RANK"] = os.environ["LOCAL_RANK"] = str(rank)
-    # A hang seen once in about ten full suites and never reproduced: should it recur, each worker prints its
-    # Python stack before the test's 300 s deadline, and pytest shows it with the failure.
+    # Should a worker hang (as in the gloo teardown deadlock released below), it prints its Python stack before
+    # the test's 300 s deadline, and pytest shows it with the failure.
     faulthandler.dump_traceback_later(240, exit=False)
     torch.set_num_threads(1)
     setup_distributed()
