@@ -67,6 +67,11 @@ def tiny_batch(size: int = 8, start: int = 0) -> dict:
     return collate([source[i] for i in range(start, start + size)])
 
 
+def schedule_values(method, step: int = 0, total_steps: int = 10, steps_per_epoch: int = 5) -> dict[str, float]:
+    """This step's entries of ``method.schedules()``, as the engine hands them to a method (``StepContext.values``)."""
+    return {name: float(values[step]) for name, values in method.schedules(total_steps, steps_per_epoch).items()}
+
+
 TINY_AB = ["method.ab_n_crops=3", "method.ab_crop_size=16", "method.ab_decoder_depth=1",
            "method.ab_decoder_width=32", "method.ab_decoder_heads=2", "method.ab_num_bins=16",
            "data.bootstrap=synthetic:scenes?n=64&size=16&split=test"]

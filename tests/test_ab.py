@@ -5,7 +5,7 @@ import tempfile
 
 import pytest
 import torch
-from conftest import PROCESS_GROUP, free_port, tiny_ab_overrides
+from conftest import PROCESS_GROUP, free_port, schedule_values, tiny_ab_overrides
 
 from wildssl.data import collate, open_source
 from wildssl.data.boxes import box_iou
@@ -32,9 +32,9 @@ def _batches(config, size=6):
             "bootstrap": collate([bootstrap[i] for i in range(size // 2)])}
 
 
-def _step(step=0):
+def _step(method, step=0):
     generator = torch.Generator().manual_seed(1234 + step)
-    return StepContext(step, 10, generator, {"teacher_temp": 0.04}, log=True)
+    return StepContext(step, 10, generator, schedule_values(method, step), log=True)
 
 
 class _Spy:
@@ -56,7 +56,7 @@ def test_bootstrap_loss_sees_all_n2_minus_n_ordered_pairs_with_teacher_targets(m
     spy = _Spy(monkeypatch, "bootstrap_loss")
     method, config = _method(base)
     batches = _batches(config)
-    output = method(batches, _step())
+    output = method(batches, _step(method))
     (student_logits, teacher_logits), kwargs = spy.calls[-1]
     n, images = 3, 3
     assert student_logits.shape[:2] == (images, n * n - n) == teacher_logits.shape[:2]
@@ -82,7 +82,7 @@ def test_teacher_targets_are_the_teachers_distribution_on_the_target_crop(monkey
         return space
 
     method.annotation_space = recording
-    method(_batches(config), _step())
+    method(_batches(config), _step(method))
     (_, teacher_logits), _ = spy.calls[-1]
     crop_logits = space_spy[-1].logits.view(3, 3, -1)  # (crop, image, K): crop-major
     pairs = [(i, j) for i in range(3) for j in range(3) if i != j]
@@ -115,7 +115,7 @@ def test_simclr_psi_ab_is_its_own_head_on_the_students_features_of_the_annotatio
     method, config = _method("simclr", "method.ab_base_loss=false")
     calls = _bootstrap_head_inputs(monkeypatch, method)
     batches = _batches(config)
-    loss = method(batches, _step())["loss"]
+    loss = method(batches, _step(method))["loss"]
     _, psi = calls[-1]
     images = preprocess_images(batches["annotation"]["image"], 16)
     features = pooled(method.student["backbone"](images), "cls")
@@ -132,7 +132,7 @@ def test_clip_psi_ab_is_its_own_head_on_the_students_text_tower(monkeypatch):
     method, config = _method("clip", "method.ab_base_loss=false")
     calls = _bootstrap_head_inputs(monkeypatch, method)
     batches = _batches(config)
-    loss = method(batches, _step())["loss"]
+    loss = method(batches, _step(method))["loss"]
     _, psi = calls[-1]
     text = method.student["text"]
     tokens = method.tokenizer.encode_batch(batches["annotation"]["caption"], 40)
@@ -156,7 +156,7 @@ def test_ab_clip_runs_the_students_text_tower_once_per_step_with_the_two_pass_gr
     passes = []
     original = text.forward_tokens
     monkeypatch.setattr(text, "forward_tokens", lambda tokens: passes.append(1) or original(tokens))
-    shared = method(batches, _step())["loss"]
+    shared = method(batches, _step(method))["loss"]
     assert len(passes) == 1
     shared_grads = torch.autograd.grad(shared, list(text.parameters()))
 
@@ -164,7 +164,7 @@ def test_ab_clip_runs_the_students_text_tower_once_per_step_with_the_two_pass_gr
         def get(self, key, default=None):
             return default
 
-    step = _step()
+    step = _step(method)
     step.memo = NoMemo()
     passes.clear()
     separate = method(batches, step)["loss"]
@@ -178,7 +178,7 @@ def test_ab_clip_runs_the_students_text_tower_once_per_step_with_the_two_pass_gr
 def test_dino_psi_ab_is_a_learned_embedding_of_the_prototypes(monkeypatch):
     method, config = _method("dino", "method.ab_base_loss=false")
     calls = _bootstrap_head_inputs(monkeypatch, method)
-    loss = method(_batches(config), _step())["loss"]
+    loss = method(_batches(config), _step(method))["loss"]
     _, psi = calls[-1]
     head = method.student["bootstrap"]
     assert psi is head.annotation_embedding and psi.shape == (64, 32)  # (K prototypes, decoder width)
@@ -191,7 +191,7 @@ def test_student_bootstrap_logits_are_fp32_under_bf16_autocast(monkeypatch, base
     spy = _Spy(monkeypatch, "bootstrap_loss")
     method, config = _method(base)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        method(_batches(config), _step())
+        method(_batches(config), _step(method))
     (student_logits, _), _ = spy.calls[-1]
     assert student_logits.dtype == torch.float32
 
@@ -235,7 +235,7 @@ def test_no_box_tokens_replaces_only_the_box_tokens(monkeypatch):
     with_tokens = with_boxes.student["bootstrap"].decoder.box_tokenizer(boxes)
     assert not torch.equal(with_tokens[0, 0], with_tokens[1, 5])
     batches = _batches(config)
-    out_a, out_b = with_boxes(batches, _step()), without(batches, _step())
+    out_a, out_b = with_boxes(batches, _step(with_boxes)), without(batches, _step(without))
     torch.testing.assert_close(out_a["metrics"]["base_loss"], out_b["metrics"]["base_loss"])
     assert not torch.isclose(out_a["metrics"]["bootstrap_loss"], out_b["metrics"]["bootstrap_loss"])
 
@@ -244,14 +244,14 @@ def test_no_ema_target_takes_targets_from_the_student():
     for ema_target, should_change in (("true", True), ("false", False)):
         method, config = _method("simclr", f"method.ab_ema_target={ema_target}")
         batches = _batches(config)
-        before = method.bootstrap(batches["bootstrap"], batches["annotation"], _step())["loss"]
+        before = method.bootstrap(batches["bootstrap"], batches["annotation"], _step(method))["loss"]
         if method.teacher is not None:
             with torch.no_grad():
                 for param in method.teacher.parameters():
                     param.add_(0.5 * torch.randn_like(param))
         else:
             assert not should_change  # SimCLR has no teacher of its own: without EMA targets none is made
-        after = method.bootstrap(batches["bootstrap"], batches["annotation"], _step())["loss"]
+        after = method.bootstrap(batches["bootstrap"], batches["annotation"], _step(method))["loss"]
         assert (not torch.isclose(before, after)) == should_change
 
 
@@ -260,15 +260,15 @@ def test_photometric_ablation_changes_pixels_not_boxes(monkeypatch):
     plain, config = _method("dino")
     augmented, _ = _method("dino", "method.ab_photometric=simclr")
     batches = _batches(config)
-    plain.bootstrap(batches["bootstrap"], batches["annotation"], _step())
-    augmented.bootstrap(batches["bootstrap"], batches["annotation"], _step())
+    plain.bootstrap(batches["bootstrap"], batches["annotation"], _step(plain))
+    augmented.bootstrap(batches["bootstrap"], batches["annotation"], _step(augmented))
     (boxes_plain, flips_plain), _ = spy.calls[0]
     (boxes_aug, flips_aug), _ = spy.calls[1]
     assert torch.equal(boxes_plain, boxes_aug) and torch.equal(flips_plain, flips_aug)
     views_plain = ab_module.make_views(batches["bootstrap"]["image"], plain.bootstrap_specs,
-                                       plain.bootstrap_generator(_step()))
+                                       plain.bootstrap_generator(_step(plain)))
     views_aug = ab_module.make_views(batches["bootstrap"]["image"], augmented.bootstrap_specs,
-                                     augmented.bootstrap_generator(_step()))
+                                     augmented.bootstrap_generator(_step(augmented)))
     assert not torch.allclose(views_plain[0].images, views_aug[0].images)
 
 
@@ -276,7 +276,7 @@ def test_base_loss_switch_removes_only_the_base_loss():
     with_base, config = _method("dino")
     without, _ = _method("dino", "method.ab_base_loss=false")
     batches = _batches(config)
-    out_a, out_b = with_base(batches, _step()), without(batches, _step())
+    out_a, out_b = with_base(batches, _step(with_base)), without(batches, _step(without))
     assert "base_loss" not in out_b["metrics"]
     torch.testing.assert_close(out_a["metrics"]["bootstrap_loss"], out_b["metrics"]["bootstrap_loss"])
     torch.testing.assert_close(out_b["loss"], out_b["metrics"]["bootstrap_loss"] * config["method"]["ab_loss_ratio"])
@@ -291,8 +291,8 @@ def test_iou_range_0_to_1_is_the_method_without_the_ablation(monkeypatch):
     original = explicit.annotation_space
     explicit.annotation_space = lambda networks, images, *rest: (sizes.append(len(images))
                                                                  or original(networks, images, *rest))
-    out_a = default.bootstrap(batches["bootstrap"], batches["annotation"], _step())
-    out_b = explicit.bootstrap(batches["bootstrap"], batches["annotation"], _step())
+    out_a = default.bootstrap(batches["bootstrap"], batches["annotation"], _step(default))
+    out_b = explicit.bootstrap(batches["bootstrap"], batches["annotation"], _step(explicit))
     assert torch.equal(out_a["loss"], out_b["loss"])
     assert sizes == [3 * 3]  # the teacher sees the n crops of each image, as without the ablation
     assert spy.calls[-1][1]["valid"] is None and "iou_range_found" not in out_b["metrics"]
@@ -313,8 +313,8 @@ def test_iou_range_keeps_the_sources_and_gives_every_pair_its_own_in_range_targe
         return space
 
     ranged.annotation_space = recording
-    everything.bootstrap(batches["bootstrap"], batches["annotation"], _step())
-    output = ranged.bootstrap(batches["bootstrap"], batches["annotation"], _step())
+    everything.bootstrap(batches["bootstrap"], batches["annotation"], _step(everything))
+    output = ranged.bootstrap(batches["bootstrap"], batches["annotation"], _step(ranged))
     (sources, _), _ = pair_spy.calls[0]
     (ranged_sources, _), kwargs = pair_spy.calls[1]
     assert torch.equal(sources, ranged_sources)  # the student's crops are those of the plain method
@@ -339,7 +339,7 @@ def test_pairs_without_an_in_range_target_are_left_out_of_the_loss(monkeypatch):
     loss_spy = _Spy(monkeypatch, "bootstrap_loss")
     method, config = _method("dino", "method.ab_iou_range=[0.85, 1.0]")
     batches = _batches(config)
-    output = method.bootstrap(batches["bootstrap"], batches["annotation"], _step())
+    output = method.bootstrap(batches["bootstrap"], batches["annotation"], _step(method))
     (student_logits, teacher_logits), kwargs = loss_spy.calls[-1]
     found = kwargs["valid"]
     assert 0 < found.sum() < found.numel()  # small crops rarely find a near-identical one: some left out

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_batch, tiny_config
+from conftest import schedule_values, tiny_batch, tiny_config
 from wildssl.errors import ConfigError
 from wildssl.losses.koleo_loss import koleo_loss
 from wildssl.methods import build_method
@@ -56,7 +56,7 @@ def _dino_loss(weight: float, values: dict | None = None) -> tuple[float, dict]:
     config = tiny_config("dino", f"method.koleo_weight={weight}", "model.drop_path_rate=0.0")
     torch.manual_seed(0)
     method = build_method(config)
-    step = StepContext(0, 10, torch.Generator().manual_seed(1), {"teacher_temp": 0.04, **(values or {})}, log=True)
+    step = StepContext(0, 10, torch.Generator().manual_seed(1), {**schedule_values(method), **(values or {})}, log=True)
     loss, metrics, _ = method.loss_and_latents(tiny_batch(8), step)
     return loss.item(), metrics
 

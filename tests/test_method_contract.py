@@ -4,7 +4,7 @@ after a finite step, method-chosen teacher keys, clear pool errors, and initiali
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from conftest import schedule_values, tiny_overrides
 from wildssl.data import collate, open_source
 from wildssl.errors import ConfigError
 from wildssl.methods import build_method
@@ -23,8 +23,8 @@ def _batch(config, size=8):
     return collate([source[i] for i in range(size)])
 
 
-def _step(seed=3):
-    return StepContext(0, 10, torch.Generator().manual_seed(seed), {"teacher_temp": 0.04}, log=True)
+def _step(method, seed=3):
+    return StepContext(0, 10, torch.Generator().manual_seed(seed), schedule_values(method), log=True)
 
 
 def test_teacher_stays_in_eval_mode_and_is_deterministic_under_drop_path():
@@ -66,7 +66,7 @@ def test_forward_alone_changes_no_state_and_a_discarded_step_leaves_it_unchanged
     batch = _batch(config)
     before = {k: v.clone() for k, v in method.state_dict().items()}
     method.begin_step()  # as the engine does
-    method({"train": batch}, _step())
+    method({"train": batch}, _step(method))
     method.discard_step()
     method.commit_step()  # nothing pending any more
     after = method.state_dict()
@@ -76,7 +76,7 @@ def test_forward_alone_changes_no_state_and_a_discarded_step_leaves_it_unchanged
 
 def test_dino_center_moves_after_a_committed_step():
     method, config = _method("dino")
-    method({"train": _batch(config)}, _step())
+    method({"train": _batch(config)}, _step(method))
     assert torch.count_nonzero(method.distillation.center.center) == 0
     method.commit_step()
     assert torch.count_nonzero(method.distillation.center.center) > 0

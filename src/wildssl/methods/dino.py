@@ -111,7 +111,7 @@ class DINO(Method):
         if self.koleo:
             # DINOv2: one KoLeo term per global crop, summed, on the student's (pooled) features
             koleo = sum(koleo_loss(f) for f in student_features[: self.n_global * batch].split(batch))
-            weight = step.values.get("koleo_weight", self.options["koleo_weight"])
+            weight = step.values["koleo_weight"]  # method.schedules() gives it every step
             loss = loss + weight * koleo
             metrics["koleo"] = koleo.detach()
         return loss, metrics, teacher_features[:batch]
