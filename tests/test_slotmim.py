@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import KNN_MARGIN, TINY_MODEL, assert_no_collapse, train_and_compare_knn
+from conftest import KNN_MARGIN, TINY_MODEL, assert_no_collapse, schedule_values, train_and_compare_knn
 from wildssl.data import collate, open_source
 from wildssl.errors import ConfigError
 from wildssl.methods import build_method
@@ -22,7 +22,7 @@ def _method(*extra: str):
 def _step(method, seed: int = 0) -> dict:
     source = open_source("synthetic:scenes?n=8&size=16&split=train", load_size=16)
     batch = collate([source[i] for i in range(8)])
-    values = {k: float(v[0]) for k, v in method.schedules(10, 10).items()}
+    values = schedule_values(method, step=0, total_steps=10, steps_per_epoch=10)
     return method({"train": batch}, StepContext(0, 10, torch.Generator().manual_seed(seed), values))
 
 
