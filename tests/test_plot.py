@@ -4,7 +4,7 @@ import pytest
 
 from wildssl.errors import DataError
 from wildssl.eval.plot import metrics_figure, plot_run, series
-from wildssl.train.logging import read_metrics
+from wildssl.io import read_metrics
 
 
 def _write_run(tmp_path):

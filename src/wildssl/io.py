@@ -7,10 +7,15 @@ previous file intact; a failed write also removes its ``.tmp`` and ends in one l
 Reading is in two stages so that a hostile or damaged file costs nothing: :func:`read_header` gives the
 metadata and each tensor's shape without reading any tensor data, and :func:`read_tensors` then reads the
 named tensors only.
+
+A run's ``metrics.jsonl`` is read here as well (:func:`read_metrics`), so that evaluation and plots do not
+import the training shell (``wildssl.train``).
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 from pathlib import Path
@@ -133,3 +138,19 @@ def nonfinite_names(tensors: dict[str, torch.Tensor]) -> list[str]:
     """Names of the floating-point tensors holding a NaN or an infinity, in order."""
     return [name for name, tensor in tensors.items()
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+
+
+def metrics_step(line: str) -> float:
+    """The ``step`` of one ``metrics.jsonl`` line; inf for a line cut short by a kill."""
+    try:
+        return json.loads(line).get("step", math.inf)
+    except json.JSONDecodeError:  # a line cut short by a kill
+        return math.inf
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """All records of a run's ``metrics.jsonl``."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

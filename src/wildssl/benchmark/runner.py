@@ -188,7 +188,7 @@ def evaluate_method_probes(train_dir: Path, method_name: str, method_probes: dic
 
 def knn_curve(train_dir: Path) -> list[list[float]]:
     """``[[step, k-NN top-1], ...]`` of the engine's online k-NN (step 0: the random initialization)."""
-    from wildssl.train.logging import read_metrics
+    from wildssl.io import read_metrics
 
     curve = []
     for record in read_metrics(train_dir):
@@ -200,7 +200,7 @@ def knn_curve(train_dir: Path) -> list[list[float]]:
 
 
 def last_metrics(train_dir: Path, keys: list[str]) -> dict[str, float]:
-    from wildssl.train.logging import read_metrics
+    from wildssl.io import read_metrics
 
     found: dict[str, float] = {}
     for record in read_metrics(train_dir):

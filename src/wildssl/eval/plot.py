@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from wildssl.errors import ConfigError, DataError
-from wildssl.train.logging import read_metrics
+from wildssl.io import read_metrics
 
 # AdaSim / +NN / oracle diagnostics, logged once per epoch.
 NEIGHBOUR_KEYS = ("neighbour_ratio", "nn_self_ratio", "nn_top1_accuracy", "nn2_top1_accuracy")

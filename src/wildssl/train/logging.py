@@ -13,7 +13,7 @@ import math
 import time
 from pathlib import Path
 
-from wildssl.io import atomic_write_text
+from wildssl.io import atomic_write_text, metrics_step
 
 log = logging.getLogger("wildssl")
 
@@ -30,7 +30,7 @@ class MetricLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if truncate_after is not None and self.path.is_file():
             kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and _step_of(line) <= truncate_after]
+                    if line.strip() and metrics_step(line) <= truncate_after]
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         self.writer = None
         if tensorboard:
@@ -53,21 +53,6 @@ class MetricLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-
-
-def _step_of(line: str) -> float:
-    try:
-        return json.loads(line).get("step", math.inf)
-    except json.JSONDecodeError:  # a line cut short by a kill
-        return math.inf
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """All records of a run's ``metrics.jsonl``."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 # Metrics that measure the spread of l2-normalized embeddings (x sqrt(D)); near 0 means collapse.
