@@ -30,6 +30,7 @@ import yaml
 from wildssl.data import open_source
 from wildssl.eval.evaluate import _loader
 from wildssl.eval.features import extract_features
+from wildssl.errors import WildsslError
 from wildssl.eval.knn import knn_accuracy
 from wildssl.methods import build_initial_method
 from wildssl.models.loading import CHECKPOINT_NAME, load_encoder
@@ -63,6 +64,9 @@ def folded_knn(features: torch.Tensor, labels: torch.Tensor, folds: int, k: int 
 
 
 def measure(run_dir: Path, specs: list[str], folds: int) -> dict:
+    if not (run_dir / "config.yaml").is_file():
+        raise WildsslError(f"{run_dir} is not a run directory: it has no config.yaml "
+                           "(give the --out folder of a wildssl train run)")
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     pool, image_size = config["eval"]["pool"], config["model"]["img_size"]
     initial = build_initial_method(config).encoder()  # the run's initial weights, as the engine built them
@@ -84,8 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val", required=True, help="the held-out images")
     parser.add_argument("--folds", type=int, default=5)
     args = parser.parse_args(argv)
+    if args.folds < 2:
+        parser.error(f"--folds {args.folds}: give 2 or more (each fold is classified against the others)")
     for run in args.runs:
-        print(json.dumps(measure(run, [args.data, args.val], args.folds)), flush=True)
+        try:
+            result = measure(run, [args.data, args.val], args.folds)
+        except WildsslError as error:  # a bad run, config or data: one line, as the wildssl commands do
+            print(f"knn_folds: error: {error}", file=sys.stderr)
+            return 2
+        print(json.dumps(result), flush=True)
     return 0
 
 

@@ -155,6 +155,14 @@ def test_folded_knn_classifies_every_image_once_against_the_other_folds_as_a_bru
     assert folded_knn(separable, labels, folds, k=k, temperature=temperature) == 1.0
 
 
+def test_folded_knn_script_ends_in_one_line_naming_a_folder_that_is_not_a_run(tmp_path, capsys):
+    knn_folds = _benchmark_module("knn_folds")
+    assert knn_folds.main(["--data", "synthetic:scenes?n=8&size=16", "--val", "synthetic:scenes?n=8&size=16",
+                           str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and str(tmp_path) in error and "config.yaml" in error
+
+
 def test_cifar10_preparation_writes_the_first_images_of_each_split_and_all_of_them_for_the_folded_knn(tmp_path):
     quick = _benchmark_module("quick_recipes")
     rng = np.random.default_rng(0)
