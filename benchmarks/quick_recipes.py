@@ -32,6 +32,10 @@ Data sets (converted from ``$WILDSSL_SHARED_DATA`` into ``--out/data``, which mu
   about 1,100 crops of the train frames to train on, 900 of the test and val frames to test on.
 - ``cifar10_1700``: the first 1,700 of those train images (the size of the held-out set that issue 6 describes),
   tested on the same 1,000 test images: a small k-NN memory (about 170 per class).
+- ``cifar10_fresh0`` / ``cifar10_fresh1`` / ``cifar10_fresh2``: three disjoint draws of 1,700 train images each
+  from ``cifar10_jpeg_full.npz``, none of them in ``cifar10_carry.npz`` (so no recipe was tuned on them), tested on
+  1,000 test images also outside the carry file (:func:`prepare_cifar10_fresh`). Not class-balanced: a random
+  draw, as a user's folder is.
 - ``cifar10_all`` (not trained on by default): every image of ``cifar10_carry.npz``, the set of the 5-fold
   k-NN of ``benchmarks/knn_folds.py`` for CIFAR-10 runs.
 
@@ -47,6 +51,8 @@ Example (the table in ``benchmarks/demo.md``):
 from __future__ import annotations
 
 import argparse
+import functools
+import io
 import json
 import os
 import platform
@@ -63,13 +69,15 @@ from PIL import Image
 
 from wildssl.benchmark.prepare import FLICKR_MIN_CAPTIONS, FLICKR_SCENES
 
-DATASETS = ("cifar10", "camvid", "flickr8k", "camvid_objects", "cifar10_1700")
+DATASETS = ("cifar10", "camvid", "flickr8k", "camvid_objects", "cifar10_1700", "cifar10_fresh0", "cifar10_fresh1",
+            "cifar10_fresh2")
 CAPTIONED = ("flickr8k",)  # the data sets whose images carry captions (needed by the CLIP family)
 CAPTION_METHODS = ("clip", "slip", "silc", "ab_clip")
 
 CIFAR_TRAIN_IMAGES = 5000
 CIFAR_SMALL_TRAIN_IMAGES = 1700  # the size of the held-out set of issue 6 (32 px, 43 classes)
 CIFAR_TEST_IMAGES = 1000
+FRESH_SEED = 2026  # the order the cifar10_fresh draws are taken from
 CAMVID_UNLABELLED = 11  # the class id of "Unlabelled" in camvid_scenes/categories.json
 CAMVID_REGION = 42  # pixels: a 4 x 3 grid of squares on the 171 x 128 frames
 # camvid_objects: the street objects of the masks (Pole, SignSymbol, Car, Pedestrian, Bicyclist), cropped where
@@ -219,6 +227,34 @@ def prepare_cifar10_1700(shared: Path, out: Path) -> tuple[str, str]:
     return prepare_cifar10(shared, out, CIFAR_SMALL_TRAIN_IMAGES, CIFAR_TEST_IMAGES)
 
 
+def _decode_jpeg(buffer: np.ndarray, offsets: np.ndarray, index: int) -> Image.Image:
+    return Image.open(io.BytesIO(buffer[offsets[index]:offsets[index + 1]].tobytes())).convert("RGB")
+
+
+def prepare_cifar10_fresh(shared: Path, out: Path, draw: int, train_images: int = CIFAR_SMALL_TRAIN_IMAGES,
+                          test_images: int = CIFAR_TEST_IMAGES, draws: int = 3) -> tuple[str, str]:
+    """Draw ``draw`` (of ``draws`` disjoint ones) of ``train_images`` train images of ``cifar10_jpeg_full.npz``
+    that are not in ``cifar10_carry.npz`` (whose images tuned the recipes), and ``test_images`` test images also
+    outside it (the same for every draw), as class-folder PNGs; returns the (train, test) folders."""
+    carry = np.load(shared / "cifar10_carry.npz")
+    full = np.load(shared / "cifar10_jpeg_full.npz")
+    classes = [str(c) for c in full["classes"]]
+    for split, count, start in (("train", train_images, draw * train_images), ("test", test_images, 0)):
+        labels = full[f"y_{split}"]
+        unseen = np.setdiff1d(np.arange(len(labels)), carry[f"{split}_index"])  # sorted
+        order = np.random.default_rng(FRESH_SEED).permutation(unseen)
+        if split == "train" and draws * count > len(order):
+            raise ValueError(f"{draws} draws of {count} images need {draws * count}; {len(order)} are unseen")
+        chosen = order[start:start + count]
+        buffer, offsets = full[f"jpeg_{split}"], full[f"offsets_{split}"]
+        for rank, index in enumerate(chosen):
+            path = out / split / classes[int(labels[index])] / f"{rank:05d}.png"
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _decode_jpeg(buffer, offsets, int(index)).save(path)
+    return str(out / "train"), str(out / "test")
+
+
 def prepare_cifar10_all(shared: Path, out: Path) -> tuple[str, str]:
     """Every image of the carry file (10,000 train, 3,000 test): the set of the 5-fold k-NN
     (``benchmarks/knn_folds.py``) that measures a CIFAR-10 run with a standard error of 0.4 points, where the
@@ -228,7 +264,8 @@ def prepare_cifar10_all(shared: Path, out: Path) -> tuple[str, str]:
 
 PREPARE = {"cifar10": prepare_cifar10, "camvid": prepare_camvid, "flickr8k": prepare_flickr8k,
            "camvid_objects": prepare_camvid_objects, "cifar10_1700": prepare_cifar10_1700,
-           "cifar10_all": prepare_cifar10_all}
+           "cifar10_all": prepare_cifar10_all,
+           **{f"cifar10_fresh{draw}": functools.partial(prepare_cifar10_fresh, draw=draw) for draw in range(3)}}
 
 
 def prepare(dataset: str, shared: Path, out: Path) -> tuple[str, str]:

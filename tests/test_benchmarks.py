@@ -1,6 +1,7 @@
 """The benchmark harnesses stay runnable: tiny CPU smoke runs (``wildssl bench`` is tested in test_bench.py)."""
 
 import importlib.util
+import io
 import json
 import math
 import subprocess
@@ -184,6 +185,41 @@ def test_cifar10_preparation_writes_the_first_images_of_each_split_and_all_of_th
             for i in range(count):
                 label, pixels = files[f"{i:05d}.png"]
                 assert label == arrays[f"y_{split}"][i] and np.array_equal(pixels, arrays[f"x_{split}"][i])
+
+
+def test_cifar10_fresh_draws_are_disjoint_and_hold_no_image_of_the_carry_file(tmp_path):
+    quick = _benchmark_module("quick_recipes")
+    rng = np.random.default_rng(1)
+    full, seen = {}, {"train": np.array([0, 3, 4, 9, 10], np.int32), "test": np.array([1, 2], np.int32)}
+    for split, n in (("train", 20), ("test", 8)):
+        # Each image a flat grey whose level is its index (JPEG keeps a flat patch to within a level or two).
+        encoded = []
+        for i in range(n):
+            handle = io.BytesIO()
+            Image.fromarray(np.full((8, 8, 3), 10 * i, np.uint8)).save(handle, format="JPEG", quality=95)
+            encoded.append(np.frombuffer(handle.getvalue(), np.uint8))
+        full[f"jpeg_{split}"] = np.concatenate(encoded)
+        full[f"offsets_{split}"] = np.cumsum([0] + [len(e) for e in encoded])
+        full[f"y_{split}"] = rng.integers(0, 3, n).astype(np.uint8)
+    np.savez(tmp_path / "cifar10_jpeg_full.npz", classes=np.array(["cat", "dog", "ship"]), **full)
+    np.savez(tmp_path / "cifar10_carry.npz", train_index=seen["train"], test_index=seen["test"])
+
+    def images(folder: str) -> list[tuple[int, int]]:  # (label, index recovered from the grey level)
+        return [(["cat", "dog", "ship"].index(p.parent.name), round(float(np.asarray(Image.open(p)).mean()) / 10))
+                for p in sorted(Path(folder).glob("*/*.png"))]
+
+    draws = [quick.prepare_cifar10_fresh(tmp_path, tmp_path / f"fresh{d}", d, train_images=4, test_images=3)
+             for d in range(3)]
+    trains = [images(train) for train, _ in draws]
+    tests = [images(test) for _, test in draws]
+    chosen = [index for train in trains for _, index in train]
+    assert len(chosen) == len(set(chosen)) == 12 and not set(chosen) & set(seen["train"].tolist())
+    assert tests[0] == tests[1] == tests[2] and len(tests[0]) == 3
+    assert not {index for _, index in tests[0]} & set(seen["test"].tolist())
+    for split, listed in (("train", [pair for train in trains for pair in train]), ("test", tests[0])):
+        assert all(label == full[f"y_{split}"][index] for label, index in listed)
+    with pytest.raises(ValueError, match="unseen"):
+        quick.prepare_cifar10_fresh(tmp_path, tmp_path / "big", 0, train_images=6, test_images=3)
 
 
 def test_camvid_objects_are_4_connected_components_of_object_classes_cut_as_squares_inside_the_frame():
