@@ -147,6 +147,23 @@ def test_grayscale_gives_equal_channels_equal_to_luma():
     assert torch.equal(random_grayscale(x, 0.0, generator(12)), x)
 
 
+def test_keep_colour_never_moves_the_hue_of_a_saturated_pixel_where_simclr_cifar_does():
+    hues = torch.linspace(0.02, 0.98, 64, dtype=torch.float64)
+    # Channels in [0.25, 0.5]: no jitter factor in [0.6, 1.4] pushes them past 0 or 1, where a clamp would move the
+    # hue. Brightness, contrast and saturation scale a pixel and add grey, which keeps its hue.
+    hsv = torch.stack([hues, torch.full_like(hues, 0.5), torch.full_like(hues, 0.5)])  # (3, 64)
+    x = hsv_to_rgb(hsv.T.reshape(64, 3, 1, 1).expand(64, 3, 2, 2).contiguous())
+
+    def hue_moved(name: str) -> torch.Tensor:  # per image: the hue moved by more than rounding (circular)
+        out = apply_pipeline(name, x, generator(5))
+        assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+        moved = (rgb_to_hsv(out)[:, 0, 0, 0] - hues).abs()
+        return torch.minimum(moved, 1 - moved) > 1e-6
+
+    assert not hue_moved("keep_colour").any()
+    assert hue_moved("simclr_cifar").sum() >= 32  # hue jitter (p = 0.8 x hue != 0) or grey views on most images
+
+
 def test_solarize_inverts_pixels_at_or_above_the_threshold():
     x = images(4, 6, seed=13)
     x[:, 0, 0, 0] = 0.3
@@ -204,10 +221,15 @@ def test_pipelines_use_the_papers_parameters():
     blur = {name: PIPELINES[name].blur_prob for name in ("dino_global1", "dino_global2", "dino_local")}
     assert blur == {"dino_global1": 1.0, "dino_global2": 0.1, "dino_local": 0.5}
     assert PIPELINES["dino_global2"].solarize_prob == 0.2
-    assert all(p.jitter_prob == 0.8 and p.grayscale_prob == 0.2 for p in PIPELINES.values())
+    papers = {name: p for name, p in PIPELINES.items() if name != "keep_colour"}  # keep_colour is ours, below
+    assert all(p.jitter_prob == 0.8 and p.grayscale_prob == 0.2 for p in papers.values())
     # SimCLR's CIFAR-10 setting (appendix B.9): colour strength s = 0.5 of (0.8, 0.8, 0.8, 0.2), no blur.
     assert PIPELINES["simclr_cifar"].jitter == tuple(0.5 * s for s in PIPELINES["simclr"].jitter)
     assert (PIPELINES["simclr_cifar"].blur_prob, PIPELINES["simclr_cifar"].solarize_prob) == (0.0, 0.0)
+    # keep_colour: simclr_cifar without its hue jitter and grey views.
+    cifar, keep = PIPELINES["simclr_cifar"], PIPELINES["keep_colour"]
+    assert keep.jitter == cifar.jitter[:3] + (0.0,) and keep.grayscale_prob == 0.0
+    assert (keep.jitter_prob, keep.blur_prob, keep.solarize_prob) == (cifar.jitter_prob, 0.0, 0.0)
 
 
 def test_a_pipeline_without_blur_keeps_a_sharp_edge_that_the_blurring_one_smooths():
