@@ -62,6 +62,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,17 @@ def _write_manifest(path: Path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
+def _write_class_folder(folder: Path, classes: list[str], labels: np.ndarray,
+                        image_at: Callable[[int], Image.Image]) -> None:
+    """``folder/<class>/<rank>.png`` for each label, the image from ``image_at(rank)``; a PNG already there (a
+    former conversion) is kept, and its image is not made again."""
+    for rank, label in enumerate(labels):
+        path = folder / classes[int(label)] / f"{rank:05d}.png"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image_at(rank).save(path)
+
+
 def prepare_cifar10(shared: Path, out: Path, train_images: int | None = CIFAR_TRAIN_IMAGES,
                     test_images: int | None = CIFAR_TEST_IMAGES) -> tuple[str, str]:
     """Class-folder PNGs of the carry file's first train / test images (None: all of them); returns the
@@ -109,12 +121,9 @@ def prepare_cifar10(shared: Path, out: Path, train_images: int | None = CIFAR_TR
     data = np.load(shared / "cifar10_carry.npz")
     classes = [str(c) for c in data["classes"]]
     for split, count in (("train", train_images), ("test", test_images)):
-        images, labels = data[f"x_{split}"][:count], data[f"y_{split}"][:count]
-        for index, (image, label) in enumerate(zip(images, labels)):
-            path = out / split / classes[int(label)] / f"{index:05d}.png"
-            if not path.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(image).save(path)
+        images = data[f"x_{split}"]
+        _write_class_folder(out / split, classes, data[f"y_{split}"][:count],
+                            lambda rank: Image.fromarray(images[rank]))
     return str(out / "train"), str(out / "test")
 
 
@@ -247,11 +256,8 @@ def prepare_cifar10_fresh(shared: Path, out: Path, draw: int, train_images: int 
             raise ValueError(f"{draws} draws of {count} images need {draws * count}; {len(order)} are unseen")
         chosen = order[start:start + count]
         buffer, offsets = full[f"jpeg_{split}"], full[f"offsets_{split}"]
-        for rank, index in enumerate(chosen):
-            path = out / split / classes[int(labels[index])] / f"{rank:05d}.png"
-            if not path.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                _decode_jpeg(buffer, offsets, int(index)).save(path)
+        _write_class_folder(out / split, classes, labels[chosen],
+                            lambda rank: _decode_jpeg(buffer, offsets, int(chosen[rank])))
     return str(out / "train"), str(out / "test")
 
 
