@@ -36,6 +36,26 @@ def test_plot_run_writes_the_png(tmp_path):
     assert out == tmp_path / "metrics.png" and out.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_metrics_line_cut_short_by_a_kill_is_left_out_with_a_warning_naming_it(tmp_path, caplog):
+    _write_run(tmp_path)
+    whole = read_metrics(tmp_path)
+    with open(tmp_path / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 6, "loss": 0.')  # the kill came while this line was written
+    with caplog.at_level("WARNING", logger="wildssl"):
+        records = read_metrics(tmp_path)
+    assert records == whole and len(records) == 6
+    assert "metrics.jsonl: left out line 7, not a JSON record" in caplog.text
+
+
+def test_plot_run_draws_a_killed_run(tmp_path):
+    pytest.importorskip("matplotlib")
+    _write_run(tmp_path)
+    with open(tmp_path / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 6, "lo')
+    out = plot_run(tmp_path)
+    assert out.read_bytes()[:4] == b"\x89PNG"
+
+
 def test_series_keeps_only_records_with_the_key():
     records = [{"step": 1, "loss": 2.0}, {"step": 2, "knn_top1": 0.5}, {"step": 3, "loss": 1.0}]
     assert series(records, "loss") == ([1, 3], [2.0, 1.0])

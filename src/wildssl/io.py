@@ -15,6 +15,7 @@ import the training shell (``wildssl.train``).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -25,6 +26,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from wildssl.errors import CheckpointError
+
+log = logging.getLogger("wildssl")
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
@@ -149,8 +152,25 @@ def metrics_step(line: str) -> float:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """All records of a run's ``metrics.jsonl``."""
+    """All records of a run's ``metrics.jsonl``. A line that is not a JSON record (the last one of a run killed
+    while writing it) is left out with a warning naming the file and the line, as a resumed run drops it
+    (:func:`metrics_step`)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records, cut = [], []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            cut.append(number)
+    if cut:
+        log.warning("%s: left out line%s %s, not a JSON record (a run killed while writing it)", path,
+                    "s" if len(cut) > 1 else "", ", ".join(map(str, cut)))
+    return records
