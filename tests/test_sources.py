@@ -127,6 +127,39 @@ def test_corrupt_image_is_skipped_counted_and_logged_once(tmp_path, caplog):
     assert source[0]["num_corrupt"] == 0
 
 
+def _counting_decodes(source, monkeypatch):
+    calls = []
+    decode = type(source)._decode
+    monkeypatch.setattr(type(source), "_decode", lambda self, index: calls.append(index) or decode(self, index))
+    return calls
+
+
+def test_a_small_source_decodes_each_image_once_and_hands_out_copies(tmp_path, monkeypatch):
+    for k, colour in enumerate([(10, 10, 10), (120, 60, 30), (200, 200, 200)]):
+        write_image(tmp_path / f"{k}.png", colour)
+    source = ImageFolder(tmp_path, S)
+    fresh = [ImageFolder(tmp_path, S)[k]["image"] for k in range(3)]
+    calls = _counting_decodes(source, monkeypatch)
+    first = [source[k]["image"] for k in range(3)]
+    first[1].zero_()  # a view that writes into its sample must not reach the cache
+    second = [source[k]["image"] for k in (2, 1, 0)][::-1]
+    assert sorted(calls) == [0, 1, 2]
+    assert all(torch.equal(a, b) for a, b in zip(second, fresh))
+
+
+def test_a_source_too_large_for_the_cache_decodes_every_time(tmp_path, monkeypatch):
+    import wildssl.data.decode as decode
+
+    for k in range(3):
+        write_image(tmp_path / f"{k}.png", (10 * k, 0, 0))
+    monkeypatch.setattr(decode, "DECODED_CACHE_BYTES", 3 * 3 * S * S - 1)  # one byte short of the whole source
+    source = ImageFolder(tmp_path, S)
+    calls = _counting_decodes(source, monkeypatch)
+    for _ in range(2):
+        [source[k] for k in range(3)]
+    assert calls == [0, 1, 2, 0, 1, 2]
+
+
 def test_skipping_wraps_around_to_the_first_item(tmp_path):
     write_image(tmp_path / "a.png", (10, 10, 10))
     (tmp_path / "z.png").write_bytes(b"truncated")

