@@ -31,7 +31,7 @@ from wildssl.data import open_source
 from wildssl.eval.evaluate import _loader
 from wildssl.eval.features import extract_features
 from wildssl.errors import WildsslError
-from wildssl.eval.knn import knn_accuracy
+from wildssl.eval.knn import folded_knn_accuracy
 from wildssl.methods import build_initial_method
 from wildssl.models.loading import CHECKPOINT_NAME, load_encoder
 
@@ -48,21 +48,6 @@ def labelled_features(encoder, specs: list[str], image_size: int, pool: str) -> 
     return torch.cat(features), torch.cat(labels)
 
 
-def folded_knn(features: torch.Tensor, labels: torch.Tensor, folds: int, k: int = 20,
-               temperature: float = 0.07) -> float:
-    """Top-1 over every image, each fold classified with the other folds as the memory."""
-    classes, dense = torch.unique(labels, return_inverse=True)
-    order = torch.randperm(len(dense), generator=torch.Generator().manual_seed(0))
-    correct = 0
-    for fold in order.chunk(folds):
-        memory = torch.ones(len(dense), dtype=torch.bool)
-        memory[fold] = False
-        top1 = knn_accuracy(features[memory], dense[memory], features[fold], dense[fold], len(classes), k=k,
-                            temperature=temperature)["top1"]
-        correct += round(top1 * len(fold))
-    return correct / len(dense)
-
-
 def measure(run_dir: Path, specs: list[str], folds: int) -> dict:
     if not (run_dir / "config.yaml").is_file():
         raise WildsslError(f"{run_dir} is not a run directory: it has no config.yaml "
@@ -74,7 +59,8 @@ def measure(run_dir: Path, specs: list[str], folds: int) -> dict:
     result = {"run": str(run_dir), "pool": pool, "folds": folds}
     for name, encoder in (("trained", trained), ("random_init", initial)):
         features, labels = labelled_features(encoder, specs, image_size, pool)  # extract_features: no grad
-        result[f"knn_top1_{name}"] = folded_knn(features, labels, folds)
+        _, dense = torch.unique(labels, return_inverse=True)
+        result[f"knn_top1_{name}"] = folded_knn_accuracy(features, dense, int(dense.max()) + 1, folds)["top1"]
     n = len(labels)
     p = result["knn_top1_random_init"]
     result.update(images=n, gain=result["knn_top1_trained"] - p, standard_error=math.sqrt(p * (1 - p) / n))

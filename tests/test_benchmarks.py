@@ -3,7 +3,6 @@
 import importlib.util
 import io
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -131,29 +130,6 @@ def test_maws_fsdp_largest_tries_sizes_smallest_first_and_stops_at_the_first_tha
     report = harness.run_largest(harness.parse_args(["--largest", "--batch-size", "16"]))
     assert launched == ["base", "large", "huge"]
     assert report["largest_that_fits"] == "large" and [t["model"] for t in report["tried"]] == launched
-
-
-def test_folded_knn_classifies_every_image_once_against_the_other_folds_as_a_brute_force_knn_does():
-    folded_knn = _benchmark_module("knn_folds").folded_knn
-    generator = torch.Generator().manual_seed(3)
-    features = torch.nn.functional.normalize(torch.randn(53, 8, generator=generator, dtype=torch.float64), dim=1)
-    labels = torch.randint(0, 4, (53,), generator=generator) * 7 + 2  # sparse class ids: 2, 9, 16, 23
-    folds, k, temperature = 5, 6, 0.07
-    # Written independently: the same fixed order split into folds, each image voted on by its k most similar
-    # images of the other folds with weights exp(similarity / T).
-    order = torch.randperm(53, generator=torch.Generator().manual_seed(0))
-    correct = 0
-    for fold in order.chunk(folds):
-        memory = [i for i in range(53) if i not in set(fold.tolist())]
-        for i in fold.tolist():
-            sims = sorted(((float(features[i] @ features[j]), j) for j in memory), reverse=True)[:k]
-            votes: dict[int, float] = {}
-            for sim, j in sims:
-                votes[int(labels[j])] = votes.get(int(labels[j]), 0.0) + math.exp(sim / temperature)
-            correct += max(votes, key=votes.get) == int(labels[i])
-    assert folded_knn(features.float(), labels, folds, k=k, temperature=temperature) == pytest.approx(correct / 53)
-    separable = torch.nn.functional.normalize(torch.eye(4)[labels // 7] + 0.01 * features[:, :4].float(), dim=1)
-    assert folded_knn(separable, labels, folds, k=k, temperature=temperature) == 1.0
 
 
 def test_folded_knn_script_ends_in_one_line_naming_a_folder_that_is_not_a_run(tmp_path, capsys):

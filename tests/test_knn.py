@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from wildssl.errors import ConfigError, DataError
+from wildssl.data import collate
 from wildssl.data.views import IMAGENET_MEAN, IMAGENET_STD
 from wildssl.eval.features import extract_features
 from wildssl.eval.knn import knn_accuracy, knn_class_scores, knn_classify
@@ -177,3 +178,93 @@ def test_knn_matches_classes_by_name_when_the_test_folder_lacks_one_of_the_memor
 
     result = evaluate_knn(ChannelMeans(), str(tmp_path / "memory"), str(tmp_path / "test"), image_size=8, k=3)
     assert result["knn_top1"] == 1.0
+
+
+def test_folded_knn_classifies_every_image_once_against_the_other_folds_as_a_brute_force_knn_does():
+    from wildssl.eval.knn import folded_knn_accuracy
+
+    generator = torch.Generator().manual_seed(3)
+    features = torch.nn.functional.normalize(torch.randn(53, 8, generator=generator, dtype=torch.float64), dim=1)
+    labels = torch.randint(0, 6, (53,), generator=generator)
+    folds, temperature = 5, 0.07
+
+    def reference(k):
+        """Written independently: the seed's order cut into folds, each image voted on by its k most similar
+        images of the other folds with weights exp(similarity / T); top-5 = the label among the five largest
+        votes (with k = every memory image, no class is left at a zero vote, so the five are unambiguous)."""
+        order = torch.randperm(53, generator=torch.Generator().manual_seed(11))
+        top1 = top5 = 0
+        for fold in order.chunk(folds):
+            memory = [i for i in range(53) if i not in set(fold.tolist())]
+            for i in fold.tolist():
+                sims = sorted(((float(features[i] @ features[j]), j) for j in memory), reverse=True)[:k]
+                votes = [0.0] * 6
+                for sim, j in sims:
+                    votes[int(labels[j])] += math.exp(sim / temperature)
+                ranked = sorted(range(6), key=lambda c: -votes[c])
+                top1 += ranked[0] == int(labels[i])
+                top5 += int(labels[i]) in ranked[:5]
+        return top1 / 53, top5 / 53
+
+    top1, _ = reference(6)
+    assert folded_knn_accuracy(features.float(), labels, 6, folds, k=6, temperature=temperature,
+                               seed=11)["top1"] == pytest.approx(top1)
+    top1, top5 = reference(53)
+    assert folded_knn_accuracy(features.float(), labels, 6, folds, k=53, temperature=temperature,
+                               seed=11) == pytest.approx({"top1": top1, "top5": top5})
+    separable = torch.nn.functional.normalize(torch.eye(6)[labels] + 0.01 * features[:, :6].float(), dim=1)
+    assert folded_knn_accuracy(separable, labels, 6, folds, k=6, temperature=temperature)["top1"] == 1.0
+    for bad in (1, 54):
+        with pytest.raises(ValueError, match="folds"):
+            folded_knn_accuracy(features.float(), labels, 6, bad)
+
+
+def _class_folder(root, classes: int = 3, per_class: int = 10):
+    from PIL import Image
+
+    for c in range(classes):
+        for k in range(per_class):
+            path = root / f"class{c}" / f"{k}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            colour = [20 + 7 * k, 20 + 7 * k, 20 + 7 * k]
+            colour[c % 3] = 230 - 9 * k
+            Image.new("RGB", (8, 8), tuple(colour)).save(path)
+    return str(root)
+
+
+def test_the_online_knn_of_a_labelled_folder_tests_every_image_once_in_five_folds(tmp_path):
+    from conftest import tiny_config
+    from torch.utils.data import Subset
+
+    from wildssl.eval.evaluate import ONLINE_FOLDS, make_online_knn, online_knn_data
+    from wildssl.eval.knn import folded_knn_accuracy
+    from wildssl.methods import build_initial_method
+
+    folder = _class_folder(tmp_path / "photos")
+    config = tiny_config("simclr", f"data.train={folder}", "eval.knn_every=1", "eval.knn_k=5")
+    images, test = online_knn_data(config)
+    assert isinstance(images, Subset) and test is None
+    assert sorted(images.indices) == list(range(30))  # every labelled image, none left out
+    encoder = build_initial_method(config).encoder()
+    batch = [collate([images[i] for i in range(30)])]
+    features, labels = extract_features(encoder.eval(), batch, "cpu", config["model"]["img_size"], config["eval"]["pool"])
+    expected = folded_knn_accuracy(features, labels, 3, ONLINE_FOLDS, k=5)
+    assert make_online_knn(config, "cpu")(build_initial_method(config)) == pytest.approx(
+        {f"knn_{name}": value for name, value in expected.items()})
+
+
+def test_the_online_knn_with_val_keeps_a_memory_of_the_training_images_and_tests_val(tmp_path):
+    from conftest import tiny_config
+    from torch.utils.data import Subset
+
+    from wildssl.eval.evaluate import online_knn_data
+
+    folder, val = _class_folder(tmp_path / "photos"), _class_folder(tmp_path / "val", per_class=7)
+    memory, test = online_knn_data(tiny_config("simclr", f"data.train={folder}", f"eval.knn_test={val}"))
+    assert isinstance(memory, Subset) and len(memory) == 24 and test == val
+    unlabelled = tmp_path / "unlabelled"
+    unlabelled.mkdir()
+    for k in range(5):
+        (unlabelled / f"{k}.png").write_bytes((tmp_path / "photos" / "class0" / f"{k}.png").read_bytes())
+    images, test = online_knn_data(tiny_config("simclr", f"data.train={unlabelled}", f"eval.knn_test={val}"))
+    assert test is None and isinstance(images, Subset) and sorted(images.indices) == list(range(21))

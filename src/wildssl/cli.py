@@ -465,8 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="training data SPEC: folder, .jsonl, tar shards, or synthetic:scenes?n=..")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--out", help="run directory (default runs/<method>-<time>)")
-    p.add_argument("--val", help="labelled data SPEC for the online k-NN (default: a held-out split of the "
-                                 "training data when it has labels)")
+    p.add_argument("--val", help="labelled data SPEC for the online k-NN (default: the training data's "
+                                 "labelled images in five folds, each classified with the others as the memory)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     p.set_defaults(func=cmd_train)
 

@@ -13,14 +13,16 @@ from wildssl.data.decode import DEFAULT_MAX_PIXELS
 from wildssl.data.sample import Source
 from wildssl.errors import DataError
 from wildssl.eval.features import class_space, extract_features
-from wildssl.eval.knn import knn_accuracy
+from wildssl.eval.knn import folded_knn_accuracy, knn_accuracy
 
 log = logging.getLogger("wildssl")
 
-# The online k-NN's split of a labelled training source: at most this many test images (about a fifth
-# of the source) and this many memory images, drawn by a fixed permutation.
+# The online k-NN's images of a labelled training source, drawn by a fixed permutation: with ``--val``, at most
+# ONLINE_MEMORY_IMAGES of them as the memory (after the first fifth, at most ONLINE_TEST_IMAGES); without it, at most
+# ONLINE_TEST_IMAGES + ONLINE_MEMORY_IMAGES, each ONLINE_FOLDS-th classified with the others as the memory.
 ONLINE_TEST_IMAGES = 1000
 ONLINE_MEMORY_IMAGES = 5000
+ONLINE_FOLDS = 5
 
 
 def _loader(source, batch_size: int, num_workers: int) -> DataLoader:
@@ -90,28 +92,46 @@ def evaluate_knn(encoder: nn.Module, train, test, *, image_size: int, load_size:
     return {f"knn_{name}": value for name, value in accuracy.items()}
 
 
-def labelled_split(source: Source, seed: int = 0) -> tuple[Subset, Subset] | None:
-    """A memory / test split of the labelled images of ``source`` for the online k-NN, or None when the
-    source has fewer than 20 labelled images or cannot list its labels without decoding."""
+def _labelled_order(source: Source, seed: int) -> torch.Tensor | None:
+    """The labelled items of ``source`` in a permutation fixed by ``seed``, or None when the source has fewer
+    than 20 labelled images or cannot list its labels without decoding."""
     labels = source.class_labels()
     if labels is None:
         return None
     labelled = torch.tensor([i for i, label in enumerate(labels) if label >= 0], dtype=torch.long)
     if len(labelled) < 20:
         return None
-    order = labelled[torch.randperm(len(labelled), generator=torch.Generator().manual_seed(seed))]
+    return labelled[torch.randperm(len(labelled), generator=torch.Generator().manual_seed(seed))]
+
+
+def labelled_split(source: Source, seed: int = 0) -> tuple[Subset, Subset] | None:
+    """A memory / test split of the labelled images of ``source``, or None (see :func:`_labelled_order`)."""
+    order = _labelled_order(source, seed)
+    if order is None:
+        return None
     n_test = min(ONLINE_TEST_IMAGES, len(order) // 5)
     test, memory = order[:n_test], order[n_test: n_test + ONLINE_MEMORY_IMAGES]
     return Subset(source, memory.tolist()), Subset(source, test.tolist())
 
 
-def online_knn_data(config: dict):
-    """The (memory, test) of the online k-NN, or None (with a log line saying why) when there is none.
+def labelled_subset(source: Source, seed: int = 0) -> Subset | None:
+    """The labelled images of ``source`` that a folded online k-NN classifies, or None (see
+    :func:`_labelled_order`)."""
+    order = _labelled_order(source, seed)
+    return None if order is None else Subset(source, order[: ONLINE_TEST_IMAGES + ONLINE_MEMORY_IMAGES].tolist())
 
-    ``eval.knn_train`` and ``eval.knn_test`` name them. Left null, they come from the run's own data: a
-    held-out split of the labelled images of the first stream (so the number a user watches measures
-    their data, not the recipe's), or, with only ``eval.knn_test`` set (``--val``), the first stream's
-    labelled images as memory, or a split of the ``--val`` source when the training data has no labels.
+
+def online_knn_data(config: dict):
+    """The ``(memory, test)`` of the online k-NN, ``(images, None)`` for a folded k-NN over one labelled set
+    (:func:`evaluate_folded_knn`), or None (with a log line saying why) when there is none.
+
+    ``eval.knn_train`` and ``eval.knn_test`` name memory and test. Left null, they come from the run's own data, so
+    that the number a user watches measures their data, not the recipe's: with only ``eval.knn_test`` set
+    (``--val``), a split of the first stream's labelled images is the memory and ``--val`` the test; without it,
+    the first stream's labelled images are classified in ``ONLINE_FOLDS`` folds, each with the others as the memory
+    (or ``--val``'s, when the training data has no labels). A fold holds as many images as a held-out fifth would,
+    but every image is tested once, at the cost of one pass: on 1,700 images the standard error of the k-NN is
+    2.2 times smaller than on the 340 a split holds out.
     """
     from wildssl.methods import get_method_class
 
@@ -121,18 +141,32 @@ def online_knn_data(config: dict):
         return ecfg["knn_train"], ecfg["knn_test"]
     first_stream = get_method_class(config["method"]["name"]).streams[0]
     train_source = open_source(dcfg[first_stream], load_size, max_pixels) if dcfg[first_stream] else None
-    split = labelled_split(train_source, config["train"]["seed"]) if train_source is not None else None
+    seed = config["train"]["seed"]
     if ecfg["knn_test"]:
+        split = labelled_split(train_source, seed) if train_source is not None else None
         if split is not None:
             return split[0], ecfg["knn_test"]
-        val_split = labelled_split(open_source(ecfg["knn_test"], load_size, max_pixels), config["train"]["seed"])
-        if val_split is not None:
-            return val_split
-    elif split is not None:
-        return split
+        images = labelled_subset(open_source(ecfg["knn_test"], load_size, max_pixels), seed)
+    else:
+        images = labelled_subset(train_source, seed) if train_source is not None else None
+    if images is not None:
+        return images, None
     log.warning("online k-NN is off: %s has no class labels to evaluate on; give labelled images with --val "
                 "SPEC (eval.knn_test), or set eval.knn_train and eval.knn_test", dcfg[first_stream])
     return None
+
+
+def evaluate_folded_knn(encoder: nn.Module, images, *, image_size: int, folds: int = ONLINE_FOLDS, k: int = 20,
+                        temperature: float = 0.07, pool: str = "cls", batch_size: int = 256, num_workers: int = 0,
+                        device: torch.device | str = "cpu", seed: int = 0) -> dict[str, float]:
+    """Cross-validated weighted k-NN of frozen ``encoder`` features over the labelled source ``images``
+    (:func:`~wildssl.eval.knn.folded_knn_accuracy`); the keys of :func:`evaluate_knn`."""
+    features, labels = extract_features(encoder, _loader(images, batch_size, num_workers), device, image_size, pool)
+    _check_labelled(images, labels, images)
+    _, dense = torch.unique(labels, sorted=True, return_inverse=True)
+    accuracy = folded_knn_accuracy(features, dense, int(dense.max()) + 1, folds=folds, k=k, temperature=temperature,
+                                   seed=seed)
+    return {f"knn_{name}": value for name, value in accuracy.items()}
 
 
 def make_online_knn(config: dict, device: torch.device | str):
@@ -147,13 +181,17 @@ def make_online_knn(config: dict, device: torch.device | str):
     memory, test = data
     image_size = ecfg["image_size"] or config["model"]["img_size"]
     teacher = None if ecfg["encoder"] == "auto" else ecfg["encoder"] == "teacher"
+    options = dict(image_size=image_size, k=ecfg["knn_k"], temperature=ecfg["knn_temperature"], pool=ecfg["pool"],
+                   batch_size=ecfg["batch_size"], device=device)
+    if test is None:
+        log.info("online k-NN: %d labelled images of %s in %d folds, each classified with the others as the memory",
+                 len(memory), memory.dataset.describe(), ONLINE_FOLDS)
 
     def evaluate(method) -> dict[str, float]:
-        result = evaluate_knn(method.encoder(teacher), memory, test, image_size=image_size,
-                              load_size=config["data"]["load_size"], k=ecfg["knn_k"],
-                              temperature=ecfg["knn_temperature"], pool=ecfg["pool"], batch_size=ecfg["batch_size"],
-                              device=device, max_pixels=config["data"]["max_pixels"])
-        return result
+        if test is None:
+            return evaluate_folded_knn(method.encoder(teacher), memory, **options)
+        return evaluate_knn(method.encoder(teacher), memory, test, load_size=config["data"]["load_size"],
+                            max_pixels=config["data"]["max_pixels"], **options)
 
     return evaluate
 

@@ -147,3 +147,25 @@ def knn_accuracy(
     if num_classes >= 5:
         accuracy["top5"] = top5 / len(test_labels)
     return accuracy
+
+
+def folded_knn_accuracy(features: torch.Tensor, labels: torch.Tensor, num_classes: int, folds: int = 5, k: int = 20,
+                        temperature: float = 0.07, seed: int = 0) -> dict[str, float]:
+    """Cross-validated k-NN accuracy of one labelled set, as fractions of all its images (the keys of
+    :func:`knn_accuracy`).
+
+    The images are cut into ``folds`` folds (a random partition fixed by ``seed``), and each fold is classified
+    with the other folds as the memory: every image is a test image once. At the cost of one k-NN over the whole
+    set, the figure rests on every image, not on the fifth a single split holds out."""
+    if not 2 <= folds <= len(labels):
+        raise ValueError(f"folded k-NN needs 2 <= folds <= {len(labels)} images, got {folds} folds")
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    correct: dict[str, int] = {}
+    for fold in order.chunk(folds):
+        memory = torch.ones(len(labels), dtype=torch.bool)
+        memory[fold] = False
+        accuracy = knn_accuracy(features[memory], labels[memory], features[fold], labels[fold], num_classes, k=k,
+                                temperature=temperature)
+        for name, value in accuracy.items():
+            correct[name] = correct.get(name, 0) + round(value * len(fold))
+    return {name: count / len(labels) for name, count in correct.items()}
