@@ -184,8 +184,8 @@ def make_online_knn(config: dict, device: torch.device | str):
     options = dict(image_size=image_size, k=ecfg["knn_k"], temperature=ecfg["knn_temperature"], pool=ecfg["pool"],
                    batch_size=ecfg["batch_size"], device=device)
     if test is None:
-        log.info("online k-NN: %d labelled images of %s in %d folds, each classified with the others as the memory",
-                 len(memory), memory.dataset.describe(), ONLINE_FOLDS)
+        log.info("online k-NN: %d labelled images (of %s) in %d folds, each classified with the other %d as the "
+                 "memory", len(memory), memory.dataset.describe(), ONLINE_FOLDS, ONLINE_FOLDS - 1)
 
     def evaluate(method) -> dict[str, float]:
         if test is None:
