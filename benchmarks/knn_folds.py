@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from wildssl.data import open_source
-from wildssl.eval.evaluate import _loader
+from wildssl.eval.evaluate import _loader, dense_labels
 from wildssl.eval.features import extract_features
 from wildssl.errors import WildsslError
 from wildssl.eval.knn import folded_knn_accuracy
@@ -59,8 +59,8 @@ def measure(run_dir: Path, specs: list[str], folds: int) -> dict:
     result = {"run": str(run_dir), "pool": pool, "folds": folds}
     for name, encoder in (("trained", trained), ("random_init", initial)):
         features, labels = labelled_features(encoder, specs, image_size, pool)  # extract_features: no grad
-        _, dense = torch.unique(labels, return_inverse=True)
-        result[f"knn_top1_{name}"] = folded_knn_accuracy(features, dense, int(dense.max()) + 1, folds)["top1"]
+        dense, _, num_classes = dense_labels(labels, labels[:0])  # one set: no test labels beside it
+        result[f"knn_top1_{name}"] = folded_knn_accuracy(features, dense, num_classes, folds)["top1"]
     n = len(labels)
     p = result["knn_top1_random_init"]
     result.update(images=n, gain=result["knn_top1_trained"] - p, standard_error=math.sqrt(p * (1 - p) / n))

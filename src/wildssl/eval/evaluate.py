@@ -104,14 +104,15 @@ def _labelled_order(source: Source, seed: int) -> torch.Tensor | None:
     return labelled[torch.randperm(len(labelled), generator=torch.Generator().manual_seed(seed))]
 
 
-def labelled_split(source: Source, seed: int = 0) -> tuple[Subset, Subset] | None:
-    """A memory / test split of the labelled images of ``source``, or None (see :func:`_labelled_order`)."""
+def labelled_memory(source: Source, seed: int = 0) -> Subset | None:
+    """The k-NN memory that the labelled images of ``source`` give a ``--val`` test: those after the first fifth
+    of the order (at most ONLINE_TEST_IMAGES left out), at most ONLINE_MEMORY_IMAGES; None as
+    :func:`_labelled_order`."""
     order = _labelled_order(source, seed)
     if order is None:
         return None
     n_test = min(ONLINE_TEST_IMAGES, len(order) // 5)
-    test, memory = order[:n_test], order[n_test: n_test + ONLINE_MEMORY_IMAGES]
-    return Subset(source, memory.tolist()), Subset(source, test.tolist())
+    return Subset(source, order[n_test: n_test + ONLINE_MEMORY_IMAGES].tolist())
 
 
 def labelled_subset(source: Source, seed: int = 0) -> Subset | None:
@@ -143,9 +144,9 @@ def online_knn_data(config: dict):
     train_source = open_source(dcfg[first_stream], load_size, max_pixels) if dcfg[first_stream] else None
     seed = config["train"]["seed"]
     if ecfg["knn_test"]:
-        split = labelled_split(train_source, seed) if train_source is not None else None
-        if split is not None:
-            return split[0], ecfg["knn_test"]
+        memory = labelled_memory(train_source, seed) if train_source is not None else None
+        if memory is not None:
+            return memory, ecfg["knn_test"]
         images = labelled_subset(open_source(ecfg["knn_test"], load_size, max_pixels), seed)
     else:
         images = labelled_subset(train_source, seed) if train_source is not None else None
@@ -163,9 +164,8 @@ def evaluate_folded_knn(encoder: nn.Module, images, *, image_size: int, folds: i
     (:func:`~wildssl.eval.knn.folded_knn_accuracy`); the keys of :func:`evaluate_knn`."""
     features, labels = extract_features(encoder, _loader(images, batch_size, num_workers), device, image_size, pool)
     _check_labelled(images, labels, images)
-    _, dense = torch.unique(labels, sorted=True, return_inverse=True)
-    accuracy = folded_knn_accuracy(features, dense, int(dense.max()) + 1, folds=folds, k=k, temperature=temperature,
-                                   seed=seed)
+    dense, _, num_classes = dense_labels(labels, labels[:0])  # one set: no test labels beside it
+    accuracy = folded_knn_accuracy(features, dense, num_classes, folds=folds, k=k, temperature=temperature, seed=seed)
     return {f"knn_{name}": value for name, value in accuracy.items()}
 
 
