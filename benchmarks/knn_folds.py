@@ -12,8 +12,10 @@ protocol of the online k-NN). Every labelled image is a test image once, so the 
 For each run it measures the network the run's own k-NN measured (``load_encoder``'s default: DINO's
 teacher, SimCLR's student), with the run's pooling (``eval.pool``), and the same network at its random
 initialization: the method is rebuilt from the run's config under the run's seed, as the engine builds it
-before step 0. The ``--data`` images were seen (unlabelled) in training; the labels were not. One JSON line
-per run on stdout.
+before step 0. The ``--data`` images were seen (unlabelled) in training; the labels were not. ``--data`` and
+``--val`` may also be a labelled set the run never saw: a transfer k-NN, which is how the CLIP-family recipes,
+trained on captioned photos, are measured on CIFAR-10 and the CamVid objects (``benchmarks/demo.md``, fourteenth
+round). One JSON line per run on stdout.
 """
 
 from __future__ import annotations
