@@ -53,8 +53,14 @@ def reference_clip_loss(image: torch.Tensor, text: torch.Tensor, scale: float) -
     return total / (2 * len(image))
 
 
-def test_forward_loss_equals_clip_loss_of_independently_computed_embeddings(tmp_path):
-    method = tiny_clip(tmp_path)
+def pool_by_hand(tokens: dict, pool: str) -> torch.Tensor:
+    """The class token, or the plain mean over the patch tokens (``avg``, the quick recipes' pooling)."""
+    return tokens["cls"] if pool == "cls" else tokens["patch"].sum(dim=1) / tokens["patch"].shape[1]
+
+
+@pytest.mark.parametrize("pool", ["cls", "avg"])
+def test_forward_loss_equals_clip_loss_of_independently_computed_embeddings(tmp_path, pool):
+    method = tiny_clip(tmp_path, f"method.pool={pool}")
     with torch.no_grad():
         method.student["logit_scale"].log_scale.fill_(math.log(20.0))
     batch = tiny_batch()
@@ -62,7 +68,7 @@ def test_forward_loss_equals_clip_loss_of_independently_computed_embeddings(tmp_
 
     (view,) = make_views(batch["image"], method.specs, torch.Generator().manual_seed(3), aspect=batch["aspect"])
     with torch.no_grad():
-        image = method.student["image_proj"](method.student["backbone"](view.images)["cls"])
+        image = method.student["image_proj"](pool_by_hand(method.student["backbone"](view.images), pool))
         # Full context length (the method trims trailing padding; causal attention must make that a no-op).
         tokens = ByteTokenizer().encode_batch(batch["caption"], 40)
         text = method.student["text"](tokens)
@@ -81,8 +87,9 @@ def test_forward_gradient_reaches_both_towers_and_the_logit_scale(tmp_path):
         assert any(g.abs().sum() > 0 for g in grads), name
 
 
-def test_annotation_space_logits_match_an_independent_float64_computation(tmp_path):
-    method = tiny_clip(tmp_path).eval()
+@pytest.mark.parametrize("pool", ["cls", "avg"])
+def test_annotation_space_logits_match_an_independent_float64_computation(tmp_path, pool):
+    method = tiny_clip(tmp_path, f"method.pool={pool}").eval()
     with torch.no_grad():
         method.student["logit_scale"].log_scale.fill_(math.log(30.0))
     images = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(1))
@@ -92,7 +99,7 @@ def test_annotation_space_logits_match_an_independent_float64_computation(tmp_pa
     double = copy.deepcopy(method.student).double()
     tokens = ByteTokenizer().encode_batch(annotation_batch["caption"], 40)
     with torch.no_grad():
-        image = double["image_proj"](double["backbone"](images.double())["cls"])
+        image = double["image_proj"](pool_by_hand(double["backbone"](images.double()), pool))
         text = double["text"](tokens)
     image = image / image.norm(dim=1, keepdim=True)
     text = text / text.norm(dim=1, keepdim=True)

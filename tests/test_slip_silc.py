@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from test_clip_method import one_thread  # noqa: F401 (the fixture this module uses)
 from conftest import FAST_TEACHER, KNN_MARGIN, TINY_DATA, tiny_batch, tiny_overrides, train_and_compare_knn
-from test_clip_method import E2E_TEXT, reference_clip_loss, step_context
+from test_clip_method import E2E_TEXT, pool_by_hand, reference_clip_loss, step_context
 from wildssl.data import open_source
 from wildssl.data.views import make_views
 from wildssl.methods import build_method
@@ -25,8 +25,9 @@ def tiny(name: str, tmp_path, *extra: str):
     return method
 
 
-def embed_clip_pair(networks, images: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    image = networks["image_proj"](networks["backbone"](images)["cls"])
+def embed_clip_pair(networks, images: torch.Tensor, captions: list[str],
+                    pool: str) -> tuple[torch.Tensor, torch.Tensor]:
+    image = networks["image_proj"](pool_by_hand(networks["backbone"](images), pool))
     return image, networks["text"](ByteTokenizer().encode_batch(captions, 40))
 
 
@@ -45,8 +46,9 @@ def reference_nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) 
 
 
 # -- SLIP ----------------------------------------------------------------------------------------------------
-def test_slip_parts_equal_clip_loss_and_nt_xent_of_independently_computed_embeddings(tmp_path):
-    method = tiny("slip", tmp_path, "method.ssl_scale=0.5", "method.ssl_temperature=0.2")
+@pytest.mark.parametrize("pool", ["cls", "avg"])
+def test_slip_parts_equal_clip_loss_and_nt_xent_of_independently_computed_embeddings(tmp_path, pool):
+    method = tiny("slip", tmp_path, "method.ssl_scale=0.5", "method.ssl_temperature=0.2", f"method.pool={pool}")
     with torch.no_grad():
         method.student["logit_scale"].log_scale.fill_(math.log(20.0))
     batch = tiny_batch()
@@ -56,10 +58,10 @@ def test_slip_parts_equal_clip_loss_and_nt_xent_of_independently_computed_embedd
     views = make_views(batch["image"], method.specs, torch.Generator().manual_seed(5), aspect=batch["aspect"])
     assert len(views) == 3 and views[1].images.shape == views[0].images.shape
     with torch.no_grad():
-        image, text = embed_clip_pair(method.student, views[0].images, batch["caption"])
+        image, text = embed_clip_pair(method.student, views[0].images, batch["caption"], pool)
         # One head call per view, as SLIP's code: each view's BatchNorm uses its own batch statistics.
-        z_a = method.student["ssl_head"](method.student["backbone"](views[1].images)["cls"])
-        z_b = method.student["ssl_head"](method.student["backbone"](views[2].images)["cls"])
+        z_a = method.student["ssl_head"](pool_by_hand(method.student["backbone"](views[1].images), pool))
+        z_b = method.student["ssl_head"](pool_by_hand(method.student["backbone"](views[2].images), pool))
     assert metrics["clip_loss"].item() == pytest.approx(reference_clip_loss(image, text, 20.0).item(), rel=1e-5)
     assert metrics["ssl_loss"].item() == pytest.approx(reference_nt_xent(z_a, z_b, 0.2).item(), rel=1e-5)
     assert output["loss"].item() == pytest.approx(metrics["clip_loss"].item() + 0.5 * metrics["ssl_loss"].item(),
@@ -109,21 +111,22 @@ def test_silc_distill_scale_zero_leaves_the_clip_loss_alone(tmp_path):
     assert with_distill["loss"].item() == pytest.approx(parts, rel=1e-6)
 
 
-def test_silc_losses_equal_an_independent_clip_and_dino_computation(tmp_path):
-    method, batch, output = silc_step(tmp_path, seed=11)
+@pytest.mark.parametrize("pool", ["cls", "avg"])
+def test_silc_losses_equal_an_independent_clip_and_dino_computation(tmp_path, pool):
+    method, batch, output = silc_step(tmp_path, f"method.pool={pool}", seed=11)
     views = make_views(batch["image"], method.specs, torch.Generator().manual_seed(11), aspect=batch["aspect"])
     assert [v.images.shape[-1] for v in views] == [16, 16, 8, 8]
     scale = method.student["logit_scale"]().item()
     with torch.no_grad():
         clip_parts = []
         for view in views[:2]:  # SiLC aligns each global view with the captions
-            clip_parts.append(reference_clip_loss(*embed_clip_pair(method.student, view.images, batch["caption"]),
+            clip_parts.append(reference_clip_loss(*embed_clip_pair(method.student, view.images, batch["caption"], pool),
                                                   scale))
         # DINO Eq. 2-3: teacher on the 2 global views (centered by a zero center, sharpened at 0.06);
         # student on all 4 crops at student_temp 0.1; every (teacher i, student j != i) pair averaged.
-        teacher = [method.teacher["dino_head"](method.teacher["backbone"](v.images)["cls"]).double()
+        teacher = [method.teacher["dino_head"](pool_by_hand(method.teacher["backbone"](v.images), pool)).double()
                    for v in views[:2]]
-        student = [method.student["dino_head"](method.student["backbone"](v.images)["cls"]).double()
+        student = [method.student["dino_head"](pool_by_hand(method.student["backbone"](v.images), pool)).double()
                    for v in views]
     targets = [F.softmax(t / 0.06, dim=-1) for t in teacher]
     pairs = [-(targets[i] * F.log_softmax(student[j] / 0.1, dim=-1)).sum(-1).mean()
