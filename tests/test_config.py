@@ -141,3 +141,32 @@ def test_dino_photometric_names_one_pipeline_for_every_crop_or_keeps_the_papers_
     assert [s.size for s in small.specs] == [s.size for s in paper.specs]
     with pytest.raises(ConfigError, match=r"method.photometric='blurry' is not a photometric pipeline; choose dino .*simclr_cifar"):
         build_method(build_config("dino_quick", ["method.photometric=blurry"]))
+
+
+@pytest.mark.parametrize("recipe, method_pool", [("dino", "cls"), ("dino_quick", "avg"), ("simclr_quick", "cls"),
+                                                 ("clip", "avg"), ("slip_quick", "cls")])
+def test_eval_pool_follows_the_methods_pool_unless_set(recipe, method_pool):
+    """The k-NN reads the feature the method trains: with no eval.pool, a --set method.pool carries over to it;
+    an eval.pool that is given stays as given."""
+    followed = build_config(recipe, [f"method.pool={method_pool}"])
+    assert followed["eval"]["pool"] == method_pool
+    other = {"cls": "avg", "avg": "cls"}[method_pool]
+    kept = build_config(recipe, [f"method.pool={method_pool}", f"eval.pool={other}"])
+    assert (kept["method"]["pool"], kept["eval"]["pool"]) == (method_pool, other)
+
+
+def test_eval_pool_of_a_method_without_pooling_is_the_class_token_unless_the_recipe_says():
+    assert "pool" not in build_config("ibot")["method"]
+    assert build_config("ibot")["eval"]["pool"] == "cls"
+    assert build_config("mae")["eval"]["pool"] == "avg"  # MAE's recipe: the mean patch token, as the paper probes
+
+
+def test_no_shipped_recipe_repeats_its_methods_pool_in_eval_pool():
+    """eval.pool follows method.pool; a recipe that repeats it leaves two keys to keep in step."""
+    from wildssl.train.config import read_recipe
+
+    for name in recipe_names():
+        tree, _ = read_recipe(name)
+        method_pool = (tree.get("method") or {}).get("pool")
+        eval_pool = (tree.get("eval") or {}).get("pool")
+        assert eval_pool is None or eval_pool != method_pool, name

@@ -90,7 +90,7 @@ DEFAULTS: dict[str, Any] = {
         "knn_k": 20,
         "knn_temperature": 0.07,
         "encoder": "auto",
-        "pool": "cls",
+        "pool": None,  # null: the method's own method.pool where it has one (what it trained on), else cls
         "image_size": None,
         "batch_size": 256,
         "online_probe": False,
@@ -284,6 +284,8 @@ def build_config(recipe: str | dict[str, Any] | None = None, overrides: list[str
             value = text.strip()  # a string key keeps what was typed: --data 2024 names the folder "2024"
         set_key(config, key, value, "--set")
     config["method"]["name"] = method_name
+    if config["eval"]["pool"] is None:
+        config["eval"]["pool"] = config["method"].get("pool", "cls")
     validate(config)
     return config
 
