@@ -170,3 +170,10 @@ def test_no_shipped_recipe_repeats_its_methods_pool_in_eval_pool():
         method_pool = (tree.get("method") or {}).get("pool")
         eval_pool = (tree.get("eval") or {}).get("pool")
         assert eval_pool is None or eval_pool != method_pool, name
+
+
+def test_a_misspelled_method_pool_is_named_when_eval_pool_follows_it():
+    with pytest.raises(ConfigError, match="method.pool='avgg'"):
+        build_config("dino", ["method.pool=avgg"])
+    with pytest.raises(ConfigError, match="eval.pool"):
+        build_config("dino", ["eval.pool=mean"])

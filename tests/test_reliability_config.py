@@ -130,8 +130,12 @@ def test_every_key_of_every_method_rejects_wrong_types_and_out_of_range_values()
 
 @pytest.mark.parametrize("method", method_names())
 def test_every_methods_defaults_pass_their_own_checks_unchanged(method):
+    """Unchanged but for the one derived default: eval.pool (null) becomes the method's own pooling."""
     config = build_config(None, [f"method.name={method}"])
-    assert flatten(config) == flatten(default_config(method))
+    defaults = flatten(default_config(method))
+    assert defaults["eval.pool"] is None
+    defaults["eval.pool"] = defaults.get("method.pool", "cls")
+    assert flatten(config) == defaults
 
 
 def test_method_key_types_follow_their_defaults_and_null_defaults_stay_nullable():

@@ -123,8 +123,8 @@ def flag() -> Rule:
     return Rule("bool")
 
 
-def one_of(*choices: str) -> Rule:
-    return Rule("choice", choices=choices)
+def one_of(*choices: str, nullable: bool = False) -> Rule:
+    return Rule("choice", choices=choices, nullable=nullable)
 
 
 def pair(low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False,
@@ -187,7 +187,7 @@ CORE_RULES: dict[str, Rule] = {
     "eval.knn_k": integer(1, 100_000),
     "eval.knn_temperature": number(**POSITIVE),
     "eval.encoder": one_of("auto", "teacher", "student"),
-    "eval.pool": one_of("cls", "avg"),
+    "eval.pool": one_of("cls", "avg", nullable=True),  # null: method.pool (train/config.py)
     "eval.image_size": integer(1, MAX_PIXELS_SIDE, nullable=True),
     "eval.batch_size": integer(1, 2**20),
 }

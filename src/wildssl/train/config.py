@@ -284,10 +284,18 @@ def build_config(recipe: str | dict[str, Any] | None = None, overrides: list[str
             value = text.strip()  # a string key keeps what was typed: --data 2024 names the folder "2024"
         set_key(config, key, value, "--set")
     config["method"]["name"] = method_name
-    if config["eval"]["pool"] is None:
-        config["eval"]["pool"] = config["method"].get("pool", "cls")
     validate(config)
+    if config["eval"]["pool"] is None:  # the k-NN reads the feature the method trains
+        config["eval"]["pool"] = method_pool(config)
     return config
+
+
+def method_pool(config: dict[str, Any]) -> str:
+    """The method's ``method.pool`` (checked: a misspelling is a ConfigError naming that key), or ``cls`` for a
+    method that has none."""
+    from wildssl.methods.base import check_pool
+
+    return check_pool(config["method"]["pool"]) if "pool" in config["method"] else "cls"
 
 
 def validate(config: dict[str, Any]) -> None:
