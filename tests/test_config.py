@@ -79,6 +79,19 @@ def test_wildssl_config_of_ab_recipe_differs_from_its_base_only_in_ab_keys_strea
     assert any(k.startswith("method.ab_") for k in differing)  # the comparison itself is not vacuous
 
 
+PAIRING = ("method.adasim_", "method.neighbour_")  # where a nearest-neighbour method takes its second view
+
+
+@pytest.mark.parametrize("variant", ["adasim_dino_quick", "nn_dino_quick"])
+def test_neighbour_pairing_recipes_differ_from_dino_quick_only_in_pairing_keys_and_name(capsys, variant):
+    base_config, variant_config = _printed_config(capsys, "dino_quick"), _printed_config(capsys, variant)
+    differing = {k for k in set(base_config) | set(variant_config)
+                 if base_config.get(k, "absent") != variant_config.get(k, "absent")}
+    assert differing - {"method.name"} == {k for k in differing if k.startswith(PAIRING)}
+    assert variant_config["method.name"] == variant[: -len("_quick")]
+    assert variant_config["method.neighbour_topk"] == 3  # the comparison itself is not vacuous
+
+
 def _write(folder, name: str, text: str):
     path = folder / name
     path.write_text(text)
