@@ -36,6 +36,7 @@ TINY_DISTILLATION = ["method.global_size=16", "method.local_size=8", "method.n_l
 TINY_METHOD = {
     "simclr": ["method.crop_size=16", "method.proj_hidden_dim=32", "method.proj_dim=16"],
     "dino": TINY_DISTILLATION,
+    "simsiam": ["method.crop_size=16", "method.proj_hidden_dim=32", "method.proj_dim=16", "method.pred_hidden_dim=8"],
     "clip": ["method.crop_size=16"] + TINY_TEXT,
     "slip": ["method.crop_size=16", "method.ssl_hidden_dim=32", "method.ssl_dim=16"] + TINY_TEXT,
     "silc": TINY_DISTILLATION + TINY_TEXT,

@@ -122,3 +122,38 @@ def test_koleo_decay_fraction_must_be_a_share_of_the_run(value):
     with pytest.raises(ConfigError, match=r"method.koleo_decay_fraction=.* is invalid.*: "
                                           r"method.koleo_decay_fraction must be"):
         build_method(tiny_config("dino", "method.koleo_weight=0.5", f"method.koleo_decay_fraction={value}"))
+
+
+def _simsiam_loss(weight: float, values: dict | None = None):
+    config = tiny_config("simsiam", f"method.koleo_weight={weight}", "method.pool=avg")
+    torch.manual_seed(0)
+    method = build_method(config)
+    step = StepContext(0, 10, torch.Generator().manual_seed(1), {**schedule_values(method), **(values or {})}, log=True)
+    loss, metrics, _ = method.loss_and_latents(tiny_batch(8), step)
+    return method, loss.item(), metrics
+
+
+def test_simsiam_adds_this_steps_weight_times_the_koleo_of_each_views_pooled_backbone_features():
+    from wildssl.methods.base import pooled
+
+    _, plain, plain_metrics = _simsiam_loss(0.0)
+    method, with_koleo, metrics = _simsiam_loss(0.5, {"koleo_weight": 0.2})
+    assert "koleo" not in plain_metrics
+    # the same views, drawn again from the same generator, through the same backbone: the float64 formula per view
+    views = method.step_views(tiny_batch(8), torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        features = [pooled(method.student["backbone"](view.images), "avg").double().tolist() for view in views]
+    expected = reference_koleo(features[0]) + reference_koleo(features[1])
+    assert expected > 0
+    assert metrics["koleo"].item() == pytest.approx(expected, rel=1e-4)
+    assert with_koleo == pytest.approx(plain + 0.2 * expected, rel=1e-4)
+
+
+def test_koleo_is_one_option_set_for_dino_and_simsiam():
+    from wildssl.methods.koleo import KOLEO_DEFAULTS
+    from wildssl.methods.simsiam import SimSiam
+
+    for method in (DINO, SimSiam):
+        assert {key: method.defaults[key] for key in KOLEO_DEFAULTS} == KOLEO_DEFAULTS
+    with pytest.raises(ConfigError, match=r"method.koleo_weight=0.5 .* train.batch_size=1: raise the batch"):
+        build_method(tiny_config("simsiam", "method.koleo_weight=0.5", "train.batch_size=1"))

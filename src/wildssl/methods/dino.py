@@ -14,22 +14,18 @@ import torch
 
 from wildssl.data.photometric import PIPELINES
 from wildssl.data.views import ViewBatch, dino_specs, make_views
-from wildssl.distributed import get_world_size
 from wildssl.errors import ConfigError
-from wildssl.losses.koleo_loss import koleo_loss
 from wildssl.methods.base import (AnnotationInput, AnnotationSpace, Method, StepContext, check_pool,
                                   normalized_embedding_std, pooled, pooled_features)
 from wildssl.methods.distillation import DISTILLATION_DEFAULTS, MULTI_CROP_DEFAULTS, SelfDistillation
-from wildssl.schedules import cosine_schedule
+from wildssl.methods.koleo import KOLEO_DEFAULTS, KoLeoTerm
 
 
 class DINO(Method):
     name = "dino"
-    # koleo_weight: DINOv2's KoLeo term on the student's pooled features of each global crop (0 = DINO);
-    # koleo_weight_end: its weight at the end, reached by a half-cosine (null: constant, as DINOv2);
-    # koleo_decay_fraction: the share of the run that half-cosine takes; the weight stays at koleo_weight_end after.
+    # koleo_*: DINOv2's KoLeo term on the student's pooled features of each global crop (methods/koleo.py; 0 = DINO)
     defaults = {**DISTILLATION_DEFAULTS, **MULTI_CROP_DEFAULTS, "pool": "cls", "photometric": "dino",
-                "koleo_weight": 0.0, "koleo_weight_end": None, "koleo_decay_fraction": 1.0}
+                **KOLEO_DEFAULTS}
     eval_network = "teacher"  # DINO reports its EMA teacher
 
     def __init__(self, config: dict):
@@ -47,23 +43,10 @@ class DINO(Method):
                                 global_scale=tuple(o["global_scale"]), local_scale=tuple(o["local_scale"]),
                                 photometric=photometric)
         self.n_global = len(self.specs) - o["n_local"]
-        self.koleo = max(o["koleo_weight"], o["koleo_weight_end"] or 0.0) > 0
-        per_rank = config["train"]["batch_size"] // get_world_size()
-        if self.koleo and per_rank < 2:
-            raise ConfigError(f"method.koleo_weight={o['koleo_weight']} pairs each image with its nearest neighbour "
-                              f"in the batch, and a rank gets {per_rank} image(s) of train.batch_size="
-                              f"{config['train']['batch_size']}: raise the batch to 2 per rank or set "
-                              "method.koleo_weight=0")
+        self.koleo = KoLeoTerm(o, config)
 
     def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
-        values = self.distillation.schedules(total_steps, steps_per_epoch)
-        if self.koleo:
-            start, end = self.options["koleo_weight"], self.options["koleo_weight_end"]
-            end = start if end is None else end
-            falling = max(1, min(total_steps, round(self.options["koleo_decay_fraction"] * total_steps)))
-            values["koleo_weight"] = np.concatenate([cosine_schedule(start, end, falling),
-                                                     np.full(total_steps - falling, end, dtype=np.float64)])
-        return values
+        return {**self.distillation.schedules(total_steps, steps_per_epoch), **self.koleo.schedules(total_steps)}
 
     def _logits(self, networks, views) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Head logits per crop, and the pooled features of all crops ``(V * B, width)``."""
@@ -108,12 +91,8 @@ class DINO(Method):
         metrics = {**self.distillation.metrics(probs, teacher_temp),
                    "embedding_std": normalized_embedding_std(teacher_features)}
         batch = views[0].images.shape[0]
-        if self.koleo:
-            # DINOv2: one KoLeo term per global crop, summed, on the student's (pooled) features
-            koleo = sum(koleo_loss(f) for f in student_features[: self.n_global * batch].split(batch))
-            weight = step.values["koleo_weight"]  # method.schedules() gives it every step
-            loss = loss + weight * koleo
-            metrics["koleo"] = koleo.detach()
+        # DINOv2: one KoLeo term per global crop, summed, on the student's (pooled) features
+        loss = self.koleo.add(loss, metrics, student_features[: self.n_global * batch].split(batch), step.values)
         return loss, metrics, teacher_features[:batch]
 
     def forward(self, batches: dict[str, dict], step: StepContext) -> dict:

@@ -9,11 +9,13 @@ statistics of one view batch at a time, as in the paper; under DDP the statistic
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from wildssl.data.views import CropSpec, ViewBatch, make_views
 from wildssl.losses.simsiam_loss import simsiam_loss
 from wildssl.methods.base import Method, StepContext, check_pool, normalized_embedding_std, pooled
+from wildssl.methods.koleo import KOLEO_DEFAULTS, KoLeoTerm
 from wildssl.models.heads import ProjectionHead
 
 
@@ -28,6 +30,7 @@ class SimSiam(Method):
         "proj_layers": 3,
         "pred_hidden_dim": 512,
         "pool": "cls",
+        **KOLEO_DEFAULTS,  # DINOv2's KoLeo term on the backbone's pooled features of each view (0 = SimSiam)
     }
 
     def __init__(self, config: dict):
@@ -39,6 +42,10 @@ class SimSiam(Method):
                                                    output_norm=True)
         self.student["predictor"] = ProjectionHead(o["proj_dim"], o["pred_hidden_dim"], o["proj_dim"], 2)
         self.spec = CropSpec(o["crop_size"], tuple(o["crop_scale"]), photometric=o["photometric"])
+        self.koleo = KoLeoTerm(o, config)
+
+    def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
+        return self.koleo.schedules(total_steps)
 
     def step_views(self, batch: dict, generator: torch.Generator) -> tuple[ViewBatch, ViewBatch]:
         """The two views t(x_i), t'(x_i); with ``batch["partner_image"]`` (and ``"partner_aspect"``) the
@@ -61,9 +68,10 @@ class SimSiam(Method):
         features_a, features_b = features.chunk(2)
         z_a, z_b = self.student["projector"](features_a), self.student["projector"](features_b)
         p_a, p_b = self.student["predictor"](z_a), self.student["predictor"](z_b)
-        loss = simsiam_loss(p_a, p_b, z_a, z_b)
         # The paper's collapse indicator (Fig. 2): the std of l2-normalized z, here times sqrt(D).
-        return loss, {"embedding_std": normalized_embedding_std(z_a)}, features_a.detach()
+        metrics = {"embedding_std": normalized_embedding_std(z_a)}
+        loss = self.koleo.add(simsiam_loss(p_a, p_b, z_a, z_b), metrics, [features_a, features_b], step.values)
+        return loss, metrics, features_a.detach()
 
     def forward(self, batches: dict[str, dict], step: StepContext) -> dict:
         loss, metrics, _ = self.loss_and_latents(batches["train"], step)
