@@ -82,9 +82,10 @@ def test_wildssl_config_of_ab_recipe_differs_from_its_base_only_in_ab_keys_strea
 PAIRING = ("method.adasim_", "method.neighbour_")  # where a nearest-neighbour method takes its second view
 
 
-@pytest.mark.parametrize("variant", ["adasim_dino_quick", "nn_dino_quick"])
-def test_neighbour_pairing_recipes_differ_from_dino_quick_only_in_pairing_keys_and_name(capsys, variant):
-    base_config, variant_config = _printed_config(capsys, "dino_quick"), _printed_config(capsys, variant)
+@pytest.mark.parametrize("base, variant", [("dino_quick", "adasim_dino_quick"), ("dino_quick", "nn_dino_quick"),
+                                           ("simsiam_quick", "adasim_simsiam_quick")])
+def test_neighbour_pairing_recipes_differ_from_their_base_only_in_pairing_keys_and_name(capsys, base, variant):
+    base_config, variant_config = _printed_config(capsys, base), _printed_config(capsys, variant)
     differing = {k for k in set(base_config) | set(variant_config)
                  if base_config.get(k, "absent") != variant_config.get(k, "absent")}
     assert differing - {"method.name"} == {k for k in differing if k.startswith(PAIRING)}
