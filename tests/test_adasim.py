@@ -16,9 +16,8 @@ from wildssl.models.loading import CHECKPOINT_NAME
 from wildssl.train.config import build_config
 from wildssl.train.engine import train
 
-TINY_SIMSIAM = ["method.crop_size=16", "method.proj_hidden_dim=32", "method.proj_dim=16", "method.pred_hidden_dim=8"]
 # 64 images, batch 16: 4 steps per epoch. DINO-2: the two global crops only.
-TINY_BASE = {"dino": TINY_METHOD["dino"] + ["method.n_local=0"], "simsiam": TINY_SIMSIAM}
+TINY_BASE = {"dino": TINY_METHOD["dino"] + ["method.n_local=0"], "simsiam": TINY_METHOD["simsiam"]}
 RUN = ["train.checkpoint_every=0", "optim.warmup_epochs=0"]
 
 

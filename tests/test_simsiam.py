@@ -3,15 +3,14 @@ import math
 import pytest
 import torch
 
-from conftest import TINY_MODEL
+from conftest import TINY_METHOD, TINY_MODEL
 from wildssl.data.synthetic import SyntheticScenes
 from wildssl.losses.simsiam_loss import negative_cosine, simsiam_loss
 from wildssl.methods import build_method
 from wildssl.methods.base import StepContext
 from wildssl.train.config import build_config
 
-TINY_SIMSIAM = ["method.name=simsiam", "method.crop_size=16", "method.proj_hidden_dim=32", "method.proj_dim=16",
-                "method.pred_hidden_dim=8"]
+TINY_SIMSIAM = ["method.name=simsiam"] + TINY_METHOD["simsiam"]
 
 
 def test_simsiam_loss_equals_the_papers_symmetrized_negative_cosine_in_float64():
