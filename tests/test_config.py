@@ -145,20 +145,21 @@ def test_unknown_photometric_pipeline_is_a_config_error_naming_the_key(recipe, k
         build_method(build_config(recipe, [f"{key}=simclr_typo"]))
 
 
-def test_dino_photometric_names_one_pipeline_for_every_crop_or_keeps_the_papers_three():
+@pytest.mark.parametrize("recipe", ["dino_quick", "ibot_quick"])
+def test_multi_crop_photometric_names_one_pipeline_for_every_crop_or_keeps_the_papers_three(recipe):
     from wildssl.methods import build_method
 
-    paper = build_method(build_config("dino_quick", ["method.photometric=dino", "method.n_local=2"]))
+    paper = build_method(build_config(recipe, ["method.photometric=dino", "method.n_local=2"]))
     assert [s.photometric for s in paper.specs] == ["dino_global1", "dino_global2", "dino_local", "dino_local"]
-    small = build_method(build_config("dino_quick", ["method.photometric=simclr_cifar", "method.n_local=2"]))
+    small = build_method(build_config(recipe, ["method.photometric=simclr_cifar", "method.n_local=2"]))
     assert [s.photometric for s in small.specs] == ["simclr_cifar"] * 4
     assert [s.size for s in small.specs] == [s.size for s in paper.specs]
     with pytest.raises(ConfigError, match=r"method.photometric='blurry' is not a photometric pipeline; choose dino .*simclr_cifar"):
-        build_method(build_config("dino_quick", ["method.photometric=blurry"]))
+        build_method(build_config(recipe, ["method.photometric=blurry"]))
 
 
 @pytest.mark.parametrize("recipe, method_pool", [("dino", "cls"), ("dino_quick", "avg"), ("simclr_quick", "cls"),
-                                                 ("clip", "avg"), ("slip_quick", "cls")])
+                                                 ("clip", "avg"), ("slip_quick", "cls"), ("ibot_quick", "avg")])
 def test_eval_pool_follows_the_methods_pool_unless_set(recipe, method_pool):
     """The k-NN reads the feature the method trains: with no eval.pool, a --set method.pool carries over to it;
     an eval.pool that is given stays as given."""
@@ -170,8 +171,8 @@ def test_eval_pool_follows_the_methods_pool_unless_set(recipe, method_pool):
 
 
 def test_eval_pool_of_a_method_without_pooling_is_the_class_token_unless_the_recipe_says():
-    assert "pool" not in build_config("ibot")["method"]
-    assert build_config("ibot")["eval"]["pool"] == "cls"
+    assert "pool" not in build_config("mae")["method"]
+    assert build_config("mae", ["eval.pool=null"])["eval"]["pool"] == "cls"
     assert build_config("mae")["eval"]["pool"] == "avg"  # MAE's recipe: the mean patch token, as the paper probes
 
 

@@ -7,12 +7,13 @@ import math
 import pytest
 import torch
 
-from conftest import schedule_values, tiny_batch, tiny_config
+from conftest import TINY_DISTILLATION, TINY_METHOD, TINY_MODEL, schedule_values, tiny_batch, tiny_config
 from wildssl.errors import ConfigError
 from wildssl.losses.koleo_loss import koleo_loss
 from wildssl.methods import build_method
 from wildssl.methods.base import StepContext
 from wildssl.methods.dino import DINO
+from wildssl.train.config import build_config
 
 
 def reference_koleo(rows: list[list[float]], eps: float = 1e-8) -> float:
@@ -149,11 +150,61 @@ def test_simsiam_adds_this_steps_weight_times_the_koleo_of_each_views_pooled_bac
     assert with_koleo == pytest.approx(plain + 0.2 * expected, rel=1e-4)
 
 
-def test_koleo_is_one_option_set_for_dino_and_simsiam():
+def _ibot_step(weight: float, values: dict, pool: str):
+    config = build_config("ibot_quick", TINY_MODEL + TINY_DISTILLATION + [
+        "method.patch_out_dim=64", f"method.koleo_weight={weight}", "method.mask_probability=1.0",
+        f"method.pool={pool}", "model.drop_path_rate=0.0"])
+    torch.manual_seed(0)
+    method = build_method(config)
+    head_inputs = []  # the image tokens the student's head receives with the patch tokens
+    forward_tokens = method.student["head"].forward_tokens
+    method.student["head"].forward_tokens = lambda image, patch: (head_inputs.append(image.detach()),
+                                                                  forward_tokens(image, patch))[1]
+    output = method({"train": tiny_batch(8)}, StepContext(0, 10, torch.Generator().manual_seed(1),
+                                                          {**schedule_values(method), **values}, log=True))
+    return method, output["loss"].item(), output["metrics"], head_inputs
+
+
+@pytest.mark.parametrize("pool", ["cls", "avg"])
+def test_ibot_adds_this_steps_weight_times_the_koleo_of_the_students_image_token_of_each_masked_global_crop(pool):
+    from wildssl.data.views import make_views
+    from wildssl.methods.base import pooled
+    from wildssl.methods.ibot import ibot_masks
+
+    _, plain, plain_metrics, _ = _ibot_step(0.0, {}, pool)
+    method, with_koleo, metrics, head_inputs = _ibot_step(0.5, {"koleo_weight": 0.2}, pool)
+    assert "koleo" not in plain_metrics
+    # the step's draws again from the same generator (views, then masks), through the same student: the float64
+    # formula on the image token (method.pool) of each masked global crop (DINOv2's place for it)
+    generator = torch.Generator().manual_seed(1)
+    views = make_views(tiny_batch(8)["image"], method.specs, generator)
+    images = torch.cat([view.images for view in views[:2]])
+    masks = ibot_masks(16, method.student["backbone"].patch_grid(16, 16), method.mask_ratio, generator, 1.0)
+    assert masks.any(dim=1).all()
+    with torch.no_grad():
+        output = method.student["backbone"](images, mask=masks)
+        tokens = {"cls": output["cls"], "avg": output["patch"].mean(dim=1)}
+    image = tokens[pool].double()
+    expected = reference_koleo(image[:8].tolist()) + reference_koleo(image[8:].tolist())
+    other = tokens["avg" if pool == "cls" else "cls"].double()
+    assert abs(reference_koleo(other[:8].tolist()) + reference_koleo(other[8:].tolist()) - expected) > 1e-3
+    unmasked = pooled(method.student["backbone"](images), pool).detach().double()
+    assert abs(reference_koleo(unmasked[:8].tolist()) + reference_koleo(unmasked[8:].tolist()) - expected) > 1e-3
+    assert metrics["koleo"].item() == pytest.approx(expected, rel=1e-4)
+    assert with_koleo == pytest.approx(plain + 0.2 * expected, rel=1e-4)
+    # the cls loss reads the same image token: the head gets it with the patch tokens
+    torch.testing.assert_close(head_inputs[0].double(), image, rtol=1e-5, atol=1e-6)
+
+
+def test_koleo_is_one_option_set_for_dino_simsiam_and_ibot():
+    from wildssl.methods.ibot import IBOT
     from wildssl.methods.koleo import KOLEO_DEFAULTS
     from wildssl.methods.simsiam import SimSiam
 
-    for method in (DINO, SimSiam):
+    for method in (DINO, SimSiam, IBOT):
         assert {key: method.defaults[key] for key in KOLEO_DEFAULTS} == KOLEO_DEFAULTS
-    with pytest.raises(ConfigError, match=r"method.koleo_weight=0.5 .* train.batch_size=1: raise the batch"):
-        build_method(tiny_config("simsiam", "method.koleo_weight=0.5", "train.batch_size=1"))
+    for name in ("simsiam", "ibot"):
+        extra = TINY_DISTILLATION + ["method.patch_out_dim=64"] if name == "ibot" else TINY_METHOD[name]
+        with pytest.raises(ConfigError, match=r"method.koleo_weight=0.5 .* train.batch_size=1: raise the batch"):
+            build_method(build_config(f"{name}_quick", TINY_MODEL + extra + ["method.koleo_weight=0.5",
+                                                                             "train.batch_size=1"]))

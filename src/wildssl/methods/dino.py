@@ -1,10 +1,8 @@
 """DINO (Caron et al. 2021): self-distillation from an EMA teacher with multi-crop, centering and
 sharpening, over K weight-normalized prototypes (:mod:`wildssl.methods.distillation`).
 
-``photometric``: ``dino`` (the paper's three colour pipelines: blur p = 1 / 0.1 + solarize / 0.5 on the
-first global, second global and local crops) or the name of one pipeline of
-:data:`wildssl.data.photometric.PIPELINES` for every crop (``simclr_cifar``: colour jitter and grayscale,
-no blur, for 32-px images).
+``photometric``: the crops' colour pipelines (:func:`~wildssl.methods.distillation.multi_crop_specs`: ``dino``,
+the paper's three, or one pipeline for every crop).
 """
 
 from __future__ import annotations
@@ -12,12 +10,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from wildssl.data.photometric import PIPELINES
-from wildssl.data.views import ViewBatch, dino_specs, make_views
-from wildssl.errors import ConfigError
+from wildssl.data.views import ViewBatch, make_views
 from wildssl.methods.base import (AnnotationInput, AnnotationSpace, Method, StepContext, check_pool,
                                   normalized_embedding_std, pooled, pooled_features)
-from wildssl.methods.distillation import DISTILLATION_DEFAULTS, MULTI_CROP_DEFAULTS, SelfDistillation
+from wildssl.methods.distillation import DISTILLATION_DEFAULTS, MULTI_CROP_DEFAULTS, SelfDistillation, multi_crop_specs
 from wildssl.methods.koleo import KOLEO_DEFAULTS, KoLeoTerm
 
 
@@ -35,13 +31,7 @@ class DINO(Method):
         self.distillation = SelfDistillation(o)
         self.student["head"] = self.distillation.build_head(self.student["backbone"].embed_dim)
         self.make_teacher()
-        if o["photometric"] != "dino" and o["photometric"] not in PIPELINES:
-            raise ConfigError(f"method.photometric={o['photometric']!r} is not a photometric pipeline; choose dino "
-                              f"(the paper's three) or one of {', '.join(sorted(PIPELINES))} for every crop")
-        photometric = None if o["photometric"] == "dino" else o["photometric"]
-        self.specs = dino_specs(o["global_size"], o["local_size"], o["n_local"],
-                                global_scale=tuple(o["global_scale"]), local_scale=tuple(o["local_scale"]),
-                                photometric=photometric)
+        self.specs = multi_crop_specs(o)
         self.n_global = len(self.specs) - o["n_local"]
         self.koleo = KoLeoTerm(o, config)
 

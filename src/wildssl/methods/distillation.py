@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from wildssl.data.photometric import PIPELINES
+from wildssl.data.views import CropSpec, dino_specs
 from wildssl.errors import ConfigError
 from wildssl.losses.dino_loss import (DINOCenter, dino_cross_entropy, entropy, sinkhorn_knopp_probabilities,
                                       teacher_probabilities, teacher_temperature_schedule)
@@ -56,6 +58,20 @@ MULTI_CROP_DEFAULTS = {
     "global_scale": [0.25, 1.0],
     "local_scale": [0.05, 0.25],
 }
+
+
+def multi_crop_specs(options: dict) -> list[CropSpec]:
+    """DINO's multi-crop views from :data:`MULTI_CROP_DEFAULTS`' keys and ``photometric``: ``dino`` (the paper's
+    three colour pipelines: blur p = 1 / 0.1 + solarize / 0.5 on the first global, second global and local crops)
+    or the name of one pipeline of :data:`wildssl.data.photometric.PIPELINES` for every crop (``simclr_cifar``:
+    colour jitter and grayscale, no blur, for 32-px images); anything else is a one-line ConfigError."""
+    photometric = options["photometric"]
+    if photometric != "dino" and photometric not in PIPELINES:
+        raise ConfigError(f"method.photometric={photometric!r} is not a photometric pipeline; choose dino "
+                          f"(the paper's three) or one of {', '.join(sorted(PIPELINES))} for every crop")
+    return dino_specs(options["global_size"], options["local_size"], options["n_local"],
+                      global_scale=tuple(options["global_scale"]), local_scale=tuple(options["local_scale"]),
+                      photometric=None if photometric == "dino" else photometric)
 
 
 def teacher_temp_schedule(options: dict, total_steps: int, steps_per_epoch: int,

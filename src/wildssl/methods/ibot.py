@@ -12,7 +12,10 @@ teacher-temperature schedule (:class:`~wildssl.methods.distillation.SelfDistilla
 - patch (masked image modeling): per global crop, the student's patch logits at the masked positions
   against the teacher's patch logits of the same crop (:func:`~wildssl.losses.patch_loss.masked_patch_cross_entropy`).
 
-Loss = ``cls_loss_weight * cls + patch_loss_weight * patch`` (iBOT's lambda1 = lambda2 = 1). The head's
+Loss = ``cls_loss_weight * cls + patch_loss_weight * patch`` (iBOT's lambda1 = lambda2 = 1), plus DINOv2's
+KoLeo term on the student's image tokens when ``koleo_weight`` is set (:mod:`wildssl.methods.koleo`, as DINO's).
+``photometric`` chooses the crops' colour pipelines and ``pool`` the image token (the cls token, iBOT's, or the
+mean patch token; the k-NN reads the same) as DINO's do. The head's
 MLP is shared by cls and patch tokens; ``shared_head`` says whether their prototypes are shared too.
 """
 
@@ -22,12 +25,14 @@ import numpy as np
 import torch
 
 from wildssl.data.masking import blockwise_masks, cpu_generator
-from wildssl.data.views import dino_specs, make_views
+from wildssl.data.views import make_views
 from wildssl.errors import ConfigError
 from wildssl.losses.dino_loss import entropy
 from wildssl.losses.patch_loss import masked_patch_cross_entropy
-from wildssl.methods.base import Method, StepContext, normalized_embedding_std, pooled_features
-from wildssl.methods.distillation import DISTILLATION_DEFAULTS, MULTI_CROP_DEFAULTS, SelfDistillation
+from wildssl.methods.base import Method, StepContext, check_pool, normalized_embedding_std, pooled, pooled_features
+from wildssl.methods.distillation import (DISTILLATION_DEFAULTS, MULTI_CROP_DEFAULTS, SelfDistillation,
+                                          multi_crop_specs)
+from wildssl.methods.koleo import KOLEO_DEFAULTS, KoLeoTerm
 from wildssl.models.heads import IBOTHead
 
 PATCH = "patch_"  # option and schedule prefix of the patch distillation
@@ -67,6 +72,9 @@ class IBOT(Method):
     defaults = {
         **DISTILLATION_DEFAULTS,
         **MULTI_CROP_DEFAULTS,
+        "photometric": "dino",  # the crops' colour pipelines, as DINO's (methods/distillation.multi_crop_specs)
+        "pool": "cls",  # the image token of the cls loss, KoLeo and k-NN: cls, or avg (the mean patch token)
+        **KOLEO_DEFAULTS,  # DINOv2's KoLeo term on the student's image token of each global crop (0 = iBOT)
         "out_dim": 8192,
         "patch_out_dim": 8192,
         "shared_head": True,
@@ -83,6 +91,7 @@ class IBOT(Method):
     def __init__(self, config: dict):
         super().__init__(config)
         o = self.options
+        check_pool(o["pool"])
         self.mask_ratio = check_mask_options(o)
         if not 0.0 <= o["mask_probability"] <= 1.0:
             raise ConfigError(f"method.mask_probability={o['mask_probability']} must be in [0, 1] (iBOT: 0.5)")
@@ -92,13 +101,13 @@ class IBOT(Method):
                                         o["hidden_dim"], o["bottleneck_dim"], o["head_layers"], o["norm_last_layer"],
                                         shared_prototypes=o["shared_head"])
         self.make_teacher()
-        self.specs = dino_specs(o["global_size"], o["local_size"], o["n_local"],
-                                global_scale=tuple(o["global_scale"]), local_scale=tuple(o["local_scale"]))
+        self.specs = multi_crop_specs(o)
         self.n_global = len(self.specs) - o["n_local"]
+        self.koleo = KoLeoTerm(o, config)
 
     def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
         return {**self.distillation.schedules(total_steps, steps_per_epoch),
-                **self.patch_distillation.schedules(total_steps, steps_per_epoch)}
+                **self.patch_distillation.schedules(total_steps, steps_per_epoch), **self.koleo.schedules(total_steps)}
 
     def forward(self, batches: dict[str, dict], step: StepContext) -> dict:
         o = self.options
@@ -113,16 +122,18 @@ class IBOT(Method):
 
         with torch.no_grad():
             teacher = self.teacher["backbone"](global_images)
-            teacher_cls, teacher_patch = self.teacher["head"].forward_tokens(teacher["cls"], teacher["patch"])
+            teacher_image = pooled(teacher, o["pool"])
+            teacher_cls, teacher_patch = self.teacher["head"].forward_tokens(teacher_image, teacher["patch"])
             cls_probs = self.distillation.targets(teacher_cls, teacher_temp)
             patch_probs = self.patch_distillation.targets(teacher_patch.flatten(0, 1), patch_teacher_temp)
             patch_probs = patch_probs.view(teacher_patch.shape)
 
         head = self.student["head"]
         student = self.student["backbone"](global_images, mask=masks)
-        student_cls, student_patch = head.forward_tokens(student["cls"], student["patch"])
+        student_image = pooled(student, o["pool"])
+        student_cls, student_patch = head.forward_tokens(student_image, student["patch"])
         student_logits = list(student_cls.chunk(self.n_global))
-        local_features = pooled_features(self.student["backbone"], [v.images for v in views[self.n_global:]], "cls")
+        local_features = pooled_features(self.student["backbone"], [v.images for v in views[self.n_global:]], o["pool"])
         if local_features:
             student_logits += list(head(torch.cat(local_features)).chunk(len(local_features)))
         cls_loss = self.distillation.loss(student_logits, cls_probs.chunk(self.n_global))
@@ -135,6 +146,9 @@ class IBOT(Method):
                    "cls_loss": cls_loss.detach(), "patch_loss": patch_loss.detach(),
                    "patch_teacher_entropy": entropy(patch_probs).mean(), "patch_teacher_temp": patch_teacher_temp,
                    "masked_fraction": masks.float().mean(),
-                   "embedding_std": normalized_embedding_std(teacher["cls"])}
+                   "embedding_std": normalized_embedding_std(teacher_image)}
         metrics.pop("uniform_loss")  # the loss sums two distillations: ln K is no uniform-collapse level of it
-        return {"loss": o["cls_loss_weight"] * cls_loss + o["patch_loss_weight"] * patch_loss, "metrics": metrics}
+        loss = o["cls_loss_weight"] * cls_loss + o["patch_loss_weight"] * patch_loss
+        # DINOv2 (which builds on iBOT): one KoLeo term per global crop, on the student's image token of the masked crop
+        loss = self.koleo.add(loss, metrics, list(student_image.chunk(self.n_global)), step.values)
+        return {"loss": loss, "metrics": metrics}
