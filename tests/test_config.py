@@ -93,6 +93,19 @@ def test_neighbour_pairing_recipes_differ_from_their_base_only_in_pairing_keys_a
     assert variant_config["method.neighbour_topk"] == 3  # the comparison itself is not vacuous
 
 
+def test_ibot_quick_differs_from_dino_quick_only_in_ibots_own_keys_and_name(capsys):
+    """iBOT against DINO changes one thing: the masked student and its patch distillation."""
+    from wildssl.methods.dino import DINO
+    from wildssl.methods.ibot import IBOT
+
+    dino, ibot = _printed_config(capsys, "dino_quick"), _printed_config(capsys, "ibot_quick")
+    differing = {k for k in set(dino) | set(ibot) if dino.get(k, "absent") != ibot.get(k, "absent")}
+    ibot_only = {f"method.{key}" for key in IBOT.defaults if key not in DINO.defaults}
+    assert "method.patch_loss_weight" in ibot_only and "method.pool" not in ibot_only
+    assert differing - {"method.name"} <= ibot_only, differing - ibot_only
+    assert ibot["method.name"] == "ibot" and ibot["method.patch_out_dim"] == ibot["method.out_dim"]
+
+
 def _write(folder, name: str, text: str):
     path = folder / name
     path.write_text(text)
