@@ -12,6 +12,9 @@ The pieces, in the order of a step:
   crop but its own (Eq. 2-3), in fp32;
 - temperature: :func:`teacher_temp_schedule` warms the teacher temperature up per iteration.
 
+The multi-crop views of DINO and iBOT come from :func:`multi_crop_specs` (:data:`MULTI_CROP_DEFAULTS`' keys and
+``photometric``).
+
 Its option keys (``DISTILLATION_DEFAULTS``) carry a prefix when a method needs two of them (iBOT's cls
 and patch distillation: ``patch_out_dim``, ...).
 """
