@@ -13,15 +13,15 @@ import torch
 from wildssl.data.views import ViewBatch, make_views
 from wildssl.methods.base import (AnnotationInput, AnnotationSpace, Method, StepContext, check_pool,
                                   normalized_embedding_std, pooled, pooled_features)
-from wildssl.methods.distillation import DISTILLATION_DEFAULTS, MULTI_CROP_DEFAULTS, SelfDistillation, multi_crop_specs
+from wildssl.methods.distillation import (DISTILLATION_DEFAULTS, MULTI_CROP_VIEW_DEFAULTS, SelfDistillation,
+                                          multi_crop_specs)
 from wildssl.methods.koleo import KOLEO_DEFAULTS, KoLeoTerm
 
 
 class DINO(Method):
     name = "dino"
     # koleo_*: DINOv2's KoLeo term on the student's pooled features of each global crop (methods/koleo.py; 0 = DINO)
-    defaults = {**DISTILLATION_DEFAULTS, **MULTI_CROP_DEFAULTS, "pool": "cls", "photometric": "dino",
-                **KOLEO_DEFAULTS}
+    defaults = {**DISTILLATION_DEFAULTS, **MULTI_CROP_VIEW_DEFAULTS, "pool": "cls", **KOLEO_DEFAULTS}
     eval_network = "teacher"  # DINO reports its EMA teacher
 
     def __init__(self, config: dict):

@@ -12,8 +12,8 @@ The pieces, in the order of a step:
   crop but its own (Eq. 2-3), in fp32;
 - temperature: :func:`teacher_temp_schedule` warms the teacher temperature up per iteration.
 
-The multi-crop views of DINO and iBOT come from :func:`multi_crop_specs` (:data:`MULTI_CROP_DEFAULTS`' keys and
-``photometric``).
+The multi-crop views of DINO and iBOT come from :func:`multi_crop_specs` (the keys of
+:data:`MULTI_CROP_VIEW_DEFAULTS`).
 
 Its option keys (``DISTILLATION_DEFAULTS``) carry a prefix when a method needs two of them (iBOT's cls
 and patch distillation: ``patch_out_dim``, ...).
@@ -63,8 +63,12 @@ MULTI_CROP_DEFAULTS = {
 }
 
 
+# The keys :func:`multi_crop_specs` reads: the crops above and their colours (DINO, iBOT; SiLC's crops have none).
+MULTI_CROP_VIEW_DEFAULTS = {**MULTI_CROP_DEFAULTS, "photometric": "dino"}
+
+
 def multi_crop_specs(options: dict) -> list[CropSpec]:
-    """DINO's multi-crop views from :data:`MULTI_CROP_DEFAULTS`' keys and ``photometric``: ``dino`` (the paper's
+    """DINO's multi-crop views from :data:`MULTI_CROP_VIEW_DEFAULTS`' keys; ``photometric``: ``dino`` (the paper's
     three colour pipelines: blur p = 1 / 0.1 + solarize / 0.5 on the first global, second global and local crops)
     or the name of one pipeline of :data:`wildssl.data.photometric.PIPELINES` for every crop (``simclr_cifar``:
     colour jitter and grayscale, no blur, for 32-px images); anything else is a one-line ConfigError."""

@@ -30,7 +30,7 @@ from wildssl.errors import ConfigError
 from wildssl.losses.dino_loss import entropy
 from wildssl.losses.patch_loss import masked_patch_cross_entropy
 from wildssl.methods.base import Method, StepContext, check_pool, normalized_embedding_std, pooled, pooled_features
-from wildssl.methods.distillation import (DISTILLATION_DEFAULTS, MULTI_CROP_DEFAULTS, SelfDistillation,
+from wildssl.methods.distillation import (DISTILLATION_DEFAULTS, MULTI_CROP_VIEW_DEFAULTS, SelfDistillation,
                                           multi_crop_specs)
 from wildssl.methods.koleo import KOLEO_DEFAULTS, KoLeoTerm
 from wildssl.models.heads import IBOTHead
@@ -71,8 +71,7 @@ class IBOT(Method):
     name = "ibot"
     defaults = {
         **DISTILLATION_DEFAULTS,
-        **MULTI_CROP_DEFAULTS,
-        "photometric": "dino",  # the crops' colour pipelines, as DINO's (methods/distillation.multi_crop_specs)
+        **MULTI_CROP_VIEW_DEFAULTS,  # the crops and their colour pipelines, as DINO's (distillation.multi_crop_specs)
         "pool": "cls",  # the image token of the cls loss, KoLeo and k-NN: cls, or avg (the mean patch token)
         **KOLEO_DEFAULTS,  # DINOv2's KoLeo term on the student's image token of each global crop (0 = iBOT)
         "out_dim": 8192,
