@@ -55,9 +55,11 @@ def ibot_masks(count: int, grid: tuple[int, int], ratio_range: tuple[float, floa
     iBOT's smallest block is ``(min(h, w) // 3) ** 2`` patches (16 on the 14 x 14 grid of a 224 px crop)."""
     generator = cpu_generator(generator)
     min_block = max(1, (min(grid) // 3) ** 2)
-    masks = blockwise_masks(count, grid, ratio_range, generator, min_block=min_block)
-    if probability < 1.0:
-        masks &= (torch.rand(count, generator=generator) < probability).unsqueeze(1)
+    if probability >= 1.0:
+        return blockwise_masks(count, grid, ratio_range, generator, min_block=min_block)
+    chosen = torch.rand(count, generator=generator) < probability  # only these crops get a mask drawn
+    masks = torch.zeros(count, grid[0] * grid[1], dtype=torch.bool)
+    masks[chosen] = blockwise_masks(int(chosen.sum()), grid, ratio_range, generator, min_block=min_block)
     return masks
 
 
