@@ -63,6 +63,43 @@ def test_without_masked_patches_the_patch_loss_is_zero_and_the_loss_is_dinos():
     assert torch.isclose(weighted["loss"].detach(), parts["cls_loss"] + 0.3 * parts["patch_loss"])
 
 
+def test_the_students_head_reads_only_the_masked_patches_and_the_loss_is_the_head_on_every_patch():
+    """The student's head runs on the masked patches alone (the cheaper step); the patch loss and its gradient
+    on the head equal iBOT's formula with the head on every patch (float64, here), the unmasked ones masked out."""
+    import copy
+
+    method = _method("method.cls_loss_weight=0", "method.koleo_weight=0", "method.n_local=0",
+                     "method.mask_probability=1.0")
+    head = method.student["head"]
+    reference_head = copy.deepcopy(head).double()  # the weights before the step, in float64
+    seen = {}
+    method.student["backbone"].register_forward_hook(
+        lambda module, args, kwargs, output: seen.update(patch=output["patch"].detach(), mask=kwargs["mask"]),
+        with_kwargs=True)
+    head_rows = []
+    head.mlp.register_forward_pre_hook(lambda module, args: head_rows.append(args[0].shape[0]))
+    targets = method.patch_distillation.targets
+    method.patch_distillation.targets = lambda *args: seen.update(probs=targets(*args)) or seen["probs"]
+    loss = _step(method)["loss"]
+    loss.backward()
+
+    mask, patch = seen["mask"], seen["patch"]
+    probs = seen["probs"].view(*mask.shape, -1).double()
+    assert head_rows == [16 + int(mask.sum())]  # 2 global crops of 8 images: their image tokens, the masked patches
+    assert int(mask.sum()) < mask.numel()  # some patches were left out
+    bottleneck = torch.nn.functional.normalize(reference_head.mlp(patch.double()), dim=-1)
+    logits = bottleneck @ torch.nn.functional.normalize(reference_head.last_layer.weight, dim=-1).T
+    per_patch = -(probs * torch.log_softmax(logits / method.options["student_temp"], dim=-1)).sum(-1)
+    per_image = (per_patch * mask).sum(1) / mask.sum(1).clamp(min=1)
+    expected = per_image.mean()  # both crops hold 8 images, so this is the mean of the two crops' losses
+    expected.backward()
+    assert torch.isclose(loss.double(), expected, rtol=1e-5)
+    for (name, ours), theirs in zip(head.named_parameters(), reference_head.parameters()):
+        if ours.grad is not None or theirs.grad is not None:
+            error = (ours.grad.double() - theirs.grad).norm() / theirs.grad.norm()
+            assert error < 1e-4, (name, float(error))  # the step computes in float32
+
+
 def test_separate_patch_prototypes_train_and_freeze_with_the_cls_prototypes():
     method = _method("method.shared_head=false", "method.patch_out_dim=24")
     head = method.student["head"]

@@ -1,8 +1,9 @@
 import math
 
+import pytest
 import torch
 
-from wildssl.losses.patch_loss import masked_patch_cross_entropy, patch_cross_entropy
+from wildssl.losses.patch_loss import masked_patch_cross_entropy, masked_rows_cross_entropy, patch_cross_entropy
 
 
 def _cross_entropy(student_row, teacher_row, temp):
@@ -44,6 +45,20 @@ def test_ibot_patch_loss_ignores_unmasked_patches():
     moved = student.clone()
     moved[mask] += 1.0 * torch.arange(7, dtype=torch.float64)
     assert not torch.isclose(masked_patch_cross_entropy(moved, teacher, mask), reference)
+
+
+def test_the_masked_rows_alone_give_the_masked_patch_loss_and_a_non_finite_unmasked_patch_is_never_read():
+    student, teacher = _random_case(seed=4)
+    mask = torch.tensor([[0, 1, 1, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    per_image = [sum(_cross_entropy(student[b, n], teacher[b, n], 0.1) for n in range(5) if mask[b, n])
+                 / max(1, int(mask[b].sum())) for b in range(3)]
+    rows = masked_rows_cross_entropy(student[mask], teacher[mask], mask, student_temp=0.1)
+    assert math.isclose(float(rows), sum(per_image) / 3, rel_tol=1e-5)  # computed in fp32
+    poisoned = student.clone()
+    poisoned[0, 0] = float("nan")  # an unmasked patch
+    assert torch.isfinite(masked_patch_cross_entropy(poisoned, teacher, mask, student_temp=0.1))
+    with pytest.raises(ValueError, match="6 rows for a mask"):
+        masked_rows_cross_entropy(student[mask][:6], teacher[mask][:6], mask)
 
 
 def test_patch_cross_entropy_is_the_weighted_mean_over_patches():

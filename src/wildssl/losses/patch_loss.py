@@ -6,7 +6,7 @@ For a patch with student logits ``s`` and teacher probabilities ``P_t`` (centere
 
     l = -sum_k P_t[k] log softmax(s / student_temp)[k]
 
-The two functions differ in which patches count and how they are averaged; both compute in fp32.
+The functions differ in which patches count and how they are averaged; all compute in fp32.
 """
 
 from __future__ import annotations
@@ -33,13 +33,30 @@ def masked_patch_cross_entropy(student_logits: torch.Tensor, teacher_probs: torc
     The student saw the view with the ``mask``-ed patches replaced by the mask token, the teacher saw it
     whole. Per image, the mean of ``l`` over its masked patches; then the mean over the ``B`` images, an
     image without masked patches counting as 0 (iBOT's ``iBOTLoss``: ``sum(l * mask) / mask.sum().clamp(1)``
-    per image, then ``.mean()``; with its default half of the images are left unmasked).
+    per image, then ``.mean()``; with its default half of the images are left unmasked). Only the masked
+    patches are read (a non-finite value elsewhere does not reach the loss):
+    :func:`masked_rows_cross_entropy` of ``student_logits[mask]`` and ``teacher_probs[mask]``.
     """
     if mask.shape != student_logits.shape[:2]:
         raise ValueError(f"mask {tuple(mask.shape)} does not match the patches {tuple(student_logits.shape[:2])}")
-    losses = _patch_cross_entropy(student_logits, teacher_probs, student_temp)  # (B, N)
-    mask = mask.to(losses.dtype)
-    return ((losses * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)).mean()
+    return masked_rows_cross_entropy(student_logits[mask], teacher_probs[mask], mask, student_temp)
+
+
+def masked_rows_cross_entropy(student_rows: torch.Tensor, teacher_rows: torch.Tensor, mask: torch.Tensor,
+                              student_temp: float = 0.1) -> torch.Tensor:
+    """:func:`masked_patch_cross_entropy` given only the masked patches' rows: ``(M, K), (M, K), (B, N) bool
+    -> ()``, ``M = mask.sum()``, the rows in the order of ``mask.nonzero()`` (as ``x[mask]`` gives them).
+
+    iBOT's student needs its patch logits only where the loss reads them, so its head runs on those rows
+    alone (``IBOT.forward``)."""
+    if mask.ndim != 2 or student_rows.shape[0] != int(mask.sum()):
+        raise ValueError(f"{student_rows.shape[0]} rows for a mask {tuple(mask.shape)} with {int(mask.sum())} "
+                         "masked patches")
+    losses = _patch_cross_entropy(student_rows, teacher_rows, student_temp)  # (M,)
+    image = mask.nonzero()[:, 0]
+    per_image = losses.new_zeros(mask.shape[0]).index_add(0, image, losses)
+    counts = mask.sum(dim=1).to(losses.dtype).clamp(min=1.0)
+    return (per_image / counts).mean()
 
 
 def patch_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float = 0.1,

@@ -10,7 +10,8 @@ teacher-temperature schedule (:class:`~wildssl.methods.distillation.SelfDistilla
 
 - cls: DINO's cross-entropy of every student crop's cls logits against every *other* global teacher crop;
 - patch (masked image modeling): per global crop, the student's patch logits at the masked positions
-  against the teacher's patch logits of the same crop (:func:`~wildssl.losses.patch_loss.masked_patch_cross_entropy`).
+  against the teacher's patch logits of the same crop (:func:`~wildssl.losses.patch_loss.masked_patch_cross_entropy`;
+  the student's head runs on the masked patches only, the teacher's on all of them for the centering).
 
 Loss = ``cls_loss_weight * cls + patch_loss_weight * patch`` (iBOT's lambda1 = lambda2 = 1), plus DINOv2's
 KoLeo term on the student's image tokens when ``koleo_weight`` is set (:mod:`wildssl.methods.koleo`, as DINO's).
@@ -28,7 +29,7 @@ from wildssl.data.masking import blockwise_masks, cpu_generator
 from wildssl.data.views import make_views
 from wildssl.errors import ConfigError
 from wildssl.losses.dino_loss import entropy
-from wildssl.losses.patch_loss import masked_patch_cross_entropy
+from wildssl.losses.patch_loss import masked_rows_cross_entropy
 from wildssl.methods.base import Method, StepContext, check_pool, normalized_embedding_std, pooled, pooled_features
 from wildssl.methods.distillation import (DISTILLATION_DEFAULTS, MULTI_CROP_VIEW_DEFAULTS, SelfDistillation,
                                           multi_crop_specs)
@@ -126,22 +127,23 @@ class IBOT(Method):
             teacher_image = pooled(teacher, o["pool"])
             teacher_cls, teacher_patch = self.teacher["head"].forward_tokens(teacher_image, teacher["patch"])
             cls_probs = self.distillation.targets(teacher_cls, teacher_temp)
+            # The center moves with the mean over all patches (iBOT's), so the teacher's head sees them all.
             patch_probs = self.patch_distillation.targets(teacher_patch.flatten(0, 1), patch_teacher_temp)
             patch_probs = patch_probs.view(teacher_patch.shape)
 
         head = self.student["head"]
         student = self.student["backbone"](global_images, mask=masks)
         student_image = pooled(student, o["pool"])
-        student_cls, student_patch = head.forward_tokens(student_image, student["patch"])
+        # The student's head runs on the masked patches only: the loss reads no other patch logits, and the
+        # head acts on each token alone, so the loss and its gradient are those of the head on every patch.
+        student_cls, student_masked = head.forward_tokens(student_image, student["patch"][masks])
         student_logits = list(student_cls.chunk(self.n_global))
         local_features = pooled_features(self.student["backbone"], [v.images for v in views[self.n_global:]], o["pool"])
         if local_features:
             student_logits += list(head(torch.cat(local_features)).chunk(len(local_features)))
         cls_loss = self.distillation.loss(student_logits, cls_probs.chunk(self.n_global))
-        patch_loss = torch.stack([
-            masked_patch_cross_entropy(s, t, m, o["student_temp"])
-            for s, t, m in zip(student_patch.chunk(self.n_global), patch_probs.chunk(self.n_global),
-                               masks.chunk(self.n_global))]).mean()
+        # The mean over the global crops of each crop's masked_patch_cross_entropy (the crops hold B images each).
+        patch_loss = masked_rows_cross_entropy(student_masked, patch_probs[masks], masks, o["student_temp"])
 
         metrics = {**self.distillation.metrics(cls_probs, teacher_temp),
                    "cls_loss": cls_loss.detach(), "patch_loss": patch_loss.detach(),

@@ -126,8 +126,12 @@ class IBOTHead(DINOHead):
         return names
 
     def forward_tokens(self, cls: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prototype logits of cls features ``(B, in_dim)`` and patch features ``(B, N, in_dim)``, in one MLP
-        pass: ``(B, out_dim)`` and ``(B, N, patch_out_dim)`` (before any temperature)."""
-        bottleneck = self.forward_bottleneck(torch.cat((cls.unsqueeze(1), patches), dim=1))
+        """Prototype logits of cls features ``(B, in_dim)`` and patch features ``(..., in_dim)`` (all patches
+        ``(B, N, in_dim)``, or only some, ``(M, in_dim)``), in one MLP pass: ``(B, out_dim)`` and
+        ``(..., patch_out_dim)`` (before any temperature). The MLP acts on each token alone, so a patch's
+        logits do not depend on which other patches are passed."""
+        flat = patches.reshape(-1, patches.shape[-1])
+        bottleneck = self.forward_bottleneck(torch.cat((cls, flat)))
         patch_layer = self.last_layer if self.patch_last_layer is None else self.patch_last_layer
-        return self.last_layer(bottleneck[:, 0]), patch_layer(bottleneck[:, 1:])
+        patch_logits = patch_layer(bottleneck[len(cls):])
+        return self.last_layer(bottleneck[: len(cls)]), patch_logits.view(*patches.shape[:-1], patch_logits.shape[-1])
