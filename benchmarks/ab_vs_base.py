@@ -128,7 +128,9 @@ def main() -> None:
             f"train.batch_size={batch}", f"train.images={budget}"]
         runs = {
             base: [f"data.train={annotation}"],
-            ab: [f"data.annotation={annotation}", f"data.bootstrap={bootstrap}", f"method.ab_n_crops={n_crops}"]
+            # the paper's bootstrap batch, B / n images (ab_dino_quick's own is smaller, for the CPU's time)
+            ab: [f"data.annotation={annotation}", f"data.bootstrap={bootstrap}", f"method.ab_n_crops={n_crops}",
+                 f"data.bootstrap_batch_size={ab_step - base_step}"]
                 + (SMOKE_AB if args.smoke else [f"method.ab_crop_size={args.crop}"]),
         }
         for name, extra in runs.items():

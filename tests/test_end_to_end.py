@@ -27,7 +27,9 @@ SSL = ["method.temperature=0.1", "method.crop_scale=[0.25, 1.0]", "optim.lr=0.00
 DISTILL = ["method.n_local=0", "train.batch_size=128", "method.out_dim=256", "method.hidden_dim=256",
            "method.bottleneck_dim=64", "method.teacher_temp=0.04", "optim.lr=0.002", "method.photometric=dino",
            "method.pool=avg", "eval.pool=avg", "method.koleo_weight=0"] + FAST_TEACHER
-AB = ["method.ab_decoder_depth=1", "method.ab_n_crops=3"] + FAST_TEACHER
+# The paper's bootstrap batch (base batch / n images, each with n crops), as these figures were measured with:
+# ab_dino_quick's 4 images are for its own 32-image batch.
+AB = ["method.ab_decoder_depth=1", "method.ab_n_crops=3", "data.bootstrap_batch_size=null"] + FAST_TEACHER
 TEXT = ["method.tokenizer=byte", "method.vocab_size=259", "method.context_length=32"]
 
 CASES = {
