@@ -126,6 +126,10 @@ def test_bad_mask_options_are_one_line_config_errors():
 # The paper's 0.04 gave +5.4 / +0.8 / +0.6 at seeds 0 / 1 / 2; 0.02 gave +5.4 / +6.2 / +3.0, the only setting of
 # the rounds above random init with room at three seeds. On a 4x larger k-NN set the same checkpoints are at
 # their random init's level (-0.6 / -4.2 / -1.0): the gain this test sees holds for a small k-NN memory only.
+# It is mostly noise: since 2026-12-02 the student's head runs on the masked patches only (the same losses to 1e-5
+# over the first 35 steps) and the masks are other draws of the same distribution, and the gain at seeds 0 / 1 / 2
+# is +1.8 / +1.0 / +1.6 (4x set: -4.8 / -2.8 at seeds 1 / 2). With the former masks and the new head, seed 0 gives
+# +4.0; the former code +7.2 (benchmarks/masked.md). A setting whose gain clears float-level changes is owed.
 # The paper's class token, colour pipelines and no KoLeo, as the recipe had when this was measured (ibot_quick now
 # builds on dino_quick).
 IBOT_E2E = ["method.n_local=2", "method.out_dim=256", "method.patch_out_dim=256", "optim.lr=0.002",
@@ -138,4 +142,4 @@ def test_ibot_training_beats_its_random_init_on_knn_without_collapse(tmp_path):
     entropies, trained, initial = train_and_compare_knn("ibot", tmp_path, *IBOT_E2E, metric="teacher_entropy")
     assert_no_collapse(entropies, prototypes=256)
     assert trained > initial, (trained, initial)  # it learned something the k-NN can use
-    xfail_under_goal("iBOT", trained, initial)  # +5 holds at seeds 0 and 1, not at seed 2 (+3.0)
+    xfail_under_goal("iBOT", trained, initial)  # under +5 at seeds 0-2 since 2026-12-02 (see above)
