@@ -29,8 +29,8 @@ def cpu_generator(generator: torch.Generator) -> torch.Generator:
 class _Uniforms:
     """Uniform numbers in [0, 1) from a torch generator, drawn in chunks and handed out one at a time as Python
     floats. A block mask reads a few numbers per block, and a torch call per number cost more than the rest of
-    the mask: iBOT's masks of the 1,024 global crops of 512 images at 224 px took 0.78 s a step on the CPU, now
-    0.05 s (benchmarks/masked.md)."""
+    the mask: iBOT's masks of the 1,024 global crops of 512 images at 224 px took 0.40-0.58 s a step on the CPU,
+    now 0.03 s (benchmarks/masked.md, "Mask draws")."""
 
     CHUNK = 1024
 
@@ -70,6 +70,11 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, generator: t
 
 # ------------------------------------------------------------------------------------ BEiT / iBOT blocks
 
+# BEiT's block shape: a log-uniform aspect ratio in this range, and this many draws per block before giving up.
+BLOCK_ASPECT = (0.3, 1 / 0.3)
+BLOCK_ATTEMPTS = 10
+
+
 def _blockwise_mask(grid: tuple[int, int], mask_ratio: float, uniform: _Uniforms, min_block: int,
                     aspect: tuple[float, float], attempts: int) -> np.ndarray:
     height, width = grid
@@ -102,7 +107,7 @@ def _blockwise_mask(grid: tuple[int, int], mask_ratio: float, uniform: _Uniforms
 
 
 def blockwise_mask(grid: tuple[int, int], mask_ratio: float, generator: torch.Generator, min_block: int = 4,
-                   aspect: tuple[float, float] = (0.3, 1 / 0.3), attempts: int = 10) -> torch.Tensor:
+                   aspect: tuple[float, float] = BLOCK_ASPECT, attempts: int = BLOCK_ATTEMPTS) -> torch.Tensor:
     """One image's blockwise mask (BEiT, Bao et al. 2022, Alg. 1; iBOT's ``MaskingGenerator``): ``(h, w)`` bool.
 
     Rectangular blocks are added until ``round(mask_ratio * h * w)`` patches are masked: each block has
@@ -125,7 +130,7 @@ def blockwise_masks(batch: int, grid: tuple[int, int], ratio_range: tuple[float,
     ratios = [low + (high - low) * uniform() for _ in range(batch)]
     masks = np.zeros((batch, grid[0] * grid[1]), dtype=bool)
     for row, ratio in enumerate(ratios):
-        masks[row] = _blockwise_mask(grid, ratio, uniform, min_block, (0.3, 1 / 0.3), 10).reshape(-1)
+        masks[row] = _blockwise_mask(grid, ratio, uniform, min_block, BLOCK_ASPECT, BLOCK_ATTEMPTS).reshape(-1)
     return torch.from_numpy(masks)
 
 
