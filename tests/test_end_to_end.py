@@ -11,22 +11,10 @@ AB_DINO +6.8 / +8.0 / +8.2; AB_CLIP +10.0 / +10.8 / +11.6.
 
 import pytest
 
-from conftest import FAST_TEACHER, KNN_MARGIN, assert_no_collapse, train_and_compare_knn
+from conftest import DISTILL, FAST_TEACHER, KNN_MARGIN, assert_no_collapse, train_and_compare_knn
 
 SSL = ["method.temperature=0.1", "method.crop_scale=[0.25, 1.0]", "optim.lr=0.003"]
-# dino_quick is tuned for 32-px photos (SimCLR's CIFAR colours on every crop); on the two-colour scenes of this
-# test, 100 steps of those settings gain under 1 point. The test pins the DINO paper's colour pipelines, and
-# two global crops of 128 images (DINO without multi-crop, as the paper's 2x224 ablation) with the mean patch
-# token pooled for the head and the k-NN. Measured at seeds 0 / 1 / 2 (benchmarks/e2e_seeds.md; gain on this
-# k-NN set / on a 4x larger one): DINO +6.6 / +8.3, +8.4 / +8.1, +8.4 / +7.4; AB_DINO +6.8 / +9.5, +8.0 / +8.9,
-# +8.2 / +6.2. The former setting (2 local crops, batch 64, class token) gave DINO +7.4 / +3.0, +8.6 / +3.8,
-# +3.8 / -1.2: a pass at seed 0 resting on the small set's low random floor. Batch 64 with these views gave
-# AB_DINO +3.6 at seed 1.
-# The head and the lr are pinned to the values these figures were measured with. KoLeo is off: the figures are plain
-# DINO's (dino_quick's KoLeo has its own tests in test_koleo.py; its effect on these scenes is in demo.md, ninth round).
-DISTILL = ["method.n_local=0", "train.batch_size=128", "method.out_dim=256", "method.hidden_dim=256",
-           "method.bottleneck_dim=64", "method.teacher_temp=0.04", "optim.lr=0.002", "method.photometric=dino",
-           "method.pool=avg", "eval.pool=avg", "method.koleo_weight=0"] + FAST_TEACHER
+# DINO's settings (DISTILL) are in conftest.py: test_ibot.py trains iBOT on them too.
 # The paper's bootstrap batch (base batch / n images, each with n crops), as these figures were measured with:
 # ab_dino_quick's 4 images are for its own 32-image batch.
 AB = ["method.ab_decoder_depth=1", "method.ab_n_crops=3", "data.bootstrap_batch_size=null"] + FAST_TEACHER

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from conftest import TINY_MODEL, assert_no_collapse, schedule_values, train_and_compare_knn, xfail_under_goal
-from test_end_to_end import DISTILL
+from conftest import (DISTILL, TINY_MODEL, assert_no_collapse, schedule_values, train_and_compare_knn,
+                      xfail_under_goal)
 from wildssl.data import collate, open_source
 from wildssl.errors import ConfigError
 from wildssl.methods import build_method
@@ -120,7 +120,7 @@ def test_bad_mask_options_are_one_line_config_errors():
         _method("method.mask_probability=1.5")
 
 
-# The end-to-end test's settings: DINO's (test_end_to_end.DISTILL: two global crops of 128 images, no local crops,
+# The end-to-end test's settings: DINO's (conftest.DISTILL: two global crops of 128 images, no local crops,
 # the mean patch token, 256 prototypes, teacher temperature 0.04, the paper's colours, a fast EMA teacher) plus iBOT's
 # patch distillation at weight 0.3. Gain at seeds 0 / 1 / 2 / 3 on this k-NN set: +7.0 / +4.8 / +8.4 / +6.4; on a 4x
 # larger one +5.3 / +7.3 / +6.9 / +0.3 (benchmarks/masked.md, 2026-12-02). The former settings (the class token, 2
