@@ -5,11 +5,12 @@ import tempfile
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import PROCESS_GROUP, free_port, schedule_values, tiny_ab_overrides
 
 from wildssl.data import collate, open_source
 from wildssl.data.boxes import box_iou
-from wildssl.data.views import preprocess_images
+from wildssl.data.views import make_views
 from wildssl.methods import ab as ab_module
 from wildssl.methods import build_initial_method, build_method
 from wildssl.methods.base import StepContext, pooled
@@ -111,21 +112,93 @@ def _grad_norms(module, loss):
     return [0.0 if g is None else g.norm().item() for g in grads]
 
 
-def test_simclr_psi_ab_is_its_own_head_on_the_students_features_of_the_annotation_images(monkeypatch):
+def test_simclr_psi_ab_is_its_own_head_on_the_students_features_of_the_annotation_views(monkeypatch):
+    """SimCLR's annotations are the other images' views: psi_AB reads the student's features of the second
+    SimCLR view of each annotation image, the view the step draws first from its generator (the bootstrap
+    crops draw from a generator of their own)."""
     method, config = _method("simclr", "method.ab_base_loss=false")
     calls = _bootstrap_head_inputs(monkeypatch, method)
     batches = _batches(config)
-    loss = method(batches, _step(method))["loss"]
+    step = _step(method)
+    loss = method(batches, step)["loss"]
     _, psi = calls[-1]
-    images = preprocess_images(batches["annotation"]["image"], 16)
-    features = pooled(method.student["backbone"](images), "cls")
+    annotation = batches["annotation"]
+    redrawn = make_views(annotation["image"], method.specs, torch.Generator().manual_seed(step.generator.initial_seed()),
+                         aspect=annotation["aspect"])
+    assert not torch.equal(redrawn[0].images, redrawn[1].images)
+    features = pooled(method.student["backbone"](redrawn[1].images), "cls")
     expected = features @ method.student["bootstrap"].annotation_head.weight.T  # (K, D): one row per image
     torch.testing.assert_close(psi, expected)
-    # psi_AB carries the bootstrap loss into the student's backbone, through the annotation images ...
+    # psi_AB carries the bootstrap loss into the student's backbone, through the annotation views ...
     assert all(g > 0 for g in _grad_norms(method.student["backbone"].blocks, psi.sum()))
     # ... and its own head, while SimCLR's projection head is the base loss's alone.
     assert _grad_norms(method.student["bootstrap"].annotation_head, loss)[0] > 0
     assert all(g == 0 for g in _grad_norms(method.student["head"], loss))
+
+
+def test_ab_simclr_targets_are_over_the_same_annotation_views_that_simclr_contrasts(monkeypatch):
+    """The teacher's p(l | crop) is over the second views of the annotation images: the views SimCLR's loss
+    reads in that step (one draw), projected by the teacher: cos(z_crop, z_l) / temperature."""
+    method, config = _method("simclr")
+    batches = _batches(config)
+    step = _step(method)
+    heads, spaces = [], []
+    original_head = method.student["head"].forward
+    monkeypatch.setattr(method.student["head"], "forward", lambda x: heads.append(x) or original_head(x))
+    original_space = method.annotation_space
+
+    def recording(networks, images, annotation_batch, step):
+        spaces.append((networks, images, original_space(networks, images, annotation_batch, step)))
+        return spaces[-1][2]
+
+    method.annotation_space = recording
+    method(batches, step)
+    annotation = batches["annotation"]
+    views = make_views(annotation["image"], method.specs, torch.Generator().manual_seed(step.generator.initial_seed()),
+                       aspect=annotation["aspect"])
+    with torch.no_grad():  # SimCLR's loss: one head call on the student's features of both redrawn views
+        both = pooled(method.student["backbone"](torch.cat([views[0].images, views[1].images])), "cls")
+    torch.testing.assert_close(heads[-1].detach(), both)
+    networks, crops, space = spaces[-1]
+    assert networks is method.teacher
+    teacher = method.teacher
+    with torch.no_grad():
+        z_l = F.normalize(teacher["head"](pooled(teacher["backbone"](views[1].images), "cls")).double(), dim=-1)
+        z_x = F.normalize(teacher["head"](pooled(teacher["backbone"](crops), "cls")).double(), dim=-1)
+    expected = z_x @ z_l.T / config["method"]["temperature"]
+    torch.testing.assert_close(space.logits.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_ab_simclr_runs_each_annotation_view_through_the_students_backbone_once_with_the_two_pass_gradient(
+        monkeypatch):
+    """SimCLR's loss and psi_AB read one student pass of the second views (``step.memo``); the loss and the
+    gradient are those of separate passes (the feature memo switched off, the views kept)."""
+    method, config = _method("simclr")
+    batches = _batches(config)
+    backbone = method.student["backbone"]
+    images_seen = []
+    original = backbone.forward
+    monkeypatch.setattr(backbone, "forward", lambda images, *a, **k: images_seen.append(len(images))
+                        or original(images, *a, **k))
+    shared = method(batches, _step(method))["loss"]
+    annotation_images = sum(images_seen)
+    assert annotation_images == 2 * len(batches["annotation"]["image"])  # two views, each once
+    params = [p for p in backbone.parameters() if p.requires_grad]
+    shared_grads = torch.autograd.grad(shared, params)
+
+    class ForgetFeatures(dict):  # keeps the views, forgets the features: two passes, as before the memo
+        def get(self, key, default=None):
+            return default if key == "simclr_view_features" else super().get(key, default)
+
+    step = _step(method)
+    step.memo = ForgetFeatures()
+    images_seen.clear()
+    separate = method(batches, step)["loss"]
+    assert sum(images_seen) == 3 * len(batches["annotation"]["image"])
+    separate_grads = torch.autograd.grad(separate, params)
+    torch.testing.assert_close(shared, separate)
+    for a, b in zip(shared_grads, separate_grads):  # fp32: the sums run in another order
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
 
 
 def test_clip_psi_ab_is_its_own_head_on_the_students_text_tower(monkeypatch):

@@ -307,7 +307,7 @@ class Method(nn.Module):
                          step: StepContext) -> AnnotationSpace:
         """p(annotation | image) of ``images`` ``(M, 3, h, w)`` (normalized) computed with ``networks``
         (the EMA teacher, or the student for the no-EMA ablation) without gradient, over annotations drawn
-        from ``annotation_batch`` (captions for CLIP, other images for SimCLR) or fixed (DINO's
+        from ``annotation_batch`` (captions for CLIP, other images' views for SimCLR) or fixed (DINO's
         prototypes). Implemented by the methods annotation bootstrapping can wrap."""
         raise NotImplementedError(f"method {self.name} does not expose an annotation space")
 

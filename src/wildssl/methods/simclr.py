@@ -7,12 +7,14 @@ strength 0.5 and no blur, for small images).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from wildssl.data.photometric import check_pipeline
-from wildssl.data.views import CropSpec, make_views, preprocess_images
+from wildssl.data.views import CropSpec, ViewBatch, make_views
 from wildssl.losses.nt_xent import nt_xent_loss
 from wildssl.methods.base import (AnnotationInput, AnnotationSpace, Method, StepContext, check_pool,
                                   normalized_embedding_std, pooled)
@@ -46,32 +48,64 @@ class SimCLR(Method):
         networks = self.student if networks is None else networks
         return networks["head"](pooled(networks["backbone"](images), self.options["pool"]))
 
-    # -- annotation bootstrapping: the annotations are the other images of the annotation batch ----------
-    def annotation_images(self, annotation_batch: dict) -> torch.Tensor:
-        """The annotation batch's images, whole, resized to the crop size and normalized: ``(K, 3, s, s)``."""
-        return preprocess_images(annotation_batch["image"], self.options["crop_size"])
+    # -- the step's views, drawn and encoded once ------------------------------------------------------
+    def views(self, batch: dict, step: StepContext) -> list[ViewBatch]:
+        """The step's two augmented views of ``batch``, drawn once per step (kept in ``step.memo``): SimCLR's
+        loss and annotation bootstrapping's annotations read the same views."""
+        kept = step.memo.get("simclr_views")
+        if kept is None or kept[0] is not batch:
+            kept = (batch, make_views(batch["image"], self.specs, step.generator, aspect=batch["aspect"]))
+            step.memo["simclr_views"] = kept
+        return kept[1]
+
+    def view_features(self, batch: dict, step: StepContext, indices: Sequence[int] = (0, 1)) -> list[torch.Tensor]:
+        """The student's pooled backbone features ``(B, width)`` of the step's views ``indices``, with gradient.
+        Each view goes through the backbone once per step (``step.memo``): SimCLR's loss and annotation
+        bootstrapping's psi_AB read the same pass of the second view, and its gradient sums both uses, as two
+        passes would."""
+        kept = step.memo.get("simclr_view_features")
+        if kept is None or kept[0] is not batch:
+            kept = (batch, {})
+            step.memo["simclr_view_features"] = kept
+        features = kept[1]
+        missing = [index for index in indices if index not in features]
+        if missing:
+            views = self.views(batch, step)
+            images = torch.cat([views[index].images for index in missing])
+            pooled_features = pooled(self.student["backbone"](images), self.options["pool"])
+            features.update(zip(missing, pooled_features.chunk(len(missing))))
+        return [features[index] for index in indices]
+
+    # -- annotation bootstrapping: the annotations are the other images' views (the second view of each) --
+    def annotation_images(self, annotation_batch: dict, step: StepContext) -> torch.Tensor:
+        """The second of the step's SimCLR views of the annotation batch ``(K, 3, s, s)``: the view that
+        SimCLR's loss classifies each first view against."""
+        return self.views(annotation_batch, step)[1].images
 
     def annotation_input(self) -> AnnotationInput:
         return AnnotationInput(feature_dim=self.student["backbone"].embed_dim)
 
     def annotation_features(self, networks: nn.ModuleDict, annotation_batch: dict,
                             step: StepContext | None = None) -> torch.Tensor:
-        """Pooled backbone features ``(K, width)`` of the annotation images (psi_AB's input, with gradient)."""
-        return pooled(networks["backbone"](self.annotation_images(annotation_batch)), self.options["pool"])
+        """Pooled backbone features ``(K, width)`` of the annotation images (psi_AB's input, with gradient);
+        the student's are the pass that SimCLR's loss reads too (:meth:`view_features`)."""
+        if step is None:
+            raise ValueError("SimCLR's annotations are the step's views: annotation_features needs the step")
+        if networks is self.student:
+            return self.view_features(annotation_batch, step, (1,))[0]
+        return pooled(networks["backbone"](self.annotation_images(annotation_batch, step)), self.options["pool"])
 
     @torch.no_grad()
     def annotation_space(self, networks, images, annotation_batch, step) -> AnnotationSpace:
-        """p(l|x) = softmax(cos(z_x, z_l) / temperature) over the annotation images l, with the projections
-        z of ``networks``."""
-        z_others = F.normalize(self.embed(self.annotation_images(annotation_batch), networks).float(), dim=-1)
+        """p(l|x) = softmax(cos(z_x, z_l) / temperature) over the annotations l (the second views of the
+        annotation images), with the projections z of ``networks``."""
+        z_others = F.normalize(self.embed(self.annotation_images(annotation_batch, step), networks).float(), dim=-1)
         z_images = F.normalize(self.embed(images, networks).float(), dim=-1)
         return AnnotationSpace(z_images @ z_others.T / self.options["temperature"])
 
     def forward(self, batches: dict[str, dict], step: StepContext) -> dict:
-        batch = batches["train"]
-        view_a, view_b = make_views(batch["image"], self.specs, step.generator, aspect=batch["aspect"])
-        z = self.embed(torch.cat([view_a.images, view_b.images]))
-        z_a, z_b = z.chunk(2)
+        # One head call on both views, so that the head's BatchNorm normalizes them together.
+        z_a, z_b = self.student["head"](torch.cat(self.view_features(batches["train"], step))).chunk(2)
         loss, accuracy = nt_xent_loss(z_a, z_b, self.options["temperature"], return_accuracy=True)
         return {"loss": loss, "metrics": {"contrastive_acc": accuracy,
                                           "embedding_std": normalized_embedding_std(z_a)}}
