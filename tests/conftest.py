@@ -129,6 +129,7 @@ DISTILL = ["method.n_local=0", "train.batch_size=128", "method.out_dim=256", "me
            "method.bottleneck_dim=64", "method.teacher_temp=0.04", "optim.lr=0.002", "method.photometric=dino",
            "method.pool=avg", "eval.pool=avg", "method.koleo_weight=0"] + FAST_TEACHER
 
+
 def assert_no_collapse(teacher_entropies: list[float], prototypes: int) -> None:
     """Self-distillation's check in a short run, where its loss is no progress measure (at step 0 the student
     equals the teacher, and the loss rises as the teacher's targets spread): the last logged teacher entropy

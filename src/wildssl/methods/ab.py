@@ -12,9 +12,9 @@ i != j, a box-query decoder reads crop i's backbone tokens and the box of crop j
 averaged over all n^2 - n pairs of all bootstrap images, which run in one packed decoder pass.
 ``psi_AB`` is an annotation head of its own on the **student's** annotation backbone, trained by the
 bootstrap loss (Alg. 1): a Linear on the text tower's caption features (CLIP), a Linear on the image
-backbone's features of the annotation images' second SimCLR views (SimCLR), a learned K x D embedding matrix (DINO); see
-:class:`~wildssl.methods.base.AnnotationInput`. The targets are the teacher's base distribution over
-the same K annotations (:meth:`~wildssl.methods.base.Method.annotation_space`).
+backbone's features of the annotation images' second SimCLR views (SimCLR), a learned K x D embedding
+matrix (DINO); see :class:`~wildssl.methods.base.AnnotationInput`. The targets are the teacher's base
+distribution over the same K annotations (:meth:`~wildssl.methods.base.Method.annotation_space`).
 
 Ablations (each one ``method.*`` key, each changing only what it names):
 ``ab_ema_target`` (false: targets from the student under stop-gradient), ``ab_box_tokens`` (false: a

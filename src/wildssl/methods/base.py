@@ -52,7 +52,7 @@ import copy
 import logging
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -86,6 +86,15 @@ class StepContext:
     # Values a step computes once and reads in two places (e.g. the student's caption features, read by
     # CLIP's loss and by annotation bootstrapping's psi_AB): filled and read by the method, new every step.
     memo: dict = field(default_factory=dict)
+
+    def remember(self, key: str, source: Any, make: Callable[[], Any]) -> Any:
+        """``make()`` once per step for ``source`` (compared by identity), kept in :attr:`memo` under ``key``:
+        the second reader of the same input gets the first one's value."""
+        kept = self.memo.get(key)
+        if kept is None or kept[0] is not source:
+            kept = (source, make())
+            self.memo[key] = kept
+        return kept[1]
 
 
 @dataclass

@@ -156,14 +156,13 @@ class CLIP(Method):
         computed once per step and kept in ``step.memo``: CLIP's loss and annotation bootstrapping's
         psi_AB read the same pass (its gradient then sums both uses, as two passes would)."""
         text = networks["text"]
-        if step is None or networks is not self.student:
+
+        def encode() -> torch.Tensor:
             return text.pooled_features(self.tokenize(captions, text.token_embedding.weight.device))
-        kept = step.memo.get("student_text_features")
-        if kept is not None and kept[0] is captions:
-            return kept[1]
-        features = text.pooled_features(self.tokenize(captions, text.token_embedding.weight.device))
-        step.memo["student_text_features"] = (captions, features)
-        return features
+
+        if step is None or networks is not self.student:
+            return encode()
+        return step.remember("student_text_features", captions, encode)
 
     def encode_texts(self, networks: nn.ModuleDict, captions: Sequence[str],
                      step: StepContext | None = None) -> torch.Tensor:

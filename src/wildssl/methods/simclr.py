@@ -52,22 +52,15 @@ class SimCLR(Method):
     def views(self, batch: dict, step: StepContext) -> list[ViewBatch]:
         """The step's two augmented views of ``batch``, drawn once per step (kept in ``step.memo``): SimCLR's
         loss and annotation bootstrapping's annotations read the same views."""
-        kept = step.memo.get("simclr_views")
-        if kept is None or kept[0] is not batch:
-            kept = (batch, make_views(batch["image"], self.specs, step.generator, aspect=batch["aspect"]))
-            step.memo["simclr_views"] = kept
-        return kept[1]
+        return step.remember("simclr_views", batch,
+                             lambda: make_views(batch["image"], self.specs, step.generator, aspect=batch["aspect"]))
 
     def view_features(self, batch: dict, step: StepContext, indices: Sequence[int] = (0, 1)) -> list[torch.Tensor]:
         """The student's pooled backbone features ``(B, width)`` of the step's views ``indices``, with gradient.
         Each view goes through the backbone once per step (``step.memo``): SimCLR's loss and annotation
         bootstrapping's psi_AB read the same pass of the second view, and its gradient sums both uses, as two
         passes would."""
-        kept = step.memo.get("simclr_view_features")
-        if kept is None or kept[0] is not batch:
-            kept = (batch, {})
-            step.memo["simclr_view_features"] = kept
-        features = kept[1]
+        features = step.remember("simclr_view_features", batch, dict)  # view index -> features
         missing = [index for index in indices if index not in features]
         if missing:
             views = self.views(batch, step)

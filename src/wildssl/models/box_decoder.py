@@ -173,9 +173,9 @@ class AnnotationBootstrapHead(nn.Module):
     loss alone, in one of two forms (the paper's):
 
     - ``feature_dim``: annotations that the student's annotation backbone encodes (captions through the
-      text tower for CLIP; the annotation images' second views through the image backbone for SimCLR): ``psi_AB`` is
-      a Linear (no bias) from those ``(K, feature_dim)`` features, which carry gradient into the
-      backbone;
+      text tower for CLIP; the annotation images' second views through the image backbone for SimCLR):
+      ``psi_AB`` is a Linear (no bias) from those ``(K, feature_dim)`` features, which carry gradient into
+      the backbone;
     - ``num_annotations``: a fixed set of K annotations (DINO's prototypes): ``psi_AB`` is a learned
       ``(K, dim)`` embedding matrix.
 
