@@ -79,6 +79,31 @@ def test_wildssl_config_of_ab_recipe_differs_from_its_base_only_in_ab_keys_strea
     assert any(k.startswith("method.ab_") for k in differing)  # the comparison itself is not vacuous
 
 
+@pytest.mark.parametrize("recipe", ["ab_dino_quick", "ab_simclr_quick", "ab_clip_quick"])
+def test_ab_recipe_on_users_data_bootstraps_on_it_unless_told_otherwise(capsys, tmp_path, recipe):
+    """`wildssl train ab_X_quick --data FOLDER` bootstraps on FOLDER, not on the recipe's synthetic scenes; a
+    bootstrap stream named on the command line, or a synthetic --data, is left as given."""
+    import yaml
+
+    from wildssl.cli import main
+
+    def streams(*argv):
+        assert main(["config", recipe, *argv]) == 0
+        printed = capsys.readouterr()
+        data = yaml.safe_load(printed.out)["data"]
+        return data["annotation"], data["bootstrap"], printed.err
+
+    folder, other = str(tmp_path / "photos"), str(tmp_path / "frames")
+    annotation, bootstrap, note = streams("--data", folder)
+    assert (annotation, bootstrap) == (folder, folder)
+    assert "data.bootstrap follows --data" in note and note.count("\n") == 1
+    assert streams("--data", folder, "--set", f"data.bootstrap={other}")[:2] == (folder, other)
+    assert streams("--data", folder, "--set", "data.bootstrap=synthetic:scenes?n=50")[:2] == (
+        folder, "synthetic:scenes?n=50")
+    annotation, bootstrap, note = streams("--data", "synthetic:scenes?n=60")
+    assert bootstrap.startswith("synthetic:scenes?n=2000") and note == ""
+
+
 PAIRING = ("method.adasim_", "method.neighbour_")  # where a nearest-neighbour method takes its second view
 
 

@@ -40,10 +40,26 @@ def _config_from_args(args):
     config = build_config(args.recipe, overrides)
     extra = []
     if getattr(args, "data", None):  # --data names the method's first stream (data.train for single-stream methods)
-        extra.append(f"data.{get_method_class(config['method']['name']).streams[0]}={args.data}")
+        streams = get_method_class(config["method"]["name"]).streams
+        extra.append(f"data.{streams[0]}={args.data}")
+        if _bootstrap_follows_data(config, streams, overrides, args.data):
+            extra.append(f"data.bootstrap={args.data}")
+            print(f"wildssl: data.bootstrap follows --data ({args.data}) instead of the recipe's synthetic scenes; "
+                  "--set data.bootstrap=SPEC bootstraps on other images", file=sys.stderr)
     if getattr(args, "val", None):
         extra.append(f"eval.knn_test={args.val}")
     return build_config(args.recipe, overrides + extra) if extra else config
+
+
+def _bootstrap_follows_data(config: dict, streams: tuple, overrides: list[str], data: str) -> bool:
+    """Whether an annotation-bootstrapping run on a user's ``--data`` also bootstraps on it: when the bootstrap
+    stream is still the recipe's synthetic placeholder and was not set on the command line. Real photos as the
+    base stream with synthetic scenes as the unlabeled one is never what a run on one's own folder means."""
+    if "bootstrap" not in streams or data.startswith("synthetic:"):
+        return False
+    if any(o.split("=", 1)[0].strip() == "data.bootstrap" for o in overrides):
+        return False
+    return str(config["data"].get("bootstrap") or "").startswith("synthetic:")
 
 
 def cmd_train(args) -> int:
