@@ -174,6 +174,23 @@ def test_batch_without_captions_is_a_data_error(tmp_path):
         method({"train": batch}, step_context())
 
 
+def test_bpe_tokenizer_on_a_source_without_captions_names_the_stream(tmp_path):
+    """A folder of photos given to a caption method: one error naming data.train and its path, not a hint to
+    switch tokenizer (the byte tokenizer would fail at the first batch)."""
+    pytest.importorskip("tokenizers")
+    from PIL import Image
+
+    folder = tmp_path / "photos" / "cat"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (16, 16), (40 * i, 0, 0)).save(folder / f"{i}.png")
+    method = tiny_clip(tmp_path, "method.tokenizer=bpe", "method.vocab_size=300",
+                       f"data.train={tmp_path / 'photos'}", prepare=False)
+    with pytest.raises(DataError, match=r"no captions .* data\.train \(.*photos\) a source with captions"):
+        method.prepare({"train": open_source(str(tmp_path / "photos"))}, tmp_path / "run")
+    assert not (tmp_path / "run" / TOKENIZER_FILENAME).exists()
+
+
 def test_engine_run_keeps_its_tokenizer_and_resumes_with_it(tmp_path):
     from wildssl.train.engine import train
 

@@ -11,6 +11,7 @@ and saves it as ``tokenizer.json`` in the run directory, where a resumed run and
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -114,11 +115,21 @@ class CLIP(Method):
             if o["tokenizer"] == "bpe":
                 workers = resolve_num_workers(self.config["data"]["num_workers"])
                 captions = source_captions(sources[self.streams[0]], num_workers=workers)
+                first = next(captions, None)
+                if first is None:
+                    raise DataError(f"method {self.name} found no captions to train its BPE tokenizer on; "
+                                    f"{self._give_captions()}")
+                captions = itertools.chain([first], captions)
             tokenizer = build_tokenizer(o["tokenizer"], captions, vocab_size=o["vocab_size"])
             path.parent.mkdir(parents=True, exist_ok=True)
             tokenizer.save(path)  # atomic: a crash never leaves half a tokenizer beside a checkpoint
         dist.barrier()
         self.tokenizer = self._checked(CaptionTokenizer.load(path), path)
+
+    def _give_captions(self) -> str:
+        stream = self.streams[0]
+        return (f"give data.{stream} ({self.config['data'][stream]}) a source with captions (a .jsonl manifest "
+                "with 'caption', tar shards with .txt, or synthetic:scenes)")
 
     def _checked(self, tokenizer: CaptionTokenizer, path: Path) -> CaptionTokenizer:
         o = self.options
@@ -177,9 +188,7 @@ class CLIP(Method):
         the captions over the global batch; the loss is the mean over views. Returns (loss, metrics),
         the metrics measured on the first view."""
         if not any(captions):
-            raise DataError(f"method {self.name} got a batch without captions; give data.{self.streams[0]} a "
-                            "source with captions (a .jsonl manifest with 'caption', tar shards with .txt, "
-                            "or synthetic:scenes)")
+            raise DataError(f"method {self.name} got a batch without captions; {self._give_captions()}")
         text = self.encode_texts(self.student, captions, step)
         scale = self.student["logit_scale"]()
         images = [self.project_images(self.student, f) for f in features]
