@@ -69,6 +69,33 @@ def test_folder_with_class_subfolders_gives_sorted_classes_and_labels(tmp_path):
         assert sample["caption"] == "" and sample["boxes"].shape == (0, 4) and sample["num_corrupt"] == 0
 
 
+def test_folder_of_netpbm_images_inside_a_wrapping_folder_has_the_inner_classes(tmp_path):
+    """GTSRB's layout: root/Images/<class>/<n>.ppm with a CSV beside them. The wrapping folder is looked through,
+    and PPM (colour) and PGM (grey) files are images."""
+    root = tmp_path / "Final_Training"
+    write_image(root / "Images" / "00000" / "00000_00000.ppm", (200, 10, 10))
+    write_image(root / "Images" / "00000" / "00000_00001.PPM", (190, 20, 20))
+    write_image(root / "Images" / "00001" / "00001_00000.ppm", (10, 10, 200))
+    grey = root / "Images" / "00002" / "a.pgm"
+    grey.parent.mkdir(parents=True)
+    Image.new("L", (9, 9), 128).save(grey)
+    (root / "Images" / "00000" / "GT-00000.csv").write_text("Filename;ClassId\n")
+    source = ImageFolder(root, S)
+    assert source.classes == ["00000", "00001", "00002"]
+    assert [source[i]["label"] for i in range(len(source))] == [0, 0, 1, 2]
+    assert np.abs(mean_colour(source[2]) - (10, 10, 200)).max() < 2  # PPM is lossless
+    assert np.abs(mean_colour(source[3]) - 128).max() < 2 and source[3]["image"].shape == (3, S, S)
+    assert ImageFolder(root / "Images", S).classes == source.classes  # the same classes from one level down
+
+
+def test_a_wrapping_folder_of_loose_images_stays_unlabelled(tmp_path):
+    write_image(tmp_path / "data" / "images" / "a.png", (1, 2, 3))
+    write_image(tmp_path / "data" / "images" / "b.png", (1, 2, 3))
+    write_image(tmp_path / "data" / "c.png", (1, 2, 3))
+    assert ImageFolder(tmp_path, S).classes is None  # data/c.png lies directly in the wrapping folder
+    assert ImageFolder(tmp_path / "data" / "images", S).classes is None
+
+
 def test_folder_without_subfolders_has_no_labels(tmp_path):
     write_image(tmp_path / "a.png", (1, 2, 3))
     write_image(tmp_path / "b.bmp", (4, 5, 6))

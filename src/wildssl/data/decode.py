@@ -41,7 +41,10 @@ from wildssl.errors import DataError
 
 logger = logging.getLogger("wildssl.data")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# Pillow decodes each of these natively. The netpbm family (.ppm, .pgm, .pbm, .pnm) is how several classic photo sets
+# ship (GTSRB's traffic signs, for one); .jfif is a JPEG under another name.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff",
+                    ".ppm", ".pgm", ".pbm", ".pnm")
 EXPECTED_SPEC = "expected an image folder, a .jsonl manifest, tar shards or synthetic:scenes"
 
 # Largest image decoded, in pixels after JPEG's reduced decoding (``data.max_pixels``): 40 megapixels,

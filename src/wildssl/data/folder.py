@@ -33,13 +33,24 @@ def _scan_images(root: Path) -> list[str]:
     return sorted(found)
 
 
+def _class_folders(paths: list[str]) -> list[str | None]:
+    """The class folder of each image path: its first folder below the folders that wrap every image (``Images`` of
+    ``root/Images/<class>/x.ppm``, as data sets often ship), or None for an image that lies directly there."""
+    parts = [p.split("/") for p in paths]
+    depth = 0  # wrapping folders: one name shared by every path, each path at least a class folder deeper
+    while all(len(x) >= depth + 3 for x in parts) and len({x[depth] for x in parts}) == 1:
+        depth += 1
+    return [x[depth] if len(x) >= depth + 2 else None for x in parts]
+
+
 class ImageFolder(FileSource):
-    """Every image file under ``root`` (recursive; jpg, jpeg, png, webp, bmp, gif, tif, tiff in any case),
-    in sorted path order.
+    """Every image file under ``root`` (recursive; any of :data:`~wildssl.data.decode.IMAGE_EXTENSIONS` in any
+    case), in sorted path order.
 
     When every image lies inside a first-level subfolder and there are at least two such subfolders,
     their sorted names are the classes (the usual ``root/<class>/...`` layout); otherwise labels are -1.
-    A single subfolder is not taken as a class: ``root/images/*.jpg`` is an unlabelled folder.
+    Folders that wrap everything are looked through: ``root/Images/<class>/...`` has the classes of
+    ``root/Images``. A single subfolder is not taken as a class: ``root/images/*.jpg`` is an unlabelled folder.
     """
 
     def __init__(self, root: str | os.PathLike, load_size: int = DEFAULT_LOAD_SIZE,
@@ -53,7 +64,7 @@ class ImageFolder(FileSource):
             raise DataError(
                 f"no images in folder {self.root} (searched recursively for {', '.join(IMAGE_EXTENSIONS)} files)"
             )
-        first_parts = [p.split("/", 1)[0] if "/" in p else None for p in self.paths]
+        first_parts = _class_folders(self.paths)
         class_names = sorted({part for part in first_parts if part is not None})
         if None not in first_parts and len(class_names) >= 2:
             self.classes = class_names
