@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from conftest import PROCESS_GROUP, tiny_overrides
+from conftest import PROCESS_GROUP, TINY_DATA, tiny_overrides
 from wildssl.cli import main
 
 
@@ -50,6 +50,20 @@ def test_train_then_eval_knn_json_then_export_round_trip(tmp_path, capsys):
         torch.testing.assert_close(exported.forward_features(images), trained.forward_features(images))
     tokens = trained.forward_features(images)
     assert tokens.shape == (2, 1 + 16, 32)
+
+
+def test_train_ends_with_one_plain_line_of_trained_against_random_init_knn(tmp_path, capsys):
+    argv = ["train", "simclr_quick", "--out", str(tmp_path / "run")]
+    for item in tiny_overrides("simclr", "train.steps=2", "eval.knn_every=2", "eval.knn_train=" + TINY_DATA,
+                               "eval.knn_test=synthetic:scenes?n=32&size=16&split=test"):
+        argv += ["--set", item]
+    code, out, err = _run(capsys, *argv)
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    trained, floor = 100 * summary["knn_top1"], 100 * summary["knn_top1_random_init"]
+    lines = [line for line in err.splitlines() if line.startswith("wildssl: k-NN top-1")]
+    assert lines == [f"wildssl: k-NN top-1 {trained:.1f}% trained, {floor:.1f}% for the same encoder at random "
+                     f"initialization ({trained - floor:+.1f} points)"]
 
 
 def test_teacher_is_the_default_encoder_and_student_is_selectable(tmp_path, capsys):

@@ -80,6 +80,10 @@ def cmd_train(args) -> int:
         line.update({k: v for k, v in summary["final_metrics"].items() if k.startswith("knn_")})
         for alarm in summary["alarms"]:
             print(f"wildssl: WARNING: {alarm}", file=sys.stderr)
+        if "knn_top1" in line and "knn_top1_random_init" in line:
+            trained, floor = 100 * line["knn_top1"], 100 * line["knn_top1_random_init"]
+            print(f"wildssl: k-NN top-1 {trained:.1f}% trained, {floor:.1f}% for the same encoder at random "
+                  f"initialization ({trained - floor:+.1f} points)", file=sys.stderr)
         print(json.dumps(line))
     return 0
 
