@@ -36,6 +36,8 @@ Data sets (converted from ``$WILDSSL_SHARED_DATA`` into ``--out/data``, which mu
   from ``cifar10_jpeg_full.npz``, none of them in ``cifar10_carry.npz`` (so no recipe was tuned on them), tested on
   1,000 test images also outside the carry file (:func:`prepare_cifar10_fresh`). Not class-balanced: a random
   draw, as a user's folder is.
+- ``cifar10_fresh3`` / ``cifar10_fresh4`` (not in the default run): two more such draws, disjoint from the first
+  three, on which the nineteenth round tried SimCLR settings, so that draws 0-2 stay untuned.
 - ``cifar10_all`` (not trained on by default): every image of ``cifar10_carry.npz``, the set of the 5-fold
   k-NN of ``benchmarks/knn_folds.py`` for CIFAR-10 runs.
 
@@ -271,7 +273,7 @@ def prepare_cifar10_all(shared: Path, out: Path) -> tuple[str, str]:
 PREPARE = {"cifar10": prepare_cifar10, "camvid": prepare_camvid, "flickr8k": prepare_flickr8k,
            "camvid_objects": prepare_camvid_objects, "cifar10_1700": prepare_cifar10_1700,
            "cifar10_all": prepare_cifar10_all,
-           **{f"cifar10_fresh{draw}": functools.partial(prepare_cifar10_fresh, draw=draw) for draw in range(3)}}
+           **{f"cifar10_fresh{draw}": functools.partial(prepare_cifar10_fresh, draw=draw, draws=5) for draw in range(5)}}
 
 
 def prepare(dataset: str, shared: Path, out: Path) -> tuple[str, str]:
