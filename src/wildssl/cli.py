@@ -482,7 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a method from a recipe name or YAML file")
     p.add_argument("recipe", help="a shipped recipe name (see `wildssl recipes`) or a YAML file")
-    p.add_argument("--data", help="training data SPEC: folder, .jsonl, tar shards, or synthetic:scenes?n=..")
+    p.add_argument("--data", help="training data SPEC: folder, .jsonl, tar shards, or synthetic:scenes?n=.. (the "
+                                  "method's first stream; an ab_* recipe bootstraps on it too unless data.bootstrap "
+                                  "is set)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--out", help="run directory (default runs/<method>-<time>)")
     p.add_argument("--val", help="labelled data SPEC for the online k-NN (default: the training data's "
