@@ -57,7 +57,9 @@ def _bootstrap_follows_data(config: dict, streams: tuple, overrides: list[str], 
     base stream with synthetic scenes as the unlabeled one is never what a run on one's own folder means."""
     if "bootstrap" not in streams or data.startswith("synthetic:"):
         return False
-    if any(o.split("=", 1)[0].strip() == "data.bootstrap" for o in overrides):
+    from wildssl.train.config import parse_overrides
+
+    if any(key == "data.bootstrap" for key, _ in parse_overrides(overrides)):
         return False
     return str(config["data"].get("bootstrap") or "").startswith("synthetic:")
 

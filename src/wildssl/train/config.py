@@ -251,6 +251,17 @@ def read_recipe(recipe: str, _seen: tuple[str, ...] = (),
     return inherit_recipe(parent_tree, tree), where
 
 
+def parse_overrides(overrides: list[str] | None) -> list[tuple[str, str]]:
+    """``--set`` items ``key=value`` -> ``(key, value text)`` pairs (the key stripped, the text as typed)."""
+    pairs: list[tuple[str, str]] = []
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r} (for example --set train.steps=100)")
+        key, text = item.split("=", 1)
+        pairs.append((key.strip(), text))
+    return pairs
+
+
 def build_config(recipe: str | dict[str, Any] | None = None, overrides: list[str] | None = None) -> dict:
     """Resolve defaults + method defaults + recipe + ``key=value`` overrides into one checked config.
 
@@ -262,12 +273,7 @@ def build_config(recipe: str | dict[str, Any] | None = None, overrides: list[str
         tree, where = {}, "defaults"
     else:
         tree, where = read_recipe(recipe)
-    pairs: list[tuple[str, str]] = []
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"--set expects key=value, got {item!r} (for example --set train.steps=100)")
-        key, text = item.split("=", 1)
-        pairs.append((key.strip(), text))
+    pairs = parse_overrides(overrides)
 
     method_section = tree.get("method")
     method_name = (method_section.get("name", DEFAULTS["method"]["name"]) if isinstance(method_section, dict)
