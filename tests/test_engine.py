@@ -165,6 +165,20 @@ def test_a_run_below_its_random_init_ends_with_one_quality_alarm_naming_the_last
     assert next(scripted, "used up") == "used up"  # random init + one evaluation per step
 
 
+def test_the_quality_alarm_points_to_keep_colour_only_where_the_views_lose_colour(tmp_path):
+    """simclr_quick's views jitter hue and go grey (simclr_cifar): the alarm names the option that keeps
+    colour; with keep_colour already set it does not."""
+    hints = []
+    for pipeline in ("simclr_cifar", "keep_colour"):
+        scripted = iter([0.5, 0.3])
+        config = build_config("simclr_quick", tiny_overrides("simclr", "train.steps=1", "eval.knn_every=1",
+                                                              f"method.photometric={pipeline}"))
+        summary = train(config, tmp_path / pipeline, knn_evaluator=lambda method: {"knn_top1": next(scripted)})
+        (quality,) = [alarm for alarm in summary["alarms"] if alarm.startswith("quality alarm")]
+        hints.append("--set method.photometric=keep_colour" in quality)
+    assert hints == [True, False]
+
+
 def test_build_initial_method_rebuilds_the_weights_a_run_starts_from_whatever_the_global_rng_state():
     from wildssl.methods import build_initial_method
 

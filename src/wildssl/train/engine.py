@@ -68,6 +68,17 @@ class _InterruptFlag:
         return False
 
 
+def _colour_hint(method: dict) -> str:
+    """A pointer to ``keep_colour`` for a method whose views lose their colour (hue jitter, grey views): on
+    photos that colour tells apart (snow, water, grass; signs) it is what those views teach the encoder to
+    ignore (benchmarks/demo.md, twelfth round)."""
+    pipeline = method.get("photometric")
+    if not isinstance(pipeline, str) or pipeline == "keep_colour":
+        return ""
+    return (f"; method.photometric={pipeline} jitters hue and greys views out: if colour tells your classes apart, "
+            "try --set method.photometric=keep_colour")
+
+
 class _Reporter:
     """Logging of one run: metrics every ``train.log_every`` steps, alarms, progress, online k-NN."""
 
@@ -208,8 +219,8 @@ class _Reporter:
         if result["knn_top1"] <= floor:  # one standing alarm, with the latest figure
             self.alarm(done, f"quality alarm: k-NN top-1 {100 * result['knn_top1']:.1f}% at step {done} is not above "
                              f"the same encoder at random initialization ({100 * floor:.1f}%): the encoder got no "
-                             "better (check the learning rate, the augmentations and the budget for this data)",
-                       kind="quality")
+                             "better (check the learning rate, the augmentations and the budget for this data"
+                             f"{_colour_hint(self.run.config['method'])})", kind="quality")
         elif self._alarms.pop("quality", None) is not None:
             log.info("step %d: k-NN top-1 %.1f%% is above random initialization (%.1f%%) again; quality alarm "
                      "cleared", done, 100 * result["knn_top1"], 100 * floor)
