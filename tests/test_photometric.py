@@ -17,6 +17,7 @@ from wildssl.data.photometric import (
     color_jitter,
     gaussian_blur,
     hsv_to_rgb,
+    loses_colour,
     random_grayscale,
     rgb_to_hsv,
     solarize,
@@ -262,3 +263,16 @@ def test_blur_kernel_spans_ten_percent_of_the_image_side():
     support = (row > 0).nonzero().flatten()
     assert support.min().item() == 112 - 11 and support.max().item() == 112 + 11
     assert math.isclose(out.sum().item(), 3.0, rel_tol=1e-9)
+
+
+def test_loses_colour_says_which_pipelines_shift_hue_or_grey_their_views_out():
+    """Checked on the views themselves: a reddish image with G == B keeps hue 0 under brightness, contrast,
+    saturation and blur; hue jitter makes G != B, grey views make R == G == B."""
+    x = torch.tensor([0.8, 0.3, 0.3]).view(1, 3, 1, 1).expand(256, 3, 8, 8).contiguous()
+    for name in PIPELINES:
+        out = apply_pipeline(name, x, torch.Generator().manual_seed(0))
+        r, g, b = out[:, 0, 0, 0], out[:, 1, 0, 0], out[:, 2, 0, 0]
+        lost = ((g - b).abs() > 1e-4) | (((r - g).abs() < 1e-4) & ((g - b).abs() < 1e-4))
+        assert bool(lost.any()) == loses_colour(name), name
+    assert {name for name in PIPELINES if not loses_colour(name)} == {"keep_colour"}
+    assert loses_colour("dino") and not loses_colour("no such pipeline")

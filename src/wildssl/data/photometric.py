@@ -297,6 +297,17 @@ PIPELINES: dict[str, Pipeline] = {
 }
 
 
+# The pipelines of DINO's multi-crop (``method.photometric=dino``): first global, second global, local crops.
+DINO_PIPELINES = ("dino_global1", "dino_global2", "dino_local")
+
+
+def loses_colour(name: str) -> bool:
+    """Whether pipeline ``name`` (``dino``: :data:`DINO_PIPELINES`) jitters hue or greys views out, so that an
+    encoder trained on its views learns to ignore colour. False for a name that is no pipeline."""
+    names = DINO_PIPELINES if name == "dino" else (name,)
+    return any(n in PIPELINES and (PIPELINES[n].jitter[3] > 0 or PIPELINES[n].grayscale_prob > 0) for n in names)
+
+
 def check_pipeline(name: str, where: str) -> str:
     """``name`` if it is a pipeline of :data:`PIPELINES`, else a one-line ConfigError naming ``where``."""
     if name not in PIPELINES:

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from wildssl.data.photometric import PIPELINES, apply_pipeline
+from wildssl.data.photometric import DINO_PIPELINES, PIPELINES, apply_pipeline
 from wildssl.errors import ConfigError, DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -219,7 +219,7 @@ def dino_specs(
     (0.05, 0.4)). The released ViT-S/16 and ViT-B/16 runs instead used global (0.25, 1) and 10 local
     crops at (0.05, 0.25); recipes that reproduce them should pass those values.
     """
-    global1, global2, local = (photometric,) * 3 if photometric else ("dino_global1", "dino_global2", "dino_local")
+    global1, global2, local = (photometric,) * 3 if photometric else DINO_PIPELINES
     return [
         CropSpec(size=global_size, scale=global_scale, photometric=global1),
         CropSpec(size=global_size, scale=global_scale, photometric=global2),

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from wildssl import distributed as dist
+from wildssl.data.photometric import loses_colour
 from wildssl.errors import ConfigError
 from wildssl.eval.online_probe import make_online_probe
 from wildssl.train.logging import CollapseMonitor, MetricLogger, ProgressBar
@@ -73,7 +74,7 @@ def _colour_hint(method: dict) -> str:
     photos that colour tells apart (snow, water, grass; signs) it is what those views teach the encoder to
     ignore (benchmarks/demo.md, twelfth round)."""
     pipeline = method.get("photometric")
-    if not isinstance(pipeline, str) or pipeline == "keep_colour":
+    if not isinstance(pipeline, str) or not loses_colour(pipeline):
         return ""
     return (f"; method.photometric={pipeline} jitters hue and greys views out: if colour tells your classes apart, "
             "try --set method.photometric=keep_colour")
