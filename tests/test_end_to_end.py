@@ -32,6 +32,11 @@ CASES = {
     "ab_dino": DISTILL + AB + ["method.ab_loss_ratio=0.1"],
     "ab_clip": TEXT + AB,
 }
+# AB_SimCLR's 100-step gain swings with the seed and the machine's CPU kernels: +13.4 / +6.6 / +12.8 at seeds
+# 0 / 1 / 2 on an AMD EPYC, +3.2 / +10.6 at seeds 0 / 1 on an Intel Xeon with AVX-512 (2026-12-02,
+# benchmarks/e2e_seeds.py). One seed cannot clear the margin on every machine, so its test checks the mean gain of
+# two seeds (each run must still lower its loss).
+SEEDS = {"ab_simclr": (0, 1)}
 # Distillation losses are no progress measure in a short run: for those the test checks that neither
 # collapse happened instead (conftest.assert_no_collapse says why).
 DISTILLATION = {"dino", "ab_dino"}
@@ -41,9 +46,16 @@ DISTILLATION = {"dino", "ab_dino"}
 @pytest.mark.parametrize("recipe", sorted(CASES))
 def test_training_beats_random_init_on_knn(tmp_path, recipe):
     metric = "teacher_entropy" if recipe in DISTILLATION else "loss"
-    values, trained, initial = train_and_compare_knn(recipe, tmp_path, *CASES[recipe], metric=metric)
-    if recipe in DISTILLATION:
-        assert_no_collapse(values, prototypes=256)
-    else:
-        assert sum(values[-3:]) / 3 < sum(values[:3]) / 3, values
-    assert trained > initial + KNN_MARGIN, (trained, initial)
+    gains = []
+    for seed in SEEDS.get(recipe, (0,)):
+        run_dir = tmp_path / f"seed{seed}"
+        run_dir.mkdir()
+        values, trained, initial = train_and_compare_knn(recipe, run_dir, *CASES[recipe], f"train.seed={seed}",
+                                                         metric=metric)
+        if recipe in DISTILLATION:
+            assert_no_collapse(values, prototypes=256)
+        else:
+            assert sum(values[-3:]) / 3 < sum(values[:3]) / 3, (seed, values)
+        gains.append((seed, trained, initial))
+    mean_gain = sum(trained - initial for _, trained, initial in gains) / len(gains)
+    assert mean_gain > KNN_MARGIN, gains
