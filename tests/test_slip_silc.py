@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from test_clip_method import one_thread  # noqa: F401 (the fixture this module uses)
-from conftest import FAST_TEACHER, KNN_MARGIN, TINY_DATA, tiny_batch, tiny_overrides, train_and_compare_knn
+from conftest import FAST_TEACHER, KNN_MARGIN, TINY_DATA, TWO_BLOCKS, tiny_batch, tiny_overrides, train_and_compare_knn
 from test_clip_method import E2E_TEXT, pool_by_hand, reference_clip_loss, step_context
 from wildssl.data import open_source
 from wildssl.data.views import make_views
@@ -155,16 +155,16 @@ def test_silc_has_no_single_clip_view_keys(tmp_path):
 
 
 # -- end to end --------------------------------------------------------------------------------------------
-# SLIP and SiLC run 3-4 crops per image through the backbone: a 2-block ViT keeps each run near 20 s.
+# SLIP and SiLC run 3-4 crops per image through the backbone: a 2-block ViT (conftest.TWO_BLOCKS) keeps each run
+# near 20 s.
 # Measured with the recipes' mean-token pooling (100 steps, seeds 0 / 1, one thread): SLIP 32.8% / 35.8% vs 20.6% /
 # 22.4% at init, SiLC 33.0% / 34.2% vs 20.6% / 22.4% (8 classes; margins +11.8 to +13.4 points).
-E2E_FASTER = ["model.depth=2"]
 
 
 @pytest.mark.slow
 def test_slip_on_captioned_scenes_lowers_its_loss_and_beats_random_init_on_knn(tmp_path):
     pytest.importorskip("tokenizers")
-    losses, trained, initial = train_and_compare_knn("slip", tmp_path, *E2E_TEXT, *E2E_FASTER)
+    losses, trained, initial = train_and_compare_knn("slip", tmp_path, *E2E_TEXT, *TWO_BLOCKS)
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
     assert trained > initial + KNN_MARGIN, (trained, initial)
 
@@ -175,7 +175,7 @@ def test_silc_on_captioned_scenes_lowers_its_clip_loss_and_beats_random_init_on_
     # The distillation loss is no progress measure (its targets sharpen as the teacher learns), so the
     # falling loss checked is the CLIP part. A fast teacher (momentum 0.9) suits a 100-step run.
     losses, trained, initial = train_and_compare_knn(
-        "silc", tmp_path, *E2E_TEXT, *E2E_FASTER, "method.n_local=2", "method.teacher_temp_warmup_epochs=1",
+        "silc", tmp_path, *E2E_TEXT, *TWO_BLOCKS, "method.n_local=2", "method.teacher_temp_warmup_epochs=1",
         *FAST_TEACHER, metric="clip_loss")
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
     assert trained > initial + KNN_MARGIN, (trained, initial)
