@@ -187,7 +187,41 @@ def test_rendered_scenes_are_kept_and_a_changed_sample_leaves_the_next_one_alone
     again = source[2]  # from the kept pixels: no render
     assert again["image"].sum() > 0
     monkeypatch.undo()
+    synthetic._KEPT.clear()  # rendered again, not read from the kept pixels
     fresh = open_source("synthetic:scenes?n=4&size=16", load_size=16)[2]
     assert torch.equal(again["image"], fresh["image"]) and again["captions"] == fresh["captions"]
     monkeypatch.setattr(synthetic, "RENDER_CACHE_BYTES", 0)  # too large to keep: rendered every time
     assert not open_source("synthetic:scenes?n=4&size=16", load_size=16)._cache
+
+
+def test_a_scene_rendered_by_one_source_is_read_by_another_of_the_same_scenes_within_the_budget(monkeypatch):
+    from wildssl.data import open_source, synthetic
+
+    synthetic._KEPT.clear()
+    train = open_source("synthetic:scenes?n=8&size=16&colours=2", load_size=16)
+    first = [train[i]["image"] for i in range(4)]
+    other_seed = open_source("synthetic:scenes?n=8&size=16&colours=2&seed=1", load_size=16)[0]["image"]
+
+    def render_again(*args):
+        raise AssertionError("a kept scene was rendered again")
+
+    monkeypatch.setattr(synthetic, "render_scene", render_again)
+    memory = open_source("synthetic:scenes?n=3&size=16&colours=2", load_size=16)  # scene i of a set of 3 is the same
+    assert all(torch.equal(memory[i]["image"], first[i]) for i in range(3))
+    with pytest.raises(IndexError):  # kept for the set of 8, still out of range for the set of 3
+        memory[3]
+    assert not torch.equal(other_seed, first[0])
+    with pytest.raises(AssertionError, match="rendered again"):  # other parameters: other pixels, not kept ones
+        open_source("synthetic:scenes?n=3&size=16&colours=3", load_size=16)[0]
+    monkeypatch.undo()
+
+    # Two sets whose pixels do not fit the budget together: the one extended least recently is dropped.
+    one_scene = first[0].numel()
+    monkeypatch.setattr(synthetic, "RENDER_CACHE_BYTES", 4 * one_scene)
+    synthetic._KEPT.clear()
+    a = open_source("synthetic:scenes?n=4&size=16", load_size=16)
+    b = open_source("synthetic:scenes?n=4&size=16&seed=5", load_size=16)
+    [a[i] for i in range(3)]
+    [b[i] for i in range(2)]
+    assert sum(len(scenes) for scenes in synthetic._KEPT.values()) * one_scene <= synthetic.RENDER_CACHE_BYTES
+    assert list(synthetic._KEPT.values())[-1].keys() == {0, 1}  # the newest set stays whole

@@ -14,6 +14,7 @@ can be drawn at any resolution and its boxes stay exact.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,7 +49,7 @@ MAX_ASPECT = 1.25  # per-object width/height stretch, in [1/MAX_ASPECT, MAX_ASPE
 COLOUR_JITTER = 20  # per channel, on every object and the background
 GRADIENT = 30.0  # largest colour change across the background
 NOISE = 6  # uniform integer pixel noise in [-NOISE, NOISE] over the whole image
-# The most rendered pixels a synthetic source keeps in memory (uint8 bytes).
+# The most rendered pixels the synthetic sources of one process keep in memory (uint8 bytes).
 RENDER_CACHE_BYTES = 256 * 2**20
 SPLITS = ("train", "test")
 _PLACEMENT_TRIES = 12
@@ -229,6 +230,22 @@ def scene_caption(scene: Scene) -> str:
     return text + f" on {article} {background} background"
 
 
+# Rendered scenes kept in this process: the parameters that fix a scene's pixels (all but n: scene i of a set is
+# scene i of every larger set) -> {index: (scene, read-only pixels)}, oldest set first.
+_KEPT: OrderedDict[tuple, dict[int, tuple[Scene, np.ndarray]]] = OrderedDict()
+
+
+def _keep(key: tuple, index: int, rendered: tuple[Scene, np.ndarray]) -> None:
+    """Keep one rendered scene, dropping the least recently extended sets to stay within RENDER_CACHE_BYTES."""
+    kept = _KEPT.setdefault(key, {})
+    _KEPT.move_to_end(key)
+    kept[index] = rendered
+    used = sum(len(scenes) * next(iter(scenes.values()))[1].nbytes for scenes in _KEPT.values() if scenes)
+    while used > RENDER_CACHE_BYTES and len(_KEPT) > 1:
+        _, dropped = _KEPT.popitem(last=False)
+        used -= len(dropped) * next(iter(dropped.values()))[1].nbytes if dropped else 0
+
+
 class SyntheticScenes(Source):
     """``synthetic:scenes``: ``n`` rendered scenes classified by the shape of their main object.
 
@@ -288,8 +305,10 @@ class SyntheticScenes(Source):
         self.classes = list(SHAPES[:num_classes])
         # Rendered pixels per index, kept when the whole set fits in RENDER_CACHE_BYTES: a scene is a pure
         # function of its index, and rendering (about 0.5 ms a 32-px scene) was a fifth of a quick recipe's step.
-        self._rendered: dict[int, tuple[Scene, np.ndarray]] = {}
+        # Kept per process (_KEPT), not per source: a k-NN memory of the first 1,000 training scenes, or a
+        # second encoder's evaluation, reads the pixels a training run already rendered.
         self._cache = n * self.load_size * self.load_size * 3 <= RENDER_CACHE_BYTES
+        self._key = (seed, split, num_classes, colours, distractors, size, self.load_size)
 
     def __len__(self) -> int:
         return self.n
@@ -306,8 +325,11 @@ class SyntheticScenes(Source):
 
     def _render(self, index: int) -> tuple[Scene, np.ndarray]:
         """The scene at ``index`` and its ``(3, load_size, load_size)`` uint8 pixels (read-only when cached)."""
-        if index in self._rendered:
-            return self._rendered[index]
+        if not 0 <= index < self.n:  # before the kept scenes, which may hold a larger set's
+            raise IndexError(f"index {index} out of range for {self.n} synthetic scenes")
+        kept = _KEPT.get(self._key, {}) if self._cache else {}
+        if index in kept:
+            return kept[index]
         scene = self.scene(index)
         pixels, _ = render_scene(scene, self.size)
         if self.load_size != self.size:
@@ -315,7 +337,7 @@ class SyntheticScenes(Source):
         pixels = np.ascontiguousarray(pixels.transpose(2, 0, 1))
         if self._cache:
             pixels.flags.writeable = False
-            self._rendered[index] = (scene, pixels)
+            _keep(self._key, index, (scene, pixels))
         return scene, pixels
 
     def __getitem__(self, index: int) -> dict:
