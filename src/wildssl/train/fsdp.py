@@ -33,14 +33,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from wildssl import distributed as dist
 from wildssl.errors import CheckpointError, ConfigError
@@ -52,6 +48,11 @@ PRECISIONS = ("bf16", "fp32")
 SHARDED_CHECKPOINT = "checkpoint.dcp"
 RUN_STATE = "wildssl.json"  # step, config, eval_network and the run's counters, beside the DCP files
 
+# torch.distributed's checkpoint and FSDP modules are imported where they are used: at module level they took about
+# 2 s of every `wildssl` command's start-up (half of it), though only train.sharding=fsdp runs need them.
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
 
 def _checkpoint_activations(module: nn.Module) -> None:
     from torch.distributed._composable import checkpoint
@@ -61,6 +62,8 @@ def _checkpoint_activations(module: nn.Module) -> None:
 
 def mixed_precision(precision: str) -> MixedPrecisionPolicy:
     """The FSDP2 policy of ``train.precision`` (module docstring)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
     if precision not in PRECISIONS:
         raise ConfigError(f"FSDP precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     if precision == "bf16":
@@ -73,6 +76,9 @@ def shard_method(method: nn.Module, precision: str = "bf16", activation_checkpoi
     """Shard ``method`` in place over all ranks of the default process group: one FSDP unit per block, the
     rest as the root unit. Call after the method is built and initialized (``model.init_from``) and before
     the optimizer is made: its parameters become DTensors."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
     world = torch.distributed.get_world_size()
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -92,6 +98,9 @@ def shard_method(method: nn.Module, precision: str = "bf16", activation_checkpoi
 
 def save_sharded(directory: str | Path, method: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
     """Write the method, optimizer and step as one DCP checkpoint directory (every rank calls it)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
     state = {"method": get_model_state_dict(method), "optimizer": get_optimizer_state_dict(method, optimizer),
              "step": torch.tensor(step)}
     dcp.save(state, checkpoint_id=str(directory))
@@ -101,6 +110,10 @@ def load_sharded(directory: str | Path, method: nn.Module, optimizer: torch.opti
     """Restore a :func:`save_sharded` directory into a sharded method and its optimizer; returns the step."""
     if not (Path(directory) / ".metadata").is_file():
         raise CheckpointError(f"{directory} is not a sharded (DCP) checkpoint: it has no .metadata file")
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
     state = {"method": get_model_state_dict(method), "optimizer": get_optimizer_state_dict(method, optimizer),
              "step": torch.tensor(0)}
     dcp.load(state, checkpoint_id=str(directory))
@@ -111,6 +124,8 @@ def load_sharded(directory: str | Path, method: nn.Module, optimizer: torch.opti
 
 def full_state(method: nn.Module) -> dict[str, torch.Tensor]:
     """The whole method's state dict, gathered on every rank, on the CPU (every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     return get_model_state_dict(method, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
@@ -118,6 +133,8 @@ def export_consolidated(directory: str | Path, path: str | Path, model_config: d
     """One wildssl encoder export file (``wildssl export``'s format) from a DCP checkpoint directory: the
     ``network``'s backbone, strictly checked against the encoder ``model_config`` declares. Runs in one
     process, without a process group."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
     with tempfile.TemporaryDirectory() as scratch:
         consolidated = Path(scratch) / "full.pt"
         try:
