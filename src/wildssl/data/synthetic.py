@@ -14,6 +14,7 @@ can be drawn at any resolution and its boxes stay exact.
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -233,17 +234,19 @@ def scene_caption(scene: Scene) -> str:
 # Rendered scenes kept in this process: the parameters that fix a scene's pixels (all but n: scene i of a set is
 # scene i of every larger set) -> {index: (scene, read-only pixels)}, oldest set first.
 _KEPT: OrderedDict[tuple, dict[int, tuple[Scene, np.ndarray]]] = OrderedDict()
+_KEPT_LOCK = threading.Lock()
 
 
 def _keep(key: tuple, index: int, rendered: tuple[Scene, np.ndarray]) -> None:
     """Keep one rendered scene, dropping the least recently extended sets to stay within RENDER_CACHE_BYTES."""
-    kept = _KEPT.setdefault(key, {})
-    _KEPT.move_to_end(key)
-    kept[index] = rendered
-    used = sum(len(scenes) * next(iter(scenes.values()))[1].nbytes for scenes in _KEPT.values() if scenes)
-    while used > RENDER_CACHE_BYTES and len(_KEPT) > 1:
-        _, dropped = _KEPT.popitem(last=False)
-        used -= len(dropped) * next(iter(dropped.values()))[1].nbytes if dropped else 0
+    with _KEPT_LOCK:  # a loader may read sources from several threads
+        kept = _KEPT.setdefault(key, {})
+        _KEPT.move_to_end(key)
+        kept[index] = rendered
+        used = sum(len(scenes) * next(iter(scenes.values()))[1].nbytes for scenes in _KEPT.values() if scenes)
+        while used > RENDER_CACHE_BYTES and len(_KEPT) > 1:
+            _, dropped = _KEPT.popitem(last=False)
+            used -= len(dropped) * next(iter(dropped.values()))[1].nbytes if dropped else 0
 
 
 class SyntheticScenes(Source):
