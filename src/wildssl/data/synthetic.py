@@ -232,21 +232,24 @@ def scene_caption(scene: Scene) -> str:
 
 
 # Rendered scenes kept in this process: the parameters that fix a scene's pixels (all but n: scene i of a set is
-# scene i of every larger set) -> {index: (scene, read-only pixels)}, oldest set first.
+# scene i of every larger set; load_size last) -> {index: (scene, read-only pixels)}, oldest set first.
 _KEPT: OrderedDict[tuple, dict[int, tuple[Scene, np.ndarray]]] = OrderedDict()
 _KEPT_LOCK = threading.Lock()
+
+
+def _kept_bytes(key: tuple, scenes: dict) -> int:
+    """Pixel bytes of the kept scenes of one set: 3 uint8 channels of load_size x load_size each."""
+    return len(scenes) * 3 * key[-1] ** 2
 
 
 def _keep(key: tuple, index: int, rendered: tuple[Scene, np.ndarray]) -> None:
     """Keep one rendered scene, dropping the least recently extended sets to stay within RENDER_CACHE_BYTES."""
     with _KEPT_LOCK:  # a loader may read sources from several threads
-        kept = _KEPT.setdefault(key, {})
+        _KEPT.setdefault(key, {})[index] = rendered
         _KEPT.move_to_end(key)
-        kept[index] = rendered
-        used = sum(len(scenes) * next(iter(scenes.values()))[1].nbytes for scenes in _KEPT.values() if scenes)
+        used = sum(_kept_bytes(k, scenes) for k, scenes in _KEPT.items())
         while used > RENDER_CACHE_BYTES and len(_KEPT) > 1:
-            _, dropped = _KEPT.popitem(last=False)
-            used -= len(dropped) * next(iter(dropped.values()))[1].nbytes if dropped else 0
+            used -= _kept_bytes(*_KEPT.popitem(last=False))
 
 
 class SyntheticScenes(Source):
