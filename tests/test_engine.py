@@ -150,6 +150,9 @@ def test_training_on_a_folder_with_a_corrupt_image_skips_and_counts_it(tmp_path)
     ([0.5, 0.4, 0.3, 0.45], "quality alarm: k-NN top-1 45.0% at step 3 is not above the same encoder at random "
                             "initialization (50.0%)"),
     ([0.5, 0.4, 0.6, 0.7], None),
+    # a floor of 100% leaves no room: the alarm says the measure is full, not that the encoder got no better
+    ([1.0, 1.0, 1.0, 1.0], "quality alarm: k-NN top-1 is 100.0% already at random initialization, so this k-NN set "
+                           "cannot show what training adds"),
 ])
 def test_a_run_below_its_random_init_ends_with_one_quality_alarm_naming_the_last_figure(tmp_path, figures, standing):
     """The online k-NN is below the random-init floor at steps 1-2: a run that ends below it reports one

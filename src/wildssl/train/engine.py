@@ -217,7 +217,11 @@ class _Reporter:
         floor = self.knn_random.get("knn_top1_random_init")
         if floor is None or "knn_top1" not in result:
             return
-        if result["knn_top1"] <= floor:  # one standing alarm, with the latest figure
+        if floor >= 1.0:  # nothing above it to reach: say that the measure is full, not that training failed
+            self.alarm(done, f"quality alarm: k-NN top-1 is {100 * floor:.1f}% already at random initialization, so "
+                             "this k-NN set cannot show what training adds (give a harder labelled split with --val)",
+                       kind="quality")
+        elif result["knn_top1"] <= floor:  # one standing alarm, with the latest figure
             self.alarm(done, f"quality alarm: k-NN top-1 {100 * result['knn_top1']:.1f}% at step {done} is not above "
                              f"the same encoder at random initialization ({100 * floor:.1f}%): the encoder got no "
                              "better (check the learning rate, the augmentations and the budget for this data"
