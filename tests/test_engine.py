@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_overrides
+from conftest import tiny_ab_overrides, tiny_overrides
 from wildssl.errors import CheckpointError, ConfigError
 from wildssl.methods.dino import DINO
 from wildssl.models.loading import CHECKPOINT_NAME
@@ -128,6 +128,22 @@ def test_step_sampler_covers_each_epoch_once_and_splits_ranks():
     assert resumed == full[3:]
     with pytest.raises(ConfigError, match="larger than the data source"):
         StepBatchSampler(3, 4, total_steps=1)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (tiny_overrides("simclr", "data.train=synthetic:scenes?n=12&size=16&split=train"), "train.batch_size=16"),
+    (tiny_ab_overrides("dino", "data.bootstrap=synthetic:scenes?n=3&size=16&split=train", "data.bootstrap_batch_size=4"),
+     "data.bootstrap_batch_size=4"),
+])
+def test_a_batch_larger_than_its_data_is_a_config_error_before_the_random_init_knn(tmp_path, overrides, key):
+    """The user learns that a stream's batch cannot be filled before the first k-NN evaluation runs (it can take
+    minutes on a large memory), and the error names the setting to lower."""
+    evaluated = []
+    config = build_config("simclr_quick" if key.startswith("train") else None,
+                          overrides + ["train.steps=2", "eval.knn_every=1"])
+    with pytest.raises(ConfigError, match=f"{key} is larger than the data source"):
+        train(config, tmp_path, knn_evaluator=lambda m: evaluated.append(1) or {"knn_top1": 0.5})
+    assert evaluated == []
 
 
 def test_training_on_a_folder_with_a_corrupt_image_skips_and_counts_it(tmp_path):

@@ -56,6 +56,13 @@ def stream_seed(seed: int, stream_index: int) -> int:
     return seed + STREAM_STRIDE * stream_index
 
 
+def check_batch_fits(dataset_size: int, global_batch: int, key: str = "train.batch_size") -> None:
+    """A one-line ConfigError naming ``key`` when one step's batch holds more images than the data source."""
+    if dataset_size < global_batch:
+        raise ConfigError(f"{key}={global_batch} is larger than the data source ({dataset_size} images); lower the "
+                          "batch size or add data")
+
+
 class StepBatchSampler(Sampler):
     """Yields this rank's dataset indices for steps ``start_step .. stop_step - 1``.
 
@@ -71,10 +78,8 @@ class StepBatchSampler(Sampler):
         if global_batch % world_size:
             raise ConfigError(f"train.batch_size={global_batch} is not divisible by the world size "
                               f"{world_size}")
+        check_batch_fits(dataset_size, global_batch)
         self.steps_per_epoch = dataset_size // global_batch
-        if self.steps_per_epoch == 0:
-            raise ConfigError(f"train.batch_size={global_batch} is larger than the data source "
-                              f"({dataset_size} images); lower the batch size or add data")
         self.dataset_size, self.global_batch = dataset_size, global_batch
         self.total_steps, self.start_step = total_steps, start_step
         self.stop_step = total_steps if stop_step is None else min(stop_step, total_steps)

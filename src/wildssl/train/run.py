@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from wildssl import distributed as dist
 from wildssl.data import collate, open_source
 from wildssl.data.gpu_decode import DeviceDecoder, JpegBytes, resolve_decode, supports
-from wildssl.data.sampler import StepBatchSampler, stream_seed
+from wildssl.data.sampler import StepBatchSampler, check_batch_fits, stream_seed
 from wildssl.data.shard_stream import START, ShardStream, StreamBatches
 from wildssl.data.workers import resolve_num_workers, resolve_prefetch
 from wildssl.errors import CheckpointError, ConfigError, WildsslError
@@ -258,6 +258,10 @@ def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
     batch_sizes = {name: (global_batch if index == 0 else
                           config["data"][f"{name}_batch_size"] or method.stream_batch_size(name, global_batch))
                    for index, name in enumerate(streams)}
+    for index, name in enumerate(streams):  # before any evaluation or state: a batch the data cannot fill
+        if not isinstance(sources[name], ShardStream):
+            check_batch_fits(len(sources[name]), batch_sizes[name],
+                             "train.batch_size" if index == 0 else f"data.{name}_batch_size")
     # Before the checkpoint load and the DDP wrapper: a method may add state sized by its data here.
     method.prepare(sources, out_dir)
     first = sources[streams[0]]
