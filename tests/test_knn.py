@@ -268,3 +268,30 @@ def test_the_online_knn_with_val_keeps_a_memory_of_the_training_images_and_tests
         (unlabelled / f"{k}.png").write_bytes((tmp_path / "photos" / "class0" / f"{k}.png").read_bytes())
     images, test = online_knn_data(tiny_config("simclr", f"data.train={unlabelled}", f"eval.knn_test={val}"))
     assert test is None and isinstance(images, Subset) and sorted(images.indices) == list(range(21))
+
+
+def test_the_online_knn_names_the_val_classes_its_memory_lacks_and_scores_them_as_errors(tmp_path, caplog):
+    """A --val folder with a class the training images do not have (a misspelt class folder, say): the log names
+    it once when the k-NN is set up, and the k-NN scores its images as errors against the memory's classes."""
+    import logging
+    import shutil
+
+    from conftest import tiny_config
+
+    from wildssl.eval.evaluate import make_online_knn
+    from wildssl.methods import build_initial_method
+
+    folder, val = _class_folder(tmp_path / "photos"), tmp_path / "val"
+    shutil.copytree(tmp_path / "photos" / "class0", val / "class0")
+    shutil.copytree(tmp_path / "photos" / "class1", val / "klass1")  # misspelt: not a class of the memory
+    config = tiny_config("simclr", f"data.train={folder}", f"eval.knn_test={val}", "eval.knn_every=1", "eval.knn_k=5")
+    with caplog.at_level(logging.INFO, logger="wildssl"):
+        knn = make_online_knn(config, "cpu")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "1 of the 2 test classes" in warnings[0] and ": klass1 (" in warnings[0], warnings
+    assert knn(build_initial_method(config))["knn_top1"] <= 0.5  # the 10 klass1 images can never be right
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="wildssl"):
+        make_online_knn(tiny_config("simclr", f"data.train={folder}", f"eval.knn_test={folder}", "eval.knn_every=1"),
+                        "cpu")
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]

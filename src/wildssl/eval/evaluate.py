@@ -169,6 +169,22 @@ def evaluate_folded_knn(encoder: nn.Module, images, *, image_size: int, folds: i
     return {f"knn_{name}": value for name, value in accuracy.items()}
 
 
+def _describe(source) -> str:
+    return (source.dataset if isinstance(source, Subset) else source).describe()
+
+
+def warn_unseen_test_classes(memory, test) -> list[str]:
+    """Log which named classes of the k-NN's ``test`` source its ``memory`` lacks (a misspelt class folder in
+    ``--val``, say): the k-NN can never predict them, so their images count as errors. Returns those names."""
+    memory_classes, test_classes = _class_names(memory), _class_names(test)
+    unseen = [name for name in test_classes or [] if memory_classes and name not in memory_classes]
+    if unseen:
+        log.warning("online k-NN: %d of the %d test classes are not among the memory's classes, so their images "
+                    "count as errors: %s (test = %s; memory = %s)", len(unseen), len(test_classes),
+                    ", ".join(unseen), _describe(test), _describe(memory))
+    return unseen
+
+
 def make_online_knn(config: dict, device: torch.device | str):
     """The engine's periodic k-NN (``eval.knn_every``), on the data :func:`online_knn_data` picks; None when
     it is off. It evaluates the method's own evaluation network unless ``eval.encoder`` says otherwise."""
@@ -186,12 +202,17 @@ def make_online_knn(config: dict, device: torch.device | str):
     if test is None:
         log.info("online k-NN: %d labelled images (of %s) in %d folds, each classified with the other %d as the "
                  "memory", len(memory), memory.dataset.describe(), ONLINE_FOLDS, ONLINE_FOLDS - 1)
+    else:  # opened once for every evaluation, and checked against the memory's classes
+        memory, test = (open_source(spec, config["data"]["load_size"], config["data"]["max_pixels"])
+                        if isinstance(spec, str) else spec for spec in (memory, test))
+        log.info("online k-NN: test = %s; memory = %d labelled images of %s", _describe(test), len(memory),
+                 _describe(memory))
+        warn_unseen_test_classes(memory, test)
 
     def evaluate(method) -> dict[str, float]:
         if test is None:
             return evaluate_folded_knn(method.encoder(teacher), memory, **options)
-        return evaluate_knn(method.encoder(teacher), memory, test, load_size=config["data"]["load_size"],
-                            max_pixels=config["data"]["max_pixels"], **options)
+        return evaluate_knn(method.encoder(teacher), memory, test, **options)
 
     return evaluate
 
