@@ -278,7 +278,7 @@ def test_the_online_knn_names_the_val_classes_its_memory_lacks_and_scores_them_a
 
     from conftest import tiny_config
 
-    from wildssl.eval.evaluate import make_online_knn
+    from wildssl.eval.evaluate import evaluate_knn, make_online_knn
     from wildssl.methods import build_initial_method
 
     folder, val = _class_folder(tmp_path / "photos"), tmp_path / "val"
@@ -289,7 +289,13 @@ def test_the_online_knn_names_the_val_classes_its_memory_lacks_and_scores_them_a
         knn = make_online_knn(config, "cpu")
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "1 of the 2 test classes" in warnings[0] and ": klass1 (" in warnings[0], warnings
-    assert knn(build_initial_method(config))["knn_top1"] <= 0.5  # the 10 klass1 images can never be right
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="wildssl"):
+        assert knn(build_initial_method(config))["knn_top1"] <= 0.5  # the 10 klass1 images can never be right
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]  # said once, at set-up
+    with caplog.at_level(logging.INFO, logger="wildssl"):  # `wildssl eval knn --train ... --test ...` says it too
+        evaluate_knn(build_initial_method(config).encoder(), folder, str(val), image_size=16)
+    assert [r for r in caplog.records if r.levelno == logging.WARNING and ": klass1 (" in r.getMessage()]
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="wildssl"):
         make_online_knn(tiny_config("simclr", f"data.train={folder}", f"eval.knn_test={folder}", "eval.knn_every=1"),

@@ -65,18 +65,38 @@ def align_test_labels(test_labels: torch.Tensor, test_classes: list[str],
     return position[test_labels], len(names)
 
 
+def _describe(source) -> str:
+    return (source.dataset if isinstance(source, Subset) else source).describe()
+
+
+def warn_unseen_test_classes(memory, test) -> list[str]:
+    """Log which named classes of the k-NN's ``test`` source its ``memory`` lacks (a misspelt class folder in
+    ``--val`` or ``--test``, say): the k-NN can never predict them, so their images count as errors. Returns
+    those names."""
+    memory_classes, test_classes = _class_names(memory), _class_names(test)
+    unseen = [name for name in test_classes or [] if memory_classes and name not in memory_classes]
+    if unseen:
+        log.warning("k-NN: %d of the %d test classes are not among the memory's classes, so their images "
+                    "count as errors: %s (test = %s; memory = %s)", len(unseen), len(test_classes),
+                    ", ".join(unseen), _describe(test), _describe(memory))
+    return unseen
+
+
 def evaluate_knn(encoder: nn.Module, train, test, *, image_size: int, load_size: int | None = None, k: int = 20,
                  temperature: float = 0.07, pool: str = "cls", batch_size: int = 256, num_workers: int = 0,
                  device: torch.device | str = "cpu", progress: bool = False,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, float]:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, warn_unseen: bool = True) -> dict[str, float]:
     """Weighted k-NN (DINO protocol, k=20, T=0.07) of frozen ``encoder`` features; accuracies in [0, 1].
 
     ``train`` (the memory) and ``test`` are data specs or sources; their class labels are the targets,
     compared as they are (labels that differ are different classes: the classes are those present,
-    see :func:`dense_labels`). ``max_pixels`` is the pixel cap of sources opened from specs."""
+    see :func:`dense_labels`). ``max_pixels`` is the pixel cap of sources opened from specs. With
+    ``warn_unseen``, named test classes that the memory lacks are logged (:func:`warn_unseen_test_classes`)."""
     load_size = load_size or image_size
     train_source = open_source(train, load_size, max_pixels) if isinstance(train, str) else train
     test_source = open_source(test, load_size, max_pixels) if isinstance(test, str) else test
+    if warn_unseen:
+        warn_unseen_test_classes(train_source, test_source)
     train_features, train_labels = extract_features(
         encoder, _loader(train_source, batch_size, num_workers), device, image_size, pool, progress=progress)
     test_features, test_labels = extract_features(
@@ -169,22 +189,6 @@ def evaluate_folded_knn(encoder: nn.Module, images, *, image_size: int, folds: i
     return {f"knn_{name}": value for name, value in accuracy.items()}
 
 
-def _describe(source) -> str:
-    return (source.dataset if isinstance(source, Subset) else source).describe()
-
-
-def warn_unseen_test_classes(memory, test) -> list[str]:
-    """Log which named classes of the k-NN's ``test`` source its ``memory`` lacks (a misspelt class folder in
-    ``--val``, say): the k-NN can never predict them, so their images count as errors. Returns those names."""
-    memory_classes, test_classes = _class_names(memory), _class_names(test)
-    unseen = [name for name in test_classes or [] if memory_classes and name not in memory_classes]
-    if unseen:
-        log.warning("online k-NN: %d of the %d test classes are not among the memory's classes, so their images "
-                    "count as errors: %s (test = %s; memory = %s)", len(unseen), len(test_classes),
-                    ", ".join(unseen), _describe(test), _describe(memory))
-    return unseen
-
-
 def make_online_knn(config: dict, device: torch.device | str):
     """The engine's periodic k-NN (``eval.knn_every``), on the data :func:`online_knn_data` picks; None when
     it is off. It evaluates the method's own evaluation network unless ``eval.encoder`` says otherwise."""
@@ -212,7 +216,7 @@ def make_online_knn(config: dict, device: torch.device | str):
     def evaluate(method) -> dict[str, float]:
         if test is None:
             return evaluate_folded_knn(method.encoder(teacher), memory, **options)
-        return evaluate_knn(method.encoder(teacher), memory, test, **options)
+        return evaluate_knn(method.encoder(teacher), memory, test, warn_unseen=False, **options)  # warned above
 
     return evaluate
 
