@@ -119,6 +119,32 @@ def test_folder_with_a_single_subfolder_is_not_one_class(tmp_path):
     assert source.classes is None and source[1]["label"] == -1
 
 
+def test_a_folder_of_split_folders_is_refused_naming_the_split_folders_to_pass(tmp_path):
+    """root/train/<class>/ beside root/test/<class>/ (looked through a wrapping folder): read as classes, every
+    image would be labelled by its split and the test images trained on. The error names the folders to pass."""
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            write_image(tmp_path / "cifar" / split / cls / "a.png", (1, 2, 3))
+    expected = (f"holds the splits test, train, not classes: pass a split folder itself \\({tmp_path}/cifar/train to "
+                f"train on, {tmp_path}/cifar/test to evaluate on\\)")
+    with pytest.raises(DataError, match=expected):
+        ImageFolder(tmp_path, S)
+    write_image(tmp_path / "loose" / "Train" / "a.png", (1, 2, 3))  # loose images, names in any case
+    write_image(tmp_path / "loose" / "Validation" / "b.png", (1, 2, 3))
+    with pytest.raises(DataError, match=f"holds the splits Train, Validation, not classes: pass a split folder itself "
+                                        f"\\({tmp_path}/loose/Train to train on, {tmp_path}/loose/Validation to"):
+        ImageFolder(tmp_path / "loose", S)
+    write_image(tmp_path / "held_out" / "val" / "a.png", (1, 2, 3))  # no training split: the generic hint
+    write_image(tmp_path / "held_out" / "test" / "b.png", (1, 2, 3))
+    with pytest.raises(DataError, match="pass a split folder itself \\(one to train on, another to evaluate on\\)"):
+        ImageFolder(tmp_path / "held_out", S)
+    assert ImageFolder(tmp_path / "cifar" / "train", S).classes == ["cat", "dog"]
+    # a real class that happens to be named like a split, among others, stays a class (COCO has "train")
+    write_image(tmp_path / "objects" / "train" / "a.png", (1, 2, 3))
+    write_image(tmp_path / "objects" / "bus" / "a.png", (1, 2, 3))
+    assert ImageFolder(tmp_path / "objects", S).classes == ["bus", "train"]
+
+
 def test_resize_is_anisotropic_and_keeps_original_aspect(tmp_path):
     # 40x10: left half red, right half blue; squashed to SxS the halves must stay halves
     pixels = np.zeros((10, 40, 3), dtype=np.uint8)

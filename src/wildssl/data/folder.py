@@ -11,6 +11,11 @@ from wildssl.data.sample import DEFAULT_LOAD_SIZE
 from wildssl.errors import DataError
 
 
+# Folder names of a data set's splits: a folder whose would-be classes are all of these holds splits, not classes.
+SPLIT_NAMES = ("train", "training", "val", "valid", "validation", "dev", "eval", "test", "testing")
+TRAIN_SPLITS = ("train", "training")
+
+
 def is_image_name(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
@@ -43,6 +48,24 @@ def _class_folders(paths: list[str]) -> list[str | None]:
     return [x[depth] if len(x) >= depth + 2 else None for x in parts]
 
 
+def _refuse_splits_as_classes(root: Path, paths: list[str], first_parts: list[str | None],
+                              class_names: list[str]) -> None:
+    """A DataError when the would-be class folders are all split names (``root/train/<class>/...`` beside
+    ``root/test/...``): taken as classes, they would label every image by its split and train on the test images."""
+    if len(class_names) < 2 or not all(name.lower() in SPLIT_NAMES for name in class_names):
+        return
+    where = {}  # each split's folder below root, wrapping folders included
+    for path, part in zip(paths, first_parts):
+        names = path.split("/")
+        where.setdefault(part, "/".join(names[: names.index(part) + 1]))
+    train = next((name for name in class_names if name.lower() in TRAIN_SPLITS), None)
+    held_out = next((name for name in class_names if name.lower() not in TRAIN_SPLITS), None)
+    hint = (f"{root / where[train]} to train on, {root / where[held_out]} to evaluate on" if train and held_out else
+            "one to train on, another to evaluate on")
+    raise DataError(f"image folder {root} holds the splits {', '.join(class_names)}, not classes: pass a split "
+                    f"folder itself ({hint}), each with its class subfolders")
+
+
 class ImageFolder(FileSource):
     """Every image file under ``root`` (recursive; any of :data:`~wildssl.data.decode.IMAGE_EXTENSIONS` in any
     case), in sorted path order.
@@ -66,6 +89,7 @@ class ImageFolder(FileSource):
             )
         first_parts = _class_folders(self.paths)
         class_names = sorted({part for part in first_parts if part is not None})
+        _refuse_splits_as_classes(self.root, self.paths, first_parts, class_names)
         if None not in first_parts and len(class_names) >= 2:
             self.classes = class_names
             position = {name: i for i, name in enumerate(class_names)}
