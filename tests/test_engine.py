@@ -225,3 +225,34 @@ def test_the_engines_random_init_knn_is_the_knn_of_build_initial_method(tmp_path
     rebuilt = knn(build_initial_method(config))
     assert rebuilt["knn_top1"] == logged["knn_top1_random_init"]
     assert rebuilt["knn_top5"] == logged["knn_top5_random_init"]
+
+
+def test_a_log_line_printed_while_the_progress_bar_runs_starts_a_line_of_its_own(capsys):
+    """The online k-NN's and the alarms' lines go through tqdm while the bar is open: they start a line instead of
+    trailing the bar ("...eta=0:00:03]step 30: knn_top1=..."), and the console handler is back after the run."""
+    import logging
+    import re
+    import sys
+    from types import SimpleNamespace
+
+    from wildssl.train.logging import ProgressBar
+
+    root, log = logging.getLogger(), logging.getLogger("wildssl")
+    console = logging.StreamHandler(sys.stderr)  # what the CLI's logging.basicConfig installs
+    root.addHandler(console)
+    level = log.level
+    log.setLevel(logging.INFO)
+    try:
+        bar = ProgressBar(SimpleNamespace(total_steps=4, start_step=0, config={"method": {"name": "dino"}}))
+        bar.update()
+        bar.show(1, {"loss": 1.0, "images_per_s": 10.0}, 0.1, [])
+        log.info("step 1: knn_top1=0.5000")
+        bar.update()
+        bar.close()
+        assert console in root.handlers
+    finally:
+        root.removeHandler(console)
+        log.setLevel(level)
+    err = capsys.readouterr().err
+    assert re.search(r"(^|[\r\n])step 1: knn_top1=0\.5000\n", err), repr(err)
+    assert err.count("step 1: knn_top1") == 1

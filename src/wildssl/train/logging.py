@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from wildssl.io import atomic_write_text, metrics_step
@@ -114,14 +115,18 @@ class CollapseMonitor:
 
 
 class ProgressBar:
-    """The run's tqdm bar: loss, images/s, ETA, and the first alarm."""
+    """The run's tqdm bar: loss, images/s, ETA, and the first alarm. While it is open, log lines printed to the
+    console go through tqdm, so that a k-NN or alarm line starts a line of its own instead of trailing the bar."""
 
     def __init__(self, run) -> None:
         from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
         self.total = run.total_steps
         self.bar = tqdm(total=run.total_steps, initial=run.start_step, desc=run.config["method"]["name"],
                         unit="step", dynamic_ncols=True)
+        self._console = ExitStack()  # the console handlers come back on close
+        self._console.enter_context(logging_redirect_tqdm())
 
     def show(self, done: int, metrics: dict, seconds_per_step: float, alarms: list[str]) -> None:
         postfix = {"loss": f"{metrics['loss']:.4f}", "img/s": f"{metrics['images_per_s']:.0f}",
@@ -135,6 +140,7 @@ class ProgressBar:
 
     def close(self) -> None:
         self.bar.close()
+        self._console.close()
 
 
 def format_duration(seconds: float) -> str:
