@@ -422,6 +422,19 @@ def test_tar_pattern_naming_a_missing_shard_raises_data_error(tmp_path):
         TarShards(str(tmp_path / "shards" / "{00000..00002}.tar"), S)
 
 
+def test_a_glob_of_image_files_or_one_image_file_is_refused_pointing_to_their_folder(tmp_path):
+    """photos/*.jpg and photos/a.jpg name images, not tar shards or a folder: one line that says to give the
+    folder, not a tar header error on the first image."""
+    for name in ("a.jpg", "b.jpg", "c.PNG"):
+        write_image(tmp_path / "photos" / name, (1, 2, 3))
+    with pytest.raises(DataError, match=f"matches image files \\({tmp_path}/photos/a.jpg and 1 more\\): a glob or "
+                                        "brace pattern names tar shards; give the folder that holds the images"):
+        open_source(str(tmp_path / "photos" / "*.jpg"), S)
+    with pytest.raises(DataError, match="photos/a.jpg is one image: give the folder that holds the images"):
+        open_source(str(tmp_path / "photos" / "a.jpg"), S)
+    assert len(open_source(str(tmp_path / "photos"), S)) == 3
+
+
 def test_compressed_or_non_tar_shard_raises_data_error(tmp_path):
     (tmp_path / "x.tar").write_bytes(b"definitely not a tar archive" * 30)
     with pytest.raises(DataError, match="cannot read tar shard"):

@@ -123,6 +123,10 @@ def shard_paths(pattern: str | os.PathLike) -> list[Path]:
             raise DataError(f"data path not found: {text} ({EXPECTED_SPEC})")
         else:
             raise DataError(f"tar shard not found: {name} (from data pattern {text!r})")
+    images = [shard for shard in shards if shard.name.lower().endswith(IMAGE_EXTENSIONS)]
+    if images:  # photos/*.jpg: the user means the images, which a pattern does not name
+        raise DataError(f"data pattern {text!r} matches image files ({images[0]} and {len(images) - 1} more): a glob or "
+                        "brace pattern names tar shards; give the folder that holds the images")
     return shards
 
 

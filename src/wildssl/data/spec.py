@@ -107,6 +107,8 @@ def open_source(spec: str, load_size: int | None = None, max_pixels: int = DEFAU
             return JsonlManifest(path, size, max_pixels)
         elif path.suffix.lower() in VIDEO_EXTENSIONS:
             raise DataError(f"{spec} is a video: write video:{spec}?fps=1 (frames per second to sample)")
+        elif not forced and is_image_name(path.name):
+            raise DataError(f"{spec} is one image: give the folder that holds the images ({EXPECTED_SPEC})")
         elif not forced:
             raise DataError(f"unsupported data file {spec}: {EXPECTED_SPEC}")
     elif "{" in spec or GLOB_CHARS.search(spec):
