@@ -35,6 +35,8 @@ def test_method_switch_from_the_command_line_uses_that_methods_defaults():
 def test_unknown_recipe_and_method_and_choice_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match="unknown recipe 'nope'"):
         build_config("nope")
+    with pytest.raises(ConfigError, match="unknown recipe 'dinoquick' \\(did you mean 'dino_quick'\\?\\)"):
+        build_config("dinoquick")
     with pytest.raises(ConfigError, match="unknown method 'mocov9'"):
         build_config(None, ["method.name=mocov9"])
     with pytest.raises(ConfigError, match="train.precision"):

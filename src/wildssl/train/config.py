@@ -188,7 +188,9 @@ def _load_recipe(recipe: str, relative_to: Path | None = None) -> tuple[dict[str
     else:
         shipped = resources.files("wildssl") / "recipes" / f"{recipe}.yaml"
         if not shipped.is_file():
-            raise ConfigError(f"unknown recipe {recipe!r}; shipped recipes: {', '.join(recipe_names())} "
+            close = difflib.get_close_matches(recipe, recipe_names(), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown recipe {recipe!r}{hint}; shipped recipes: {', '.join(recipe_names())} "
                               "(or give a path to a YAML file)")
         text, where = shipped.read_text(), f"recipe {recipe}"
     try:
