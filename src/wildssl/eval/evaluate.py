@@ -18,8 +18,8 @@ from wildssl.eval.knn import folded_knn_accuracy, knn_accuracy
 log = logging.getLogger("wildssl")
 
 # The online k-NN's images of a labelled training source, drawn by a fixed permutation: with ``--val``, at most
-# ONLINE_MEMORY_IMAGES of them as the memory (after the first fifth, at most ONLINE_TEST_IMAGES); without it, at most
-# ONLINE_TEST_IMAGES + ONLINE_MEMORY_IMAGES, each ONLINE_FOLDS-th classified with the others as the memory.
+# ONLINE_MEMORY_IMAGES of them as the memory; without it, at most ONLINE_TEST_IMAGES + ONLINE_MEMORY_IMAGES, each
+# ONLINE_FOLDS-th classified with the others as the memory.
 ONLINE_TEST_IMAGES = 1000
 ONLINE_MEMORY_IMAGES = 5000
 ONLINE_FOLDS = 5
@@ -125,14 +125,10 @@ def _labelled_order(source: Source, seed: int) -> torch.Tensor | None:
 
 
 def labelled_memory(source: Source, seed: int = 0) -> Subset | None:
-    """The k-NN memory that the labelled images of ``source`` give a ``--val`` test: those after the first fifth
-    of the order (at most ONLINE_TEST_IMAGES left out), at most ONLINE_MEMORY_IMAGES; None as
-    :func:`_labelled_order`."""
+    """The k-NN memory that the labelled images of ``source`` give a ``--val`` test: all of them, at most
+    ONLINE_MEMORY_IMAGES in the order's first places; None as :func:`_labelled_order`."""
     order = _labelled_order(source, seed)
-    if order is None:
-        return None
-    n_test = min(ONLINE_TEST_IMAGES, len(order) // 5)
-    return Subset(source, order[n_test: n_test + ONLINE_MEMORY_IMAGES].tolist())
+    return None if order is None else Subset(source, order[:ONLINE_MEMORY_IMAGES].tolist())
 
 
 def labelled_subset(source: Source, seed: int = 0) -> Subset | None:
