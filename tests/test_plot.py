@@ -13,7 +13,7 @@ def _write_run(tmp_path):
             handle.write(json.dumps({"step": step, "loss": 5.0 - step, "bootstrap_loss": 4.0 - step / 2,
                                      "agreement": 0.1 * step, "agreement_iou_0-0.1": 0.05 * step,
                                      "agreement_iou_0.7-1": 0.15 * step}) + "\n")
-        handle.write(json.dumps({"step": 5, "knn_top1": 0.4}) + "\n")
+        handle.write(json.dumps({"step": 5, "knn_top1": 0.4, "knn_top5": 0.9}) + "\n")
 
 
 def test_plot_draws_loss_knn_and_agreement_per_iou_bucket_from_the_logged_values(tmp_path):
@@ -21,12 +21,27 @@ def test_plot_draws_loss_knn_and_agreement_per_iou_bucket_from_the_logged_values
     _write_run(tmp_path)
     figure = metrics_figure(read_metrics(tmp_path))
     axes = {axis.get_title(): {line.get_label(): line for line in axis.get_lines()} for axis in figure.axes}
-    assert set(axes) == {"loss", "k-NN and online probe accuracy", "bootstrap top-1 agreement by IoU"}
+    assert set(axes) == {"loss", "k-NN and online probe top-1", "bootstrap top-1 agreement by IoU"}
     assert set(axes["loss"]) == {"loss", "bootstrap_loss"}
     agreement = axes["bootstrap top-1 agreement by IoU"]
     assert list(agreement) == ["agreement", "IoU 0-0.1", "IoU 0.7-1"]  # buckets in IoU order
     assert list(agreement["IoU 0.7-1"].get_ydata()) == pytest.approx([0.15 * s for s in range(1, 6)])
-    assert list(axes["k-NN and online probe accuracy"]["knn_top1"].get_xydata()[0]) == [5, 0.4]
+    assert list(axes["k-NN and online probe top-1"]["knn_top1"].get_xydata()[0]) == [5, 0.4]
+    assert set(axes["k-NN and online probe top-1"]) == {"knn_top1"}  # top-5 would flatten the top-1 curve
+
+
+def test_the_knn_curve_starts_at_the_random_init_floor_and_the_floor_is_drawn_across(tmp_path):
+    """A run's first k-NN record is the random-init floor (step 0, knn_top1_random_init): the curve a user watches
+    starts there, and a dashed line marks it, so a trained curve under it shows at a glance."""
+    pytest.importorskip("matplotlib")
+    records = [{"step": 0, "knn_top1_random_init": 0.25, "knn_top5_random_init": 0.7}, {"step": 5, "loss": 2.0},
+               {"step": 10, "knn_top1": 0.3, "knn_top5": 0.75}, {"step": 20, "knn_top1": 0.35, "knn_top5": 0.8}]
+    figure = metrics_figure(records)
+    (panel,) = [axis for axis in figure.axes if axis.get_title() == "k-NN and online probe top-1"]
+    lines = {line.get_label(): line for line in panel.get_lines()}
+    assert set(lines) == {"knn_top1", "random init"}
+    assert [tuple(xy) for xy in lines["knn_top1"].get_xydata()] == [(0, 0.25), (10, 0.3), (20, 0.35)]
+    assert set(lines["random init"].get_ydata()) == {0.25} and lines["random init"].get_linestyle() == "--"
 
 
 def test_plot_run_writes_the_png(tmp_path):

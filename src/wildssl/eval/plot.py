@@ -10,6 +10,7 @@ from pathlib import Path
 from wildssl.errors import ConfigError, DataError
 from wildssl.io import read_metrics
 
+ACCURACY_PANEL = "k-NN and online probe top-1"
 # AdaSim / +NN / oracle diagnostics, logged once per epoch.
 NEIGHBOUR_KEYS = ("neighbour_ratio", "nn_self_ratio", "nn_top1_accuracy", "nn2_top1_accuracy")
 AGREEMENT = re.compile(r"^agreement_iou_(?P<low>[0-9.]+)-(?P<high>[0-9.]+)$")
@@ -39,10 +40,11 @@ def metrics_figure(records: list[dict], title: str = ""):
     keys = sorted({k for r in records for k in r})
     buckets = sorted((k for k in keys if AGREEMENT.match(k)), key=lambda k: float(AGREEMENT.match(k)["low"]))
     losses = [k for k in ("loss", "base_loss", "bootstrap_loss") if k in keys]
-    accuracy = [k for k in ("knn_top1", "knn_top5", "online_probe_top1") if k in keys]
+    # top-1 only: top-5 (in metrics.jsonl) would share the axis at 3x the value and flatten the curve a user watches
+    accuracy = [k for k in ("knn_top1", "online_probe_top1") if k in keys]
     neighbours = [k for k in NEIGHBOUR_KEYS if k in keys]
     spread = [k for k in ("embedding_std", "cache_embedding_std") if k in keys]
-    panels = [("loss", losses), ("k-NN and online probe accuracy", accuracy),
+    panels = [("loss", losses), (ACCURACY_PANEL, accuracy),
               ("bootstrap top-1 agreement by IoU", (["agreement"] if "agreement" in keys else []) + buckets),
               ("neighbour pairs (per epoch)", neighbours), ("spread of embeddings (collapse: near 0)", spread)]
     panels = [(name, names) for name, names in panels if names]
@@ -50,8 +52,13 @@ def metrics_figure(records: list[dict], title: str = ""):
     for axis, (name, names) in zip(axes[0], panels):
         for key in names:
             steps, values = series(records, key)
+            floor = next((r[f"{key}_random_init"] for r in records if f"{key}_random_init" in r), None)
+            if floor is not None:  # the k-NN starts from the same network at its random initialization (step 0)
+                steps, values = [0] + steps, [floor] + values
             label = key.replace("agreement_iou_", "IoU ")
-            axis.plot(steps, values, label=label, linewidth=2 if key == "agreement" else 1.2)
+            line, = axis.plot(steps, values, label=label, linewidth=2 if key == "agreement" else 1.2)
+            if floor is not None:
+                axis.axhline(floor, color=line.get_color(), linestyle="--", linewidth=1, label="random init")
         axis.set_title(name)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
