@@ -139,6 +139,8 @@ def test_a_folder_of_split_folders_is_refused_naming_the_split_folders_to_pass(t
     with pytest.raises(DataError, match="pass a split folder itself \\(one to train on, another to evaluate on\\)"):
         ImageFolder(tmp_path / "held_out", S)
     assert ImageFolder(tmp_path / "cifar" / "train", S).classes == ["cat", "dog"]
+    write_image(tmp_path / "cifar" / "loose.png", (1, 2, 3))  # an image beside the splits: an unlabelled pool
+    assert ImageFolder(tmp_path / "cifar", S).classes is None
     # a real class that happens to be named like a split, among others, stays a class (COCO has "train")
     write_image(tmp_path / "objects" / "train" / "a.png", (1, 2, 3))
     write_image(tmp_path / "objects" / "bus" / "a.png", (1, 2, 3))

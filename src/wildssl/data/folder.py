@@ -52,8 +52,8 @@ def _refuse_splits_as_classes(root: Path, paths: list[str], first_parts: list[st
                               class_names: list[str]) -> None:
     """A DataError when the would-be class folders are all split names (``root/train/<class>/...`` beside
     ``root/test/...``): taken as classes, they would label every image by its split and train on the test images."""
-    if len(class_names) < 2 or not all(name.lower() in SPLIT_NAMES for name in class_names):
-        return
+    if None in first_parts or len(class_names) < 2 or not all(name.lower() in SPLIT_NAMES for name in class_names):
+        return  # classes of another kind, or no classes at all (an image beside the folders: an unlabelled pool)
     where = {}  # each split's folder below root, wrapping folders included
     for path, part in zip(paths, first_parts):
         names = path.split("/")

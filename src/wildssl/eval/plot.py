@@ -10,7 +10,8 @@ from pathlib import Path
 from wildssl.errors import ConfigError, DataError
 from wildssl.io import read_metrics
 
-ACCURACY_PANEL = "k-NN and online probe top-1"
+ACCURACY_PANEL = "k-NN and online probe top-1"  # the title of the accuracy panel
+
 # AdaSim / +NN / oracle diagnostics, logged once per epoch.
 NEIGHBOUR_KEYS = ("neighbour_ratio", "nn_self_ratio", "nn_top1_accuracy", "nn2_top1_accuracy")
 AGREEMENT = re.compile(r"^agreement_iou_(?P<low>[0-9.]+)-(?P<high>[0-9.]+)$")
