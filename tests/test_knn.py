@@ -297,7 +297,28 @@ def test_the_online_knn_names_the_val_classes_its_memory_lacks_and_scores_them_a
         evaluate_knn(build_initial_method(config).encoder(), folder, str(val), image_size=16)
     assert [r for r in caplog.records if r.levelno == logging.WARNING and ": klass1 (" in r.getMessage()]
     caplog.clear()
+    same_classes = shutil.copytree(folder, tmp_path / "val_ok")
     with caplog.at_level(logging.INFO, logger="wildssl"):
-        make_online_knn(tiny_config("simclr", f"data.train={folder}", f"eval.knn_test={folder}", "eval.knn_every=1"),
-                        "cpu")
+        make_online_knn(tiny_config("simclr", f"data.train={folder}", f"eval.knn_test={same_classes}",
+                                    "eval.knn_every=1"), "cpu")
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_val_that_is_the_training_data_itself_gives_the_folded_knn_with_a_warning(tmp_path, caplog):
+    """--val naming the training folder (here with a trailing slash) would test every image against a memory that
+    holds it (each its own nearest neighbour, near 100% for any encoder): the k-NN folds over the images instead."""
+    import logging
+
+    from conftest import tiny_config
+    from torch.utils.data import Subset
+
+    from wildssl.eval.evaluate import online_knn_data
+
+    folder = _class_folder(tmp_path / "photos")
+    with caplog.at_level(logging.WARNING, logger="wildssl"):
+        images, test = online_knn_data(tiny_config("simclr", f"data.train={folder}", f"eval.knn_test={folder}/"))
+    assert test is None and isinstance(images, Subset) and sorted(images.indices) == list(range(30))
+    assert any("--val is the training data itself" in r.getMessage() for r in caplog.records)
+    other = _class_folder(tmp_path / "val", per_class=7)
+    memory, test = online_knn_data(tiny_config("simclr", f"data.train={folder}", f"eval.knn_test={other}"))
+    assert test == other and len(memory) == 30

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -138,17 +140,26 @@ def labelled_subset(source: Source, seed: int = 0) -> Subset | None:
     return None if order is None else Subset(source, order[: ONLINE_TEST_IMAGES + ONLINE_MEMORY_IMAGES].tolist())
 
 
+def same_data(spec: str, other: str) -> bool:
+    """Whether two data SPECs name the same data: equal strings, or paths that resolve to the same file or folder."""
+    if spec == other:
+        return True
+    paths = [Path(os.path.expanduser(s)) for s in (spec, other)]
+    return all(p.exists() for p in paths) and paths[0].resolve() == paths[1].resolve()
+
+
 def online_knn_data(config: dict):
     """The ``(memory, test)`` of the online k-NN, ``(images, None)`` for a folded k-NN over one labelled set
     (:func:`evaluate_folded_knn`), or None (with a log line saying why) when there is none.
 
     ``eval.knn_train`` and ``eval.knn_test`` name memory and test. Left null, they come from the run's own data, so
     that the number a user watches measures their data, not the recipe's: with only ``eval.knn_test`` set
-    (``--val``), a split of the first stream's labelled images is the memory and ``--val`` the test; without it,
-    the first stream's labelled images are classified in ``ONLINE_FOLDS`` folds, each with the others as the memory
-    (or ``--val``'s, when the training data has no labels). A fold holds as many images as a held-out fifth would,
-    but every image is tested once, at the cost of one pass: on 1,700 images the standard error of the k-NN is
-    2.2 times smaller than on the 340 a split holds out.
+    (``--val``), the first stream's labelled images are the memory and ``--val`` the test; without it, the first
+    stream's labelled images are classified in ``ONLINE_FOLDS`` folds, each with the others as the memory (or
+    ``--val``'s, when the training data has no labels; and when ``--val`` is the training data itself, which a memory
+    of it would find every image in). A fold holds as many images as a held-out fifth would, but every image is
+    tested once, at the cost of one pass: on 1,700 images the standard error of the k-NN is 2.2 times smaller than
+    on the 340 a held-out fifth holds.
     """
     from wildssl.methods import get_method_class
 
@@ -159,7 +170,11 @@ def online_knn_data(config: dict):
     first_stream = get_method_class(config["method"]["name"]).streams[0]
     train_source = open_source(dcfg[first_stream], load_size, max_pixels) if dcfg[first_stream] else None
     seed = config["train"]["seed"]
-    if ecfg["knn_test"]:
+    if ecfg["knn_test"] and dcfg[first_stream] and same_data(dcfg[first_stream], ecfg["knn_test"]):
+        log.warning("online k-NN: --val is the training data itself (%s); a memory of it would hold every test image, "
+                    "so the k-NN folds over it instead", ecfg["knn_test"])
+        images = labelled_subset(train_source, seed)
+    elif ecfg["knn_test"]:
         memory = labelled_memory(train_source, seed) if train_source is not None else None
         if memory is not None:
             return memory, ecfg["knn_test"]
