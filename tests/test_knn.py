@@ -322,3 +322,19 @@ def test_val_that_is_the_training_data_itself_gives_the_folded_knn_with_a_warnin
     other = _class_folder(tmp_path / "val", per_class=7)
     memory, test = online_knn_data(tiny_config("simclr", f"data.train={folder}", f"eval.knn_test={other}"))
     assert test == other and len(memory) == 30
+
+
+def test_offline_knn_of_a_set_against_itself_warns_that_the_figure_says_nothing(tmp_path, caplog):
+    import logging
+
+    from conftest import tiny_config
+
+    from wildssl.eval.evaluate import evaluate_knn
+    from wildssl.methods import build_initial_method
+
+    folder = _class_folder(tmp_path / "photos")
+    encoder = build_initial_method(tiny_config("simclr")).encoder()
+    with caplog.at_level(logging.WARNING, logger="wildssl"):
+        result = evaluate_knn(encoder, folder, folder, image_size=16, k=5)
+    assert result["knn_top1"] == 1.0  # every image finds itself
+    assert any("the test images are the memory's own" in r.getMessage() for r in caplog.records)

@@ -84,6 +84,14 @@ def warn_unseen_test_classes(memory, test) -> list[str]:
     return unseen
 
 
+def same_data(spec: str, other: str) -> bool:
+    """Whether two data SPECs name the same data: equal strings, or paths that resolve to the same file or folder."""
+    if spec == other:
+        return True
+    paths = [Path(os.path.expanduser(s)) for s in (spec, other)]
+    return all(p.exists() for p in paths) and paths[0].resolve() == paths[1].resolve()
+
+
 def evaluate_knn(encoder: nn.Module, train, test, *, image_size: int, load_size: int | None = None, k: int = 20,
                  temperature: float = 0.07, pool: str = "cls", batch_size: int = 256, num_workers: int = 0,
                  device: torch.device | str = "cpu", progress: bool = False,
@@ -95,6 +103,9 @@ def evaluate_knn(encoder: nn.Module, train, test, *, image_size: int, load_size:
     see :func:`dense_labels`). ``max_pixels`` is the pixel cap of sources opened from specs. With
     ``warn_unseen``, named test classes that the memory lacks are logged (:func:`warn_unseen_test_classes`)."""
     load_size = load_size or image_size
+    if isinstance(train, str) and isinstance(test, str) and same_data(train, test):
+        log.warning("k-NN: the test images are the memory's own (%s): each is its own nearest neighbour, so the "
+                    "figure is near 100%% for any encoder; give held-out test images", test)
     train_source = open_source(train, load_size, max_pixels) if isinstance(train, str) else train
     test_source = open_source(test, load_size, max_pixels) if isinstance(test, str) else test
     if warn_unseen:
@@ -138,14 +149,6 @@ def labelled_subset(source: Source, seed: int = 0) -> Subset | None:
     :func:`_labelled_order`)."""
     order = _labelled_order(source, seed)
     return None if order is None else Subset(source, order[: ONLINE_TEST_IMAGES + ONLINE_MEMORY_IMAGES].tolist())
-
-
-def same_data(spec: str, other: str) -> bool:
-    """Whether two data SPECs name the same data: equal strings, or paths that resolve to the same file or folder."""
-    if spec == other:
-        return True
-    paths = [Path(os.path.expanduser(s)) for s in (spec, other)]
-    return all(p.exists() for p in paths) and paths[0].resolve() == paths[1].resolve()
 
 
 def online_knn_data(config: dict):
