@@ -50,10 +50,10 @@ def _class_folders(paths: list[str]) -> list[str | None]:
 
 def _refuse_splits_as_classes(root: Path, paths: list[str], first_parts: list[str | None],
                               class_names: list[str]) -> None:
-    """A DataError when the would-be class folders are all split names (``root/train/<class>/...`` beside
+    """A DataError when the class folders found are all split names (``root/train/<class>/...`` beside
     ``root/test/...``): taken as classes, they would label every image by its split and train on the test images."""
-    if None in first_parts or len(class_names) < 2 or not all(name.lower() in SPLIT_NAMES for name in class_names):
-        return  # classes of another kind, or no classes at all (an image beside the folders: an unlabelled pool)
+    if not all(name.lower() in SPLIT_NAMES for name in class_names):
+        return  # classes of another kind (a real class named like a split among them stays a class)
     where = {}  # each split's folder below root, wrapping folders included
     for path, part in zip(paths, first_parts):
         names = path.split("/")
@@ -89,8 +89,8 @@ class ImageFolder(FileSource):
             )
         first_parts = _class_folders(self.paths)
         class_names = sorted({part for part in first_parts if part is not None})
-        _refuse_splits_as_classes(self.root, self.paths, first_parts, class_names)
-        if None not in first_parts and len(class_names) >= 2:
+        if None not in first_parts and len(class_names) >= 2:  # an image beside the folders: an unlabelled pool
+            _refuse_splits_as_classes(self.root, self.paths, first_parts, class_names)
             self.classes = class_names
             position = {name: i for i, name in enumerate(class_names)}
             self.labels = [position[part] for part in first_parts]

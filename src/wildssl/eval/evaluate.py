@@ -14,7 +14,7 @@ from wildssl.data import collate, open_source
 from wildssl.data.decode import DEFAULT_MAX_PIXELS
 from wildssl.data.sample import Source
 from wildssl.errors import DataError
-from wildssl.eval.features import class_space, extract_features
+from wildssl.eval.features import base_source, class_space, extract_features
 from wildssl.eval.knn import folded_knn_accuracy, knn_accuracy
 
 log = logging.getLogger("wildssl")
@@ -34,7 +34,7 @@ def _loader(source, batch_size: int, num_workers: int) -> DataLoader:
 
 def _check_labelled(source, labels: torch.Tensor, name) -> None:
     if (labels < 0).any():
-        where = name if isinstance(name, str) else (source.dataset if isinstance(source, Subset) else source).describe()
+        where = name if isinstance(name, str) else base_source(source).describe()
         raise DataError(f"k-NN needs a class label for every image, but {where} has unlabeled "
                         "images (use an image folder with class subfolders, a manifest with 'label', or "
                         "synthetic:scenes)")
@@ -51,7 +51,7 @@ def dense_labels(train_labels: torch.Tensor, test_labels: torch.Tensor) -> tuple
 
 
 def _class_names(source) -> list[str] | None:
-    base = source.dataset if isinstance(source, Subset) else source
+    base = base_source(source)
     return list(base.classes) if getattr(base, "classes", None) else None
 
 
@@ -67,10 +67,6 @@ def align_test_labels(test_labels: torch.Tensor, test_classes: list[str],
     return position[test_labels], len(names)
 
 
-def _describe(source) -> str:
-    return (source.dataset if isinstance(source, Subset) else source).describe()
-
-
 def warn_unseen_test_classes(memory, test) -> list[str]:
     """Log which named classes of the k-NN's ``test`` source its ``memory`` lacks (a misspelt class folder in
     ``--val`` or ``--test``, say): the k-NN can never predict them, so their images count as errors. Returns
@@ -80,7 +76,7 @@ def warn_unseen_test_classes(memory, test) -> list[str]:
     if unseen:
         log.warning("k-NN: %d of the %d test classes are not among the memory's classes, so their images "
                     "count as errors: %s (test = %s; memory = %s)", len(unseen), len(test_classes),
-                    ", ".join(unseen), _describe(test), _describe(memory))
+                    ", ".join(unseen), base_source(test).describe(), base_source(memory).describe())
     return unseen
 
 
@@ -219,12 +215,12 @@ def make_online_knn(config: dict, device: torch.device | str):
                    batch_size=ecfg["batch_size"], device=device)
     if test is None:
         log.info("online k-NN: %d labelled images (of %s) in %d folds, each classified with the other %d as the "
-                 "memory", len(memory), memory.dataset.describe(), ONLINE_FOLDS, ONLINE_FOLDS - 1)
+                 "memory", len(memory), base_source(memory).describe(), ONLINE_FOLDS, ONLINE_FOLDS - 1)
     else:  # opened once for every evaluation, and checked against the memory's classes
         memory, test = (open_source(spec, config["data"]["load_size"], config["data"]["max_pixels"])
                         if isinstance(spec, str) else spec for spec in (memory, test))
-        log.info("online k-NN: test = %s; memory = %d labelled images of %s", _describe(test), len(memory),
-                 _describe(memory))
+        log.info("online k-NN: test = %s; memory = %d labelled images of %s", base_source(test).describe(),
+                 len(memory), base_source(memory).describe())
         warn_unseen_test_classes(memory, test)
 
     def evaluate(method) -> dict[str, float]:

@@ -118,7 +118,8 @@ class FeatureSet:
         return self.patch
 
 
-def _base_source(source) -> Source:
+def base_source(source) -> Source:
+    """The source itself, or the one a ``Subset`` of it draws from."""
     return source.dataset if isinstance(source, Subset) else source
 
 
@@ -141,7 +142,7 @@ def extract_feature_set(
     read with ``source.mask(index)`` when ``with_masks`` (a DataError when an image has none).
     """
     device = torch.device(device)
-    base = _base_source(source)
+    base = base_source(source)
     loader = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
     batches = progress_bar(loader, "features", progress)
     was_training = encoder.training
