@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import PROCESS_GROUP, TINY_DATA, tiny_overrides
-from wildssl.cli import main
+from wildssl.cli import main, parse_arguments
 
 
 def _run(capsys, *argv):
@@ -87,6 +87,42 @@ def test_bad_input_is_one_line_error_with_status_2(capsys, argv, expected):
     assert code == 2
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and expected in lines[0] and "Traceback" not in err
+
+
+# every command that reads a checkpoint, with its other required arguments
+CHECKPOINT_COMMANDS = [
+    (["eval", "knn"], ["--train", "a", "--test", "b"]),
+    (["eval", "all"], ["--suite", "s.yaml"]),
+    *[(["eval", verb], ["--train", "a", "--test", "b"]) for verb in ("linear", "attentive", "decoder", "segment")],
+    *[(["eval", verb], ["--data", "a"]) for verb in ("fewshot", "discovery", "zeroshot")],
+    (["export"], ["--out", "x.safetensors"]),
+]
+
+
+@pytest.mark.parametrize("command, rest", CHECKPOINT_COMMANDS, ids=[" ".join(c) for c, _ in CHECKPOINT_COMMANDS])
+def test_every_command_takes_the_checkpoint_as_first_argument_or_as_an_option(command, rest, capsys):
+    positional = parse_arguments([*command, "runs/a", *rest])
+    assert positional.checkpoint == "runs/a"
+    assert parse_arguments([*command, *rest, "--checkpoint", "runs/a"]).checkpoint == "runs/a"
+    assert parse_arguments([*command, *rest, "runs/a", "--checkpoint", "runs/a"]).checkpoint == "runs/a"
+    with pytest.raises(SystemExit) as exit_:
+        parse_arguments([*command, "runs/a", "--checkpoint", "runs/b", *rest])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"wildssl {' '.join(command)}: error: two checkpoints given: runs/a and --checkpoint runs/b" in err
+    if command != ["eval", "knn"]:  # k-NN also runs without one (--random-init --model)
+        with pytest.raises(SystemExit):
+            parse_arguments([*command, *rest])
+        assert f"wildssl {' '.join(command)}: error: the checkpoint is required" in capsys.readouterr().err
+
+
+def test_an_unknown_option_is_reported_by_its_command_with_its_usage(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse_arguments(["eval", "linear", "--run", "runs/a", "--train", "a", "--test", "b"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "wildssl eval linear: error: unrecognized arguments: --run" in err
+    assert err.startswith("usage: wildssl eval linear")
 
 
 def test_corrupt_checkpoint_is_one_line_error(tmp_path, capsys):

@@ -129,8 +129,8 @@ def _knn_encoder(args):
     teacher = None if args.encoder == "auto" else args.encoder == "teacher"
     if args.checkpoint is None:
         if not args.random_init:
-            raise WildsslError("give --checkpoint PATH (run directory, checkpoint or export), or --random-init "
-                               "with --model")
+            raise WildsslError("give a checkpoint (run directory, checkpoint or export: as the first argument or "
+                               "--checkpoint PATH), or --random-init with --model")
         model_config = {"name": args.model, "patch_size": args.patch_size, "img_size": args.image_size or 224}
     else:
         model_config = checkpoint_model_config(args.checkpoint, teacher)  # header only: no weights read
@@ -281,10 +281,34 @@ def cmd_eval_probe(args) -> int:
     return 0
 
 
+def _add_checkpoint_argument(parser: argparse.ArgumentParser, help: str, required: bool = True) -> None:
+    """The checkpoint a command reads, given either way: ``wildssl eval linear RUN`` or ``wildssl eval linear
+    --checkpoint RUN`` (every command that reads one takes both, so a flag learnt on one command works on the
+    others); :func:`_merge_checkpoint` makes them one ``args.checkpoint``."""
+    parser.add_argument("checkpoint", nargs="?", help=help + " (or give it as --checkpoint)")
+    parser.add_argument("--checkpoint", dest="checkpoint_option", metavar="CHECKPOINT", help="the same as the "
+                        "positional CHECKPOINT")
+    parser.set_defaults(checkpoint_required=required)
+
+
+def _merge_checkpoint(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``args.checkpoint`` from the positional or the ``--checkpoint`` form; a usage error when a required one
+    is missing or the two forms name different files."""
+    if not hasattr(args, "checkpoint_option"):
+        return
+    positional, option = args.checkpoint, args.checkpoint_option
+    if positional is not None and option is not None and positional != option:
+        parser.error(f"two checkpoints given: {positional} and --checkpoint {option}; give one")
+    args.checkpoint = positional if positional is not None else option
+    if args.checkpoint is None and args.checkpoint_required:
+        parser.error("the checkpoint is required: give a run directory, checkpoint or export (as the first "
+                     "argument or as --checkpoint)")
+
+
 def _add_suite_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments shared by ``eval all`` and the probe verbs."""
-    parser.add_argument("checkpoint", help="run directory, checkpoint or export of wildssl, or a peer's file "
-                                           "(timm, DINO, MAE, MAWS or I-JEPA layout; see --layout)")
+    _add_checkpoint_argument(parser, "run directory, checkpoint or export of wildssl, or a peer's file "
+                                     "(timm, DINO, MAE, MAWS or I-JEPA layout; see --layout)")
     parser.add_argument("--layout", choices=("auto", "wildssl", "timm", "dino", "mae", "maws", "ijepa"), default="auto",
                         help="how to read CHECKPOINT (auto: wildssl files by their metadata, peers' by their keys)")
     parser.add_argument("--encoder", choices=("auto", "teacher", "student"), default="auto",
@@ -537,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate an encoder")
     eval_sub = p.add_subparsers(dest="protocol", required=True)
     k = eval_sub.add_parser("knn", help="weighted k-NN on frozen features (DINO protocol)")
-    k.add_argument("--checkpoint", help="run directory, checkpoint file or export")
+    _add_checkpoint_argument(k, "run directory, checkpoint file or export", required=False)
     k.add_argument("--train", required=True, help="data SPEC of the labelled k-NN memory")
     k.add_argument("--test", required=True, help="data SPEC of the labelled test images")
     k.add_argument("--random-init", action="store_true",
@@ -592,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     z = eval_sub.add_parser("zeroshot", help="zero-shot classification from class-name prompts (CLIP, SLIP, SiLC, "
                                              "AB_CLIP and LiT runs): top-1 / top-5")
-    z.add_argument("checkpoint", help="run directory (or its checkpoint file, with tokenizer.json beside it)")
+    _add_checkpoint_argument(z, "run directory (or its checkpoint file, with tokenizer.json beside it)")
     z.add_argument("--data", required=True, help="labelled data SPEC whose classes are named (a .jsonl manifest "
                                                  "with class-name labels, synthetic:scenes)")
     z.add_argument("--templates", metavar="FILE", help="prompt templates, one per line with {} for the class name "
@@ -604,7 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     z.set_defaults(func=cmd_eval_zeroshot)
 
     p = sub.add_parser("export", help="write the encoder alone (timm-compatible with --timm)")
-    p.add_argument("--checkpoint", required=True, help="run directory or checkpoint file")
+    _add_checkpoint_argument(p, "run directory or checkpoint file")
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--timm", action="store_true", help="write exactly the state dict timm's ViT loads")
     p.add_argument("--encoder", choices=("auto", "teacher", "student"), default="auto")
@@ -653,8 +677,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _leaf_parsers(parser: argparse.ArgumentParser):
+    """The parsers of the commands themselves (``eval linear``, not ``eval``)."""
+    subcommands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subcommands:
+        yield parser
+    for action in subcommands:
+        for child in dict.fromkeys(action.choices.values()):
+            yield from _leaf_parsers(child)
+
+
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line. An option the command does not take is reported by that command's parser,
+    with its own usage (``wildssl eval linear: error: unrecognized arguments: --run``), not the top level's."""
+    parser = build_parser()
+    for leaf in _leaf_parsers(parser):
+        leaf.set_defaults(command_parser=leaf)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    _merge_checkpoint(args.command_parser, args)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(argv)
     _configure_logging()
     try:
         return args.func(args)
