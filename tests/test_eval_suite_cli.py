@@ -102,6 +102,18 @@ def test_each_probe_verb_prints_one_json_line(tmp_path, export, capsys):
     ({"probes": {"linear": {"train": TRAIN, "test": TEST, "epoch": 3}}}, "unknown option 'epoch' of the linear probe"),
     ({"probes": {"linear": {"test": TEST}}}, "the linear probe needs 'train'"),
     ({"image_sise": 32, "probes": {"knn": {}}}, "unknown key 'image_sise'"),
+    # values of the wrong type: one line naming the option, not a traceback from inside the probe
+    ({"probes": {"linear": {"train": TRAIN, "test": TEST, "lrs": "1e-3,1e-2"}}},
+     "option 'lrs' of the linear probe must be a list of positive numbers"),
+    ({"probes": {"linear": {"train": TRAIN, "test": TEST, "lrs": [1e-3, 0]}}},
+     "option 'lrs' of the linear probe must be a list of positive numbers"),
+    ({"probes": {"attentive": {"train": TRAIN, "test": TEST, "epochs": 1.5}}},
+     "option 'epochs' of the attentive probe must be a whole number"),
+    ({"probes": {"linear": {"train": TRAIN, "test": TEST, "pools": [1]}}},
+     "option 'pools' of the linear probe must be a list of names"),
+    ({"probes": {"fewshot": {"data": 3}}}, "option 'data' of the fewshot probe must be a data SPEC"),
+    ({"probes": {"knn": {"train": TRAIN, "test": TEST, "temperature": "warm"}}},
+     "option 'temperature' of the knn probe must be a number"),
 ])
 def test_suite_mistakes_are_one_line_errors(tmp_path, export, capsys, suite, expected):
     (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
@@ -109,3 +121,18 @@ def test_suite_mistakes_are_one_line_errors(tmp_path, export, capsys, suite, exp
                  "--no-cache"])
     error = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and expected in error[-1] and error[-1].startswith("wildssl: error:")
+
+
+def test_a_suite_reads_numbers_as_recipes_do_and_a_single_lr_is_a_sweep_of_one(tmp_path, export, capsys):
+    # PyYAML alone reads 1e-3 as a string; suites are read like recipes, where it is a number
+    (tmp_path / "suite.yaml").write_text(f"probes:\n  linear: {{train: '{TRAIN}', test: '{TEST}', epochs: 1, "
+                                         "lrs: [1e-3], pools: [avg]}\n")
+    code = main(["eval", "all", str(export), "--suite", str(tmp_path / "suite.yaml"), "--out", str(tmp_path / "o"),
+                 "--no-cache", "--json"])
+    assert code == 0, capsys.readouterr().err
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert results["probes"]["linear"]["lr"] == pytest.approx(1e-3)
+    code = main(["eval", "linear", str(export), "--train", TRAIN, "--test", TEST, "--set", "epochs=1",
+                 "--set", "lrs=0.01", "--set", "pools=avg", "--no-cache", "--json"])
+    assert code == 0, capsys.readouterr().err
+    assert _last_json(capsys)["lr"] == pytest.approx(0.01)

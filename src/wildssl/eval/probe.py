@@ -57,12 +57,54 @@ def resolve_options(probe: str, defaults: dict[str, Any], given: dict[str, Any] 
     if unknown:
         raise ConfigError(f"unknown option {unknown[0]!r} of the {probe} probe; valid options: "
                           f"{', '.join(sorted(valid))}")
+    for key, value in given.items():
+        given[key] = _checked_option(probe, key, value, valid[key])
     options = {**valid, **given}
     for key in required:
         if options[key] in (None, ""):
             raise ConfigError(f"the {probe} probe needs {key!r} (a data SPEC: folder, .jsonl, tar shards or "
                               "synthetic:scenes?...)")
     return options
+
+
+# Options without a default whose value is a data SPEC (the others without a default are whole numbers).
+SPEC_OPTIONS = ("train", "test", "data")
+
+
+def _checked_option(probe: str, key: str, value: Any, default: Any) -> Any:
+    """``value`` if it has the type of ``default`` (an int where an int is expected, a number where a float
+    is, a list of numbers or strings where such a list is: a single one is taken as a list of one), else a
+    ConfigError naming the option and what it wants (a typo like ``--set lrs=1e-3,1e-2`` would otherwise
+    end in a traceback deep in the probe)."""
+    def wrong(wanted: str) -> ConfigError:
+        return ConfigError(f"option {key!r} of the {probe} probe must be {wanted}, got {value!r}")
+
+    def is_number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    if isinstance(default, list):
+        items = value if isinstance(value, list) else [value]
+        if default and is_number(default[0]):
+            if not items or not all(is_number(x) and x > 0 for x in items):
+                raise wrong(f"a list of positive numbers (like {default})")
+        elif not items or not all(isinstance(x, str) for x in items):
+            raise wrong(f"a list of names (like {default})")
+        return items
+    if value is None:
+        return value
+    if key in SPEC_OPTIONS or isinstance(default, str):
+        if not isinstance(value, str):
+            raise wrong("a data SPEC (a folder, .jsonl, tar shards or synthetic:scenes?...)" if key in SPEC_OPTIONS
+                        else f"a name (like {default!r})")
+    elif isinstance(default, float):
+        if not is_number(value):
+            raise wrong(f"a number (like {default})")
+        return float(value)
+    else:  # an int default, or none (sizes, counts); 1e3 is a whole number, as for config keys
+        if not is_number(value) or (isinstance(value, float) and not value.is_integer()):
+            raise wrong("a whole number" + (f" (like {default})" if default is not None else ""))
+        return int(value)
+    return value
 
 
 @contextlib.contextmanager

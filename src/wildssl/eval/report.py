@@ -45,6 +45,7 @@ from wildssl.eval import attentive, decoder, discovery, fewshot, linear, segment
 from wildssl.eval.cache import FeatureStore
 from wildssl.eval.evaluate import KNN_OPTIONS, run_knn
 from wildssl.eval.probe import ProbeContext
+from wildssl.schema import load_yaml
 
 log = logging.getLogger("wildssl")
 
@@ -81,7 +82,7 @@ def read_suite(suite: str | Path | dict) -> dict:
         if not path.is_file():
             raise ConfigError(f"suite file not found: {path} (a YAML file with a 'probes' mapping)")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = load_yaml(path.read_text()) or {}  # 1e-3 is a number here, as in recipes
         except yaml.YAMLError as error:
             raise ConfigError(f"suite {path} is not valid YAML: {str(error).splitlines()[0]}") from None
         where = str(path)
