@@ -22,10 +22,10 @@ CIFAR-10 train/test images of the carry file. Prints one JSON line per method an
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -70,10 +70,16 @@ def crop_keys(base: str, crop: int) -> list[str]:
 
 
 def wildssl(*argv: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "wildssl.cli", *argv], capture_output=True, text=True)
-    if result.returncode:
-        raise SystemExit(f"wildssl {' '.join(argv[:3])} failed:\n{result.stderr[-3000:]}")
-    return result.stdout.strip().splitlines()[-1]
+    """``wildssl ARGV`` in this process (its log shows as it runs; no torch import per run); its last line of
+    stdout, the JSON summary."""
+    from wildssl.cli import main as cli_main
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = cli_main(list(argv))
+    if code:
+        raise SystemExit(f"wildssl {' '.join(argv[:3])} failed with status {code} (its error is above)")
+    return stdout.getvalue().strip().splitlines()[-1]
 
 
 def equal_budget(images: int, batch: int, n_crops: int) -> tuple[int, int, int]:
@@ -83,7 +89,7 @@ def equal_budget(images: int, batch: int, n_crops: int) -> tuple[int, int, int]:
     return max(1, math.ceil(images / multiple)) * multiple, base_step, ab_step
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cifar", help="cifar10_carry.npz (k-NN memory/test; SimCLR/DINO annotation stream)")
     parser.add_argument("--captions", help="captioned .jsonl for the CLIP pair (e.g. coco_mini/annotations.jsonl)")
@@ -99,7 +105,7 @@ def main() -> None:
     parser.add_argument("--only", choices=[base for base, _ in PAIRS], action="append")
     parser.add_argument("--smoke", action="store_true", help="tiny synthetic CPU run to check the harness")
     parser.add_argument("--out", required=True)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
