@@ -338,3 +338,27 @@ def test_offline_knn_of_a_set_against_itself_warns_that_the_figure_says_nothing(
         result = evaluate_knn(encoder, folder, folder, image_size=16, k=5)
     assert result["knn_top1"] == 1.0  # every image finds itself
     assert any("the test images are the memory's own" in r.getMessage() for r in caplog.records)
+
+
+def test_the_online_knn_says_why_it_is_off_no_labels_or_too_few(tmp_path, caplog):
+    """A folder without class folders has no labels; a labelled folder of 6 images has too few for a figure (the
+    log used to say "no class labels" for both, which sent a user with labelled data looking for a format fault)."""
+    import logging
+
+    from conftest import tiny_config
+
+    from wildssl.eval.evaluate import MIN_LABELLED_IMAGES, online_knn_data
+
+    few = _class_folder(tmp_path / "few", classes=2, per_class=3)
+    unlabelled = tmp_path / "unlabelled"
+    unlabelled.mkdir()
+    for k in range(3):
+        (unlabelled / f"{k}.png").write_bytes((tmp_path / "few" / "class0" / f"{k}.png").read_bytes())
+    for folder, reason in ((few, f"has only 6 labelled images (the online k-NN needs {MIN_LABELLED_IMAGES})"),
+                           (unlabelled, "has no class labels to evaluate on")):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="wildssl"):
+            assert online_knn_data(tiny_config("simclr", f"data.train={folder}")) is None
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert warnings == [f"online k-NN is off: {folder} {reason}; give labelled images with --val SPEC "
+                            "(eval.knn_test), or set eval.knn_train and eval.knn_test"]

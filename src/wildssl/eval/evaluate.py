@@ -121,14 +121,17 @@ def evaluate_knn(encoder: nn.Module, train, test, *, image_size: int, load_size:
     return {f"knn_{name}": value for name, value in accuracy.items()}
 
 
+MIN_LABELLED_IMAGES = 20  # fewer labelled images give the online k-NN no figure worth printing
+
+
 def _labelled_order(source: Source, seed: int) -> torch.Tensor | None:
     """The labelled items of ``source`` in a permutation fixed by ``seed``, or None when the source has fewer
-    than 20 labelled images or cannot list its labels without decoding."""
+    than MIN_LABELLED_IMAGES labelled images or cannot list its labels without decoding."""
     labels = source.class_labels()
     if labels is None:
         return None
     labelled = torch.tensor([i for i, label in enumerate(labels) if label >= 0], dtype=torch.long)
-    if len(labelled) < 20:
+    if len(labelled) < MIN_LABELLED_IMAGES:
         return None
     return labelled[torch.randperm(len(labelled), generator=torch.Generator().manual_seed(seed))]
 
@@ -182,9 +185,21 @@ def online_knn_data(config: dict):
         images = labelled_subset(train_source, seed) if train_source is not None else None
     if images is not None:
         return images, None
-    log.warning("online k-NN is off: %s has no class labels to evaluate on; give labelled images with --val "
-                "SPEC (eval.knn_test), or set eval.knn_train and eval.knn_test", dcfg[first_stream])
+    log.warning("online k-NN is off: %s %s; give labelled images with --val SPEC (eval.knn_test), or set "
+                "eval.knn_train and eval.knn_test", dcfg[first_stream],
+                _why_unlabelled(train_source) if train_source is not None else "is not set")
     return None
+
+
+def _why_unlabelled(source: Source) -> str:
+    """Why ``source`` gives the online k-NN no labelled images (the end of a sentence naming it)."""
+    labels = source.class_labels()
+    if labels is None:
+        return "cannot list its class labels without reading every shard"
+    labelled = sum(1 for label in labels if label >= 0)
+    if labelled == 0:
+        return "has no class labels to evaluate on"
+    return f"has only {labelled} labelled images (the online k-NN needs {MIN_LABELLED_IMAGES})"
 
 
 def evaluate_folded_knn(encoder: nn.Module, images, *, image_size: int, folds: int = ONLINE_FOLDS, k: int = 20,
