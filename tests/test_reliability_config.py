@@ -59,6 +59,34 @@ def test_recipe_files_read_numbers_as_yaml_1_2_does(tmp_path):
     assert build_config(str(written)) == config
 
 
+def test_a_key_given_twice_in_a_recipe_or_suite_file_is_one_line_error_naming_both_lines(tmp_path, capsys):
+    """PyYAML keeps the last of two equal keys without a word: a recipe with a forgotten ``steps: 4`` below
+    ``steps: 3`` trained 4 steps, and a second ``train:`` section replaced the first one whole."""
+    recipe = tmp_path / "recipe.yaml"
+    for text, key, lines in (("inherit: simclr_quick\ntrain:\n  steps: 3\n  steps: 4\n", "steps", (3, 4)),
+                             ("train:\n  steps: 3\nmethod: {name: simclr}\ntrain:\n  batch_size: 4\n", "train", (1, 4))):
+        recipe.write_text(text)
+        with pytest.raises(ConfigError) as info:
+            build_config(str(recipe))
+        assert str(info.value) == (f"{recipe} is not valid YAML: key {key!r} is given twice, on lines {lines[0]} "
+                                   f"and {lines[1]}")
+    recipe.write_text("inherit: simclr_quick\nbase: &b {steps: 3}\n")  # anchors and merges still read
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("probes:\n  knn: {train: a, test: b}\n  knn: {train: c, test: d}\n")
+    assert main(["eval", "all", "runs/none", "--suite", str(suite), "--no-cache"]) == 2
+    assert f"suite {suite} is not valid YAML: key 'knn' is given twice, on lines 2 and 3" in capsys.readouterr().err
+    # the last probe's typo is found before the encoder is loaded (here: before "checkpoint not found") and before
+    # the probes above it spend their minutes
+    suite.write_text("probes:\n  knn: {train: a, test: b}\n  linear: {train: a, test: b, epoch: 3}\n")
+    assert main(["eval", "all", "runs/none", "--suite", str(suite), "--no-cache"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "wildssl: error: unknown option 'epoch' of the linear probe; valid options: batch_size, epochs, image_size, "
+        "load_size, lrs, pools, test, train, val_fraction, weight_decay"]
+    from wildssl.schema import load_yaml
+
+    assert load_yaml("a: &x {b: 1}\nc:\n  <<: *x\n  d: 2\n") == {"a": {"b": 1}, "c": {"b": 1, "d": 2}}
+
+
 @pytest.mark.parametrize("item, fragments", [
     ("ema.momentum=abc", ["ema.momentum=\"abc\"", "a finite number in [0, 1]"]),
     ("data.num_workers=-1", ["data.num_workers=-1", "auto or an integer in [0, 256]"]),

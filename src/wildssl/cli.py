@@ -239,12 +239,13 @@ def _print_figures(probe: str, figures: dict, network: str) -> None:
 
 
 def cmd_eval_all(args) -> int:
-    from wildssl.eval.report import run_suite
+    from wildssl.eval.report import read_suite, run_suite
 
+    suite = read_suite(args.suite)  # a mistake in the suite file is found before the encoder is loaded
     encoder, network = _suite_encoder(args)
     out = Path(args.out or Path("runs") / f"eval-{time.strftime('%Y%m%d-%H%M%S')}")
     name = f"{args.checkpoint} ({network})"
-    report = run_suite(_feature_store(args, encoder), args.suite, out, name=name, progress=True)
+    report = run_suite(_feature_store(args, encoder), suite, out, name=name, progress=True)
     if args.json:
         print(json.dumps({"network": network, "out": str(out), "seconds": report["seconds"],
                           "probes": report["probes"]}))

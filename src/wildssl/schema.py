@@ -44,7 +44,26 @@ _NUMBER = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)(?:[eE
 
 
 class ConfigLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, but ``1e-4``, ``1E-4`` and ``2e3`` are floats (YAML 1.2), not strings."""
+    """PyYAML's safe loader, but ``1e-4``, ``1E-4`` and ``2e3`` are floats (YAML 1.2), not strings, and a key
+    given twice in one mapping is an error (PyYAML keeps the last one without a word, so ``steps: 3`` above a
+    forgotten ``steps: 4`` would train 4)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            lines: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = lines.setdefault(key, key_node.start_mark.line + 1)
+                except TypeError:  # an unhashable key: the base class says what is wrong with it
+                    continue
+                if first != key_node.start_mark.line + 1:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice, on lines {first} and {key_node.start_mark.line + 1}",
+                        key_node.start_mark)
+        return super().construct_mapping(node, deep)
 
 
 ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", _NUMBER, list("-+0123456789."))

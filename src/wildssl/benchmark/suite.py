@@ -38,6 +38,7 @@ from typing import Any
 import yaml
 
 from wildssl.errors import ConfigError
+from wildssl.schema import load_yaml
 
 SCALES = ("tiny", "cpu", "gpu")
 FLOOR = "random_init"  # the label of every suite's random-init floor row (one run per seed)
@@ -83,7 +84,7 @@ def _read(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"suite file not found: {path} (the shipped suites are benchmarks/suites/*.yaml)")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = load_yaml(path.read_text()) or {}  # as recipes are read
     except yaml.YAMLError as error:
         raise ConfigError(f"suite {path} is not valid YAML: {str(error).splitlines()[0]}") from None
     suite = check_suite(tree, str(path))

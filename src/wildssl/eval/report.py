@@ -44,7 +44,7 @@ from wildssl.errors import ConfigError
 from wildssl.eval import attentive, decoder, discovery, fewshot, linear, segmentation
 from wildssl.eval.cache import FeatureStore
 from wildssl.eval.evaluate import KNN_OPTIONS, run_knn
-from wildssl.eval.probe import ProbeContext
+from wildssl.eval.probe import ProbeContext, resolve_options
 from wildssl.schema import load_yaml
 
 log = logging.getLogger("wildssl")
@@ -101,6 +101,8 @@ def read_suite(suite: str | Path | dict) -> dict:
                               "of one as probe@label)")
         if options is not None and not isinstance(options, dict):
             raise ConfigError(f"probe {name!r} in {where} must map option names to values, got {options!r}")
+        # every probe's option names and types now, not when its turn comes after the probes before it ran
+        resolve_options(probe_kind(name), PROBES[probe_kind(name)][0], options)
     resolved["probes"] = {name: dict(options or {}) for name, options in probes.items()}
     return resolved
 
