@@ -59,6 +59,19 @@ def test_recipe_files_read_numbers_as_yaml_1_2_does(tmp_path):
     assert build_config(str(written)) == config
 
 
+def test_another_method_set_over_a_recipe_names_the_recipes_key_and_what_to_do():
+    """``--set method.name=simclr`` on dino_quick used to fail on "unknown config key 'method.out_dim' ... (did you
+    mean 'method.proj_dim'?)", which points at the key, not at the method swap."""
+    with pytest.raises(ConfigError) as info:
+        build_config("dino_quick", ["method.name=simclr"])
+    assert str(info.value) == ("--set method.name=simclr on recipe dino_quick (method dino): its key "
+                               "method.bottleneck_dim is dino's, not simclr's; start from a simclr recipe instead "
+                               "(see `wildssl recipes`)")
+    assert build_config("dino_quick", ["method.name=dino"]) == build_config("dino_quick")
+    # a method whose keys include the recipe's still takes it (AdaSim over DINO: dino_quick plus its own keys)
+    assert build_config("dino_quick", ["method.name=adasim_dino"])["method"]["out_dim"] == 256
+
+
 def test_a_key_given_twice_in_a_recipe_or_suite_file_is_one_line_error_naming_both_lines(tmp_path, capsys):
     """PyYAML keeps the last of two equal keys without a word: a recipe with a forgotten ``steps: 4`` below
     ``steps: 3`` trained 4 steps, and a second ``train:`` section replaced the first one whole."""

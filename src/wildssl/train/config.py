@@ -285,6 +285,13 @@ def build_config(recipe: str | dict[str, Any] | None = None, overrides: list[str
             method_name = text.strip()
     config = default_config(method_name)
     defaults = flatten(config)
+    if isinstance(method_section, dict) and method_section.get("name", method_name) != method_name:
+        # --set method.name=X over a recipe of another method: the recipe's method.* keys are that method's
+        foreign = sorted(set(method_section) - set(config["method"]))
+        if foreign:
+            raise ConfigError(f"--set method.name={method_name} on {where} (method {method_section['name']}): its key "
+                              f"method.{foreign[0]} is {method_section['name']}'s, not {method_name}'s; start from a "
+                              f"{method_name} recipe instead (see `wildssl recipes`)")
     merge_tree(config, tree, where)
     for key, text in pairs:
         value = parse_value(text)
