@@ -66,6 +66,24 @@ def test_train_ends_with_one_plain_line_of_trained_against_random_init_knn(tmp_p
                      f"initialization ({trained - floor:+.1f} points)"]
 
 
+def test_training_into_a_run_that_holds_a_checkpoint_is_refused_before_any_data_is_opened(tmp_path, capsys, caplog):
+    import logging
+
+    _train(tmp_path, capsys, "simclr")
+    caplog.clear()
+    checkpoint = tmp_path / "run" / "checkpoint.safetensors"
+    before = checkpoint.read_bytes()
+    argv = ["train", "simclr_quick", "--out", str(tmp_path / "run")]
+    for item in tiny_overrides("simclr", "train.steps=2", "eval.knn_every=2"):  # a k-NN that would open its data
+        argv += ["--set", item]
+    with caplog.at_level(logging.INFO, logger="wildssl"):
+        code, out, err = _run(capsys, *argv)
+    assert code == 2 and checkpoint.read_bytes() == before
+    assert not [r.getMessage() for r in caplog.records if "online k-NN" in r.getMessage()]
+    assert err.strip().splitlines() == [f"wildssl: error: run directory {tmp_path / 'run'} already holds a checkpoint; "
+                                        "pass --resume to continue it or choose another --out"]  # no k-NN set-up line
+
+
 def test_teacher_is_the_default_encoder_and_student_is_selectable(tmp_path, capsys):
     _train(tmp_path, capsys, "dino", "ema.momentum=0.5")
     import wildssl

@@ -68,9 +68,11 @@ def cmd_train(args) -> int:
     from wildssl import distributed as dist
     from wildssl.eval.evaluate import make_online_knn
     from wildssl.train.engine import train
+    from wildssl.train.run import check_out_dir
 
     config = _config_from_args(args)
     out = Path(args.out or Path("runs") / f"{config['method']['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
+    check_out_dir(config, out, args.resume)  # before the online k-NN opens its data
     dist.setup_distributed()
     main_process = dist.is_main_process()  # asked before the group is gone: afterwards every rank is "rank 0"
     try:

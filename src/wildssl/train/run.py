@@ -215,19 +215,30 @@ def compile_networks(method: Method, backend: str = "inductor") -> None:
             networks["backbone"].compile(dynamic=False, backend=backend)
 
 
+def run_checkpoint_path(config: dict, out_dir: str | Path) -> Path:
+    """Where a run in ``out_dir`` keeps its checkpoint (FSDP: the file a sharded checkpoint writes last)."""
+    if config["train"]["sharding"] == "fsdp":
+        return Path(out_dir) / fsdp.SHARDED_CHECKPOINT / fsdp.RUN_STATE
+    return Path(out_dir) / CHECKPOINT_NAME
+
+
+def check_out_dir(config: dict, out_dir: str | Path, resume: bool) -> None:
+    """A CheckpointError when ``out_dir`` already holds a run and ``resume`` was not asked for (``wildssl train``
+    asks first, before it opens any data)."""
+    if run_checkpoint_path(config, out_dir).is_file() and not resume:
+        raise CheckpointError(f"run directory {out_dir} already holds a checkpoint; pass --resume to "
+                              "continue it or choose another --out")
+
+
 def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
     """Everything a run needs, restored from ``out_dir``'s checkpoint when ``resume`` finds one."""
     out_dir = Path(out_dir)
     rank, world = dist.get_rank(), dist.get_world_size()
     device = pick_device()
     tcfg = config["train"]
-    checkpoint_path = out_dir / CHECKPOINT_NAME
+    checkpoint_path = run_checkpoint_path(config, out_dir)
     sharded = tcfg["sharding"] == "fsdp"
-    if sharded:
-        checkpoint_path = out_dir / fsdp.SHARDED_CHECKPOINT / fsdp.RUN_STATE  # written last: a complete checkpoint
-    if checkpoint_path.is_file() and not resume:
-        raise CheckpointError(f"run directory {out_dir} already holds a checkpoint; pass --resume to "
-                              "continue it or choose another --out")
+    check_out_dir(config, out_dir, resume)
     if rank == 0:
         prepare_out_dir(out_dir, resume)
     dist.barrier()
