@@ -4,7 +4,6 @@ import importlib.util
 import io
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,17 +31,15 @@ def test_ab_vs_base_harness_smoke_run_reports_equal_images_seen(tmp_path):
     assert [r["network"] for r in records] == ["teacher", "teacher"]  # the same network of both
 
 
-def test_mae_speed_harness_times_both_encoder_paths_on_the_same_step():
+def test_mae_speed_harness_times_both_encoder_paths_on_the_same_step(capsys):
     tiny = ["model.name=tiny", "model.depth=1", "model.embed_dim=32", "model.num_heads=2", "model.patch_size=8",
             "model.img_size=32", "data.load_size=32", "method.crop_size=32", "method.decoder_dim=32",
             "method.decoder_depth=1", "method.decoder_heads=2"]
-    argv = [sys.executable, str(ROOT / "benchmarks" / "mae_speed.py"), "--device", "cpu", "--threads", "1",
-            "--batch", "4", "--rounds", "1", "--warmup", "0"]
+    argv = ["--device", "cpu", "--threads", "1", "--batch", "4", "--rounds", "1", "--warmup", "0"]
     for item in tiny:
         argv += ["--set", item]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    _benchmark_module("mae_speed").main(argv)  # in this process: no torch import of its own
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert figures["patches"] == 16 and figures["visible_patches"] == 4
     assert figures["visible_only_s_per_step"] > 0 and figures["all_patches_s_per_step"] > 0
 
@@ -71,14 +68,13 @@ def test_reference_vit_of_the_throughput_table_computes_what_wildssls_encoder_co
 
 
 @pytest.mark.slow
-def test_quick_recipes_harness_table_has_one_row_per_run_with_figures_from_its_json(tmp_path):
+def test_quick_recipes_harness_table_has_one_row_per_run_with_figures_from_its_json(tmp_path, monkeypatch):
     """A smoke run of two recipes: the table holds exactly one row per (recipe, data set) run, and its
     trained / random-init / gain cells are those of the run's JSON record (gain = trained - random)."""
-    argv = [sys.executable, str(ROOT / "benchmarks" / "quick_recipes.py"), "--smoke", "--recipes", "simclr_quick",
-            "dino_quick", "--out", str(tmp_path)]
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=180, env=env)
-    assert result.returncode == 0, result.stderr[-2000:]
+    # the harness in this process; each run in its own, as the harness times the whole command a user types
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert _benchmark_module("quick_recipes").main(["--smoke", "--recipes", "simclr_quick", "dino_quick",
+                                                    "--out", str(tmp_path)]) == 0
     runs = json.loads((tmp_path / "results.json").read_text())["runs"]
     assert [(r["recipe"], r["dataset"]) for r in runs] == [("simclr_quick", "smoke"), ("dino_quick", "smoke")]
     rows = [line for line in (tmp_path / "table.md").read_text().splitlines()[2:] if line.startswith("|")]
