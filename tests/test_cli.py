@@ -193,3 +193,82 @@ def test_eval_knn_pools_as_the_run_did_unless_told(tmp_path, capsys):
         code, out, err = _run(capsys, *common, *extra)
         assert code == 0, err
         assert json.loads(out.strip().splitlines()[-1])["pool"] == pool
+
+
+def test_export_never_writes_over_a_training_checkpoint_or_into_a_folder(tmp_path, capsys):
+    """`wildssl export RUN --out RUN/checkpoint.safetensors` replaced the run's checkpoint (optimizer, heads,
+    teacher) by the 1-encoder export; `--out .` was a ValueError traceback."""
+    _train(tmp_path, capsys, "dino")
+    run, other = tmp_path / "run", tmp_path / "other"
+    other.mkdir()
+    (other / "checkpoint.safetensors").write_bytes((run / "checkpoint.safetensors").read_bytes())
+    before = (run / "checkpoint.safetensors").read_bytes()
+    cases = [(run / "checkpoint.safetensors", "is the checkpoint being exported"),
+             (other / "checkpoint.safetensors", "is a training checkpoint"),
+             (tmp_path, "is a folder; give a file name")]
+    for out, expected in cases:
+        code, _, err = _run(capsys, "export", str(run), "--out", str(out))
+        assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
+    assert (run / "checkpoint.safetensors").read_bytes() == before
+    assert (other / "checkpoint.safetensors").read_bytes() == before
+    export = tmp_path / "export.safetensors"  # an export may replace an export
+    for _ in range(2):
+        assert _run(capsys, "export", str(run), "--out", str(export))[0] == 0
+
+
+def test_an_export_is_evaluated_with_the_runs_pooling_and_its_timm_snippet_is_valid_python(tmp_path, capsys):
+    """dino_quick evaluates the mean patch token; its export used to be read with the class token (another
+    figure for the same weights, without a word), and the --timm snippet passed num_classes twice."""
+    import ast
+
+    from wildssl.models.loading import read_checkpoint_config
+
+    _train(tmp_path, capsys, "dino", "method.pool=avg", "eval.pool=avg")
+    run, export = tmp_path / "run", tmp_path / "export.safetensors"
+    code, out, err = _run(capsys, "export", str(run), "--out", str(export), "--timm")
+    assert code == 0, err
+    call = next(line.strip() for line in out.splitlines() if "timm.create_model(" in line)
+    keywords = [k.arg for k in ast.parse(call).body[0].value.keywords]  # a SyntaxError before
+    assert len(keywords) == len(set(keywords)) and "global_pool='avg'" in call
+    assert read_checkpoint_config(export)["eval"] == {"pool": "avg"}
+    data = "synthetic:scenes?n=32&size=16"
+    figures = []
+    for checkpoint in (run, export):
+        code, out, err = _run(capsys, "eval", "knn", str(checkpoint), "--train", data + "&split=train", "--test",
+                              data + "&split=test", "--json")
+        assert code == 0, err
+        figures.append(json.loads(out.strip().splitlines()[-1]))
+    assert figures[0]["pool"] == figures[1]["pool"] == "avg"
+    assert figures[0]["knn_top1"] == figures[1]["knn_top1"]
+
+
+def test_plot_checks_its_out_path_before_reading_the_run(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    _train(tmp_path, capsys, "simclr")
+    run = tmp_path / "run"
+    code, out, err = _run(capsys, "plot", str(run), "--out", str(tmp_path / "new" / "curves"))
+    assert code == 0 and out.strip() == f"wrote {tmp_path / 'new' / 'curves.png'}"  # the file it wrote
+    assert (tmp_path / "new" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    for out_arg, expected in ((str(tmp_path) + "/", "is a folder; give a file name"),
+                              (str(tmp_path / "p.xyz"), "cannot write a .xyz file; use one of .png"),
+                              (str(run / "metrics.jsonl" / "p.png"), "cannot make its folder")):
+        code, _, err = _run(capsys, "plot", str(run), "--out", out_arg)
+        assert code == 2 and expected in err and "Traceback" not in err, err
+
+
+def test_a_file_that_cannot_be_written_is_one_line_not_a_traceback(tmp_path, capsys):
+    """A place no check names first (a probe's --out that is a file) ends in one line with the system's reason."""
+    _train(tmp_path, capsys, "simclr")
+    blocker = tmp_path / "report"
+    blocker.write_text("a file where the report folder would go")
+    data = "synthetic:scenes?n=32&size=16&split=test"
+    code, _, err = _run(capsys, "eval", "fewshot", str(tmp_path / "run"), "--data", data, "--set", "n_way=2",
+                        "--set", "k_shot=1", "--set", "episodes=2", "--no-cache", "--out", str(blocker))
+    assert code == 2 and err.strip().splitlines()[-1] == f"wildssl: error: File exists: {blocker}", err
+
+
+def test_demo_into_a_used_run_directory_says_to_choose_another_out(tmp_path, capsys):
+    (tmp_path / "checkpoint.safetensors").write_bytes(b"x")
+    code, _, err = _run(capsys, "demo", "--out", str(tmp_path))
+    assert code == 2 and err.strip() == (f"wildssl: error: {tmp_path} already holds a run; give the demo another --out "
+                                         "(or none: runs/demo-<time>)")  # it said "pass --resume", which demo lacks

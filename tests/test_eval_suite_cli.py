@@ -114,6 +114,7 @@ def test_each_probe_verb_prints_one_json_line(tmp_path, export, capsys):
     ({"probes": {"fewshot": {"data": 3}}}, "option 'data' of the fewshot probe must be a data SPEC"),
     ({"probes": {"knn": {"train": TRAIN, "test": TEST, "temperature": "warm"}}},
      "option 'temperature' of the knn probe must be a number"),
+    ({"probes": {"knn": {"train": TRAIN, "test": TEST, "k": 0}}}, "the k-NN needs k >= 1 and temperature > 0, got k=0"),
 ])
 def test_suite_mistakes_are_one_line_errors(tmp_path, export, capsys, suite, expected):
     (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))

@@ -79,6 +79,13 @@ def test_class_embeddings_are_the_normalized_mean_of_normalized_prompt_embedding
     (tmp_path / "bad.txt").write_text("a photo\n")
     with pytest.raises(DataError, match=r"bad.txt:1: template 'a photo' must hold"):
         read_templates(tmp_path / "bad.txt")
+    # a stray brace passed the check above and crashed when the prompts were made (str.format)
+    for line in ("a {} photo with {braces", "a {} photo }"):
+        (tmp_path / "bad.txt").write_text(f"# ok\n{line}\n")
+        with pytest.raises(DataError, match=r"bad.txt:2: template .* has a brace besides its '\{\}'"):
+            read_templates(tmp_path / "bad.txt")
+    (tmp_path / "ok.txt").write_text("a {} photo {{in braces}}\n")
+    assert [t.format("dog") for t in read_templates(tmp_path / "ok.txt")] == ["a dog photo {in braces}"]
 
 
 @pytest.mark.parametrize("name", ["slip", "silc", "ab_clip"])

@@ -70,6 +70,13 @@ def test_vocab_build_command_writes_a_vocabulary_of_the_most_frequent_words(tmp_
     assert "3 labels" in capsys.readouterr().out
     assert main(["vocab", "build", str(tmp_path / "missing.jsonl"), "--size", "3", "--out", str(out)]) == 2
     assert "caption file not found" in capsys.readouterr().err
+    # --out in a folder that does not exist yet is made; a folder as --out is one line (was a traceback)
+    assert main(["vocab", "build", str(captions), "--size", "3", "--out", str(tmp_path / "new" / "v.txt")]) == 0
+    assert Vocabulary.load(tmp_path / "new" / "v.txt").labels == ["bus", "red", "blue"]
+    capsys.readouterr()
+    assert main(["vocab", "build", str(captions), "--size", "3", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"wildssl: error: --out {tmp_path} is a folder; give a file name, e.g. {tmp_path / 'out'}"]
 
 
 def test_caption_files_in_shared_data_are_read_one_image_per_line(shared_data):

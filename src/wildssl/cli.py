@@ -365,14 +365,21 @@ def cmd_export(args) -> int:
     if args.timm:
         arguments = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
         print("load it in timm with:\n"
-              f"  model = timm.create_model('vit_small_patch16_224', pretrained=False, num_classes=0, {arguments})\n"
+              f"  model = timm.create_model('vit_small_patch16_224', pretrained=False, {arguments})\n"
               f"  model.load_state_dict(safetensors.torch.load_file({str(args.out)!r}))")
     return 0
 
 
 # ----------------------------------------------------------------------------- plot
 
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg")  # what matplotlib writes without extra packages
+
+
 def cmd_plot(args) -> int:
+    from wildssl.io import output_file
+
+    if args.out:
+        args.out = output_file(args.out, suffixes=PICTURE_SUFFIXES)  # before the run is read
     if args.reconstructions:
         from wildssl.eval.reconstructions import plot_reconstructions
 
@@ -444,6 +451,7 @@ def cmd_recipes(args) -> int:
 def cmd_vocab_build(args) -> int:
     from wildssl.data.vocabulary import Vocabulary
     from wildssl.data.vocabulary_build import build_vocabulary, read_caption_files
+    from wildssl.io import output_file
 
     stop_words: list[str] = []
     for path in args.stop_words or []:
@@ -455,7 +463,7 @@ def cmd_vocab_build(args) -> int:
     vocabulary, counts = build_vocabulary(read_caption_files(args.captions), args.size, stop_words, synonyms,
                                           args.min_count)
     sources = ", ".join(Path(p).name for p in args.captions)
-    vocabulary.save(args.out, header=f"wildssl label vocabulary: the {len(vocabulary)} most frequent labels of "
+    vocabulary.save(output_file(args.out), header=f"wildssl label vocabulary: the {len(vocabulary)} most frequent labels of "
                                      f"{sources} (wildssl vocab build --size {args.size})")
     shown = ", ".join(f"{label} ({count})" for label, count in zip(vocabulary.labels[:8], counts))
     print(f"wrote {args.out}: {len(vocabulary)} labels, {len(vocabulary.terms)} terms; most frequent: {shown}")
@@ -478,6 +486,10 @@ def cmd_demo(args) -> int:
     start = time.perf_counter()
     config = build_config(DEMO_RECIPE, list(args.set or []))
     out = Path(args.out or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    from wildssl.models.loading import CHECKPOINT_NAME
+
+    if (out / CHECKPOINT_NAME).is_file():  # the demo starts afresh: it has no --resume
+        raise WildsslError(f"{out} already holds a run; give the demo another --out (or none: runs/demo-<time>)")
     ecfg = config["eval"]
     if not (ecfg["knn_every"] and ecfg["knn_train"] and ecfg["knn_test"]):
         raise ConfigError("the demo compares k-NN before and after training: eval.knn_every, eval.knn_train and "
@@ -710,6 +722,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except WildsslError as error:
         print(f"wildssl: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a place that cannot be read or written, met where no check named it first
+        where = f": {error.filename}" if error.filename else ""
+        print(f"wildssl: error: {error.strerror or error}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:
         message = str(interrupt) or "interrupted"

@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from wildssl.errors import CheckpointError
+from wildssl.errors import CheckpointError, DataError
 
 log = logging.getLogger("wildssl")
 
@@ -63,6 +63,25 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def output_file(path: str | os.PathLike, option: str = "--out", suffixes: tuple[str, ...] = ()) -> Path:
+    """``path`` checked as a file a command is about to write, its folder created: a folder or a suffix outside
+    ``suffixes`` (when given; none given: any) is a one-line DataError naming ``option``, as is a folder that
+    cannot be made. A name without a suffix gets the first of ``suffixes``."""
+    written, path = os.fspath(path), Path(path)  # Path("out/") drops the slash that says "a folder"
+    if path.is_dir() or written.endswith(("/", os.sep)):
+        raise DataError(f"{option} {path} is a folder; give a file name, e.g. "
+                        f"{path / ('out' + (suffixes[0] if suffixes else ''))}")
+    if suffixes and not path.suffix:
+        path = path.with_name(path.name + suffixes[0])
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise DataError(f"{option} {path}: cannot write a {path.suffix} file; use one of {', '.join(suffixes)}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataError(f"{option} {path}: cannot make its folder {path.parent}: {write_error_reason(error)}") from None
+    return path
 
 
 def write_error_reason(error: BaseException) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from wildssl.errors import DataError
+from wildssl.errors import ConfigError, DataError
 
 
 def _check_labels(labels: torch.Tensor, num_classes: int, what: str) -> None:
@@ -39,8 +39,10 @@ def _check_arguments(train_features: torch.Tensor, train_labels: torch.Tensor, t
         )
     if train_features.shape[0] == 0:
         raise DataError("k-NN has no training images; the train source of the evaluation is empty")
-    if k < 1 or temperature <= 0 or chunk_size < 1:
-        raise ValueError(f"k-NN needs k >= 1, temperature > 0, chunk_size >= 1; got {k}, {temperature}, {chunk_size}")
+    if k < 1 or temperature <= 0:  # options a user sets (a suite's knn probe, eval.knn_k): a one-line error
+        raise ConfigError(f"the k-NN needs k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
+    if chunk_size < 1:
+        raise ValueError(f"k-NN needs chunk_size >= 1, got {chunk_size}")
     if num_classes > MAX_VOTES:
         raise DataError(f"k-NN over {num_classes:,} classes would need {4 * num_classes / 2**30:.1f} GiB per test "
                         f"image; at most {MAX_VOTES:,} classes (number the classes densely, 0 .. C - 1)")

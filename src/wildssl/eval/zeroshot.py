@@ -60,6 +60,11 @@ def read_templates(path: str | os.PathLike) -> list[str]:
         if line.count("{}") != 1:
             raise DataError(f"{path}:{number}: template {line!r} must hold '{{}}' exactly once (where the class "
                             "name goes), e.g. 'a photo of a {}.'")
+        try:
+            line.format("x")  # as the prompts are made: any other brace must be doubled
+        except (ValueError, IndexError, KeyError):
+            raise DataError(f"{path}:{number}: template {line!r} has a brace besides its '{{}}'; write a literal "
+                            "brace as '{{' or '}}'") from None
         templates.append(line)
     if not templates:
         raise DataError(f"{path} holds no prompt templates (one per line, with '{{}}' for the class name)")

@@ -18,9 +18,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from wildssl.io import atomic_save
-from wildssl.models.loading import (EXPORT_FORMAT, build_encoder_from_config, encoder_state_from_checkpoint,
-                                    load_state_strict)
+from wildssl.errors import CheckpointError
+from wildssl.io import atomic_save, read_header
+from wildssl.models.loading import (CHECKPOINT_FORMAT, EXPORT_FORMAT, build_encoder_from_config,
+                                    encoder_state_from_checkpoint, load_state_strict, read_checkpoint_config,
+                                    resolve_checkpoint)
 from wildssl.models.vit import VisionTransformer
 
 WILDSSL_ONLY_KEYS = ("mask_token",)
@@ -45,8 +47,9 @@ def timm_state_dict(encoder: nn.Module) -> dict[str, torch.Tensor]:
             if name not in WILDSSL_ONLY_KEYS}
 
 
-def timm_kwargs(encoder: nn.Module) -> dict:
-    """Keyword arguments of ``timm.create_model`` that rebuild this encoder's architecture (JSON-safe)."""
+def timm_kwargs(encoder: nn.Module, pool: str | None = None) -> dict:
+    """Keyword arguments of ``timm.create_model`` that rebuild this encoder's architecture (JSON-safe);
+    ``pool``: the feature the run evaluates (``cls`` / ``avg``; default the class token where there is one)."""
     vit = _unwrap(encoder)
     return {
         "img_size": vit.img_size,
@@ -63,7 +66,7 @@ def timm_kwargs(encoder: nn.Module) -> dict:
         "no_embed_class": True,  # pos_embed covers the patches only (see wildssl.models.vit)
         "pre_norm": False,
         "fc_norm": False,
-        "global_pool": "token" if vit.class_token else "avg",
+        "global_pool": "token" if vit.class_token and pool != "avg" else "avg",
         "dynamic_img_size": True,
         "num_classes": 0,
     }
@@ -73,12 +76,35 @@ def save_encoder_export(path: Path, checkpoint: str | Path, teacher: bool | None
                         timm: bool = False) -> dict:
     """Write the encoder alone. ``timm=True`` drops wildssl-only keys (``mask_token``) so the file is a
     state dict timm's VisionTransformer loads with the kwargs stored in the metadata (``timm_kwargs``)."""
+    path, source = Path(path), resolve_checkpoint(checkpoint)
+    check_export_target(path, source)
     state, model_config = encoder_state_from_checkpoint(checkpoint, teacher)
     encoder = build_encoder_from_config(model_config)
     load_state_strict(encoder, state, str(checkpoint))
     tensors = timm_state_dict(encoder) if timm else dict(encoder.state_dict())
-    kwargs = timm_kwargs(encoder)
-    metadata = {"format": EXPORT_FORMAT, "config": json.dumps({"model": model_config}),
-                "timm_kwargs": json.dumps(kwargs)}
-    atomic_save(tensors, metadata, Path(path))
+    # the feature the run evaluates travels with the export, so that `eval knn EXPORT` reads it as `eval knn RUN`
+    pool = read_checkpoint_config(source).get("eval", {}).get("pool")
+    config = {"model": model_config, **({"eval": {"pool": pool}} if pool in ("cls", "avg") else {})}
+    kwargs = timm_kwargs(encoder, pool)
+    metadata = {"format": EXPORT_FORMAT, "config": json.dumps(config), "timm_kwargs": json.dumps(kwargs)}
+    atomic_save(tensors, metadata, path)
     return kwargs
+
+
+def check_export_target(path: Path, source: Path) -> None:
+    """A CheckpointError when writing an export to ``path`` would destroy something: the file it is read from,
+    a run's training checkpoint (its optimizer, heads and teacher; the export holds one encoder), or a folder."""
+    if path.is_dir():
+        raise CheckpointError(f"--out {path} is a folder; give a file name, e.g. {path / 'encoder.safetensors'}")
+    if not path.is_file():
+        return
+    if path.resolve() == source.resolve():
+        raise CheckpointError(f"--out {path} is the checkpoint being exported; writing the encoder over it would "
+                              "lose the rest of the run: choose another --out")
+    try:
+        fmt = read_header(path)[0].get("format")
+    except CheckpointError:  # not a safetensors file: an ordinary file the user names, replaced as asked
+        return
+    if fmt == CHECKPOINT_FORMAT:
+        raise CheckpointError(f"--out {path} is a training checkpoint; writing an export over it would lose that "
+                              "run's optimizer, heads and teacher: choose another --out")
