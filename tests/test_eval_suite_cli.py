@@ -137,3 +137,36 @@ def test_a_suite_reads_numbers_as_recipes_do_and_a_single_lr_is_a_sweep_of_one(t
                  "--set", "lrs=0.01", "--set", "pools=avg", "--no-cache", "--json"])
     assert code == 0, capsys.readouterr().err
     assert _last_json(capsys)["lr"] == pytest.approx(0.01)
+
+
+def test_a_probe_names_test_classes_its_train_split_lacks_and_warns_when_testing_on_its_training_images(
+        tmp_path, export, caplog):
+    """The k-NN did this already; the trained probes reported a figure over a misspelt class folder without a word."""
+    import logging
+    import shutil
+
+    from PIL import Image
+
+    for split, names in (("train", ("cat", "dog", "cow")), ("test", ("cat", "cow", "dgo"))):  # dgo: misspelt
+        for name in names:
+            (tmp_path / split / name).mkdir(parents=True)
+            for k in range(4):
+                Image.new("RGB", (16, 16), (40 * k, 20 + 80 * len(name) % 200, 90)).save(
+                    tmp_path / split / name / f"{k}.png")
+    train, test = str(tmp_path / "train"), str(tmp_path / "test")
+    with caplog.at_level(logging.INFO, logger="wildssl"):
+        assert main(["eval", "linear", str(export), "--train", train, "--test", test, "--set", "epochs=1",
+                     "--no-cache", "--json"]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["linear probe: 1 of the 3 classes of the test images are not among the train split's "
+                        "classes, so their images count as errors: dgo"]
+    caplog.clear()
+    shutil.rmtree(tmp_path / "test" / "dgo")
+    with caplog.at_level(logging.INFO, logger="wildssl"):
+        assert main(["eval", "linear", str(export), "--train", train, "--test", train, "--set", "epochs=1",
+                     "--no-cache", "--json"]) == 0
+        assert main(["eval", "linear", str(export), "--train", train, "--test", test, "--set", "epochs=1",
+                     "--no-cache", "--json"]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"linear probe: its test images are its training images ({train}), so the figure says "
+                        "nothing about new images; give a held-out --test"]

@@ -69,7 +69,7 @@ def attentive_probe(train: FeatureSet, test: FeatureSet, *, heads: int, lrs=(3e-
     """Train and score the MAP probe on the patch tokens of two feature sets: ``top1``, ``top5``, the
     chosen ``lr``, ``grid`` (held-out top-1 per lr), ``loss_curve`` and ``confusion``."""
     train_tokens, test_tokens = train.require_patch("attentive"), test.require_patch("attentive")
-    train, test = align_classes(train, test)
+    train, test = align_classes(train, test, "attentive probe")
     train_labels = require_labels(train, "attentive", "train")
     test_labels = require_labels(test, "attentive", "test")
     num_classes = max(class_count(train.classes, train_labels), class_count(test.classes, test_labels))

@@ -168,7 +168,7 @@ def decoder_probe(train: FeatureSet, test: FeatureSet, *, lrs=(3e-4, 1e-3, 3e-3)
     ``box_top1``/``box_top5`` and ``box_majority_baseline``, the test share of the most common train box
     class), the chosen ``lr``, ``grid``, ``loss_curve`` and the counts."""
     train_tokens, test_tokens = train.require_patch("decoder"), test.require_patch("decoder")
-    train, test = align_classes(train, test)
+    train, test = align_classes(train, test, "decoder probe")
     task = image_task(train)
     train_boxes, train_box_labels = padded_boxes(train)
     test_boxes, test_box_labels = padded_boxes(test)

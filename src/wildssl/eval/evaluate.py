@@ -263,7 +263,7 @@ def run_knn(context, options: dict | None = None) -> dict:
     options = resolve_options("knn", KNN_OPTIONS, options, required=("train", "test"))
     train = context.features(options["train"], options)
     test = context.features(options["test"], options)
-    train, test = align_classes(train, test)
+    train, test = align_classes(train, test, "knn probe")
     train_labels, test_labels = require_labels(train, "knn", "train"), require_labels(test, "knn", "test")
     num_classes = max(class_count(train.classes, train_labels), class_count(test.classes, test_labels))
     accuracy = knn_accuracy(train.pooled(options["pool"]), train_labels, test.pooled(options["pool"]), test_labels,

@@ -78,7 +78,7 @@ def linear_probe(train: FeatureSet, test: FeatureSet, *, pools=("cls", "avg"), l
     for pool in pools:
         if pool not in POOLS:
             raise ConfigError(f"linear probe pool {pool!r} is unknown; use some of {', '.join(POOLS)}")
-    train, test = align_classes(train, test)
+    train, test = align_classes(train, test, "linear probe")
     train_labels = require_labels(train, "linear", "train")
     test_labels = require_labels(test, "linear", "test")
     num_classes = max(class_count(train.classes, train_labels), class_count(test.classes, test_labels))

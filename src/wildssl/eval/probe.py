@@ -10,6 +10,7 @@ once on the test split. Everything is seeded: the same features give the same nu
 from __future__ import annotations
 
 import contextlib
+import logging
 import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -24,6 +25,8 @@ from wildssl.errors import ConfigError, DataError
 from wildssl.eval.cache import FeatureStore
 from wildssl.eval.features import FeatureSet, class_space
 from wildssl.eval.progress import progress_bar
+
+log = logging.getLogger("wildssl")
 
 # Keys every probe section of a suite accepts, beside its own.
 COMMON_OPTIONS: dict[str, Any] = {"image_size": None, "load_size": None}
@@ -194,13 +197,19 @@ def class_count(classes: list[str] | None, *labels: torch.Tensor) -> int:
     return largest + 1
 
 
-def align_classes(train: FeatureSet, test: FeatureSet) -> tuple[FeatureSet, FeatureSet]:
+def align_classes(train: FeatureSet, test: FeatureSet, probe: str = "probe") -> tuple[FeatureSet, FeatureSet]:
     """Both splits in one class space. Two manifests name their classes by their own sorted names, so the
     same index can mean different classes: when both splits have class names, the test split's labels,
     multi-labels and box labels are renumbered into the train split's names, and names only the test split
-    has are appended (the probe never learns them, so those images count as errors, as they should)."""
+    has are appended (the probe never learns them, so those images count as errors, as they should). The
+    test images' classes that the train split lacks (a misspelt class folder, say) are named in one warning."""
     if not train.classes or not test.classes or train.classes == test.classes:
         return train, test
+    used = sorted({int(v) for v in test.labels.tolist() if v >= 0})
+    unseen = [test.classes[v] for v in used if test.classes[v] not in train.classes]
+    if unseen:
+        log.warning("%s: %d of the %d classes of the test images are not among the train split's classes, so "
+                    "their images count as errors: %s", probe, len(unseen), len(used), ", ".join(unseen))
     classes, position = class_space(train.classes, test.classes)  # the label -1 stays -1
 
     def renumber(labels: torch.Tensor) -> torch.Tensor:

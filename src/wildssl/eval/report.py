@@ -43,7 +43,7 @@ import yaml
 from wildssl.errors import ConfigError
 from wildssl.eval import attentive, decoder, discovery, fewshot, linear, segmentation
 from wildssl.eval.cache import FeatureStore
-from wildssl.eval.evaluate import KNN_OPTIONS, run_knn
+from wildssl.eval.evaluate import KNN_OPTIONS, run_knn, same_data
 from wildssl.eval.probe import ProbeContext, resolve_options
 from wildssl.schema import load_yaml
 
@@ -129,6 +129,9 @@ def run_suite(store: FeatureStore, suite: str | Path | dict, out_dir: str | Path
         if suite["load_size"] is not None:
             options = {"load_size": suite["load_size"], **options}
         log.info("evaluating %s: %s probe", name, probe)
+        if options.get("train") and options.get("test") and same_data(str(options["train"]), str(options["test"])):
+            log.warning("%s probe: its test images are its training images (%s), so the figure says nothing about "
+                        "new images; give a held-out --test", probe, options["test"])
         began = time.perf_counter()
         context.name = probe
         figures = PROBES[probe_kind(probe)][1](context, options)
