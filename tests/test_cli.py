@@ -272,3 +272,21 @@ def test_demo_into_a_used_run_directory_says_to_choose_another_out(tmp_path, cap
     code, _, err = _run(capsys, "demo", "--out", str(tmp_path))
     assert code == 2 and err.strip() == (f"wildssl: error: {tmp_path} already holds a run; give the demo another --out "
                                          "(or none: runs/demo-<time>)")  # it said "pass --resume", which demo lacks
+
+
+def test_resume_without_a_run_to_continue_is_said_plainly(tmp_path, capsys, caplog):
+    """--resume without --out made a new runs/<method>-<time> folder; --resume on a misspelt --out started at
+    step 0 with an info line only (a preemptible job's first start needs that to work, so it is a warning)."""
+    import logging
+
+    code, _, err = _run(capsys, "train", "simclr_quick", "--resume")
+    assert code == 2 and err.strip() == "wildssl: error: --resume needs --out RUN: the run directory to continue"
+    argv = ["train", "simclr_quick", "--out", str(tmp_path / "typo"), "--resume"]
+    for item in tiny_overrides("simclr", "train.steps=1"):
+        argv += ["--set", item]
+    with caplog.at_level(logging.INFO, logger="wildssl"):
+        code, out, err = _run(capsys, *argv)
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["start_step"] == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"--resume: no checkpoint in {tmp_path / 'typo'} yet, so this run starts at step 0 (is that "
+                        "the run directory you meant?)"]

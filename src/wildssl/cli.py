@@ -70,6 +70,8 @@ def cmd_train(args) -> int:
     from wildssl.train.engine import train
     from wildssl.train.run import check_out_dir
 
+    if args.resume and not args.out:
+        raise WildsslError("--resume needs --out RUN: the run directory to continue")
     config = _config_from_args(args)
     out = Path(args.out or Path("runs") / f"{config['method']['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
     check_out_dir(config, out, args.resume)  # before the online k-NN opens its data

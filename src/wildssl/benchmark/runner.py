@@ -212,9 +212,11 @@ def train_entry(config: dict, folder: Path) -> dict:
     """Train (or resume) one run into ``folder / "train"``; the engine's summary with the wall time."""
     from wildssl.eval.evaluate import make_online_knn
     from wildssl.train import engine
+    from wildssl.train.run import run_checkpoint_path
 
     began = time.perf_counter()
-    summary = engine.train(config, folder / "train", resume=True,
+    resume = run_checkpoint_path(config, folder / "train").is_file()  # a killed suite's run continues
+    summary = engine.train(config, folder / "train", resume=resume,
                            knn_evaluator=make_online_knn(config, engine.pick_device()))
     summary["seconds"] = round(time.perf_counter() - began, 1)
     return summary

@@ -313,7 +313,9 @@ def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
         run.last_good_checkpoint = checkpoint_path
         log.info("resumed %s at step %d", checkpoint_path, run.start_step)
     elif resume:
-        log.info("no checkpoint in %s yet; starting at step 0", out_dir)
+        # a warning, not an error: a preemptible job's script passes --resume on its first start too
+        log.warning("--resume: no checkpoint in %s yet, so this run starts at step 0 (is that the run directory "
+                    "you meant?)", out_dir)
     if run.main:
         try:
             (out_dir / "config.yaml").write_text(dump_config(config))
