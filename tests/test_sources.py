@@ -309,6 +309,8 @@ def test_manifest_integer_labels_have_no_class_names(tmp_path):
         ('{"path": "a.png", "boxes": [[0.5, 0.1, 0.2, 0.9]]}', '"boxes" must be a list of normalized'),
         ('{"path": "a.png", "boxes": [[10, 10, 50, 50]]}', '"boxes" must be a list of normalized'),
         ('{"path": "a.png", "objects": [{"bbox_xywh": [1, 2, -3, 4]}]}', "objects\\[0\\] needs"),
+        ('{"path": "a.png", "objects": [{"bbox_xywh": [1, 2, Infinity, 4]}]}', "objects\\[0\\] needs"),
+        ('{"path": "a.png", "objects": [{"bbox_xywh": [-60, 2, 50, 4]}]}', "lies left of or above the image"),
         ('{"path": "a.png", "label": -2}', '"label" must be a class name or an integer'),
         ('{"path": "a.png", "label": 4}', "label 4 is an integer but line 1 used a class name"),
     ],
@@ -320,6 +322,23 @@ def test_manifest_bad_line_raises_data_error_with_file_and_line_number(tmp_path,
     with pytest.raises(DataError, match=message) as error:
         JsonlManifest(manifest, S)
     assert f"{manifest}:3:" in str(error.value)
+
+
+def test_object_boxes_wholly_outside_their_image_are_left_out_with_one_warning(tmp_path, caplog):
+    """Boxes a pixel past the border are clipped (annotation tools round outwards); a box wholly right of or below
+    its image used to become a zero-area box at the border, labelled, and fed to the box probes."""
+    write_image(tmp_path / "a.png", (0, 0, 0), size=(32, 32))
+    objects = [{"bbox_xywh": [100, 100, 50, 50], "category": "far"},
+               {"bbox_xywh": [-1, 0, 17, 16], "category": "cat"},
+               {"bbox_xywh": [0, 40, 8, 8], "category": "below"}]
+    source = JsonlManifest(write_manifest(tmp_path / "m.jsonl", [{"path": "a.png", "objects": objects}]), S)
+    with caplog.at_level(logging.INFO, logger="wildssl"):
+        first, again = source[0], source[0]
+    assert [list(b) for b in first["boxes"].tolist()] == [[0.0, 0.0, 0.5, 0.5]]
+    assert [source.classes[v] for v in first["box_labels"].tolist()] == ["cat"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "2 of its object boxes lie outside its 32x32 pixels" in warnings[0]
+    assert again["boxes"].tolist() == first["boxes"].tolist()
 
 
 def test_manifest_with_missing_image_files_counts_them_as_corrupt(tmp_path):

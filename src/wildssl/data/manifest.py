@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -14,6 +16,8 @@ from PIL import Image
 from wildssl.data.decode import DEFAULT_MAX_PIXELS, EXPECTED_SPEC, FileSource
 from wildssl.data.sample import DEFAULT_LOAD_SIZE
 from wildssl.errors import DataError
+
+log = logging.getLogger("wildssl")
 
 
 class _Record(NamedTuple):
@@ -62,6 +66,7 @@ class JsonlManifest(FileSource):
     def __init__(self, path: str | os.PathLike, load_size: int = DEFAULT_LOAD_SIZE,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         super().__init__(load_size, max_pixels)
+        self._outside_logged: set[str] = set()  # images whose boxes outside them were reported
         self.path = Path(path)
         if not self.path.is_file():
             raise DataError(f"manifest not found: {self.path} ({EXPECTED_SPEC})")
@@ -163,12 +168,16 @@ class JsonlManifest(FileSource):
         pixel_boxes, object_labels = [], []
         for k, obj in enumerate(objects):
             bbox = obj.get("bbox_xywh") if isinstance(obj, dict) else None
-            if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)) or not (
+            if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) and math.isfinite(v)
+                                                                      for v in bbox)) or not (
                 bbox[2] > 0 and bbox[3] > 0
             ):
                 raise DataError(
                     f'{where}: objects[{k}] needs "bbox_xywh": [x, y, w, h] in pixels with w > 0 and h > 0'
                 )
+            if bbox[0] + bbox[2] <= 0 or bbox[1] + bbox[3] <= 0:
+                raise DataError(f'{where}: objects[{k}] "bbox_xywh" {bbox} lies left of or above the image '
+                                "(x + w and y + h must be > 0)")
             category = obj.get("category")
             if category is not None and not _is_class(category):
                 raise DataError(f'{where}: objects[{k}] "category" must be a class name or an integer >= 0')
@@ -215,22 +224,27 @@ class JsonlManifest(FileSource):
     def _annotations(self, index: int, width: int, height: int) -> dict[str, Any]:
         record = self.records[index]
         boxes = list(record.boxes)
-        for x, y, w, h in record.pixel_boxes:
+        box_labels = [-1 if v is None else v for v in record.box_labels[: len(boxes)]]
+        outside = 0
+        for (x, y, w, h), label in zip(record.pixel_boxes, record.box_labels[len(record.boxes):]):
             # annotation tools round outwards: clip rather than reject a box a pixel past the border
-            boxes.append(
-                (
-                    min(max(x / width, 0.0), 1.0),
-                    min(max(y / height, 0.0), 1.0),
-                    min(max((x + w) / width, 0.0), 1.0),
-                    min(max((y + h) / height, 0.0), 1.0),
-                )
-            )
+            box = (min(max(x / width, 0.0), 1.0), min(max(y / height, 0.0), 1.0),
+                   min(max((x + w) / width, 0.0), 1.0), min(max((y + h) / height, 0.0), 1.0))
+            if box[2] <= box[0] or box[3] <= box[1]:  # wholly right of or below this image: nothing left
+                outside += 1
+                continue
+            boxes.append(box)
+            box_labels.append(-1 if label is None else label)
+        if outside and record.path not in self._outside_logged:
+            self._outside_logged.add(record.path)
+            log.warning("%s: %d of its object boxes lie outside its %dx%d pixels; left out (manifest %s)",
+                        record.path, outside, width, height, self.path)
         return {
             "label": -1 if record.label is None else record.label,
             "labels": list(record.labels),
             "captions": record.captions,
             "boxes": boxes,
-            "box_labels": [-1 if v is None else v for v in record.box_labels],
+            "box_labels": box_labels,
         }
 
     def mask(self, index: int) -> torch.Tensor | None:
