@@ -170,3 +170,23 @@ def test_a_probe_names_test_classes_its_train_split_lacks_and_warns_when_testing
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == [f"linear probe: its test images are its training images ({train}), so the figure says "
                         "nothing about new images; give a held-out --test"]
+
+
+def test_the_knn_and_fewshot_probes_read_the_feature_the_run_reads_unless_told(tmp_path, capsys):
+    """`eval all RUN` read the class token of a run trained and evaluated on the mean patch token, while `eval knn
+    RUN` read the mean token: two figures for one encoder and one data set, without a word."""
+    torch.manual_seed(0)
+    path = tmp_path / "avg_run_export.safetensors"
+    atomic_save(dict(build_encoder(**MODEL).state_dict()),
+                {"format": EXPORT_FORMAT, "config": json.dumps({"model": MODEL, "eval": {"pool": "avg"}})}, path)
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump({"probes": {"knn": {"train": TRAIN, "test": TEST},
+                                                "knn@cls": {"train": TRAIN, "test": TEST, "pool": "cls"},
+                                                "fewshot": {"data": TEST, "n_way": 3, "k_shot": 1, "n_query": 2,
+                                                            "episodes": 4}}}))
+    assert main(["eval", "all", str(path), "--suite", str(suite), "--out", str(tmp_path / "o"), "--no-cache",
+                 "--json"]) == 0
+    probes = _last_json(capsys)["probes"]
+    assert (probes["knn"]["pool"], probes["knn@cls"]["pool"], probes["fewshot"]["pool"]) == ("avg", "cls", "avg")
+    assert main(["eval", "knn", str(path), "--train", TRAIN, "--test", TEST, "--json"]) == 0
+    assert _last_json(capsys)["knn_top1"] == probes["knn"]["top1"]

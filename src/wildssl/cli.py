@@ -223,6 +223,28 @@ def _suite_encoder(args):
     return encoder, network
 
 
+# the probes with one pooled feature (the others sweep both, or read the patch tokens)
+POOLED_PROBES = ("knn", "fewshot")
+
+
+def _pool_as_the_run(suite: dict, checkpoint: str) -> dict:
+    """``suite`` with the run's own ``eval.pool`` as the default pool of its k-NN and few-shot probes, as
+    ``eval knn RUN`` reads it (a run trained on the mean patch token is read the same way, and so is its
+    random-init floor); a peer's file, or a probe that names its pool, keeps the probe's default."""
+    from wildssl.eval.report import probe_kind
+    from wildssl.models.loading import read_checkpoint_config
+
+    try:
+        pool = read_checkpoint_config(checkpoint).get("eval", {}).get("pool")
+    except WildsslError:  # a peer's file: no wildssl config
+        return suite
+    if pool not in ("cls", "avg"):
+        return suite
+    probes = {name: ({"pool": pool, **options} if probe_kind(name) in POOLED_PROBES else options)
+              for name, options in suite["probes"].items()}
+    return {**suite, "probes": probes}
+
+
 def _feature_store(args, encoder):
     from wildssl.eval.cache import FeatureStore, default_cache_dir
 
@@ -247,6 +269,7 @@ def cmd_eval_all(args) -> int:
 
     suite = read_suite(args.suite)  # a mistake in the suite file is found before the encoder is loaded
     encoder, network = _suite_encoder(args)
+    suite = _pool_as_the_run(suite, args.checkpoint)
     out = Path(args.out or Path("runs") / f"eval-{time.strftime('%Y%m%d-%H%M%S')}")
     name = f"{args.checkpoint} ({network})"
     report = run_suite(_feature_store(args, encoder), suite, out, name=name, progress=True)
@@ -274,6 +297,7 @@ def cmd_eval_probe(args) -> int:
     encoder, network = _suite_encoder(args)
     suite = {"image_size": args.image_size, "load_size": args.load_size, "batch_size": args.batch_size,
              "num_workers": args.num_workers, "seed": args.seed, "probes": {probe: options}}
+    suite = _pool_as_the_run(suite, args.checkpoint)
     name = f"{args.checkpoint} ({network})"
     report = run_suite(_feature_store(args, encoder), suite, args.out, name=name, progress=True)
     figures = report["probes"][probe]
