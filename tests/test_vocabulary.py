@@ -77,6 +77,16 @@ def test_vocab_build_command_writes_a_vocabulary_of_the_most_frequent_words(tmp_
     assert main(["vocab", "build", str(captions), "--size", "3", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"wildssl: error: --out {tmp_path} is a folder; give a file name, e.g. {tmp_path / 'out'}"]
+    # a missing synonyms file is named as such (it pointed to `vocab build`); captions without words say so (it
+    # said to lower --min-count, already at its least)
+    assert main(["vocab", "build", str(captions), "--size", "3", "--out", str(out), "--synonyms",
+                 str(tmp_path / "syn.txt")]) == 2
+    assert capsys.readouterr().err.strip() == (f"wildssl: error: synonyms file not found: {tmp_path / 'syn.txt'} "
+                                               "(one group per line, 'label: term, term')")
+    wordless = tmp_path / "wordless.jsonl"
+    wordless.write_text(json.dumps({"file": "a.jpg"}) + "\n" + json.dumps({"file": "b.jpg", "caption": "the a"}) + "\n")
+    assert main(["vocab", "build", str(wordless), "--size", "3", "--out", str(out)]) == 2
+    assert "the caption files hold no caption words" in capsys.readouterr().err
 
 
 def test_caption_files_in_shared_data_are_read_one_image_per_line(shared_data):

@@ -485,6 +485,8 @@ def cmd_vocab_build(args) -> int:
             stop_words += Path(path).read_text(encoding="utf-8").split()
         except (OSError, UnicodeDecodeError) as error:
             raise WildsslError(f"cannot read the stop-word list {path}: {error}") from None
+    if args.synonyms and not Path(args.synonyms).is_file():
+        raise WildsslError(f"synonyms file not found: {args.synonyms} (one group per line, 'label: term, term')")
     synonyms = Vocabulary.load(args.synonyms) if args.synonyms else None
     vocabulary, counts = build_vocabulary(read_caption_files(args.captions), args.size, stop_words, synonyms,
                                           args.min_count)

@@ -143,8 +143,12 @@ def build_vocabulary(images: Iterable[list[str]], size: int, stop_words: Iterabl
         label_count.update({canonical[w] for w in words})
     ranked = sorted((label for label, count in label_count.items() if count >= min_count and label not in stops),
                     key=lambda label: (-label_count[label], label))[:size]
+    if not ranked and not frequency:  # images read, but not one word among their captions
+        raise DataError("the caption files hold no caption words: a .jsonl needs a 'captions' list or a 'caption' "
+                        "string of text on its lines, a .txt one caption per line")
     if not ranked:
-        raise DataError(f"no word occurs in {min_count} or more images after removing stop words; lower --min-count")
+        hint = "; lower --min-count" if min_count > 1 else ""
+        raise DataError(f"no word occurs in {min_count} or more images after removing stop words{hint}")
     terms = {label: [] for label in ranked}
     for word in sorted(frequency, key=lambda w: (-frequency[w], w)):
         label = canonical[word]
