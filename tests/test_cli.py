@@ -290,3 +290,27 @@ def test_resume_without_a_run_to_continue_is_said_plainly(tmp_path, capsys, capl
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == [f"--resume: no checkpoint in {tmp_path / 'typo'} yet, so this run starts at step 0 (is that "
                         "the run directory you meant?)"]
+
+
+def test_resuming_with_another_config_names_what_differs_the_method_first(tmp_path, capsys):
+    from wildssl.errors import ConfigError
+    from wildssl.train.config import build_config
+    from wildssl.train.run import check_resume_config
+
+    saved = build_config("simclr_quick")
+    check_resume_config(saved, build_config("simclr_quick", ["eval.knn_every=7"]), "run")  # eval.* may change
+    with pytest.raises(ConfigError) as info:
+        check_resume_config(saved, build_config("simclr_quick", ["train.batch_size=8"]), "run")
+    assert str(info.value) == ("cannot resume run: the config differs from the checkpoint's (train.batch_size: 128 -> "
+                               "8); use the same recipe and --set values, or a new --out directory")
+    with pytest.raises(ConfigError) as info:
+        check_resume_config(saved, build_config("dino_quick"), "run")
+    message = str(info.value)
+    assert message.startswith("cannot resume run: the config differs from the checkpoint's (method.name: 'simclr' -> "
+                              "'dino', ") and " more keys); use the same recipe" in message
+    _train(tmp_path, capsys, "simclr")  # and through the command line, before any step
+    argv = ["train", "dino_quick", "--out", str(tmp_path / "run"), "--resume"]
+    for item in tiny_overrides("dino", "train.steps=2"):
+        argv += ["--set", item]
+    code, _, err = _run(capsys, *argv)
+    assert code == 2 and "(method.name: 'simclr' -> 'dino', " in err and len(err.strip().splitlines()) == 1, err

@@ -161,8 +161,11 @@ def check_resume_config(saved: dict, current: dict, where: str) -> None:
                        if saved_flat.get(k) != current_flat.get(k) and k not in RESUMABLE_CHANGES
                        and not k.startswith("eval."))
     if differing:
+        if "method.name" in differing:  # another method: its other keys differ too, and say less than this one
+            differing = ["method.name"] + [k for k in differing if k != "method.name"]
         shown = ", ".join(f"{k}: {saved_flat.get(k)!r} -> {current_flat.get(k)!r}" for k in differing[:4])
-        raise ConfigError(f"cannot resume {where}: the config differs from the checkpoint's ({shown}); "
+        more = f" and {len(differing) - 4} more keys" if len(differing) > 4 else ""
+        raise ConfigError(f"cannot resume {where}: the config differs from the checkpoint's ({shown}{more}); "
                           "use the same recipe and --set values, or a new --out directory")
 
 
