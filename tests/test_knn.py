@@ -362,3 +362,18 @@ def test_the_online_knn_says_why_it_is_off_no_labels_or_too_few(tmp_path, caplog
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert warnings == [f"online k-NN is off: {folder} {reason}; give labelled images with --val SPEC "
                             "(eval.knn_test), or set eval.knn_train and eval.knn_test"]
+
+
+def test_an_unlabelled_val_set_is_refused_when_the_online_knn_is_set_up(tmp_path):
+    """It used to fail at the first evaluation, once the run had started (and mid-line of the progress bar)."""
+    from conftest import tiny_config
+
+    from wildssl.errors import DataError
+    from wildssl.eval.evaluate import make_online_knn
+
+    folder = _class_folder(tmp_path / "photos")
+    manifest = tmp_path / "val.jsonl"
+    manifest.write_text("".join(f'{{"path": "{p}"}}\n' for p in sorted((tmp_path / "photos").rglob("*.png"))[:6]))
+    config = tiny_config("simclr", f"data.train={folder}", f"eval.knn_test={manifest}", "eval.knn_every=1")
+    with pytest.raises(DataError, match="the online k-NN needs a class label for every test image, but 6 of 6 "):
+        make_online_knn(config, "cpu")

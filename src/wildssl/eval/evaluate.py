@@ -236,6 +236,12 @@ def make_online_knn(config: dict, device: torch.device | str):
                         if isinstance(spec, str) else spec for spec in (memory, test))
         log.info("online k-NN: test = %s; memory = %d labelled images of %s", base_source(test).describe(),
                  len(memory), base_source(memory).describe())
+        labels = test.class_labels()
+        unlabelled = sum(1 for label in labels if label < 0) if labels is not None else 0
+        if unlabelled:  # now, not at the first evaluation, once the run has started
+            raise DataError(f"the online k-NN needs a class label for every test image, but {unlabelled} of "
+                            f"{len(labels)} images of {base_source(test).describe()} have none (--val / eval.knn_test: "
+                            "an image folder with class subfolders, a manifest with 'label', or synthetic:scenes)")
         warn_unseen_test_classes(memory, test)
 
     def evaluate(method) -> dict[str, float]:
