@@ -151,6 +151,10 @@ def test_engine_with_fsdp_sharding_resumes_exactly_and_exports_one_encoder_file(
     assert (tmp_path / "whole" / "checkpoint.dcp" / "wildssl.json").is_file()
     for run in ("whole", "resumed"):
         assert main(["export", "--checkpoint", str(tmp_path / run), "--out", str(tmp_path / f"{run}.safetensors")]) == 0
+    from wildssl.models.loading import read_checkpoint_config
+
+    run_pool = build_config("wsp_quick", overrides)["eval"]["pool"]
+    assert read_checkpoint_config(tmp_path / "whole.safetensors")["eval"] == {"pool": run_pool}  # read as the run
     whole = load_encoder(tmp_path / "whole.safetensors").state_dict()
     resumed = load_encoder(tmp_path / "resumed.safetensors").state_dict()
     for key in whole:

@@ -375,7 +375,7 @@ def cmd_eval_zeroshot(args) -> int:
 # ----------------------------------------------------------------------------- export
 
 def cmd_export(args) -> int:
-    from wildssl.models.export import save_encoder_export
+    from wildssl.models.export import check_export_target, save_encoder_export
     from wildssl.train import fsdp
 
     teacher = None if args.encoder == "auto" else args.encoder == "teacher"
@@ -383,7 +383,9 @@ def cmd_export(args) -> int:
     if (sharded / fsdp.RUN_STATE).is_file() and not args.timm:  # a train.sharding=fsdp run: consolidate it
         state = fsdp.read_run_state(sharded)
         network = state["eval_network"] if teacher is None else ("teacher" if teacher else "student")
-        fsdp.export_consolidated(sharded, args.out, state["config"]["model"], network)
+        check_export_target(Path(args.out), sharded / fsdp.RUN_STATE)
+        fsdp.export_consolidated(sharded, args.out, state["config"]["model"], network,
+                                 state["config"].get("eval", {}).get("pool"))
         print(f"wrote {args.out} (the {network} encoder of the sharded checkpoint {sharded})")
         return 0
     kwargs = save_encoder_export(Path(args.out), args.checkpoint, teacher=teacher, timm=args.timm)

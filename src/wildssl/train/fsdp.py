@@ -128,9 +128,11 @@ def full_state(method: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(method, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def export_consolidated(directory: str | Path, path: str | Path, model_config: dict, network: str = "student") -> None:
+def export_consolidated(directory: str | Path, path: str | Path, model_config: dict, network: str = "student",
+                        pool: str | None = None) -> None:
     """One wildssl encoder export file (``wildssl export``'s format) from a DCP checkpoint directory: the
-    ``network``'s backbone, strictly checked against the encoder ``model_config`` declares. Runs in one
+    ``network``'s backbone, strictly checked against the encoder ``model_config`` declares; ``pool``: the run's
+    ``eval.pool``, kept in the export as :func:`wildssl.models.export.save_encoder_export` keeps it. Runs in one
     process, without a process group."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -145,8 +147,8 @@ def export_consolidated(directory: str | Path, path: str | Path, model_config: d
     encoder_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     encoder = build_encoder_from_config(model_config)
     load_state_strict(encoder, encoder_state, str(directory))
-    metadata = {"format": EXPORT_FORMAT, "config": json.dumps({"model": model_config}),
-                "timm_kwargs": json.dumps(timm_kwargs(encoder))}
+    config = {"model": model_config, **({"eval": {"pool": pool}} if pool in ("cls", "avg") else {})}
+    metadata = {"format": EXPORT_FORMAT, "config": json.dumps(config), "timm_kwargs": json.dumps(timm_kwargs(encoder, pool))}
     atomic_save({k: v.contiguous() for k, v in encoder.state_dict().items()}, metadata, Path(path))
 
 
