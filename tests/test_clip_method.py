@@ -217,3 +217,31 @@ def test_clip_on_captioned_scenes_lowers_its_loss_and_beats_random_init_on_knn(t
     assert len(losses) == 20
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
     assert trained > initial + KNN_MARGIN, (trained, initial)
+
+
+def test_the_caption_stream_must_be_captioned_and_a_partly_captioned_one_is_named(tmp_path, caplog):
+    """Images without a caption trained against the empty caption they all share, without a word; a folder of
+    images with the byte tokenizer trained on nothing but empty captions."""
+    import json
+    import logging
+
+    from PIL import Image
+
+    from conftest import tiny_config
+    from wildssl.data import open_source
+    from wildssl.errors import DataError
+    from wildssl.methods import build_method
+
+    for k in range(6):
+        Image.new("RGB", (16, 16), (40 * k, 10, 90)).save(tmp_path / f"{k}.png")
+    manifest = tmp_path / "half.jsonl"
+    manifest.write_text("".join(json.dumps({"path": f"{k}.png", **({"caption": "a red ring"} if k % 2 else {})})
+                                + "\n" for k in range(6)))
+    method = build_method(tiny_config("clip", "method.tokenizer=byte", "method.vocab_size=259"))
+    with caplog.at_level(logging.INFO, logger="wildssl"):
+        method.prepare({"train": open_source(str(manifest), 16)}, tmp_path / "run_half")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["clip: 3 of the 6 images of data.train have no caption; each trains against the empty "
+                        "caption they all share (caption them, or leave them out of this stream)"]
+    with pytest.raises(DataError, match="method clip learns from captions, but there are no captions in image folder"):
+        method.prepare({"train": open_source(str(tmp_path), 16)}, tmp_path / "run_folder")

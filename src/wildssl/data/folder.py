@@ -101,6 +101,9 @@ class ImageFolder(FileSource):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def captioned_count(self) -> int:
+        return 0  # a folder of images has no captions
+
     def class_labels(self) -> list[int]:
         return list(self.labels)
 

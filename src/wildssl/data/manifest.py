@@ -262,9 +262,12 @@ class JsonlManifest(FileSource):
             raise DataError(f"cannot read mask {path} of {self.path}: {error}") from None
         return torch.from_numpy(pixels)
 
+    def captioned_count(self) -> int:
+        return sum(1 for r in self.records if r.captions)
+
     def describe(self) -> str:
         classes = f"{len(self.classes)} classes" if self.classes else "no class names"
-        captioned = sum(1 for r in self.records if r.captions)
+        captioned = self.captioned_count()
         boxes = sum(len(r.boxes) + len(r.pixel_boxes) for r in self.records)
         masks = sum(1 for r in self.records if r.mask)
         return (f"JSONL manifest {self.path}: {len(self)} images, {classes}, {captioned} captioned, {boxes} boxes"

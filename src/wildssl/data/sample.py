@@ -59,6 +59,11 @@ class Source(Dataset, abc.ABC):
         cannot tell without decoding. Evaluation uses it to find a labelled split cheaply."""
         return None
 
+    def captioned_count(self) -> int | None:
+        """How many items have a caption, without decoding any image; None when the source cannot tell (streamed
+        shards). The CLIP family checks its caption stream with it."""
+        return None
+
     def mask(self, index: int) -> torch.Tensor | None:
         """The per-pixel class map of item ``index``: ``(H, W)`` long at the resolution of the original
         image (its mask file, or the render), or None when the item has none. Kept out of the sample

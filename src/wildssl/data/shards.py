@@ -323,6 +323,9 @@ class TarShards(FileSource):
     def class_labels(self) -> list[int]:
         return [sample.label for sample in self.samples]
 
+    def captioned_count(self) -> int:
+        return sum(1 for sample in self.samples if sample.text_offset >= 0)
+
     def _open(self, index: int) -> BinaryIO:
         sample = self.samples[index]
         return io.BytesIO(self._read(sample.shard, sample.image_offset, sample.image_size))

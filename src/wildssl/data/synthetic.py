@@ -319,6 +319,9 @@ class SyntheticScenes(Source):
     def __len__(self) -> int:
         return self.n
 
+    def captioned_count(self) -> int:
+        return len(self)  # every scene is rendered with its caption
+
     def class_labels(self) -> list[int]:
         return [self.scene(i).objects[0].shape for i in range(self.n)]
 

@@ -12,6 +12,7 @@ and saves it as ``tokenizer.json`` in the run directory, where a resumed run and
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from wildssl.models.text import build_text_tower
 from wildssl.models.tokenizer import (PAD_ID, SPECIAL_TOKENS, TOKENIZER_FILENAME, ByteTokenizer, CaptionTokenizer,
                                       build_tokenizer)
 from wildssl import distributed as dist
+
+log = logging.getLogger("wildssl")
 
 # BPE merges stabilise long before this many captions; reading more would only decode more images
 # (a source yields its captions with its images) while the other ranks wait at the barrier.
@@ -110,6 +113,8 @@ class CLIP(Method):
         the first stream's source) and saves it there, and every rank then loads that file."""
         path = Path(run_dir) / TOKENIZER_FILENAME
         if dist.is_main_process() and not path.is_file():
+            if self.streams[0] in sources:
+                self._check_captions(sources[self.streams[0]])
             o = self.options
             captions = None
             if o["tokenizer"] == "bpe":
@@ -125,6 +130,20 @@ class CLIP(Method):
             tokenizer.save(path)  # atomic: a crash never leaves half a tokenizer beside a checkpoint
         dist.barrier()
         self.tokenizer = self._checked(CaptionTokenizer.load(path), path)
+
+    def _check_captions(self, source) -> None:
+        """Every image of the caption stream should have a caption: one without trains against the empty
+        caption, which all such images share (each is then a false negative of the others). None at all is an
+        error; some missing, a warning naming how many. Sources that cannot count without decoding are let be."""
+        count = source.captioned_count() if hasattr(source, "captioned_count") else None
+        if count is None or count == len(source):
+            return
+        if count == 0:
+            raise DataError(f"method {self.name} learns from captions, but there are no captions in "
+                            f"{source.describe()}; {self._give_captions()}")
+        log.warning("%s: %d of the %d images of data.%s have no caption; each trains against the empty caption "
+                    "they all share (caption them, or leave them out of this stream)", self.name, len(source) - count,
+                    len(source), self.streams[0])
 
     def _give_captions(self) -> str:
         stream = self.streams[0]
