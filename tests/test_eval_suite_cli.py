@@ -114,7 +114,14 @@ def test_each_probe_verb_prints_one_json_line(tmp_path, export, capsys):
     ({"probes": {"fewshot": {"data": 3}}}, "option 'data' of the fewshot probe must be a data SPEC"),
     ({"probes": {"knn": {"train": TRAIN, "test": TEST, "temperature": "warm"}}},
      "option 'temperature' of the knn probe must be a number"),
-    ({"probes": {"knn": {"train": TRAIN, "test": TEST, "k": 0}}}, "the k-NN needs k >= 1 and temperature > 0, got k=0"),
+    # ranges: with the types, before the encoder is loaded and before the probes above them run
+    ({"probes": {"knn": {"train": TRAIN, "test": TEST, "k": 0}}}, "option 'k' of the knn probe must be >= 1, got 0"),
+    ({"probes": {"knn": {"train": TRAIN, "test": TEST}, "fewshot": {"data": TEST, "n_way": 1}}},
+     "option 'n_way' of the fewshot probe must be >= 2, got 1"),
+    ({"probes": {"discovery": {"data": TEST, "mass": 0}}}, "option 'mass' of the discovery probe must be > 0.0 and <= 1.0"),
+    ({"probes": {"discovery": {"data": TEST, "pictures": -1}}}, "option 'pictures' of the discovery probe must be >= 0"),
+    ({"probes": {"segment": {"train": TRAIN, "test": TEST, "num_classes": 0}}},
+     "option 'num_classes' of the segment probe must be >= 1, got 0"),
 ])
 def test_suite_mistakes_are_one_line_errors(tmp_path, export, capsys, suite, expected):
     (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))

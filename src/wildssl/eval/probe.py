@@ -62,6 +62,7 @@ def resolve_options(probe: str, defaults: dict[str, Any], given: dict[str, Any] 
                           f"{', '.join(sorted(valid))}")
     for key, value in given.items():
         given[key] = _checked_option(probe, key, value, valid[key])
+        _check_range(probe, key, given[key])
     options = {**valid, **given}
     for key in required:
         if options[key] in (None, ""):
@@ -72,6 +73,18 @@ def resolve_options(probe: str, defaults: dict[str, Any], given: dict[str, Any] 
 
 # Options without a default whose value is a data SPEC (the others without a default are whole numbers).
 SPEC_OPTIONS = ("train", "test", "data")
+# The range of each numeric option, by name (lowest, highest, whether the lowest itself is excluded), checked
+# with the types before anything runs: the probes check them too, but only when their turn comes.
+OPTION_RANGES: dict[str, tuple[float, float | None, bool]] = {
+    **{key: (1, None, False) for key in ("epochs", "batch_size", "episodes", "k_shot", "n_query", "k", "width",
+                                         "depth", "heads", "num_classes", "image_size", "load_size")},
+    "n_way": (2, None, False),
+    "pictures": (0, None, False),
+    "weight_decay": (0.0, None, False),
+    "temperature": (0.0, None, True),
+    "mass": (0.0, 1.0, True),
+    "val_fraction": (0.0, 1.0, True),  # and below 1: checked where it is used
+}
 
 
 def _checked_option(probe: str, key: str, value: Any, default: Any) -> Any:
@@ -108,6 +121,16 @@ def _checked_option(probe: str, key: str, value: Any, default: Any) -> Any:
             raise wrong("a whole number" + (f" (like {default})" if default is not None else ""))
         return int(value)
     return value
+
+
+def _check_range(probe: str, key: str, value: Any) -> None:
+    """A ConfigError naming the option when a number lies outside :data:`OPTION_RANGES`."""
+    if key not in OPTION_RANGES or not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    low, high, open_low = OPTION_RANGES[key]
+    if (value <= low if open_low else value < low) or (high is not None and value > high):
+        wanted = f"{'>' if open_low else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+        raise ConfigError(f"option {key!r} of the {probe} probe must be {wanted}, got {value!r}")
 
 
 @contextlib.contextmanager
