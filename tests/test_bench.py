@@ -62,6 +62,17 @@ def test_bench_without_data_files_says_which_key_to_set(capsys):
     assert "data.train" in capsys.readouterr().err
 
 
+def test_bench_pipeline_steps_under_two_is_one_line_naming_that_option(capsys):
+    """--pipeline-steps 0 was taken as "the default" without a word; the error for too few batches named --steps."""
+    for value in ("0", "1"):
+        argv = ["bench", "simclr_quick", "--pipeline-steps", value, "--steps", "1"]
+        for item in tiny_overrides("simclr"):
+            argv += ["--set", item]
+        assert main(argv) == 2
+        assert capsys.readouterr().err.strip() == (f"wildssl: error: --pipeline-steps {value}: the pipeline is timed "
+                                                   "over at least 2 batches (the first is not timed)")
+
+
 CASES = {
     "dino": ("dino_quick", tiny_overrides("dino")),
     "ibot": ("ibot_quick", TINY_MODEL + TINY_IBOT),

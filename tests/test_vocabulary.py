@@ -87,6 +87,8 @@ def test_vocab_build_command_writes_a_vocabulary_of_the_most_frequent_words(tmp_
     wordless.write_text(json.dumps({"file": "a.jpg"}) + "\n" + json.dumps({"file": "b.jpg", "caption": "the a"}) + "\n")
     assert main(["vocab", "build", str(wordless), "--size", "3", "--out", str(out)]) == 2
     assert "the caption files hold no caption words" in capsys.readouterr().err
+    assert main(["vocab", "build", str(captions), "--size", "3", "--out", str(out), "--min-count", "0"]) == 2
+    assert "--min-count 0: a label is held by at least 1 image" in capsys.readouterr().err
 
 
 def test_caption_files_in_shared_data_are_read_one_image_per_line(shared_data):

@@ -114,6 +114,8 @@ def build_vocabulary(images: Iterable[list[str]], size: int, stop_words: Iterabl
     their labels first; labels held by fewer than ``min_count`` images are left out."""
     if size < 1:
         raise DataError(f"--size {size}: a vocabulary needs at least one label")
+    if min_count < 1:
+        raise DataError(f"--min-count {min_count}: a label is held by at least 1 image; give 1 or more")
     stops = STOP_WORDS | {w.strip().lower() for w in stop_words}
     per_image: list[set[str]] = []
     frequency: Counter[str] = Counter()

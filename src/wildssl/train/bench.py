@@ -280,8 +280,8 @@ def measure_pipeline(run: Run, steps: int) -> tuple[dict, dict[str, dict]]:
     del loaders  # joins the workers, so that their CPU time is counted
     cpu = _cpu_seconds() - cpu_before
     if first is None or images == 0:
-        raise ConfigError(f"wildssl bench needs at least 2 batches of data; --steps gives {steps} (raise it) or "
-                          "the data is smaller than one batch")
+        raise ConfigError(f"wildssl bench needs at least 2 batches of data to time the pipeline; it read {steps} "
+                          "(raise --pipeline-steps) or the data is smaller than one batch")
     all_images = images + sum(len(batch["image"]) for batch in first.values())
     return {"pipeline_images_per_s": images / max(wall, 1e-9),
             "pipeline_images_per_cpu_s": all_images / max(cpu, 1e-9),
@@ -323,6 +323,9 @@ def bench(config: dict, recipe: str, steps: int = 10, warmup: int = 2, pipeline_
     if steps < 1 or warmup < 1:
         raise ConfigError(f"wildssl bench: --steps and --warmup must be >= 1 (got {steps}, {warmup}); the warm-up "
                           "steps also measure the peak memory")
+    if pipeline_steps is not None and pipeline_steps < 2:
+        raise ConfigError(f"--pipeline-steps {pipeline_steps}: the pipeline is timed over at least 2 batches (the "
+                          "first is not timed)")
     pipeline_steps = pipeline_steps or max(steps + warmup, 3)
     compile_ = config["train"]["compile"]
     config = {**config, "train": {**config["train"], "steps": max(steps + 2 * warmup + 1, pipeline_steps),
