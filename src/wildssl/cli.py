@@ -151,10 +151,9 @@ def _knn_pool(args) -> str:
         return args.pool
     if args.checkpoint is None:
         return "cls"
-    from wildssl.models.loading import read_checkpoint_config
+    from wildssl.models.loading import evaluated_pool
 
-    pool = read_checkpoint_config(args.checkpoint).get("eval", {}).get("pool", "cls")
-    return pool if pool in ("cls", "avg") else "cls"
+    return evaluated_pool(args.checkpoint) or "cls"
 
 
 # eval knn options -> the config keys whose type and range they share (wildssl.schema)
@@ -232,13 +231,13 @@ def _pool_as_the_run(suite: dict, checkpoint: str) -> dict:
     ``eval knn RUN`` reads it (a run trained on the mean patch token is read the same way, and so is its
     random-init floor); a peer's file, or a probe that names its pool, keeps the probe's default."""
     from wildssl.eval.report import probe_kind
-    from wildssl.models.loading import read_checkpoint_config
+    from wildssl.models.loading import evaluated_pool
 
     try:
-        pool = read_checkpoint_config(checkpoint).get("eval", {}).get("pool")
+        pool = evaluated_pool(checkpoint)
     except WildsslError:  # a peer's file: no wildssl config
         return suite
-    if pool not in ("cls", "avg"):
+    if pool is None:
         return suite
     probes = {name: ({"pool": pool, **options} if probe_kind(name) in POOLED_PROBES else options)
               for name, options in suite["probes"].items()}
@@ -512,13 +511,12 @@ def cmd_demo(args) -> int:
     from wildssl.eval.evaluate import make_online_knn
     from wildssl.train.config import build_config
     from wildssl.train.engine import train
+    from wildssl.train.run import run_checkpoint_path
 
     start = time.perf_counter()
     config = build_config(DEMO_RECIPE, list(args.set or []))
     out = Path(args.out or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
-    from wildssl.models.loading import CHECKPOINT_NAME
-
-    if (out / CHECKPOINT_NAME).is_file():  # the demo starts afresh: it has no --resume
+    if run_checkpoint_path(config, out).is_file():  # the demo starts afresh: it has no --resume
         raise WildsslError(f"{out} already holds a run; give the demo another --out (or none: runs/demo-<time>)")
     ecfg = config["eval"]
     if not (ecfg["knn_every"] and ecfg["knn_train"] and ecfg["knn_test"]):

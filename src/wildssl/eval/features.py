@@ -15,8 +15,8 @@ from wildssl.data.sample import Source, collate
 from wildssl.data.views import preprocess_images  # the one input transform of every evaluation
 from wildssl.errors import ConfigError, DataError
 from wildssl.eval.progress import progress_bar
+from wildssl.models.loading import POOLS
 
-POOLS = ("cls", "avg")
 
 
 def class_space(memory_classes: list[str], test_classes: list[str]) -> tuple[list[str], torch.Tensor]:

@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wildssl.eval.features import POOLS, FeatureSet
+from wildssl.eval.features import FeatureSet
 from wildssl.eval.probe import (ProbeContext, align_classes, class_count, confusion_matrix, fit, predict,
                                 require_labels, resolve_options, seeded, select_on_held_out, topk_accuracy)
 from wildssl.errors import ConfigError
+from wildssl.models.loading import POOLS
 
 OPTIONS: dict[str, Any] = {
     "train": None,  # data SPEC of the labelled train split

@@ -65,12 +65,11 @@ from wildssl.data.sampler import IndexHook
 from wildssl.errors import ConfigError
 from wildssl.models.ema import ema_update_
 from wildssl.io import read_header
-from wildssl.models.loading import (build_encoder_from_config, encoder_state_from_checkpoint, load_state_strict,
-                                    resolve_checkpoint)
+from wildssl.models.loading import (POOLS, build_encoder_from_config, encoder_state_from_checkpoint,
+                                    load_state_strict, resolve_checkpoint)
 
 log = logging.getLogger("wildssl")
 
-POOLS = ("cls", "avg")
 EVAL_NETWORKS = ("teacher", "student")
 
 

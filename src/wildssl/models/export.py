@@ -21,7 +21,7 @@ from torch import nn
 from wildssl.errors import CheckpointError
 from wildssl.io import atomic_save, read_header
 from wildssl.models.loading import (CHECKPOINT_FORMAT, EXPORT_FORMAT, build_encoder_from_config,
-                                    encoder_state_from_checkpoint, load_state_strict, read_checkpoint_config,
+                                    encoder_state_from_checkpoint, evaluated_pool, load_state_strict,
                                     resolve_checkpoint)
 from wildssl.models.vit import VisionTransformer
 
@@ -82,13 +82,17 @@ def save_encoder_export(path: Path, checkpoint: str | Path, teacher: bool | None
     encoder = build_encoder_from_config(model_config)
     load_state_strict(encoder, state, str(checkpoint))
     tensors = timm_state_dict(encoder) if timm else dict(encoder.state_dict())
-    # the feature the run evaluates travels with the export, so that `eval knn EXPORT` reads it as `eval knn RUN`
-    pool = read_checkpoint_config(source).get("eval", {}).get("pool")
-    config = {"model": model_config, **({"eval": {"pool": pool}} if pool in ("cls", "avg") else {})}
-    kwargs = timm_kwargs(encoder, pool)
-    metadata = {"format": EXPORT_FORMAT, "config": json.dumps(config), "timm_kwargs": json.dumps(kwargs)}
+    metadata = export_metadata(encoder, model_config, evaluated_pool(source))
     atomic_save(tensors, metadata, path)
-    return kwargs
+    return json.loads(metadata["timm_kwargs"])
+
+
+def export_metadata(encoder: nn.Module, model_config: dict, pool: str | None) -> dict[str, str]:
+    """The metadata of an export file: its format, its config (the model, and the run's ``eval.pool`` when known,
+    so that ``eval knn EXPORT`` reads the feature ``eval knn RUN`` reads) and the timm kwargs (pooling to match)."""
+    config = {"model": model_config, **({"eval": {"pool": pool}} if pool is not None else {})}
+    return {"format": EXPORT_FORMAT, "config": json.dumps(config),
+            "timm_kwargs": json.dumps(timm_kwargs(encoder, pool))}
 
 
 def check_export_target(path: Path, source: Path) -> None:

@@ -26,6 +26,7 @@ CHECKPOINT_NAME = "checkpoint.safetensors"
 CHECKPOINT_FORMAT = "wildssl-checkpoint"
 EXPORT_FORMAT = "wildssl-encoder"
 EVAL_NETWORKS = ("teacher", "student")
+POOLS = ("cls", "avg")  # the features an encoder is read by: the class token or the mean patch token
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -214,6 +215,13 @@ def evaluated_network(path: str | Path, teacher: bool | None = None) -> str:
         return "export"
     prefix = _encoder_prefix(set(shapes), teacher, metadata.get("eval_network", "teacher"), str(path))
     return "teacher" if prefix.startswith("method.teacher") else "student"
+
+
+def evaluated_pool(path: str | Path) -> str | None:
+    """The feature the run behind ``path`` evaluates (its config's ``eval.pool``: ``cls`` or ``avg``; an export
+    keeps it), or None when the file does not say."""
+    pool = read_checkpoint_config(path).get("eval", {}).get("pool")
+    return pool if pool in POOLS else None
 
 
 def load_encoder(path: str | Path, teacher: bool | None = None) -> VisionTransformer:

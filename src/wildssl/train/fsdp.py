@@ -40,8 +40,8 @@ from torch import nn
 from wildssl import distributed as dist
 from wildssl.errors import CheckpointError, ConfigError
 from wildssl.io import atomic_save
-from wildssl.models.export import timm_kwargs
-from wildssl.models.loading import EXPORT_FORMAT, build_encoder_from_config, load_state_strict
+from wildssl.models.export import export_metadata
+from wildssl.models.loading import POOLS, build_encoder_from_config, load_state_strict
 
 PRECISIONS = ("bf16", "fp32")
 SHARDED_CHECKPOINT = "checkpoint.dcp"
@@ -147,8 +147,7 @@ def export_consolidated(directory: str | Path, path: str | Path, model_config: d
     encoder_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     encoder = build_encoder_from_config(model_config)
     load_state_strict(encoder, encoder_state, str(directory))
-    config = {"model": model_config, **({"eval": {"pool": pool}} if pool in ("cls", "avg") else {})}
-    metadata = {"format": EXPORT_FORMAT, "config": json.dumps(config), "timm_kwargs": json.dumps(timm_kwargs(encoder, pool))}
+    metadata = export_metadata(encoder, model_config, pool if pool in POOLS else None)
     atomic_save({k: v.contiguous() for k, v in encoder.state_dict().items()}, metadata, Path(path))
 
 
