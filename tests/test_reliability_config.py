@@ -98,6 +98,8 @@ def test_a_key_given_twice_in_a_recipe_or_suite_file_is_one_line_error_naming_bo
     from wildssl.schema import load_yaml
 
     assert load_yaml("a: &x {b: 1}\nc:\n  <<: *x\n  d: 2\n") == {"a": {"b": 1}, "c": {"b": 1, "d": 2}}
+    with pytest.raises(yaml.YAMLError, match="key 'steps' is given twice, on lines 1 and 1"):  # one flow mapping
+        load_yaml("train: {steps: 3, steps: 4}")
 
 
 @pytest.mark.parametrize("item, fragments", [

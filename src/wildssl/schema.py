@@ -54,15 +54,15 @@ class ConfigLoader(yaml.SafeLoader):
             for key_node, _ in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":
                     continue
-                key = self.construct_object(key_node, deep=True)
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
                 try:
-                    first = lines.setdefault(key, key_node.start_mark.line + 1)
+                    first = lines.get(key)
                 except TypeError:  # an unhashable key: the base class says what is wrong with it
                     continue
-                if first != key_node.start_mark.line + 1:
+                if first is not None:  # by presence: two on one line ({steps: 3, steps: 4}) count too
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"key {key!r} is given twice, on lines {first} and {key_node.start_mark.line + 1}",
-                        key_node.start_mark)
+                        None, None, f"key {key!r} is given twice, on lines {first} and {line}", key_node.start_mark)
+                lines[key] = line
         return super().construct_mapping(node, deep)
 
 
