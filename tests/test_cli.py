@@ -314,3 +314,22 @@ def test_resuming_with_another_config_names_what_differs_the_method_first(tmp_pa
         argv += ["--set", item]
     code, _, err = _run(capsys, *argv)
     assert code == 2 and "(method.name: 'simclr' -> 'dino', " in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_options_a_command_would_ignore_are_one_line_errors(tmp_path, capsys):
+    """`eval knn --model/--patch-size` with a checkpoint (the checkpoint's architecture is used) and `plot --count/--seed`
+    without --reconstructions used to be dropped without a word."""
+    _train(tmp_path, capsys, "simclr")
+    run, data = str(tmp_path / "run"), "synthetic:scenes?n=32&size=16"
+    for extra, named in ((["--model", "base"], "--model"), (["--patch-size", "8", "--random-init"], "--patch-size")):
+        code, out, err = _run(capsys, "eval", "knn", run, "--train", data + "&split=train", "--test",
+                              data + "&split=test", *extra)
+        assert code == 2 and f"{named} only build an architecture for --random-init without a checkpoint" in err, err
+        assert "Traceback" not in err and out == ""
+    code, out, err = _run(capsys, "eval", "knn", "--random-init", "--model", "tiny", "--patch-size", "8",
+                          "--image-size", "16", "--train", data + "&split=train", "--test", data + "&split=test", "--json")
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["network"] == "random-init", err
+    for extra in (["--count", "3"], ["--seed", "1"]):
+        code, out, err = _run(capsys, "plot", run, "--out", str(tmp_path / "curves.png"), *extra)
+        assert code == 2 and f"{extra[0]} only apply to --reconstructions" in err, err
+    assert not (tmp_path / "curves.png").exists()

@@ -1,3 +1,5 @@
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -109,6 +111,20 @@ def test_discovery_scores_constructed_attention_as_computed_by_hand(tmp_path):
     assert result["corloc"] == pytest.approx(1.0) and result["num_corloc_images"] == 2
     assert result["jaccard"] == pytest.approx(64 / 72) and result["num_jaccard_images"] == 1
     assert (tmp_path / result["pictures"][0]).is_file()
+
+
+def test_a_background_value_no_mask_holds_is_a_warning_and_scores_against_the_whole_image(tmp_path, caplog):
+    # background=300 is a valid integer but no mask value: every valid pixel is then foreground. The figure is what
+    # the option asks for (image 0's 4 attention patches = 64 of the 240 valid pixels), with one warning that says so.
+    with caplog.at_level(logging.WARNING, logger="wildssl"):
+        result = discover(_AttentionStub(), _Scenes(), image_size=16, mass=0.85, background=300, pictures=0)
+    assert result["jaccard"] == pytest.approx(64 / (256 - 8))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "no mask of two constructed images holds the background value 300" in warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="wildssl"):
+        discover(_AttentionStub(), _Scenes(), image_size=16, mass=0.85, background=0, pictures=0)
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 
 def test_discovery_needs_a_class_token():

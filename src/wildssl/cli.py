@@ -135,7 +135,12 @@ def _knn_encoder(args):
         if not args.random_init:
             raise WildsslError("give a checkpoint (run directory, checkpoint or export: as the first argument or "
                                "--checkpoint PATH), or --random-init with --model")
-        model_config = {"name": args.model, "patch_size": args.patch_size, "img_size": args.image_size or 224}
+        model_config = {"name": args.model or "small", "patch_size": args.patch_size or 16,
+                        "img_size": args.image_size or 224}
+    elif args.model is not None or args.patch_size is not None:
+        given = " and ".join(f for f, v in (("--model", args.model), ("--patch-size", args.patch_size)) if v is not None)
+        raise WildsslError(f"{given} only build an architecture for --random-init without a checkpoint; the "
+                           f"checkpoint {args.checkpoint} has its own (leave {given} out)")
     else:
         model_config = checkpoint_model_config(args.checkpoint, teacher)  # header only: no weights read
     if args.random_init:
@@ -407,10 +412,16 @@ def cmd_plot(args) -> int:
 
     if args.out:
         args.out = output_file(args.out, suffixes=PICTURE_SUFFIXES)  # before the run is read
+    if not args.reconstructions:
+        given = [flag for flag, value in (("--count", args.count), ("--seed", args.seed)) if value is not None]
+        if given:
+            raise WildsslError(f"{' and '.join(given)} only apply to --reconstructions IMAGES (an MAE run's "
+                               "reconstructions); the plot you asked for has none")
     if args.reconstructions:
         from wildssl.eval.reconstructions import plot_reconstructions
 
-        print(f"wrote {plot_reconstructions(args.run, args.reconstructions, args.out, args.count, args.seed)}")
+        count, seed = 8 if args.count is None else args.count, args.seed or 0
+        print(f"wrote {plot_reconstructions(args.run, args.reconstructions, args.out, count, seed)}")
         return 0
     if args.neighbours is not None:
         from wildssl.eval.neighbour_plot import plot_neighbours
@@ -609,8 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--test", required=True, help="data SPEC of the labelled test images")
     k.add_argument("--random-init", action="store_true",
                    help="evaluate the same architecture untrained (the baseline to compare with)")
-    k.add_argument("--model", default="small", help="architecture for --random-init without --checkpoint")
-    k.add_argument("--patch-size", type=int, default=16, help="patch size for --random-init without --checkpoint")
+    k.add_argument("--model", help="architecture for --random-init without a checkpoint (default small)")
+    k.add_argument("--patch-size", type=int, help="patch size for --random-init without a checkpoint (default 16)")
     k.add_argument("--encoder", choices=("auto", "teacher", "student"), default="auto",
                    help="which encoder of a checkpoint (auto: the one the method evaluates: DINO's teacher, "
                         "SimCLR's and CLIP's student, the same for their AB variants)")
@@ -692,8 +703,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reconstructions", metavar="IMAGES",
                    help="instead of the metrics, draw an MAE run's original / masked / reconstruction of the "
                         "first --count images of the data SPEC IMAGES")
-    p.add_argument("--count", type=int, default=8, help="images in --reconstructions (default 8)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the --reconstructions masks (default 0)")
+    p.add_argument("--count", type=int, help="images in --reconstructions (default 8)")
+    p.add_argument("--seed", type=int, help="seed of the --reconstructions masks (default 0)")
     p.add_argument("--neighbours", type=int, metavar="K",
                    help="instead of the curves: K query images with their candidate partners and sampling "
                         "probabilities (adasim_* / nn_* runs) -> <run>/neighbours.png")

@@ -15,6 +15,7 @@ Attention-map pictures are written beside the numbers when the probe has an outp
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ from wildssl.data.views import preprocess_images
 from wildssl.errors import ConfigError
 from wildssl.eval.probe import ProbeContext, resolve_options
 from wildssl.eval.progress import progress_bar
+
+log = logging.getLogger("wildssl")
 
 OPTIONS: dict[str, Any] = {
     "data": None,  # data SPEC with boxes (CorLoc) and/or masks (Jaccard)
@@ -127,6 +130,7 @@ def discover(encoder, data: str | Source, *, image_size: int, load_size: int | N
     loader = DataLoader(source, batch_size=batch_size, shuffle=False, collate_fn=collate)
     encoder.eval()
     jaccards, hits, shown = [], [], []
+    background_seen = False
     for batch in progress_bar(loader, "discovery", progress):
         images = preprocess_images(batch["image"].to(device), image_size)
         attention = cls_attention(encoder, images).float().cpu()
@@ -143,10 +147,15 @@ def discover(encoder, data: str | Source, *, image_size: int, load_size: int | N
                 grid_mask = masks[row][None, None].float()
                 upsampled = F.interpolate(grid_mask, size=tuple(truth.shape), mode="nearest")[0, 0] > 0
                 valid = truth != ignore_index
+                background_seen = background_seen or bool((truth == background).any())
                 jaccards.append(jaccard(upsampled, (truth != background) & valid, valid))
             if len(shown) < pictures:
                 shown.append((batch["image"][row], attention[row].reshape(grid), box, truth_boxes))
     result: dict[str, Any] = {"mass": mass}
+    if jaccards and not background_seen:
+        log.warning("object discovery: no mask of %s holds the background value %d, so every pixel counts as "
+                    "foreground and the Jaccard compares each attention mask with the whole image; set the "
+                    "discovery option 'background' to your masks' background value", source.describe(), background)
     if jaccards:
         result.update(jaccard=float(np.mean(jaccards)), num_jaccard_images=len(jaccards))
     if hits:
