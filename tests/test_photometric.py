@@ -202,6 +202,30 @@ def test_blur_keeps_a_constant_image_and_varies_sigma_per_sample():
     assert torch.equal(gaussian_blur(same, 0.0, generator(20)), same)
 
 
+@pytest.mark.parametrize("step", ["blur", "grayscale"])
+def test_a_step_at_probability_zero_returns_its_input_and_draws_what_it_draws_at_any_probability(step):
+    # simclr_cifar and keep_colour have no blur (keep_colour no grey views either): those steps return their input
+    # without computing a result that would be thrown away, but still draw their random numbers, so that the draws
+    # after them (the next crop group's) do not depend on the step's probability.
+    apply = {"blur": gaussian_blur, "grayscale": random_grayscale}[step]
+    x = images(5, 12, seed=24)
+    never, sometimes = generator(25), generator(25)
+    assert torch.equal(apply(x, 0.0, never), x)
+    apply(x, 0.5, sometimes)
+    assert torch.equal(torch.rand(8, generator=never), torch.rand(8, generator=sometimes))
+
+
+def test_pipelines_without_blur_or_grey_views_apply_exactly_their_jitter():
+    x = images(6, 12, seed=26).float()
+    cifar, keep = PIPELINES["simclr_cifar"], PIPELINES["keep_colour"]
+    drawn = generator(27)
+    jittered = color_jitter(x, *cifar.jitter, prob=cifar.jitter_prob, generator=drawn)
+    expected = random_grayscale(jittered, cifar.grayscale_prob, drawn)
+    assert torch.equal(apply_pipeline("simclr_cifar", x, generator(27)), expected)
+    assert torch.equal(apply_pipeline("keep_colour", x, generator(27)),
+                       color_jitter(x, *keep.jitter, prob=keep.jitter_prob, generator=generator(27)))
+
+
 # --- pipelines ------------------------------------------------------------------------------------
 
 
