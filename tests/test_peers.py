@@ -160,3 +160,34 @@ def test_what_wildssl_cannot_compute_or_read_safely_is_a_one_line_error(tmp_path
     torch.save(state, tmp_path / "missing.pth")
     with pytest.raises(CheckpointError, match="missing 1 keys .*blocks.1.mlp.fc2.bias"):
         load_any_encoder(tmp_path / "missing.pth")
+
+
+def test_eval_knn_reads_a_peers_file_as_the_probes_do_and_its_random_init_floor(tmp_path, capsys):
+    """`wildssl eval knn` took only wildssl files, while `eval all` and the probes read peers' files (--layout)."""
+    import json
+
+    from wildssl.cli import LAYOUT_CHOICES, main
+    from wildssl.eval.evaluate import evaluate_knn
+    from wildssl.models.peers import LAYOUTS
+
+    assert LAYOUT_CHOICES == LAYOUTS
+    torch.save({"teacher": _state(ReferenceViT(seed=3), "backbone."), "student": _state(ReferenceViT(seed=4),
+                                                                                         "module.backbone.")},
+               tmp_path / "dino.pth")
+    data = "synthetic:scenes?n=48&size=16"
+    figures = {}
+    for extra in ([], ["--random-init"], ["--encoder", "student", "--layout", "dino"]):
+        assert main(["eval", "knn", str(tmp_path / "dino.pth"), "--train", data + "&split=train", "--test",
+                     data + "&split=test", "--json", *extra]) == 0
+        line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        figures[" ".join(extra)] = line
+    assert figures[""]["network"] == "dino layout" and figures["--random-init"]["network"] == "random-init"
+    assert figures[""]["pool"] == "cls"
+    for extra, teacher in (("", True), ("--encoder student --layout dino", False)):
+        encoder, _ = load_peer_encoder(tmp_path / "dino.pth", "dino", teacher)
+        expected = evaluate_knn(encoder, data + "&split=train", data + "&split=test", image_size=IMG, k=20,
+                                temperature=0.07, pool="cls")["knn_top1"]
+        assert figures[extra]["knn_top1"] == expected
+    assert main(["eval", "knn", str(tmp_path / "dino.pth"), "--model", "small", "--random-init",
+                 "--train", data + "&split=train", "--test", data + "&split=test"]) == 2
+    assert "--model only build an architecture" in capsys.readouterr().err

@@ -125,10 +125,12 @@ def cmd_bench(args) -> int:
 # ----------------------------------------------------------------------------- eval knn
 
 def _knn_encoder(args):
-    """The encoder to evaluate and its model config: trained weights, or the same architecture at init."""
+    """The encoder to evaluate, its model config and what it is (``"wildssl"``, a peer's layout, or
+    ``"random-init"`` without a checkpoint): trained weights, or the same architecture at init."""
     import torch
 
     from wildssl.models.loading import build_encoder_from_config, checkpoint_model_config, load_encoder
+    from wildssl.models.peers import is_wildssl_file, load_peer_encoder, random_like
 
     teacher = None if args.encoder == "auto" else args.encoder == "teacher"
     if args.checkpoint is None:
@@ -137,24 +139,32 @@ def _knn_encoder(args):
                                "--checkpoint PATH), or --random-init with --model")
         model_config = {"name": args.model or "small", "patch_size": args.patch_size or 16,
                         "img_size": args.image_size or 224}
-    elif args.model is not None or args.patch_size is not None:
+        torch.manual_seed(args.seed)
+        return build_encoder_from_config(model_config).eval(), model_config, "random-init"
+    if args.model is not None or args.patch_size is not None:
         given = " and ".join(f for f, v in (("--model", args.model), ("--patch-size", args.patch_size)) if v is not None)
         raise WildsslError(f"{given} only build an architecture for --random-init without a checkpoint; the "
                            f"checkpoint {args.checkpoint} has its own (leave {given} out)")
-    else:
-        model_config = checkpoint_model_config(args.checkpoint, teacher)  # header only: no weights read
+    path = Path(args.checkpoint)
+    if args.layout != "wildssl" and not (args.layout == "auto" and path.exists() and is_wildssl_file(path)):
+        encoder, layout = load_peer_encoder(path, args.layout, teacher, args.num_heads)  # a peer's file, as eval all
+        if args.random_init:
+            torch.manual_seed(args.seed)
+            encoder = random_like(encoder)
+        return encoder, {"img_size": encoder.img_size}, layout
+    model_config = checkpoint_model_config(args.checkpoint, teacher)  # header only: no weights read
     if args.random_init:
         torch.manual_seed(args.seed)
-        return build_encoder_from_config(model_config).eval(), model_config
-    return load_encoder(args.checkpoint, teacher=teacher), model_config
+        return build_encoder_from_config(model_config).eval(), model_config, "wildssl"
+    return load_encoder(args.checkpoint, teacher=teacher), model_config, "wildssl"
 
 
-def _knn_pool(args) -> str:
+def _knn_pool(args, kind: str) -> str:
     """--pool, else the pooling the run's own k-NN used (its config's ``eval.pool``: a run trained on the mean
-    patch token is read the same way, and so is its random-init floor), else the class token."""
+    patch token is read the same way, and so is its random-init floor), else the class token (a peer's file too)."""
     if args.pool is not None:
         return args.pool
-    if args.checkpoint is None:
+    if kind != "wildssl":
         return "cls"
     from wildssl.models.loading import evaluated_pool
 
@@ -188,12 +198,15 @@ def cmd_eval_knn(args) -> int:
 
     _check_options(args, KNN_OPTION_KEYS)
 
-    encoder, model_config = _knn_encoder(args)
+    encoder, model_config, kind = _knn_encoder(args)
     teacher = None if args.encoder == "auto" else args.encoder == "teacher"
-    network = "random-init" if args.random_init else evaluated_network(args.checkpoint, teacher)
+    if args.random_init:
+        network = "random-init"
+    else:
+        network = evaluated_network(args.checkpoint, teacher) if kind == "wildssl" else f"{kind} layout"
     device = _device()
     image_size = args.image_size or model_config.get("img_size", 224)
-    pool = _knn_pool(args)
+    pool = _knn_pool(args, kind)
     result = evaluate_knn(encoder.to(device), args.train, args.test, image_size=image_size,
                           load_size=args.load_size, k=args.k, temperature=args.temperature, pool=pool,
                           batch_size=args.batch_size, num_workers=args.num_workers, device=device,
@@ -338,11 +351,15 @@ def _merge_checkpoint(parser: argparse.ArgumentParser, args: argparse.Namespace)
                      "argument or as --checkpoint)")
 
 
+# --layout of the commands that read an encoder (wildssl.models.peers.LAYOUTS)
+LAYOUT_CHOICES = ("auto", "wildssl", "timm", "dino", "mae", "maws", "ijepa")
+
+
 def _add_suite_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments shared by ``eval all`` and the probe verbs."""
     _add_checkpoint_argument(parser, "run directory, checkpoint or export of wildssl, or a peer's file "
                                      "(timm, DINO, MAE, MAWS or I-JEPA layout; see --layout)")
-    parser.add_argument("--layout", choices=("auto", "wildssl", "timm", "dino", "mae", "maws", "ijepa"), default="auto",
+    parser.add_argument("--layout", choices=LAYOUT_CHOICES, default="auto",
                         help="how to read CHECKPOINT (auto: wildssl files by their metadata, peers' by their keys)")
     parser.add_argument("--encoder", choices=("auto", "teacher", "student"), default="auto",
                         help="which encoder of a checkpoint (auto: the one the method evaluates; DINO's teacher, "
@@ -618,6 +635,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_checkpoint_argument(k, "run directory, checkpoint file or export", required=False)
     k.add_argument("--train", required=True, help="data SPEC of the labelled k-NN memory")
     k.add_argument("--test", required=True, help="data SPEC of the labelled test images")
+    k.add_argument("--layout", choices=LAYOUT_CHOICES, default="auto",
+                   help="how to read the checkpoint (auto: wildssl files by their metadata, peers' by their keys)")
+    k.add_argument("--num-heads", type=int, help="attention heads of a peer's ViT of non-standard width")
     k.add_argument("--random-init", action="store_true",
                    help="evaluate the same architecture untrained (the baseline to compare with)")
     k.add_argument("--model", help="architecture for --random-init without a checkpoint (default small)")
