@@ -317,14 +317,16 @@ def test_resuming_with_another_config_names_what_differs_the_method_first(tmp_pa
 
 
 def test_options_a_command_would_ignore_are_one_line_errors(tmp_path, capsys):
-    """`eval knn --model/--patch-size` with a checkpoint (the checkpoint's architecture is used) and `plot --count/--seed`
-    without --reconstructions used to be dropped without a word."""
+    """`eval knn --model/--patch-size` with a checkpoint (the checkpoint's architecture is used), `eval knn --seed` without
+    --random-init and `plot --count/--seed` without --reconstructions used to be dropped without a word."""
     _train(tmp_path, capsys, "simclr")
     run, data = str(tmp_path / "run"), "synthetic:scenes?n=32&size=16"
-    for extra, named in ((["--model", "base"], "--model"), (["--patch-size", "8", "--random-init"], "--patch-size")):
+    for extra, expected in ((["--model", "base"], "--model only build an architecture for --random-init without a"),
+                            (["--patch-size", "8", "--random-init"], "--patch-size only build an architecture"),
+                            (["--seed", "3"], "--seed only seeds --random-init's weights")):
         code, out, err = _run(capsys, "eval", "knn", run, "--train", data + "&split=train", "--test",
                               data + "&split=test", *extra)
-        assert code == 2 and f"{named} only build an architecture for --random-init without a checkpoint" in err, err
+        assert code == 2 and expected in err, err
         assert "Traceback" not in err and out == ""
     code, out, err = _run(capsys, "eval", "knn", "--random-init", "--model", "tiny", "--patch-size", "8",
                           "--image-size", "16", "--train", data + "&split=train", "--test", data + "&split=test", "--json")

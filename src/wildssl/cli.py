@@ -133,13 +133,16 @@ def _knn_encoder(args):
     from wildssl.models.peers import is_wildssl_file, load_peer_encoder, random_like
 
     teacher = None if args.encoder == "auto" else args.encoder == "teacher"
+    if args.seed is not None and not args.random_init:
+        raise WildsslError("--seed only seeds --random-init's weights; a trained encoder's k-NN draws nothing at random")
+    seed = args.seed or 0
     if args.checkpoint is None:
         if not args.random_init:
             raise WildsslError("give a checkpoint (run directory, checkpoint or export: as the first argument or "
                                "--checkpoint PATH), or --random-init with --model")
         model_config = {"name": args.model or "small", "patch_size": args.patch_size or 16,
                         "img_size": args.image_size or 224}
-        torch.manual_seed(args.seed)
+        torch.manual_seed(seed)
         return build_encoder_from_config(model_config).eval(), model_config, "random-init"
     if args.model is not None or args.patch_size is not None:
         given = " and ".join(f for f, v in (("--model", args.model), ("--patch-size", args.patch_size)) if v is not None)
@@ -149,12 +152,12 @@ def _knn_encoder(args):
     if args.layout != "wildssl" and not (args.layout == "auto" and path.exists() and is_wildssl_file(path)):
         encoder, layout = load_peer_encoder(path, args.layout, teacher, args.num_heads)  # a peer's file, as eval all
         if args.random_init:
-            torch.manual_seed(args.seed)
+            torch.manual_seed(seed)
             encoder = random_like(encoder)
         return encoder, {"img_size": encoder.img_size}, layout
     model_config = checkpoint_model_config(args.checkpoint, teacher)  # header only: no weights read
     if args.random_init:
-        torch.manual_seed(args.seed)
+        torch.manual_seed(seed)
         return build_encoder_from_config(model_config).eval(), model_config, "wildssl"
     return load_encoder(args.checkpoint, teacher=teacher), model_config, "wildssl"
 
@@ -656,7 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--temperature", type=float, default=0.07)
     k.add_argument("--batch-size", type=int, default=256)
     k.add_argument("--num-workers", type=int, default=0)
-    k.add_argument("--seed", type=int, default=0, help="seed of the random initialization")
+    k.add_argument("--seed", type=int, help="seed of --random-init's weights (default 0)")
     k.add_argument("--json", action="store_true", help="end with one JSON line {\"knn_top1\": ...}")
     k.set_defaults(func=cmd_eval_knn)
 

@@ -247,7 +247,7 @@ def gaussian_blur(
     applied = _coin(batch, prob, generator, x.device)
     sigmas = _uniform(batch, sigma[0], sigma[1], generator, x.device)
     if prob == 0:  # drawn all the same, so the generator moves as it does at any probability
-        return x  # the convolutions would be thrown away (simclr_cifar, keep_colour: 13% of their pipeline's time)
+        return x  # the convolutions would be thrown away (simclr_cifar, keep_colour: a quarter of their pipeline's time)
     radius_h, radius_w = _blur_radius(height), _blur_radius(width)
     groups = batch * channels
     kernel_h = _gaussian_kernels(sigmas, radius_h, x.dtype).repeat_interleave(channels, dim=0)
