@@ -337,3 +337,42 @@ def test_knn_accuracy_refuses_an_oversized_label_space_in_one_line():
     small = knn_accuracy(train_features, labels, test_features, test_labels, num_classes=6, k=30, chunk_size=1024)
     large = knn_accuracy(train_features, labels, test_features, test_labels, num_classes=2**21, k=30, chunk_size=1024)
     assert small == large and set(small) == {"top1", "top5"}
+
+
+def _noise_folder(root: Path, unreadable: dict[str, int], drop: bool) -> Path:
+    """Class folders a_red / b_blue of 10 noise PNGs each (a colour cast per class); the first ``unreadable[c]``
+    files of class c are emptied to 0 bytes, or left out with ``drop``."""
+    generator = np.random.default_rng(0)
+    for name, channel in (("a_red", 0), ("b_blue", 2)):
+        (root / name).mkdir(parents=True)
+        for i in range(10):
+            pixels = generator.integers(0, 160, (16, 16, 3), dtype=np.uint8)
+            pixels[..., channel] += 90
+            path = root / name / f"{i:02d}.png"
+            if i < unreadable.get(name, 0):
+                if not drop:
+                    path.write_bytes(b"")
+                continue
+            Image.fromarray(pixels).save(path)
+    return root
+
+
+def test_evaluation_leaves_an_unreadable_image_out_instead_of_counting_its_neighbour_again(tmp_path):
+    """A file-backed source answers an unreadable item with the next readable one (training keeps its batch size).
+    The k-NN and the probes' feature sets used to keep those copies: 6 empty files of a_red became 7 copies of its
+    seventh image, and the figure differed from the folder without those files. Now each image counts once."""
+    from wildssl.eval.evaluate import evaluate_knn
+    from wildssl.eval.features import extract_feature_set
+    from wildssl.models.vit import VisionTransformer
+
+    torch.manual_seed(0)
+    encoder = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2)
+    damaged = _noise_folder(tmp_path / "damaged", {"a_red": 6, "b_blue": 1}, drop=False)
+    cleaned = _noise_folder(tmp_path / "cleaned", {"a_red": 6, "b_blue": 1}, drop=True)
+    test = _noise_folder(tmp_path / "test", {}, drop=False)
+    figures = [evaluate_knn(encoder, str(memory), str(test), image_size=16, k=5, batch_size=4)
+               for memory in (damaged, cleaned)]
+    assert figures[0] == figures[1]
+    features = extract_feature_set(encoder, open_source(str(damaged), 16), "cpu", 16, with_patch=False, batch_size=4)
+    assert len(features) == 13 and sorted(features.indices.tolist()) == sorted(set(features.indices.tolist()))
+    assert (features.labels == 0).sum() == 4 and (features.labels == 1).sum() == 9

@@ -28,7 +28,7 @@ jpeg           only with ``data.decode: gpu`` (:mod:`wildssl.data.gpu_decode`), 
 from __future__ import annotations
 
 import abc
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -141,3 +141,48 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     if pending:
         batch["jpeg"] = jpegs
     return batch
+
+
+
+class EachImageOnce:
+    """Collated batches (:func:`collate`) with every image kept once, for evaluation; as long as ``batches``
+    (so that a progress bar knows its total).
+
+    A file-backed source answers an unreadable item with the next readable one (:mod:`wildssl.data.decode`), so
+    that training batches keep their size; that image then comes twice or more. In a feature set each copy would
+    be a neighbour and a test image of its own, and an unreadable class would be filled with another class's
+    images. Rows whose ``index`` (the image actually read) was already seen are left out, so the readable images
+    each remain once, and a batch left empty is skipped. ``corrupt`` and ``num_corrupt`` stay as they were."""
+
+    def __init__(self, batches: Iterable[dict[str, Any]]):
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        seen: set[int] = set()
+        for batch in self.batches:
+            keep = []
+            for row, index in enumerate(batch["index"].tolist()):
+                if index not in seen:
+                    seen.add(index)
+                    keep.append(row)
+            if len(keep) == len(batch["index"]):
+                yield batch
+            elif keep:
+                yield _rows(batch, keep)
+
+
+def _rows(batch: dict[str, Any], rows: list[int]) -> dict[str, Any]:
+    """The collated ``batch`` cut to ``rows``: per-image tensors and lists, the batch-level ``corrupt`` kept."""
+    index = torch.tensor(rows, dtype=torch.long)
+    cut = {}
+    for key, value in batch.items():
+        if key in ("corrupt", "num_corrupt"):
+            cut[key] = value
+        elif torch.is_tensor(value):
+            cut[key] = value[index]
+        else:
+            cut[key] = [value[row] for row in rows]
+    return cut

@@ -35,7 +35,7 @@ from wildssl.io import atomic_save, read_safetensors
 log = logging.getLogger("wildssl")
 
 # Bump when the extraction changes what it stores (old cache entries then stop matching).
-FEATURE_FORMAT = "wildssl-features-1"
+FEATURE_FORMAT = "wildssl-features-2"  # 2: an unreadable image is left out, no longer its neighbour again
 
 
 def default_cache_dir() -> Path:

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from wildssl.data import collate, open_source
 from wildssl.data.boxes import box_iou
-from wildssl.data.sample import Source
+from wildssl.data.sample import EachImageOnce, Source
 from wildssl.data.views import preprocess_images
 from wildssl.errors import ConfigError
 from wildssl.eval.probe import ProbeContext, resolve_options
@@ -127,7 +127,7 @@ def discover(encoder, data: str | Source, *, image_size: int, load_size: int | N
     Returns ``jaccard`` and ``num_jaccard_images`` when masks exist, ``corloc`` and ``num_corloc_images``
     when boxes exist, and ``pictures`` (``<picture_name>_attention.png`` under ``out_dir``)."""
     source = open_source(data, load_size=load_size or image_size) if isinstance(data, str) else data
-    loader = DataLoader(source, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    loader = EachImageOnce(DataLoader(source, batch_size=batch_size, shuffle=False, collate_fn=collate))
     encoder.eval()
     jaccards, hits, shown = [], [], []
     background_seen = False

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from wildssl.data import collate, open_source
+from wildssl.data.sample import EachImageOnce
 from wildssl.data.decode import DEFAULT_MAX_PIXELS
 from wildssl.data.sample import Source
 from wildssl.errors import DataError
@@ -27,9 +28,10 @@ ONLINE_MEMORY_IMAGES = 5000
 ONLINE_FOLDS = 5
 
 
-def _loader(source, batch_size: int, num_workers: int) -> DataLoader:
-    return DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      collate_fn=collate)
+def _loader(source, batch_size: int, num_workers: int):
+    """The source's batches in order, each image once (an unreadable one is left out, not read as its neighbour)."""
+    return EachImageOnce(DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                    collate_fn=collate))
 
 
 def _check_labelled(source, labels: torch.Tensor, name) -> None:

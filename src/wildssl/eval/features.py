@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from wildssl.data.sample import Source, collate
+from wildssl.data.sample import EachImageOnce, Source, collate
 from wildssl.data.views import preprocess_images  # the one input transform of every evaluation
 from wildssl.errors import ConfigError, DataError
 from wildssl.eval.progress import progress_bar
@@ -144,7 +144,7 @@ def extract_feature_set(
     device = torch.device(device)
     base = base_source(source)
     loader = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
-    batches = progress_bar(loader, "features", progress)
+    batches = progress_bar(EachImageOnce(loader), "features", progress)  # an unreadable image left out, not repeated
     was_training = encoder.training
     encoder.eval()
     cls, avg, patch, labels, indices = [], [], [], [], []
