@@ -335,3 +335,13 @@ def test_options_a_command_would_ignore_are_one_line_errors(tmp_path, capsys):
         code, out, err = _run(capsys, "plot", run, "--out", str(tmp_path / "curves.png"), *extra)
         assert code == 2 and f"{extra[0]} only apply to --reconstructions" in err, err
     assert not (tmp_path / "curves.png").exists()
+
+
+def test_an_empty_data_option_is_an_error_not_the_recipes_data(tmp_path, capsys):
+    """`--data "$DATA"` with $DATA unset trained on the recipe's synthetic scenes without a word."""
+    for command in (["train", "simclr_quick", "--out", str(tmp_path / "run")], ["config", "simclr_quick"],
+                    ["bench", "simclr_quick"]):
+        for flag in ("--data", "--val") if command[0] == "train" else ("--data",):
+            code, out, err = _run(capsys, *command, flag, "")
+            assert code == 2 and f"{flag} is empty: give a data SPEC" in err, (command, flag, err)
+    assert not (tmp_path / "run").exists()

@@ -105,11 +105,39 @@ def test_folder_without_subfolders_has_no_labels(tmp_path):
     assert source[0]["labels"] == []
 
 
-def test_folder_with_images_at_the_root_and_in_subfolders_has_no_labels(tmp_path):
+def test_folder_with_images_at_the_root_and_in_subfolders_has_no_labels_and_names_the_loose_images(tmp_path, caplog):
+    # A photo dump with some folders in it is an unlabelled pool; so is cat/ + dog/ with a stray cover.png, which
+    # dropped every label without a word. The loose images that decided it are named, once per folder and process.
     write_image(tmp_path / "a.png", (1, 2, 3))
     write_image(tmp_path / "one" / "b.png", (4, 5, 6))
     write_image(tmp_path / "two" / "c.png", (4, 5, 6))
-    assert ImageFolder(tmp_path, S).classes is None
+    with caplog.at_level(logging.WARNING, logger="wildssl.data"):
+        source = ImageFolder(tmp_path, S)
+        ImageFolder(tmp_path, S)
+    assert source.classes is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "1 image (a.png) lies beside its subfolders" in warnings[0], warnings
+    assert "one, two are not read as classes" in warnings[0]
+    assert source.describe().endswith("no labels (1 image (a.png) lies beside its subfolders)")
+    caplog.clear()
+    write_image(tmp_path / "pool" / "a.png", (1, 2, 3))  # loose images without two subfolders: nothing to say
+    write_image(tmp_path / "pool" / "only" / "b.png", (1, 2, 3))
+    with caplog.at_level(logging.WARNING, logger="wildssl.data"):
+        assert ImageFolder(tmp_path / "pool", S).describe().endswith("2 images, no labels")
+    assert not caplog.records
+
+
+def test_an_empty_data_spec_is_an_error_and_a_path_object_is_a_spec(tmp_path, monkeypatch):
+    # "" was the current directory (an unset $DATA in --data "$DATA" evaluated or trained on it).
+    write_image(tmp_path / "cat" / "a.png", (1, 2, 3))
+    write_image(tmp_path / "dog" / "b.png", (1, 2, 3))
+    monkeypatch.chdir(tmp_path)
+    for spec in ("", "  "):
+        with pytest.raises(DataError, match="the data spec is empty"):
+            open_source(spec, S)
+    assert open_source(tmp_path, S).classes == ["cat", "dog"]  # a pathlib.Path: AttributeError before
+    with pytest.raises(DataError, match="a data spec is a string or a path, got int 3"):
+        open_source(3, S)
 
 
 def test_folder_with_a_single_subfolder_is_not_one_class(tmp_path):

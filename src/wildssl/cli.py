@@ -36,6 +36,11 @@ def _config_from_args(args):
     from wildssl.methods import get_method_class
     from wildssl.train.config import build_config
 
+    for flag in ("data", "val"):
+        value = getattr(args, flag, None)
+        if value is not None and not value.strip():  # an unset $DATA in --data "$DATA": not the recipe's data
+            raise WildsslError(f"--{flag} is empty: give a data SPEC (a folder, a .jsonl manifest, tar shards or "
+                               f"synthetic:scenes?...), or leave --{flag} out for the recipe's own")
     overrides = list(args.set or [])
     config = build_config(args.recipe, overrides)
     extra = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from wildssl.data.decode import DEFAULT_MAX_PIXELS, EXPECTED_SPEC, IMAGE_EXTENSI
 from wildssl.data.sample import DEFAULT_LOAD_SIZE
 from wildssl.errors import DataError
 
+log = logging.getLogger("wildssl.data")
 
 # Folder names of a data set's splits: a folder whose would-be classes are all of these holds splits, not classes.
 SPLIT_NAMES = ("train", "training", "val", "valid", "validation", "dev", "eval", "test", "testing")
@@ -66,6 +68,9 @@ def _refuse_splits_as_classes(root: Path, paths: list[str], first_parts: list[st
                     f"folder itself ({hint}), each with its class subfolders")
 
 
+_TOLD_LOOSE: set[Path] = set()  # folders whose loose images were already named in this process
+
+
 class ImageFolder(FileSource):
     """Every image file under ``root`` (recursive; any of :data:`~wildssl.data.decode.IMAGE_EXTENSIONS` in any
     case), in sorted path order.
@@ -97,6 +102,15 @@ class ImageFolder(FileSource):
         else:
             self.classes = None
             self.labels = [-1] * len(self.paths)
+        # Images beside two or more subfolders make the whole folder an unlabelled pool (a photo dump with some
+        # folders in it); a stray cover.png beside cat/ and dog/ does the same, so say which images decided it.
+        self.loose = [path for path, part in zip(self.paths, first_parts) if part is None] if len(class_names) >= 2 else []
+        if self.loose and self.root.resolve() not in _TOLD_LOOSE:
+            _TOLD_LOOSE.add(self.root.resolve())
+            log.warning("image folder %s: %s, so the subfolders %s are not read as classes and every image is "
+                        "unlabelled; move %s into a subfolder (or out of the folder) to label the images by their "
+                        "subfolder", self.root, self._loose_phrase(), ", ".join(class_names[:5]) +
+                        (", ..." if len(class_names) > 5 else ""), "it" if len(self.loose) == 1 else "them")
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -117,6 +131,14 @@ class ImageFolder(FileSource):
         label = self.labels[index]
         return {"label": label, "labels": [label] if label >= 0 else []}
 
+    def _loose_phrase(self) -> str:
+        count = len(self.loose)
+        return (f"{count} image{'s' if count > 1 else ''} ({self.loose[0]}{', ...' if count > 1 else ''}) "
+                f"{'lie' if count > 1 else 'lies'} beside its subfolders")
+
     def describe(self) -> str:
-        classes = f"{len(self.classes)} classes" if self.classes else "no labels"
+        if self.classes:
+            classes = f"{len(self.classes)} classes"
+        else:
+            classes = f"no labels ({self._loose_phrase()})" if self.loose else "no labels"
         return f"image folder {self.root}: {len(self)} images, {classes}"

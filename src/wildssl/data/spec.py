@@ -67,7 +67,7 @@ def _open_video(spec: str, load_size: int, max_pixels: int) -> Source:
     return VideoFrames(os.path.expanduser(path), load_size=load_size, max_pixels=max_pixels, **params)
 
 
-def open_source(spec: str, load_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+def open_source(spec: str | os.PathLike, load_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
                 stream: bool = False, shuffle_shards: int = DEFAULT_SHUFFLE_SHARDS) -> Source | ShardStream:
     """Open a data source from a spec string.
 
@@ -85,6 +85,13 @@ def open_source(spec: str, load_size: int | None = None, max_pixels: int = DEFAU
     at a time (``data.shuffle_shards``). Otherwise (evaluation) every source is map-style and the prefix
     is ignored.
     """
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    if not isinstance(spec, str):
+        raise DataError(f"a data spec is a string or a path, got {type(spec).__name__} {spec!r} ({EXPECTED_SPEC})")
+    if not spec.strip():
+        # "" would be the current directory: an unset $DATA in `--data "$DATA"` must not train or evaluate on it
+        raise DataError(f"the data spec is empty ({EXPECTED_SPEC})")
     if spec.startswith("synthetic:"):
         return _open_synthetic(spec, load_size)
     size = DEFAULT_LOAD_SIZE if load_size is None else load_size
