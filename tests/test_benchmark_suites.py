@@ -334,3 +334,125 @@ def test_resuming_after_a_recipe_file_was_edited_names_the_changed_key(tmp_path)
     assert build_config(str(recipe))["optim"]["lr"] == lr * 2
     with pytest.raises(ConfigError, match=rf"simclr-s0 .*optim.lr: {lr} then, {lr * 2} now"):
         runner.run_benchmark(suite, "tiny", seeds=1, out=out)
+
+
+def test_resuming_with_other_probes_names_the_change_instead_of_showing_the_old_figures(tmp_path, capsys,
+                                                                                        monkeypatch):
+    from wildssl.train import engine
+
+    out = tmp_path / "out"
+    suite = _small_suite(tmp_path)
+    runner.run_benchmark(suite, "tiny", seeds=1, out=out)
+    before = (out / "runs" / "simclr-s0" / "result.json").read_text()
+    # the probe's train and test data swapped: an error naming a run and the probe, nothing recorded changes
+    Path(suite).write_text(SMALL.replace("knn: {train: train, test: test}", "knn: {train: test, test: train}"))
+    assert main(["benchmark", "run", str(suite), "--scale", "tiny", "--seeds", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.search(r"random_init-s0 was evaluated with other probes.*probes\.knn: .*then, .* now", err), err
+    assert (out / "runs" / "simclr-s0" / "result.json").read_text() == before
+    # a probe added: named too
+    Path(suite).write_text(SMALL.replace("  knn: {train: train, test: test}\n",
+                                         "  knn: {train: train, test: test}\n  linear: {train: train, test: test}\n"))
+    with pytest.raises(ConfigError, match=r"probes\.linear: \(unset\) then"):
+        runner.run_benchmark(suite, "tiny", seeds=1, out=out)
+    # as the error says: without their result.json the recorded encoders are evaluated again, none trained again
+    calls = []
+    monkeypatch.setattr(engine, "train", lambda *a, **k: calls.append(a) or {})
+    for path in out.glob("runs/*/result.json"):
+        path.unlink()
+    runner.run_benchmark(suite, "tiny", seeds=1, out=out)
+    assert calls == []
+    rows = table_rows((out / "table.md").read_text())
+    assert "linear top1" in (out / "table.md").read_text() and all(len(cells) == 2 for cells in rows.values())
+
+
+def test_a_resumed_run_records_the_training_time_of_every_session(tmp_path, monkeypatch):
+    import time
+
+    from wildssl.train import engine
+
+    real_train = engine.train
+    killed = []
+
+    def killed_once(config, out_dir, *args, **kwargs):
+        summary = real_train(config, out_dir, *args, **kwargs)
+        if Path(out_dir).parent.name == "simclr-s0" and not killed:
+            killed.append(1)
+            time.sleep(1.5)  # the first session's time, after its last checkpoint was written
+            raise KeyboardInterrupt("interrupted at step 1; checkpoint saved")
+        return summary
+
+    monkeypatch.setattr(engine, "train", killed_once)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_benchmark(_small_suite(tmp_path), "tiny", seeds=1, out=out)
+    runner.run_benchmark(_small_suite(tmp_path), "tiny", seeds=1, out=out)
+    result = json.loads((out / "runs" / "simclr-s0" / "result.json").read_text())
+    assert result["train_seconds"] >= 1.5
+    # a session killed outright left only its start: it counts until its last checkpoint was written
+    folder = out / "runs" / "dino-s0"
+    (folder / "result.json").unlink()
+    (folder / "train_done.json").unlink()
+    written = max(p.stat().st_mtime for p in (folder / "train").glob("checkpoint.*"))
+    (folder / "train_sessions.json").write_text(json.dumps([2.0, {"began": written - 100}]))
+    runner.run_benchmark(_small_suite(tmp_path), "tiny", seeds=1, out=out)
+    assert json.loads((folder / "result.json").read_text())["train_seconds"] >= 102.0
+
+
+def test_recorded_seeds_left_out_of_the_table_are_named_in_a_warning_and_the_table(tmp_path, caplog):
+    out = tmp_path / "out"
+    suite = _small_suite(tmp_path)
+    runner.run_benchmark(suite, "tiny", seeds=2, out=out)
+    caplog.clear()
+    runner.run_benchmark(suite, "tiny", seeds=1, out=out)
+    warnings = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert len(warnings) == 1 and "3 recorded runs" in warnings[0] and "--seeds 2" in warnings[0], warnings
+    assert "3 recorded runs" in (out / "table.md").read_text()
+    assert all(cells for cells in table_rows((out / "table.md").read_text()).values())
+
+
+def test_a_corrupt_result_json_is_a_one_line_error_naming_the_file(tmp_path, capsys):
+    out = tmp_path / "out"
+    suite = _small_suite(tmp_path)
+    runner.run_benchmark(suite, "tiny", seeds=1, out=out)
+    broken = out / "runs" / "dino-s0" / "result.json"
+    broken.write_text(broken.read_text()[:40])
+    for argv in (["benchmark", "report", str(out)],
+                 ["benchmark", "run", str(suite), "--scale", "tiny", "--seeds", "1", "--out", str(out)]):
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and str(broken) in err and "delete" in err and "Traceback" not in err, err
+
+
+def test_an_interrupted_benchmark_run_says_to_run_the_same_command_again(tmp_path, monkeypatch, capsys):
+    from wildssl.train import engine
+
+    def interrupted(config, out_dir, *args, **kwargs):
+        raise KeyboardInterrupt(f"interrupted at step 3; checkpoint saved to {out_dir}/checkpoint.pt "
+                                "(continue with --resume)")
+
+    monkeypatch.setattr(engine, "train", interrupted)
+    suite = _small_suite(tmp_path)
+    assert main(["benchmark", "run", str(suite), "--scale", "tiny", "--out", str(tmp_path / "out")]) == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--resume" not in err and "interrupted at step 3" in err and "same command" in err, err
+
+
+def test_a_teacher_suite_with_an_entry_without_a_teacher_fails_before_training(tmp_path):
+    suite = tmp_path / "teacher.yaml"
+    suite.write_text(SMALL.replace("seeds: 2\n", "seeds: 2\nnetwork: teacher\n"))
+    with pytest.raises(ConfigError, match=r"entry simclr: .*teacher") as error:
+        runner.run_benchmark(suite, "tiny", seeds=1, out=tmp_path / "out")
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_an_out_folder_that_is_no_benchmark_output_is_refused(tmp_path):
+    images = tmp_path / "images"
+    (images / "cat").mkdir(parents=True)
+    (images / "cat" / "1.png").write_bytes(b"not really a png")
+    with pytest.raises(ConfigError, match=re.escape(str(images)) + ".*not empty") as error:
+        runner.run_benchmark(_small_suite(tmp_path), "tiny", seeds=1, out=images)
+    assert "\n" not in str(error.value)
+    assert sorted(p.name for p in images.iterdir()) == ["cat"]

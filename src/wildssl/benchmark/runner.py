@@ -7,6 +7,7 @@ Layout of the output folder ``DIR``::
     runs/<label>-s<seed>/settings.json     the run's resolved config (data as the suite's names), written before training
     runs/<label>-s<seed>/train/   the training run (checkpoint, config.yaml, metrics.jsonl)
     runs/<label>-s<seed>/train_done.json   the engine's summary, written when training finished
+    runs/<label>-s<seed>/train_sessions.json   the seconds of the training's earlier (interrupted) sessions
     runs/<label>-s<seed>/eval/    the wildssl eval all report of the encoder
     runs/<label>-s<seed>/result.json       the run's figures, written last (atomically)
     runs/random_init-s<seed>/result.json   the floor: the first entry's architecture at its initial weights
@@ -16,6 +17,9 @@ Resuming (the same command again): a run with ``result.json`` is skipped; one wi
 is only evaluated again; any other resumes from its training checkpoint (``train.checkpoint_every``) or
 starts over. A recorded run whose resolved config differs from the suite's now (another budget, override or
 edited recipe) is an error naming the run and the changed keys: resuming never mixes two settings in one table.
+So is a recorded run evaluated with other probes, network or metrics (deleting its ``result.json`` evaluates it
+again, training kept). A run's ``train_seconds`` is the sum over the sessions that trained it. A non-empty ``--out``
+without ``suite.json`` is refused: the runner writes only into its own folders.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ log = logging.getLogger("wildssl")
 RESULT = "result.json"
 SETTINGS = "settings.json"
 TRAIN_DONE = "train_done.json"
+SESSIONS = "train_sessions.json"  # the seconds of the earlier (interrupted) sessions of a run's training
+OWN = {"data"}  # what a first run may leave in its --out before suite.json (the prepared data sets)
 RUN_OVERRIDES = ["train.progress=false", "train.tensorboard=false"]
 
 
@@ -209,16 +215,31 @@ def last_metrics(train_dir: Path, keys: list[str]) -> dict[str, float]:
 
 
 def train_entry(config: dict, folder: Path) -> dict:
-    """Train (or resume) one run into ``folder / "train"``; the engine's summary with the wall time."""
+    """Train (or resume) one run into ``folder / "train"``; the engine's summary with the wall time of the
+    training (``seconds``: every session that trained it, ``session_seconds``: each). A session that ends
+    early (Ctrl-C, an error) records its seconds in ``train_sessions.json`` for the session that resumes it; one
+    killed outright (SIGKILL, power loss) left only its start there and counts until its last checkpoint was
+    written. A run that starts over (no checkpoint) forgets them."""
+    from wildssl.benchmark.table import read_record
     from wildssl.eval.evaluate import make_online_knn
     from wildssl.train import engine
     from wildssl.train.run import run_checkpoint_path
 
     began = time.perf_counter()
-    resume = run_checkpoint_path(config, folder / "train").is_file()  # a killed suite's run continues
-    summary = engine.train(config, folder / "train", resume=resume,
-                           knn_evaluator=make_online_knn(config, engine.pick_device()))
-    summary["seconds"] = round(time.perf_counter() - began, 1)
+    checkpoint = run_checkpoint_path(config, folder / "train")
+    resume = checkpoint.is_file()  # a killed suite's run continues
+    earlier = read_record(folder / SESSIONS) if resume and (folder / SESSIONS).is_file() else []
+    earlier = [s if isinstance(s, (int, float)) else round(max(0.0, checkpoint.stat().st_mtime - s["began"]), 1)
+               for s in earlier]
+    write_json(folder / SESSIONS, earlier + [{"began": time.time()}])
+    try:
+        summary = engine.train(config, folder / "train", resume=resume,
+                               knn_evaluator=make_online_knn(config, engine.pick_device()))
+    except BaseException:
+        write_json(folder / SESSIONS, earlier + [round(time.perf_counter() - began, 1)])
+        raise
+    sessions = earlier + [round(time.perf_counter() - began, 1)]
+    summary["seconds"], summary["session_seconds"] = round(sum(sessions), 1), sessions
     return summary
 
 
@@ -262,10 +283,12 @@ def recorded_settings(folder: Path, recorded_specs: dict[str, str]) -> tuple[str
     """("config" or "overrides", the settings a run in ``folder`` was started with): its ``settings.json`` (the
     resolved config), else (runs recorded before it existed) the overrides of its ``result.json`` read with the data
     SPECs the output folder recorded; None when nothing was recorded."""
+    from wildssl.benchmark.table import read_record
+
     if (folder / SETTINGS).is_file():
-        return "config", json.loads((folder / SETTINGS).read_text())["config"]
+        return "config", read_record(folder / SETTINGS)["config"]
     if (folder / RESULT).is_file():
-        return "overrides", comparable_settings(json.loads((folder / RESULT).read_text())["overrides"], recorded_specs)
+        return "overrides", comparable_settings(read_record(folder / RESULT)["overrides"], recorded_specs)
     return None
 
 
@@ -298,9 +321,58 @@ def check_recorded_settings(out: Path, configs: dict, specs: dict[str, str], rec
                           f"delete that run folder to run it again, or give another --out")
 
 
+def evaluation_settings(suite: dict, scale: str) -> list[str]:
+    """What a run's figures depend on besides its training, as sorted ``key=value`` lines: the network evaluated,
+    every probe with its options at ``scale`` (data by the suite's names) and the training metrics tabled. (The
+    ``knn_curve`` is part of each run's training config.)"""
+    lines = [f"network={suite['network']}", f"metrics={json.dumps(suite['metrics'])}"]
+    for name, options in suite["probes"].items():
+        options = {**options, **suite["scales"][scale]["probes"].get(name, {})}
+        lines.append(f"probes.{name}={json.dumps(options, sort_keys=True)}")
+    return sorted(lines)
+
+
+def check_recorded_evaluation(out: Path, jobs: list[tuple[str, int]], suite: dict, scale: str,
+                              previous: dict) -> None:
+    """ConfigError when a recorded run of ``jobs`` was evaluated with other probes, network or metrics than the
+    suite gives now (its ``result.json``'s ``evaluation``; runs recorded before it existed: the suite of
+    ``suite.json``): its figures would be shown under the new settings."""
+    from wildssl.benchmark.table import read_record
+
+    now = evaluation_settings(suite, scale)
+    for label, seed in jobs:
+        path = run_dir(out, label, seed) / RESULT
+        if not path.is_file():
+            continue
+        before = read_record(path).get("evaluation")
+        if before is None:
+            before = evaluation_settings(previous["suite"], scale) if previous else now
+        if before != now:
+            raise ConfigError(f"{path.parent} was evaluated with other probes than the suite gives now "
+                              f"({describe_change(before, now)}); delete {out / 'runs'}/*/{RESULT} to evaluate "
+                              f"the recorded runs again (their training is kept), or give another --out")
+
+
+def check_networks(suite: dict, configs: dict) -> None:
+    """ConfigError naming the first entry whose method has no teacher when the suite evaluates ``network:
+    teacher`` (each entry's method is built once, at its initial weights, before any training)."""
+    from wildssl.methods import build_method
+
+    if suite["network"] != "teacher":
+        return
+    for label in dict.fromkeys(label for label, _ in configs):
+        config = next(c for (name, _), (c, _) in configs.items() if name == label)
+        config = {**config, "model": {**config["model"], "init_from": None}}
+        if build_method(config).teacher is None:
+            raise ConfigError(f"suite {suite['name']} entry {label}: method {config['method']['name']} has no "
+                              f"teacher encoder, but the suite evaluates network: teacher; give network: auto "
+                              f"(each method's own network) or student, or leave the entry out")
+
+
 def run_entry(suite: dict, entry: dict, config: dict, overrides: list[str], seed: int, scale: str, specs: dict,
               out: Path) -> dict:
     """Train and evaluate one (entry, seed); returns (and records) its ``result.json``."""
+    from wildssl.benchmark.table import read_record
     from wildssl.models.loading import evaluated_network, load_encoder
 
     folder = run_dir(out, entry["label"], seed)
@@ -309,7 +381,7 @@ def run_entry(suite: dict, entry: dict, config: dict, overrides: list[str], seed
         write_json(folder / SETTINGS, {"config": comparable_config(config, specs)})
     done = folder / TRAIN_DONE
     if done.is_file():
-        summary = json.loads(done.read_text())
+        summary = read_record(done)
     else:
         summary = train_entry(config, folder)
         write_json(done, summary)
@@ -324,7 +396,7 @@ def run_entry(suite: dict, entry: dict, config: dict, overrides: list[str], seed
               "network": evaluated_network(train_dir, teacher), "train_seconds": summary["seconds"],
               "eval_seconds": round(time.perf_counter() - began, 1), "probes": probes,
               "knn_curve": knn_curve(train_dir), "metrics": last_metrics(train_dir, suite["metrics"]),
-              "alarms": summary.get("alarms", [])}
+              "alarms": summary.get("alarms", []), "evaluation": evaluation_settings(suite, scale)}
     write_json(folder / RESULT, result)
     return result
 
@@ -345,7 +417,7 @@ def run_floor(suite: dict, config: dict, seed: int, scale: str, specs: dict, out
     result = {"label": FLOOR, "seed": seed, "recipe": suite["entries"][0]["recipe"], "method": "random init",
               "overrides": [], "images": 0, "steps": 0, "network": f"{method.name} initial weights",
               "train_seconds": 0.0, "eval_seconds": round(time.perf_counter() - began, 1), "probes": probes,
-              "knn_curve": [], "metrics": {}, "alarms": []}
+              "knn_curve": [], "metrics": {}, "alarms": [], "evaluation": evaluation_settings(suite, scale)}
     write_json(folder / RESULT, result)
     return result
 
@@ -358,7 +430,7 @@ def run_benchmark(suite_path: str | Path, scale: str = "cpu", seeds: int | None 
                   shared: str | Path | None = None, data_dir: str | Path | None = None,
                   command: str | None = None) -> dict:
     """Run (or resume) the suite at ``suite_path``; returns the results (see :mod:`wildssl.benchmark.table`)."""
-    from wildssl.benchmark.table import write_outputs
+    from wildssl.benchmark.table import read_record, write_outputs
 
     if scale not in SCALES:
         raise ConfigError(f"unknown scale {scale!r}; scales: {', '.join(SCALES)}")
@@ -367,11 +439,16 @@ def run_benchmark(suite_path: str | Path, scale: str = "cpu", seeds: int | None 
     if not seed_list:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     out = Path(out or Path("runs") / "bench" / f"{suite['name']}-{scale}")
-    out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "suite.json"
+    if out.is_dir() and not meta_path.is_file() and any(p.name not in OWN for p in out.iterdir()):
+        raise ConfigError(f"--out {out} is not empty and holds no benchmark run (no suite.json); give a new or "
+                          f"empty folder, or the output folder of an earlier wildssl benchmark run")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a new or empty folder")
+    out.mkdir(parents=True, exist_ok=True)
     previous = {}
     if meta_path.is_file():
-        previous = json.loads(meta_path.read_text())
+        previous = read_record(meta_path, "delete it to record the suite again (the recorded runs are kept)")
         if previous["scale"] != scale or previous["suite"]["name"] != suite["name"]:
             raise ConfigError(f"{out} holds suite {previous['suite']['name']} at scale {previous['scale']}; resume it "
                               f"with the same suite and --scale, or choose another --out")
@@ -388,14 +465,15 @@ def run_benchmark(suite_path: str | Path, scale: str = "cpu", seeds: int | None 
     configs = {(e["label"], s): entry_config(suite, e, scale, s, specs, out)
                for e in suite["entries"] for s in entry_seeds(e)}
     check_recorded_settings(out, configs, specs, previous.get("data", specs))
+    jobs = [(FLOOR, s) for s in seed_list] + [(e["label"], s) for s in seed_list for e in suite["entries"]
+                                              if s in entry_seeds(e)]
+    check_recorded_evaluation(out, jobs, suite, scale, previous)
+    check_networks(suite, configs)
     meta = {"suite": suite, "suite_file": str(suite_path), "scale": scale, "seeds": seed_list,
             "command": command or f"wildssl benchmark run {suite_path} --scale {scale}", "device": device_name(),
             "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "data": specs}
-    if meta_path.is_file():
-        meta["started"] = json.loads(meta_path.read_text()).get("started", meta["started"])
+    meta["started"] = previous.get("started", meta["started"])
     write_json(meta_path, meta)
-    jobs = [(FLOOR, s) for s in seed_list] + [(e["label"], s) for s in seed_list for e in suite["entries"]
-                                              if s in entry_seeds(e)]
     began, timed = time.perf_counter(), []
     for number, (label, seed) in enumerate(jobs, start=1):
         where = f"[{number}/{len(jobs)}] {suite['name']} {label} seed {seed}"
@@ -403,12 +481,17 @@ def run_benchmark(suite_path: str | Path, scale: str = "cpu", seeds: int | None 
             print(f"{where}: recorded, skipped", file=sys.stderr, flush=True)
             continue
         started = time.perf_counter()
-        if label == FLOOR:
-            first = suite["entries"][0]
-            config, _ = configs.get((first["label"], seed)) or entry_config(suite, first, scale, seed, specs, out)
-            run_floor(suite, config, seed, scale, specs, out)
-        else:
-            run_entry(suite, entries[label], *configs[(label, seed)], seed, scale, specs, out)
+        try:
+            if label == FLOOR:
+                first = suite["entries"][0]
+                config, _ = configs.get((first["label"], seed)) or entry_config(suite, first, scale, seed, specs, out)
+                run_floor(suite, config, seed, scale, specs, out)
+            else:
+                run_entry(suite, entries[label], *configs[(label, seed)], seed, scale, specs, out)
+        except KeyboardInterrupt as interrupt:  # the engine's own advice names train --resume
+            said = str(interrupt).replace(" (continue with --resume)", "") or "interrupted"
+            raise KeyboardInterrupt(f"{where}: {said}; the same command again resumes the suite "
+                                    f"(recorded runs are kept)") from None
         timed.append(time.perf_counter() - started)
         left = len(jobs) - number
         eta = sum(timed) / len(timed) * left

@@ -9,6 +9,7 @@ fractions. The floor row is the random-init encoder (:func:`wildssl.benchmark.ru
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import numpy as np
 from wildssl.benchmark.suite import FLOOR
 from wildssl.errors import DataError
 
+log = logging.getLogger("wildssl")
 # probe kind -> the figures shown for it, first found wins (discovery shows both)
 FIGURES = {
     "knn": (("top1",),), "linear": (("top1",),), "attentive": (("top1",),),
@@ -25,16 +27,45 @@ FIGURES = {
 }
 
 
+RERUN = ("delete it to evaluate that run again (its training is kept when train_done.json is there), "
+         "or delete its folder to run it again")
+
+
+def read_record(path: Path, remedy: str = RERUN) -> dict:
+    """The JSON record at ``path``; a DataError naming the file and ``remedy`` when it is not JSON (a truncated
+    or hand-edited file: the runner writes its records atomically)."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        reason = (f"{error.msg}: line {error.lineno} column {error.colno}"
+                  if isinstance(error, json.JSONDecodeError) else "not text")
+        raise DataError(f"{path} is not valid JSON ({reason}); {remedy}") from None
+
+
 def read_runs(out: Path) -> tuple[dict, list[dict]]:
-    """``suite.json`` and the ``runs/*/result.json`` of its seeds in a suite folder (sorted by label and seed)."""
+    """``suite.json`` and the ``runs/*/result.json`` of its seeds in a suite folder (sorted by label and seed);
+    the recorded runs of other seeds are left out and counted in ``meta["left_out"]`` (``{"runs", "seeds"}``)."""
     meta_path = out / "suite.json"
     if not meta_path.is_file():
         raise DataError(f"{out} is not a benchmark folder: no suite.json (written by wildssl benchmark run)")
-    meta = json.loads(meta_path.read_text())
-    runs = [json.loads(path.read_text()) for path in sorted((out / "runs").glob("*/result.json"))]
-    # the seeds of the latest invocation (--seeds 2 after --seeds 3 leaves the third seed's runs out)
+    meta = read_record(meta_path, "run the suite again with wildssl benchmark run (the recorded runs are kept)")
+    runs = [read_record(path) for path in sorted((out / "runs").glob("*/result.json"))]
+    # the seeds of the latest invocation (--seeds 2 after --seeds 3 leaves the third seed's runs out: named)
+    others = [r for r in runs if r["seed"] not in meta["seeds"]]
+    meta["left_out"] = {"runs": len(others), "seeds": sorted({r["seed"] for r in others})}
     runs = [r for r in runs if r["seed"] in meta["seeds"]]
     return meta, sorted(runs, key=lambda r: (r["label"], r["seed"]))
+
+
+def left_out_note(meta: dict) -> str:
+    """``N recorded runs of seeds ... left out ...`` when ``meta["left_out"]`` counts any, else ``""``."""
+    left = meta.get("left_out") or {"runs": 0}
+    if not left["runs"]:
+        return ""
+    seeds = ", ".join(map(str, left["seeds"]))
+    return (f"{left['runs']} recorded runs of seeds {seeds} left out (this run's seeds: "
+            f"{', '.join(map(str, meta['seeds']))}); wildssl benchmark run with --seeds {max(left['seeds']) + 1} "
+            f"includes them (nothing recorded is run again)")
 
 
 def columns(meta: dict, runs: list[dict]) -> list[tuple[str, str, str]]:
@@ -102,7 +133,8 @@ def markdown(meta: dict, runs: list[dict], table: dict) -> str:
              f"- Mirrors: {suite['mirrors'] or '-'}", f"- The seed's direction: {suite['direction'] or '-'}",
              f"- Command: `{meta['command']}`", f"- Date: {meta['started']}; device: {meta['device']}",
              f"- Wall time of the recorded runs (training + evaluation): {wall / 60:.1f} min",
-             f"- Seeds recorded: {', '.join(map(str, seeds)) or 'none'}; network evaluated: {suite['network']}",
+             f"- Seeds recorded: {', '.join(map(str, seeds)) or 'none'}; network evaluated: {suite['network']}"
+             + (f"; {left_out_note(meta)}" if left_out_note(meta) else ""),
              "", ("Cells: mean ± spread over seeds (spread = sample standard deviation, n - 1; none with one seed); "
                   "probe figures in percent. `random_init` is the floor: the first entry's encoder at its initial "
                   "weights."),
@@ -172,6 +204,8 @@ def write_outputs(out: str | Path, plots: bool = True) -> dict:
     its recorded runs."""
     out = Path(out)
     meta, runs = read_runs(out)
+    if left_out_note(meta):
+        log.warning("%s: %s", out / "table.md", left_out_note(meta))
     table = aggregate(meta, runs)
     text = markdown(meta, runs, table)
     pictures = write_plots(out, meta, runs, table) if plots else []
