@@ -63,14 +63,17 @@ _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
 def is_wildssl_file(path: Path) -> bool:
-    """A run directory, or a safetensors file written by wildssl (checkpoint or export)."""
+    """A run directory, or a safetensors file written by wildssl (checkpoint or export): its ``format``, or a
+    ``config`` in its metadata (a wildssl file whose format entry was damaged goes to the wildssl loader, which
+    names what is wrong; peers' safetensors carry no config)."""
     if path.is_dir():
         return True
     if path.suffix != ".safetensors":
         return False
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return (handle.metadata() or {}).get("format") in (CHECKPOINT_FORMAT, EXPORT_FORMAT)
+            metadata = handle.metadata() or {}
+            return metadata.get("format") in (CHECKPOINT_FORMAT, EXPORT_FORMAT) or "config" in metadata
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None
 
