@@ -73,6 +73,19 @@ def test_bench_pipeline_steps_under_two_is_one_line_naming_that_option(capsys):
                                                    "over at least 2 batches (the first is not timed)")
 
 
+def test_bench_steps_beyond_a_runs_limit_and_a_json_path_it_cannot_write_fail_before_it_runs(tmp_path, capsys):
+    """--steps 1000000000 tried to allocate 7.5 GiB of schedules; --json under a file failed after the whole bench."""
+    for steps in ("1000000000", "99999999999999999999"):
+        assert main(["bench", "simclr_quick", "--steps", steps]) == 2
+        err = capsys.readouterr().err
+        assert "need more than the 10000000 steps a run supports" in err and "Traceback" not in err, err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["bench", "simclr_quick", "--steps", "1", "--json", str(blocker / "b.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"wildssl: error: --json {blocker / 'b.json'}: cannot make its folder"), err
+
+
 CASES = {
     "dino": ("dino_quick", tiny_overrides("dino")),
     "ibot": ("ibot_quick", TINY_MODEL + TINY_IBOT),

@@ -1,5 +1,6 @@
 """Video frames sampled at a chosen rate: the right frames at the right times, and exact resume."""
 
+import logging
 import math
 
 import numpy as np
@@ -88,3 +89,18 @@ def test_a_run_killed_mid_epoch_on_video_resumes_at_the_same_frame(tmp_path, mon
                          "train.checkpoint_every=2", "train.log_every=3")
     straight = assert_resume_is_exact(config, tmp_path, monkeypatch, kill_at=3)
     assert len({i for step in range(4) for i in straight[step]["train"]}) == 32  # an epoch reads distinct frames
+
+
+def test_a_rate_above_the_videos_own_says_each_frame_repeats(tmp_path, caplog):
+    # fps=1000 on a 10-fps clip gave 100 copies of each frame without a word
+    write_video(tmp_path / "a.mp4", 20)  # 2 s at 10 fps
+    with caplog.at_level(logging.WARNING, logger="wildssl.data"):
+        source = open_source(f"video:{tmp_path / 'a.mp4'}?fps=40", load_size=SIDE)
+    assert len(source) == 80
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "video fps=40 is above the frame rate of 1 of the 1 videos" in warnings[0]
+    assert "about 4 times in a row; give fps=10 or less" in warnings[0], warnings
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="wildssl.data"):
+        open_source(f"video:{tmp_path / 'a.mp4'}?fps=10", load_size=SIDE)
+    assert not caplog.records

@@ -111,8 +111,11 @@ def cmd_config(args) -> int:
 # ----------------------------------------------------------------------------- bench
 
 def cmd_bench(args) -> int:
+    from wildssl.io import output_file
     from wildssl.train.bench import bench, summary_lines
 
+    if args.json:
+        args.json = output_file(args.json, "--json")  # before the bench runs: a bad path is no reason to run it
     config = _config_from_args(args)
     result = bench(config, args.recipe, steps=args.steps, warmup=args.warmup, pipeline_steps=args.pipeline_steps)
     for line in summary_lines(result):

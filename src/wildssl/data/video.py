@@ -90,12 +90,19 @@ class VideoFrames(FileSource):
         self.rate = Fraction(self.fps).limit_denominator(1_000_000)  # sampled frames per second, exact
         self.videos: list[_Video] = []
         self.num_unreadable = 0
+        self._slower: list[tuple[Path, Fraction]] = []  # videos whose own frame rate is below fps
         for video_path in _video_paths(self.path):
             video = self._index_video(video_path)
             if video is not None and video.num_frames > 0:
                 self.videos.append(video)
         if not self.videos:
             raise DataError(f"no readable video in {self.path} ({self.num_unreadable} files could not be opened)")
+        if self._slower:
+            path, native = self._slower[0]
+            logger.warning("video fps=%g is above the frame rate of %d of the %d videos (%s: %g fps), so each of "
+                           "their frames is sampled about %d times in a row; give fps=%g or less to sample each "
+                           "frame at most once", self.fps, len(self._slower), len(self.videos), path, float(native),
+                           round(self.rate / native), float(min(rate for _, rate in self._slower)))
         self.starts = [0] + [int(n) for n in np.cumsum([v.num_frames for v in self.videos])]
         self._containers: OrderedDict[int, Any] = OrderedDict()
         self._containers_pid = os.getpid()
@@ -115,10 +122,13 @@ class VideoFrames(FileSource):
                     raise ValueError("the container states no duration")
                 width, height = stream.codec_context.width, stream.codec_context.height
                 start = stream.start_time or 0
+                native = Fraction(stream.average_rate) if stream.average_rate else None
         except (self.av.FFmpegError, OSError, ValueError) as error:
             self.num_unreadable += 1
             logger.warning("skipping unreadable video %s (%s: %s)", path, type(error).__name__, error)
             return None
+        if native is not None and native > 0 and self.rate > native:
+            self._slower.append((path, native))
         # k / fps < duration  <=>  k < duration * fps
         count = math.ceil(duration * self.rate)
         return _Video(path, max(count, 0), int(start), time_base, width, height)

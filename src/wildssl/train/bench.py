@@ -56,6 +56,7 @@ from wildssl.errors import ConfigError
 from wildssl.methods.base import Method
 from wildssl.models.text import TextTransformer
 from wildssl.models.vit import VisionTransformer
+from wildssl.schema import MAX_STEPS
 from wildssl.train.run import Run, build_run, compile_networks, make_loaders
 from wildssl.train.step import autocast_context, device_batches, training_step
 
@@ -327,6 +328,9 @@ def bench(config: dict, recipe: str, steps: int = 10, warmup: int = 2, pipeline_
         raise ConfigError(f"--pipeline-steps {pipeline_steps}: the pipeline is timed over at least 2 batches (the "
                           "first is not timed)")
     pipeline_steps = pipeline_steps or max(steps + warmup, 3)
+    if max(steps + 2 * warmup + 1, pipeline_steps) > MAX_STEPS:
+        raise ConfigError(f"wildssl bench: --steps {steps}, --warmup {warmup} and --pipeline-steps {pipeline_steps} "
+                          f"need more than the {MAX_STEPS} steps a run supports; a bench needs tens")
     compile_ = config["train"]["compile"]
     config = {**config, "train": {**config["train"], "steps": max(steps + 2 * warmup + 1, pipeline_steps),
                                   "compile": False, "images": None, "epochs": None}}
