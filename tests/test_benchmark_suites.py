@@ -156,6 +156,24 @@ def test_report_rebuilds_the_same_table_from_the_recorded_runs(tmp_path, capsys)
             assert run["knn_curve"][0][0] == 0 and run["knn_curve"][-1][0] == run["steps"]
 
 
+def test_a_table_without_recorded_runs_is_valid_markdown_and_the_eta_counts_only_runs_to_do(tmp_path, capsys):
+    from wildssl.benchmark.table import markdown
+
+    suite = check_suite({"name": "empty", "data": {"d": "synthetic:scenes"},
+                         "entries": [{"label": "a", "recipe": "simclr_quick", "streams": {"train": "d"}}],
+                         "probes": {"knn": {"train": "d", "test": "d"}}})
+    meta = {"suite": suite, "scale": "tiny", "seeds": [0], "command": "c", "device": "d", "started": "s"}
+    header, separator = [line for line in markdown(meta, [], {}).splitlines() if line.startswith("|")]
+    assert header == "| entry | runs |" and separator == "|---|---|"  # was "| entry | runs |  |" over two columns
+    out = tmp_path / "out"
+    runner.run_benchmark(_small_suite(tmp_path), "tiny", seeds=1, out=out)
+    (out / "runs" / "random_init-s0" / "result.json").unlink()  # the first job runs again, the rest is recorded
+    capsys.readouterr()
+    runner.run_benchmark(_small_suite(tmp_path), "tiny", seeds=1, out=out)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "random_init seed 0:" in line]
+    assert len(lines) == 1 and lines[0].endswith("ETA 0 s for 0 more"), lines
+
+
 def test_table_cells_are_numpy_mean_and_sample_standard_deviation_of_the_recorded_values(tmp_path):
     suite = check_suite({"name": "formula", "data": {"d": "synthetic:scenes"}, "seeds": 3,
                          "entries": [{"label": "a", "recipe": "simclr_quick", "streams": {"train": "d"}}],

@@ -524,6 +524,14 @@ def test_tar_source_survives_pickling_and_reopens_files(tmp_path):
     assert torch.equal(source[2]["image"], before)
 
 
+def test_a_brace_group_that_is_no_range_or_list_says_what_it_needs():
+    # the former message said "{a..b} is neither a range a..b nor a list a,b"
+    with pytest.raises(DataError, match=r"brace group \{a\.\.b\} in 's\{a\.\.b\}\.tar': a range needs whole-number"):
+        expand_braces("s{a..b}.tar")
+    with pytest.raises(DataError, match=r"brace group \{x\}.*give a range such as \{000\.\.099\} or a list"):
+        expand_braces("s{x}.tar")
+
+
 def test_expand_braces_ranges_lists_padding_and_products():
     assert expand_braces("s{00000..00002}.tar") == ["s00000.tar", "s00001.tar", "s00002.tar"]
     assert expand_braces("s{8..11}.tar") == ["s8.tar", "s9.tar", "s10.tar", "s11.tar"]

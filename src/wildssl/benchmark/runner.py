@@ -493,7 +493,7 @@ def run_benchmark(suite_path: str | Path, scale: str = "cpu", seeds: int | None 
             raise KeyboardInterrupt(f"{where}: {said}; the same command again resumes the suite "
                                     f"(recorded runs are kept)") from None
         timed.append(time.perf_counter() - started)
-        left = len(jobs) - number
+        left = sum(not (run_dir(out, *job) / RESULT).is_file() for job in jobs[number:])  # not the recorded ones
         eta = sum(timed) / len(timed) * left
         print(f"{where}: {timed[-1]:.1f} s; elapsed {_minutes(time.perf_counter() - began)}; "
               f"ETA {_minutes(eta)} for {left} more", file=sys.stderr, flush=True)

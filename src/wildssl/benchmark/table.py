@@ -138,7 +138,7 @@ def markdown(meta: dict, runs: list[dict], table: dict) -> str:
              "", ("Cells: mean ± spread over seeds (spread = sample standard deviation, n - 1; none with one seed); "
                   "probe figures in percent. `random_init` is the floor: the first entry's encoder at its initial "
                   "weights."),
-             "", "| entry | runs | " + " | ".join(c[0] for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
+             "", "| " + " | ".join(["entry", "runs"] + [c[0] for c in cols]) + " |", "|---|---|" + "---|" * len(cols)]
     for label, row in table.items():
         cells = [cell(row.get(title), probe != "metrics") for title, probe, _ in cols]
         lines.append(f"| {label} | {row['_runs']['n']} | " + " | ".join(cells) + " |")

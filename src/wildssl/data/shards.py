@@ -63,7 +63,9 @@ def _brace_parts(pattern: str) -> list[str | Sequence[str]]:
         elif "," in body:
             choices = body.split(",")
         else:
-            raise DataError(f"brace group {{{body}}} in {pattern!r} is neither a range a..b nor a list a,b")
+            form = ("a range needs whole-number bounds, e.g. {000..099}" if ".." in body
+                    else "give a range such as {000..099} or a list such as {a,b}")
+            raise DataError(f"brace group {{{body}}} in {pattern!r}: {form}")
         parts += [rest[: match.start()], choices]
         rest = rest[match.end() :]
 
