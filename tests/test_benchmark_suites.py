@@ -174,6 +174,17 @@ def test_a_table_without_recorded_runs_is_valid_markdown_and_the_eta_counts_only
     assert len(lines) == 1 and lines[0].endswith("ETA 0 s for 0 more"), lines
 
 
+def test_a_misspelt_prepared_set_is_named_before_any_run_starts(tmp_path):
+    # 'cifar10:trian' was taken as a path and failed as "data path not found" once the floor's run had started
+    suite = tmp_path / "typo.yaml"
+    suite.write_text("name: typo\ndata: {d: 'cifar10:trian'}\nentries:\n"
+                     "  - {label: a, recipe: simclr_quick, streams: {train: d}}\nprobes: {knn: {train: d, test: d}}\n")
+    with pytest.raises(ConfigError, match=r"suite typo data d: 'cifar10:trian' is no prepared data set; did you "
+                                          r"mean 'cifar10:train'\?"):
+        runner.run_benchmark(suite, "cpu", out=tmp_path / "out")
+    assert not (tmp_path / "out" / "runs").exists()
+
+
 def test_table_cells_are_numpy_mean_and_sample_standard_deviation_of_the_recorded_values(tmp_path):
     suite = check_suite({"name": "formula", "data": {"d": "synthetic:scenes"}, "seeds": 3,
                          "entries": [{"label": "a", "recipe": "simclr_quick", "streams": {"train": "d"}}],

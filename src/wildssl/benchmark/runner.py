@@ -73,8 +73,25 @@ def resolve_data(suite: dict, scale: str, shared: str | Path | None, data_dir: P
         elif is_prepared_name(value):
             specs[name] = prepare(value, shared, data_dir)
         else:
+            check_not_a_misspelt_set(value, name, suite["name"])
             specs[name] = value
     return specs
+
+
+def check_not_a_misspelt_set(value: str, name: str, suite_name: str) -> None:
+    """A ConfigError for a data value named like a prepared set that is none (``cifar10:trian``): it would be
+    taken as a path and fail once a run had started, as "data path not found"."""
+    import difflib
+
+    from wildssl.benchmark.prepare import CATALOGUE
+
+    families = {set_name.split(":")[0] for set_name in CATALOGUE}
+    if value.split(":")[0] not in families or Path(value).exists():
+        return
+    close = difflib.get_close_matches(value, list(CATALOGUE), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ConfigError(f"suite {suite_name} data {name}: {value!r} is no prepared data set; {hint}prepared sets: "
+                      f"{', '.join(CATALOGUE)} (or a data SPEC such as a folder or synthetic:scenes?n=...)")
 
 
 def run_dir(out: Path, label: str, seed: int) -> Path:
