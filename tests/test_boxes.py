@@ -154,3 +154,14 @@ def test_discretize_box_bins_clamps_and_keeps_shape():
 def test_discretize_box_rejects_an_empty_range():
     with pytest.raises(ConfigError, match="value_range"):
         discretize_box(torch.zeros(4), num_bins=8, value_range=(1.0, 1.0))
+
+
+def test_boxes_given_as_lists_are_read_and_a_wrong_shape_is_one_line():
+    """The Python API: relative_box([...], [...]) raised 'list indices must be integers'; a 3-number box an
+    IndexError from deep inside."""
+    assert relative_box([0.2, 0.2, 0.6, 0.6], [0.2, 0.2, 0.6, 0.6]).tolist() == [0.0, 0.0, 1.0, 1.0]
+    assert float(box_iou((0, 0, 1, 1), (0, 0, 0.5, 1))) == 0.5
+    with pytest.raises(ConfigError, match=r"a box is \(x0, y0, x1, y1\): a \(\.\.\., 4\) tensor, got shape \(3,\)"):
+        relative_box([0.0, 0.0, 1.0], [0.0, 0.0, 1.0, 1.0])
+    with pytest.raises(ConfigError, match="a box is"):
+        box_iou(["a", "b", "c", "d"], [0, 0, 1, 1])

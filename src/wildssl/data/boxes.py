@@ -18,6 +18,14 @@ from wildssl.errors import ConfigError
 
 
 def _unbind(box: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The four coordinates of ``box`` ``(..., 4)``; a list or tuple of numbers is taken as a float32 tensor."""
+    if not torch.is_tensor(box):
+        try:
+            box = torch.as_tensor(box, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError):
+            raise ConfigError(f"a box is (x0, y0, x1, y1) numbers or a (..., 4) tensor, got {box!r}") from None
+    if box.dim() == 0 or box.shape[-1] != 4:
+        raise ConfigError(f"a box is (x0, y0, x1, y1): a (..., 4) tensor, got shape {tuple(box.shape)}")
     return box[..., 0], box[..., 1], box[..., 2], box[..., 3]
 
 
