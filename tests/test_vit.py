@@ -297,6 +297,17 @@ def test_build_encoder_overrides_size_values():
     assert encoder.reg_token.shape == (1, 3, 32)
 
 
+def test_a_model_config_built_by_hand_is_checked_as_a_recipe_is():
+    """build_encoder_from_config({'patch_size': '16'}) ended in "'<' not supported between str and int"."""
+    from wildssl.models.loading import build_encoder_from_config
+
+    assert build_encoder_from_config({"name": "tiny", "patch_size": "8", "img_size": 32}).patch_size == 8
+    with pytest.raises(ConfigError, match=r'model.patch_size="x" is invalid: model.patch_size must be an integer'):
+        build_encoder_from_config({"name": "tiny", "patch_size": "x"})
+    with pytest.raises(ConfigError, match=r"model.depth=0 is invalid"):
+        build_encoder_from_config({"name": "tiny", "depth": 0})
+
+
 def test_build_encoder_rejects_width_not_divisible_by_heads():
     with pytest.raises(ConfigError, match="divisible"):
         build_encoder("tiny", embed_dim=100, num_heads=3, depth=1)

@@ -203,8 +203,15 @@ ARCHITECTURE_KEYS = ("name", "patch_size", "img_size", "num_register_tokens", "d
 
 def build_encoder_from_config(model_config: dict) -> VisionTransformer:
     """The encoder a config's ``model`` section names, at its initial weights (keys that are not the
-    architecture, such as ``init_from``, are ignored here)."""
-    return build_encoder(**{k: model_config[k] for k in ARCHITECTURE_KEYS if k in model_config})
+    architecture, such as ``init_from``, are ignored here). Each value is checked by its ``model.*`` rule, as in a
+    recipe, so a hand-built dict with ``patch_size: "16"`` is a one-line ConfigError."""
+    from wildssl.schema import CORE_RULES, check_value
+
+    architecture = {k: model_config[k] for k in ARCHITECTURE_KEYS if k in model_config}
+    for key, value in architecture.items():
+        if f"model.{key}" in CORE_RULES:
+            architecture[key] = check_value(f"model.{key}", value, CORE_RULES[f"model.{key}"])
+    return build_encoder(**architecture)
 
 
 def evaluated_network(path: str | Path, teacher: bool | None = None) -> str:
