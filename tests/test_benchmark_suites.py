@@ -2,6 +2,7 @@
 table is rebuilt from the recorded runs with mean and spread computed as numpy does."""
 
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -185,10 +186,11 @@ def test_a_misspelt_prepared_set_is_named_before_any_run_starts(tmp_path):
     assert not (tmp_path / "out" / "runs").exists()
 
 
-def test_table_cells_are_numpy_mean_and_sample_standard_deviation_of_the_recorded_values(tmp_path):
+def test_table_cells_are_numpy_mean_and_sample_standard_deviation_of_the_recorded_values(tmp_path, caplog):
     suite = check_suite({"name": "formula", "data": {"d": "synthetic:scenes"}, "seeds": 3,
                          "entries": [{"label": "a", "recipe": "simclr_quick", "streams": {"train": "d"}}],
-                         "probes": {"knn": {"train": "d", "test": "d"}}, "metrics": ["embedding_std"]})
+                         "probes": {"knn": {"train": "d", "test": "d"}},
+                         "metrics": ["embedding_std", "neighbour_ratio"]})
     (tmp_path / "suite.json").write_text(json.dumps({"suite": suite, "scale": "tiny", "seeds": [0, 1, 2],
                                                      "command": "c", "device": "d", "started": "s"}))
     rng = np.random.default_rng(0)
@@ -202,7 +204,11 @@ def test_table_cells_are_numpy_mean_and_sample_standard_deviation_of_the_recorde
                 {"label": label, "seed": seed, "probes": {"knn": {"top1": value}}, "train_seconds": 1.0,
                  "eval_seconds": 1.0, "metrics": {"embedding_std": stds[seed]} if label == "a" else {},
                  "knn_curve": []}))
-    results = table.write_outputs(tmp_path, plots=False)
+    with caplog.at_level(logging.WARNING, logger="wildssl"):
+        results = table.write_outputs(tmp_path, plots=False)
+    # a metric no run logged (SimCLR has no neighbour_ratio) is named, not only a column of "-"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'table.md'}: no run logged the metrics neighbour_ratio (names as in the runs' metrics.jsonl)"]
     rows = table_rows((tmp_path / "table.md").read_text())
     for label, figures in values.items():
         mean, sd = np.mean(figures), np.std(figures, ddof=1)

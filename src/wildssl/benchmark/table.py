@@ -206,6 +206,11 @@ def write_outputs(out: str | Path, plots: bool = True) -> dict:
     meta, runs = read_runs(out)
     if left_out_note(meta):
         log.warning("%s: %s", out / "table.md", left_out_note(meta))
+    trained = [r for r in runs if r["label"] != FLOOR]
+    unlogged = [m for m in meta["suite"].get("metrics", []) if trained and not any(m in r["metrics"] for r in trained)]
+    if unlogged:  # a misspelt name, or one no entry's method logs: a column of "-" would say nothing
+        log.warning("%s: no run logged the metrics %s (names as in the runs' metrics.jsonl)", out / "table.md",
+                    ", ".join(unlogged))
     table = aggregate(meta, runs)
     text = markdown(meta, runs, table)
     pictures = write_plots(out, meta, runs, table) if plots else []
