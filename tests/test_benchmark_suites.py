@@ -164,8 +164,10 @@ def test_a_table_without_recorded_runs_is_valid_markdown_and_the_eta_counts_only
                          "entries": [{"label": "a", "recipe": "simclr_quick", "streams": {"train": "d"}}],
                          "probes": {"knn": {"train": "d", "test": "d"}}})
     meta = {"suite": suite, "scale": "tiny", "seeds": [0], "command": "c", "device": "d", "started": "s"}
-    header, separator = [line for line in markdown(meta, [], {}).splitlines() if line.startswith("|")]
+    text = markdown(meta, [], {})
+    header, separator = [line for line in text.splitlines() if line.startswith("|")]
     assert header == "| entry | runs |" and separator == "|---|---|"  # was "| entry | runs |  |" over two columns
+    assert "**0 of the 2 runs of this command recorded so far**" in text  # a table read mid-run says it
     out = tmp_path / "out"
     runner.run_benchmark(_small_suite(tmp_path), "tiny", seeds=1, out=out)
     (out / "runs" / "random_init-s0" / "result.json").unlink()  # the first job runs again, the rest is recorded
@@ -209,6 +211,7 @@ def test_table_cells_are_numpy_mean_and_sample_standard_deviation_of_the_recorde
     # a metric no run logged (SimCLR has no neighbour_ratio) is named, not only a column of "-"
     assert [r.getMessage() for r in caplog.records] == [
         f"{tmp_path / 'table.md'}: no run logged the metrics neighbour_ratio (names as in the runs' metrics.jsonl)"]
+    assert "recorded so far" not in (tmp_path / "table.md").read_text()  # all 6 runs are there
     rows = table_rows((tmp_path / "table.md").read_text())
     for label, figures in values.items():
         mean, sd = np.mean(figures), np.std(figures, ddof=1)

@@ -68,6 +68,18 @@ def left_out_note(meta: dict) -> str:
             f"includes them (nothing recorded is run again)")
 
 
+def unfinished_note(meta: dict, runs: list[dict]) -> str:
+    """``"; N of the M runs of this command recorded so far ..."`` while some are missing, else ``""``: a table
+    read during a run (or after one was stopped) says that it is incomplete."""
+    seeds = meta["seeds"]
+    expected = len(seeds) + sum(len(seeds[:e["seeds"]] if e.get("seeds") else seeds)  # the floor, then each entry
+                                for e in meta["suite"]["entries"])
+    if len(runs) >= expected:
+        return ""
+    return (f"; **{len(runs)} of the {expected} runs of this command recorded so far** (the same command again "
+            "runs the rest)")
+
+
 def columns(meta: dict, runs: list[dict]) -> list[tuple[str, str, str]]:
     """``[(column title, probe, figure)]``: each probe's figures (those recorded), then the suite's metrics."""
     from wildssl.eval.report import probe_kind
@@ -134,7 +146,7 @@ def markdown(meta: dict, runs: list[dict], table: dict) -> str:
              f"- Command: `{meta['command']}`", f"- Date: {meta['started']}; device: {meta['device']}",
              f"- Wall time of the recorded runs (training + evaluation): {wall / 60:.1f} min",
              f"- Seeds recorded: {', '.join(map(str, seeds)) or 'none'}; network evaluated: {suite['network']}"
-             + (f"; {left_out_note(meta)}" if left_out_note(meta) else ""),
+             + (f"; {left_out_note(meta)}" if left_out_note(meta) else "") + unfinished_note(meta, runs),
              "", ("Cells: mean ± spread over seeds (spread = sample standard deviation, n - 1; none with one seed); "
                   "probe figures in percent. `random_init` is the floor: the first entry's encoder at its initial "
                   "weights."),
