@@ -66,6 +66,28 @@ def test_train_ends_with_one_plain_line_of_trained_against_random_init_knn(tmp_p
                      f"initialization ({trained - floor:+.1f} points)"]
 
 
+def test_a_resumed_run_compares_with_the_random_init_figure_it_recorded_before_step_0(tmp_path, capsys):
+    """A resumed run lost its floor: no trained-vs-random line, no knn_top1_random_init in the summary, and a
+    quality alarm the first session raised was not raised again on the same figure."""
+    knn = ["eval.knn_every=2", "eval.knn_train=" + TINY_DATA, "eval.knn_test=synthetic:scenes?n=32&size=16&split=test",
+           "optim.lr=1e-12"]  # a run that learns nothing: its k-NN stays at the floor
+    summaries, errs = [], []
+    for steps, resume in ((2, []), (4, ["--resume"])):
+        argv = ["train", "simclr_quick", "--out", str(tmp_path / "run"), *resume]
+        for item in tiny_overrides("simclr", f"train.steps={steps}", *knn):
+            argv += ["--set", item]
+        code, out, err = _run(capsys, *argv)
+        assert code == 0, err
+        summaries.append(json.loads(out.strip().splitlines()[-1]))
+        errs.append(err)
+    first, resumed = summaries
+    assert resumed["start_step"] == 2
+    assert resumed["knn_top1_random_init"] == first["knn_top1_random_init"]
+    assert any(a.startswith("quality alarm") for a in first["alarms"])
+    assert any(a.startswith("quality alarm") for a in resumed["alarms"]), resumed["alarms"]
+    assert sum(line.startswith("wildssl: k-NN top-1") for line in errs[1].splitlines()) == 1, errs[1]
+
+
 def test_training_into_a_run_that_holds_a_checkpoint_is_refused_before_any_data_is_opened(tmp_path, capsys, caplog):
     import logging
 

@@ -237,6 +237,16 @@ class _Reporter:
             self.logger.close()
 
 
+def recorded_random_init(run_dir: Path) -> dict:
+    """The ``knn_*_random_init`` figures the run recorded before its step 0 (its ``metrics.jsonl``), or ``{}``."""
+    from wildssl.io import read_metrics
+
+    for record in read_metrics(run_dir):
+        if record.get("step") == 0 and "knn_top1_random_init" in record:
+            return {k: v for k, v in record.items() if k.startswith("knn_top") and k.endswith("_random_init")}
+    return {}
+
+
 def train(config: dict, out_dir: str | Path, resume: bool = False, knn_evaluator=None) -> dict:
     """Train ``config`` into ``out_dir``; returns a summary dict (steps, final loss, k-NN, counters, alarms).
 
@@ -250,6 +260,8 @@ def train(config: dict, out_dir: str | Path, resume: bool = False, knn_evaluator
     reporter = _Reporter(run, knn_evaluator)
     if run.start_step == 0:
         reporter.evaluate(0, random_init=True)
+    else:  # the floor measured before step 0 of this run: the quality alarm and the summary compare with it again
+        reporter.knn_random = recorded_random_init(run.out_dir)
     run.method.train()
     done = run.start_step
     try:
