@@ -244,3 +244,23 @@ def test_eval_knn_options_are_checked_like_config_keys_in_one_line(capsys, optio
     code = main(["eval", "knn", "--random-init", "--model", "tiny", "--train", data, "--test", data, option, value])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and fragment in lines[0], lines
+
+
+@pytest.mark.parametrize("recipe, fragment", [
+    ("simclr_quick", "method simclr contrasts each image with the other images of the batch, and train.batch_size=1 "
+                     "gives a step 1 image(s): raise train.batch_size to 2 or more"),
+    ("ab_simclr_quick", "method ab_simclr contrasts each image with the other images of the batch"),
+    ("clip_quick", "method clip contrasts each image with the captions of the other images of the batch"),
+    ("slip_quick", "method slip contrasts each image"),
+    ("simsiam_quick", "1 image(s) per rank of the 1: raise train.batch_size to 2 or more"),
+])
+def test_a_batch_too_small_for_the_methods_loss_is_one_line_when_the_method_is_built(recipe, fragment):
+    """SimCLR at batch 1 logged a loss of 0, a gradient of 0 and contrastive_acc 1.0 and trained nothing;
+    SimSiam's BatchNorm ended in a raw ValueError at the first step."""
+    from wildssl.methods import build_method
+
+    overrides = ["train.batch_size=1"] + (["method.koleo_weight=0"] if recipe == "simsiam_quick" else [])
+    with pytest.raises(ConfigError) as error:
+        build_method(build_config(recipe, overrides))
+    assert fragment in str(error.value) and "\n" not in str(error.value)
+    build_method(build_config(recipe, ["train.batch_size=2"] + overrides[1:]))  # two images are enough

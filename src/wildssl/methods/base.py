@@ -138,14 +138,31 @@ class Method(nn.Module):
     # buffers are identical on every rank by construction, and large (AdaSim's latent cache, N x d), turns
     # that copy off.
     broadcast_buffers: ClassVar[bool] = True
+    # The fewest images of train.batch_size one step needs, whether per rank (True) or in all ranks together
+    # (False), and why: checked when the method is built, so that a batch of one is an error, not a loss of 0.
+    min_batch: ClassVar[tuple[int, bool, str] | None] = None
 
     def __init__(self, config: dict):
         super().__init__()
         self.config = config
         self.options = config["method"]
+        self._check_min_batch(config["train"]["batch_size"])
         self.student = nn.ModuleDict({"backbone": build_encoder_from_config(config["model"])})
         self.student["backbone"].mask_token.requires_grad_(self.uses_mask_token)
         self.teacher: nn.ModuleDict | None = None
+
+    def _check_min_batch(self, batch_size: int) -> None:
+        if self.min_batch is None:
+            return
+        from wildssl.distributed import get_world_size
+
+        fewest, per_rank, why = self.min_batch
+        world = get_world_size()
+        images = batch_size // world if per_rank else batch_size
+        if images < fewest:
+            where = f"{images} image(s) per rank of the {world}" if per_rank else f"{images} image(s)"
+            raise ConfigError(f"method {self.name} {why}, and train.batch_size={batch_size} gives a step {where}: "
+                              f"raise train.batch_size to {fewest * world if per_rank else fewest} or more")
 
     # -- teacher -----------------------------------------------------------------------------------
     def make_teacher(self, keys: Sequence[str] | None = None) -> None:

@@ -68,6 +68,7 @@ def source_captions(source, max_images: int = MAX_TOKENIZER_IMAGES, num_workers:
 
 class CLIP(Method):
     name = "clip"
+    min_batch = (2, False, "contrasts each image with the captions of the other images of the batch")
     defaults = {
         "embed_dim": 512,
         "text_size": "small",

@@ -23,6 +23,8 @@ from wildssl.models.heads import ProjectionHead
 
 class SimCLR(Method):
     name = "simclr"
+    # NT-Xent: the other images of the (gathered) batch are the negatives; with one image the loss is 0
+    min_batch = (2, False, "contrasts each image with the other images of the batch")
     defaults = {
         "crop_size": 224,
         "crop_scale": [0.08, 1.0],

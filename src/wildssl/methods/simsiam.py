@@ -21,6 +21,7 @@ from wildssl.models.heads import ProjectionHead
 
 class SimSiam(Method):
     name = "simsiam"
+    min_batch = (2, True, "normalizes its projector's and predictor's BatchNorm over a rank's images of one view")
     defaults = {
         "crop_size": 224,
         "crop_scale": [0.2, 1.0],
