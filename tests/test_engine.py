@@ -256,3 +256,14 @@ def test_a_log_line_printed_while_the_progress_bar_runs_starts_a_line_of_its_own
     err = capsys.readouterr().err
     assert re.search(r"(^|[\r\n])step 1: knn_top1=0\.5000\n", err), repr(err)
     assert err.count("step 1: knn_top1") == 1
+
+
+@pytest.mark.parametrize("checkpoint_every", [0, 2])
+def test_kept_checkpoints_are_written_at_every_keep_step_whatever_checkpoint_every_says(tmp_path, checkpoint_every):
+    """train.keep_every=3 with checkpoint_every=2 (or 0: only the final one) kept no copy at step 3: a copy was
+    made only on steps that also wrote the checkpoint."""
+    train(_config("simclr", "train.steps=6", f"train.checkpoint_every={checkpoint_every}", "train.keep_every=3",
+                  "eval.knn_every=0"), tmp_path / "run")
+    kept = sorted(p.name for p in (tmp_path / "run").glob("checkpoint_*.safetensors"))
+    assert kept == ["checkpoint_0000003.safetensors", "checkpoint_0000006.safetensors"]
+    assert load_file(str(tmp_path / "run" / "checkpoint_0000003.safetensors"))  # a whole checkpoint

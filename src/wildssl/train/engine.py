@@ -291,7 +291,9 @@ def train(config: dict, out_dir: str | Path, resume: bool = False, knn_evaluator
                         save_checkpoint(run, done)
                         raise KeyboardInterrupt(f"interrupted at step {done}; checkpoint saved to "
                                                 f"{run.checkpoint_path} (continue with --resume)")
-                    if done == run.total_steps or (tcfg["checkpoint_every"] and done % tcfg["checkpoint_every"] == 0):
+                    # a kept copy (train.keep_every) is a checkpoint too, whatever train.checkpoint_every says
+                    if done == run.total_steps or any(every and done % every == 0
+                                                      for every in (tcfg["checkpoint_every"], tcfg["keep_every"])):
                         save_checkpoint(run, done)
     finally:
         reporter.close()
