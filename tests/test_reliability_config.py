@@ -264,3 +264,20 @@ def test_a_batch_too_small_for_the_methods_loss_is_one_line_when_the_method_is_b
         build_method(build_config(recipe, overrides))
     assert fragment in str(error.value) and "\n" not in str(error.value)
     build_method(build_config(recipe, ["train.batch_size=2"] + overrides[1:]))  # two images are enough
+
+
+def test_a_steps_override_that_a_recipes_epochs_or_images_shadow_is_named(caplog):
+    """`--set train.steps=3` on a recipe with train.epochs ran 100 epochs without a word."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="wildssl"):
+        config = build_config("dino", ["train.steps=3"])
+    assert config["train"]["epochs"] == 100
+    assert [r.getMessage() for r in caplog.records] == [
+        "train.steps=3 is not the run's length: the recipe's train.epochs=100 decides it; add --set "
+        "train.epochs=null to run 3 steps"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="wildssl"):
+        build_config("dino", ["train.steps=3", "train.epochs=null"])
+        build_config("dino_quick", ["train.steps=3"])  # a recipe counted in steps
+    assert not caplog.records

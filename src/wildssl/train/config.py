@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import logging
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ import yaml
 
 from wildssl.errors import ConfigError
 from wildssl.schema import check_tree, load_yaml, rule_for
+
+log = logging.getLogger("wildssl")
 
 # Keys shared by every method. ``None`` means "not set" (the engine or method picks a derived value).
 DEFAULTS: dict[str, Any] = {
@@ -264,6 +267,16 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, str]]:
     return pairs
 
 
+def _warn_shadowed_steps(config: dict, overridden: set[str]) -> None:
+    """A warning when ``--set train.steps=N`` cannot decide the run's length: ``train.images``, else
+    ``train.epochs``, does (the recipe sets one), so the run would last that long instead."""
+    train = config["train"]
+    decides = next((key for key in ("images", "epochs") if train[key] is not None), None)
+    if "train.steps" in overridden and decides and f"train.{decides}" not in overridden:
+        log.warning("train.steps=%s is not the run's length: the recipe's train.%s=%g decides it; add --set "
+                    "train.%s=null to run %s steps", train["steps"], decides, train[decides], decides, train["steps"])
+
+
 def build_config(recipe: str | dict[str, Any] | None = None, overrides: list[str] | None = None) -> dict:
     """Resolve defaults + method defaults + recipe + ``key=value`` overrides into one checked config.
 
@@ -300,6 +313,7 @@ def build_config(recipe: str | dict[str, Any] | None = None, overrides: list[str
         set_key(config, key, value, "--set")
     config["method"]["name"] = method_name
     validate(config)
+    _warn_shadowed_steps(config, {key for key, _ in pairs})
     if config["eval"]["pool"] is None:  # the k-NN reads the feature the method trains
         config["eval"]["pool"] = method_pool(config)
     return config
