@@ -251,3 +251,16 @@ def test_nonfinite_or_nonpositive_learning_rate_is_a_config_error(capsys, lr):
         build_config("simclr_quick", [f"optim.lr={lr}"])
     code, out, err = _cli(capsys, "config", "simclr_quick", "--set", f"optim.lr={lr}")
     assert code == 2 and out == "" and _error_lines(err) == err.strip().splitlines()
+
+
+def test_a_batch_the_processes_cannot_share_is_refused_before_the_run_directory_is_made(tmp_path, monkeypatch):
+    """Under torchrun with 2 processes, train.batch_size=15 was refused by the samplers, after rank 0 had measured
+    the random-init k-NN and written config.yaml, metrics.jsonl and tensorboard/ into the run directory."""
+    from wildssl.train import run as run_module
+
+    monkeypatch.setattr(run_module.dist, "get_world_size", lambda: 2)
+    config = build_config("simclr_quick", tiny_overrides("simclr", "train.batch_size=15"))
+    with pytest.raises(ConfigError, match="train.batch_size=15 is not divisible by the world size 2: each process "
+                                          "takes an equal share; give a multiple of 2"):
+        run_module.build_run(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -241,6 +241,9 @@ def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
     tcfg = config["train"]
     checkpoint_path = run_checkpoint_path(config, out_dir)
     sharded = tcfg["sharding"] == "fsdp"
+    if tcfg["batch_size"] % world:  # before the run directory and the online k-NN (the samplers check it again)
+        raise ConfigError(f"train.batch_size={tcfg['batch_size']} is not divisible by the world size {world}: each "
+                          f"process takes an equal share; give a multiple of {world}")
     check_out_dir(config, out_dir, resume)
     if rank == 0:
         prepare_out_dir(out_dir, resume)
