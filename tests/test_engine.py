@@ -267,3 +267,17 @@ def test_kept_checkpoints_are_written_at_every_keep_step_whatever_checkpoint_eve
     kept = sorted(p.name for p in (tmp_path / "run").glob("checkpoint_*.safetensors"))
     assert kept == ["checkpoint_0000003.safetensors", "checkpoint_0000006.safetensors"]
     assert load_file(str(tmp_path / "run" / "checkpoint_0000003.safetensors"))  # a whole checkpoint
+
+
+def test_a_run_evaluating_its_student_records_that_for_load_encoder_and_export(tmp_path):
+    """DINO with eval.encoder=student watched the student's k-NN, but its checkpoint said eval_network teacher,
+    so load_encoder, export and eval knn read the teacher: another network than the run reported on."""
+    from wildssl.models.loading import evaluated_network, load_encoder
+
+    train(_config("dino", "train.steps=2", "eval.encoder=student", "eval.knn_every=0"), tmp_path / "run")
+    assert evaluated_network(tmp_path / "run") == "student"
+    state = load_file(str(tmp_path / "run" / CHECKPOINT_NAME))
+    loaded = load_encoder(tmp_path / "run").state_dict()
+    assert all(torch.equal(value, state[f"method.student.backbone.{name}"]) for name, value in loaded.items())
+    train(_config("dino", "train.steps=2", "eval.knn_every=0"), tmp_path / "auto")
+    assert evaluated_network(tmp_path / "auto") == "teacher"  # auto: DINO's own network

@@ -45,6 +45,13 @@ def _optimizer_from_flat(tensors: dict[str, torch.Tensor], info: dict) -> dict:
     return {"state": state, "param_groups": info["param_groups"]}
 
 
+def run_eval_network(method: torch.nn.Module, config: dict) -> str:
+    """The network the run evaluates, which its checkpoint records for ``load_encoder``, ``export`` and the eval
+    commands: ``eval.encoder`` when it names one (DINO with ``eval.encoder=student``), else the method's own."""
+    chosen = config.get("eval", {}).get("encoder", "auto")
+    return chosen if chosen in ("teacher", "student") else getattr(method, "eval_network", "student")
+
+
 def save_training_checkpoint(path: Path, method: torch.nn.Module, optimizer: torch.optim.Optimizer,
                              step: int, config: dict, extra: dict | None = None) -> None:
     """Save everything exact resume needs: method state, optimizer, RNG states, step, config.
@@ -62,7 +69,7 @@ def save_training_checkpoint(path: Path, method: torch.nn.Module, optimizer: tor
     metadata = {
         "format": CHECKPOINT_FORMAT,
         "step": str(step),
-        "eval_network": getattr(method, "eval_network", "student"),
+        "eval_network": run_eval_network(method, config),
         "config": json.dumps(config),
         "optimizer": json.dumps(optim_info),
         "extra": json.dumps(extra or {}),

@@ -42,6 +42,7 @@ from wildssl.errors import CheckpointError, ConfigError
 from wildssl.io import atomic_save
 from wildssl.models.export import export_metadata
 from wildssl.models.loading import POOLS, build_encoder_from_config, load_state_strict
+from wildssl.train.checkpoint import run_eval_network
 
 PRECISIONS = ("bf16", "fp32")
 SHARDED_CHECKPOINT = "checkpoint.dcp"
@@ -193,7 +194,7 @@ def save_run_checkpoint(out_dir: Path, method: nn.Module, optimizer: torch.optim
     dist.barrier()
     save_sharded(partial, method, optimizer, step)
     if dist.is_main_process():
-        state = {"step": step, "config": config, "eval_network": getattr(method, "eval_network", "student"),
+        state = {"step": step, "config": config, "eval_network": run_eval_network(method, config),
                  "extra": extra}
         (partial / RUN_STATE).write_text(json.dumps(state))
         previous = final.with_name(final.name + ".old")
