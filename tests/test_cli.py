@@ -367,3 +367,20 @@ def test_an_empty_data_option_is_an_error_not_the_recipes_data(tmp_path, capsys)
             code, out, err = _run(capsys, *command, flag, "")
             assert code == 2 and f"{flag} is empty: give a data SPEC" in err, (command, flag, err)
     assert not (tmp_path / "run").exists()
+
+
+def test_recipes_lists_each_recipe_with_its_first_sentence_whole(capsys):
+    """`wildssl recipes` printed each file's first comment line, so a sentence that went on below was cut:
+    'slotmim ... (Wen et al. 2025,', 'adasim_simsiam_quick ... sampled by'."""
+    from wildssl.cli import _recipe_summary
+    from wildssl.train.config import recipe_names
+
+    assert _recipe_summary("# A headline without a stop\n# Then the body. More.\nkey: 1\n") == "A headline without a stop"
+    assert _recipe_summary("# Cut at a comma,\n# 2300 steps and\n# AdaSim's pairs. Next.\n") == \
+        "Cut at a comma, 2300 steps and AdaSim's pairs."
+    code, out, _ = _run(capsys, "recipes")
+    lines = dict(line.split(None, 1) for line in out.strip().splitlines())
+    assert sorted(lines) == recipe_names()
+    for name, summary in lines.items():
+        assert summary.rstrip(".").split()[-1] not in ("by", "of", "the", "and") and not summary.endswith(","), name
+    assert lines["slotmim"].endswith("(--group-loss-weight 0.5)"), lines["slotmim"]

@@ -506,10 +506,29 @@ def cmd_recipes(args) -> int:
     from wildssl.train.config import recipe_names
 
     for name in recipe_names():
-        text = (resources.files("wildssl") / "recipes" / f"{name}.yaml").read_text()
-        first = next((line[1:].strip() for line in text.splitlines() if line.startswith("#")), "")
-        print(f"{name:16s} {first}")
+        print(f"{name:16s} {_recipe_summary((resources.files('wildssl') / 'recipes' / f'{name}.yaml').read_text())}")
     return 0
+
+
+# Words a comment line ends on only when its sentence goes on below (for `wildssl recipes`' one-line summaries)
+_GOES_ON = {"a", "an", "and", "as", "at", "by", "for", "from", "in", "of", "on", "or", "the", "to", "with"}
+
+
+def _recipe_summary(text: str) -> str:
+    """The first sentence of a recipe file's first comment: its first line, joined with the lines that go on with
+    it (a line that starts in lower case or with a number, or follows a line ending on a comma or a word such as
+    "by"), cut after the first full stop."""
+    import re
+
+    lines = [line[1:].strip() for line in text.splitlines() if line.startswith("#")]
+    summary = lines[0] if lines else ""
+    for line in lines[1:]:
+        last = summary.rsplit(" ", 1)[-1]
+        goes_on = summary.endswith(",") or last in _GOES_ON or (line[:1] and not line[0].isupper())
+        if not line or line[0] in "-*" or not goes_on:
+            break
+        summary += " " + line
+    return re.split(r"(?<=\.)\s+(?=[A-Z(])", summary, maxsplit=1)[0]
 
 
 # ----------------------------------------------------------------------------- vocab
