@@ -264,3 +264,30 @@ def test_a_batch_the_processes_cannot_share_is_refused_before_the_run_directory_
                                           "takes an equal share; give a multiple of 2"):
         run_module.build_run(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_with_another_length_says_how_the_schedules_move(tmp_path, caplog):
+    """--resume with another train.steps recomputed the lr schedule over the new length without a word (a jump
+    from 1.2e-4 to 2.2e-6 at the resumed step), and a length below the checkpoint's step trained nothing, silently."""
+    import logging
+
+    from wildssl.train.optim import build_schedules
+
+    def config(steps):
+        return build_config("simclr_quick", tiny_overrides("simclr", f"train.steps={steps}", "eval.knn_every=0",
+                                                           "optim.warmup_epochs=0"))
+
+    train(config(2), tmp_path / "run")
+    with caplog.at_level(logging.WARNING, logger="wildssl"):
+        summary = train(config(6), tmp_path / "run", resume=True)
+    assert summary["start_step"] == 2 and summary["steps"] == 6
+    lr = {steps: build_schedules(config(steps), steps, 16, 1)["lr"] for steps in (2, 6)}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"the run's length changed from 2 to 6 steps: its schedules (learning rate, weight decay, "
+                        f"momentum, ...) are recomputed over 6 steps, so at step 2 the learning rate goes from "
+                        f"{lr[2][1]:.3g} to {lr[6][2]:.3g}"], warnings
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="wildssl"):
+        train(config(3), tmp_path / "run", resume=True)
+    assert any("the run is at step 6, already past its new length of 3 steps: nothing is trained" in r.getMessage()
+               for r in caplog.records)

@@ -233,6 +233,24 @@ def check_out_dir(config: dict, out_dir: str | Path, resume: bool) -> None:
                               "continue it or choose another --out")
 
 
+def _say_how_a_new_length_resumes(run: Run, saved: dict, first_source_size: int, images_per_step: int) -> None:
+    """A resume whose budget (``train.steps``/``epochs``/``images``) differs from the checkpoint's recomputes every
+    schedule over the new length: say so with the learning rate before and after at the resumed step, or that the
+    run is already past its new end."""
+    before = total_steps_of(saved, first_source_size, images_per_step)
+    if before == run.total_steps:
+        return
+    step = run.start_step
+    if step >= run.total_steps:
+        log.warning("the run is at step %d, already past its new length of %d steps: nothing is trained (give a "
+                    "longer train.steps, epochs or images to go on)", step, run.total_steps)
+        return
+    old_lr = build_schedules(saved, before, saved["train"]["batch_size"], run.steps_per_epoch)["lr"]
+    log.warning("the run's length changed from %d to %d steps: its schedules (learning rate, weight decay, momentum, "
+                "...) are recomputed over %d steps, so at step %d the learning rate goes from %.3g to %.3g", before,
+                run.total_steps, run.total_steps, step, old_lr[min(step, before - 1)], run.schedules["lr"][step])
+
+
 def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
     """Everything a run needs, restored from ``out_dir``'s checkpoint when ``resume`` finds one."""
     out_dir = Path(out_dir)
@@ -307,12 +325,15 @@ def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
     if checkpoint_path.is_file():
         if sharded:
             state = fsdp.read_run_state(checkpoint_path.parent)
-            check_resume_config(state["config"], config, str(checkpoint_path.parent))
+            saved = state["config"]
+            check_resume_config(saved, config, str(checkpoint_path.parent))
             fsdp.load_sharded(checkpoint_path.parent, method, optimizer)
         else:
-            check_resume_config(read_checkpoint_config(checkpoint_path), config, str(checkpoint_path))
+            saved = read_checkpoint_config(checkpoint_path)
+            check_resume_config(saved, config, str(checkpoint_path))
             state = load_training_checkpoint(checkpoint_path, method, optimizer)
         run.start_step = state["step"]
+        _say_how_a_new_length_resumes(run, saved, len(first), sum(batch_sizes.values()))
         run.counters.update({k: int(state["extra"].get(k, 0)) for k in COUNTERS})
         run.corrupt_files = {name: set(indices) for name, indices in state["extra"].get("corrupt_files", {}).items()}
         restore_positions(run, state["extra"].get("stream_positions", {}), str(checkpoint_path))
