@@ -291,3 +291,19 @@ def test_a_resume_with_another_length_says_how_the_schedules_move(tmp_path, capl
         train(config(3), tmp_path / "run", resume=True)
     assert any("the run is at step 6, already past its new length of 3 steps: nothing is trained" in r.getMessage()
                for r in caplog.records)
+
+
+def test_a_warm_up_as_long_as_the_run_is_named(tmp_path, caplog):
+    """train.images=10 at batch 16 is one step, inside the one-epoch warm-up: it ran at lr 0 and learnt nothing,
+    without a word."""
+    import logging
+
+    overrides = tiny_overrides("simclr", "train.images=10", "eval.knn_every=0")
+    with caplog.at_level(logging.WARNING, logger="wildssl"):
+        train(build_config("simclr_quick", overrides), tmp_path / "run")
+    warnings = [r.getMessage() for r in caplog.records if "warmup" in r.getMessage()]
+    assert len(warnings) == 1 and "the learning rate never reaches its peak (0 at most" in warnings[0], warnings
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="wildssl"):
+        train(build_config("simclr_quick", overrides + ["optim.warmup_epochs=0"]), tmp_path / "run2")
+    assert not [r for r in caplog.records if "warmup" in r.getMessage()]
