@@ -384,3 +384,18 @@ def test_recipes_lists_each_recipe_with_its_first_sentence_whole(capsys):
     for name, summary in lines.items():
         assert summary.rstrip(".").split()[-1] not in ("by", "of", "the", "and") and not summary.endswith(","), name
     assert lines["slotmim"].endswith("(--group-loss-weight 0.5)"), lines["slotmim"]
+
+
+def test_under_torchrun_only_the_first_process_prints_information_lines(monkeypatch):
+    """The online k-NN's set-up line (and every other information line) was printed once per process."""
+    import logging
+
+    from wildssl.cli import _configure_logging
+
+    logger = logging.getLogger("wildssl")
+    monkeypatch.setattr(logger, "level", logger.level)  # restored after the test
+    for rank, level in (("0", logging.NOTSET), ("1", logging.WARNING)):
+        logger.setLevel(logging.NOTSET)
+        monkeypatch.setenv("RANK", rank)
+        _configure_logging()
+        assert logger.level == level, rank

@@ -281,3 +281,14 @@ def test_a_run_evaluating_its_student_records_that_for_load_encoder_and_export(t
     assert all(torch.equal(value, state[f"method.student.backbone.{name}"]) for name, value in loaded.items())
     train(_config("dino", "train.steps=2", "eval.knn_every=0"), tmp_path / "auto")
     assert evaluated_network(tmp_path / "auto") == "teacher"  # auto: DINO's own network
+
+
+def test_load_encoder_takes_only_a_bool_or_none_for_teacher(tmp_path):
+    """load_encoder(run, teacher="no") read "no" as true and asked for a teacher."""
+    from wildssl.errors import ConfigError
+    from wildssl.models.loading import load_encoder
+
+    train(_config("simclr", "train.steps=1", "eval.knn_every=0"), tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"teacher='no': give True \(the EMA teacher\), False"):
+        load_encoder(tmp_path / "run", teacher="no")
+    assert load_encoder(tmp_path / "run", teacher=False) is not None

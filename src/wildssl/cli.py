@@ -21,6 +21,10 @@ log = logging.getLogger("wildssl")
 
 def _configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    # Under torchrun every process runs this: the processes after the first say only warnings and errors, so that
+    # an information line (the online k-NN's set-up, a resume) is printed once, not once per process.
+    if int(os.environ.get("RANK", "0") or 0) > 0:
+        logging.getLogger("wildssl").setLevel(logging.WARNING)
 
 
 def _device():

@@ -158,6 +158,9 @@ def encoder_state_from_checkpoint(path: str | Path, teacher: bool | None = None
     compared with it; only then are the encoder's tensors read (the rest of a training checkpoint is not).
     Weights holding a NaN or an infinity are refused. Every failure is a one-line CheckpointError.
     """
+    if teacher is not None and not isinstance(teacher, bool):  # "no" would read as true
+        raise ConfigError(f"teacher={teacher!r}: give True (the EMA teacher), False (the student) or None (the "
+                          "network the run evaluates)")
     path, model_config, names = _checked_encoder(path, teacher)
     tensors = read_tensors(path, list(names.values()))
     state = {short: tensors[full] for short, full in names.items()}
