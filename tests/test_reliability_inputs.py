@@ -373,6 +373,8 @@ def test_evaluation_leaves_an_unreadable_image_out_instead_of_counting_its_neigh
     figures = [evaluate_knn(encoder, str(memory), str(test), image_size=16, k=5, batch_size=4)
                for memory in (damaged, cleaned)]
     assert figures[0] == figures[1]
+    # a pathlib.Path is a spec too (it ended in "object of type 'PosixPath' has no len()")
+    assert evaluate_knn(encoder, cleaned, test, image_size=16, k=5, batch_size=4) == figures[1]
     features = extract_feature_set(encoder, open_source(str(damaged), 16), "cpu", 16, with_patch=False, batch_size=4)
     assert len(features) == 13 and sorted(features.indices.tolist()) == sorted(set(features.indices.tolist()))
     assert (features.labels == 0).sum() == 4 and (features.labels == 1).sum() == 9

@@ -16,6 +16,7 @@ Attention-map pictures are written beside the numbers when the probe has an outp
 from __future__ import annotations
 
 import logging
+import os
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -126,7 +127,8 @@ def discover(encoder, data: str | Source, *, image_size: int, load_size: int | N
 
     Returns ``jaccard`` and ``num_jaccard_images`` when masks exist, ``corloc`` and ``num_corloc_images``
     when boxes exist, and ``pictures`` (``<picture_name>_attention.png`` under ``out_dir``)."""
-    source = open_source(data, load_size=load_size or image_size) if isinstance(data, str) else data
+    source = (open_source(data, load_size=load_size or image_size) if isinstance(data, (str, os.PathLike))
+              else data)
     loader = EachImageOnce(DataLoader(source, batch_size=batch_size, shuffle=False, collate_fn=collate))
     encoder.eval()
     jaccards, hits, shown = [], [], []

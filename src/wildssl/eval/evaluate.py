@@ -101,6 +101,7 @@ def evaluate_knn(encoder: nn.Module, train, test, *, image_size: int, load_size:
     see :func:`dense_labels`). ``max_pixels`` is the pixel cap of sources opened from specs. With
     ``warn_unseen``, named test classes that the memory lacks are logged (:func:`warn_unseen_test_classes`)."""
     load_size = load_size or image_size
+    train, test = (os.fspath(spec) if isinstance(spec, os.PathLike) else spec for spec in (train, test))  # a Path
     if isinstance(train, str) and isinstance(test, str) and same_data(train, test):
         log.warning("k-NN: the test images are the memory's own (%s): each is its own nearest neighbour, so the "
                     "figure is near 100%% for any encoder; give held-out test images", test)
