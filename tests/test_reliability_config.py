@@ -281,3 +281,10 @@ def test_a_steps_override_that_a_recipes_epochs_or_images_shadow_is_named(caplog
         build_config("dino", ["train.steps=3", "train.epochs=null"])
         build_config("dino_quick", ["train.steps=3"])  # a recipe counted in steps
     assert not caplog.records
+
+
+def test_an_eval_image_size_the_patches_do_not_tile_is_refused_with_the_config():
+    """eval.image_size=20 with 8-px patches passed the config check and failed at the first online k-NN."""
+    with pytest.raises(ConfigError, match=r"eval.image_size=20 is not a multiple of model.patch_size=8: .* give 16 or 24"):
+        build_config("simclr_quick", ["eval.image_size=20"])
+    assert build_config("simclr_quick", ["eval.image_size=24"])["eval"]["image_size"] == 24

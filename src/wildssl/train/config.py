@@ -333,6 +333,11 @@ def validate(config: dict[str, Any]) -> None:
     checked = check_tree(flatten(config), flatten(default_config(config["method"]["name"])))
     for key, value in checked.items():
         set_key(config, key, value, "config")
+    patch, size = config["model"]["patch_size"], config["eval"]["image_size"]
+    if size is not None and size % patch:  # else the first online k-NN, after the run has started, says it
+        raise ConfigError(f"eval.image_size={size} is not a multiple of model.patch_size={patch}: the encoder cuts "
+                          f"images into {patch}-px patches; give {size // patch * patch or patch} or "
+                          f"{(size // patch + 1) * patch}")
 
 
 def dump_config(config: dict[str, Any]) -> str:
