@@ -374,3 +374,16 @@ def test_seed_model_sizes_build_on_the_meta_device_with_the_seeds_parameter_coun
     assert encoder.blocks[0].mlp.fc1.weight.shape == (mlp, encoder.embed_dim)
     assert encoder.patch_size == patch
     assert sum(p.numel() for p in encoder.parameters()) / 1e9 == pytest.approx(billions, rel=0.01)
+
+
+def test_images_the_encoder_cannot_read_are_one_line_naming_the_shape_or_type_it_takes():
+    """A 1-channel batch ended in the convolution's "weight of size [D, 3, p, p] ... 1 channels", uint8 pixels in
+    "Input type (unsigned char) and bias type (float) should be the same"."""
+    encoder = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2)
+    with pytest.raises(ConfigError, match=r"takes images of shape \(B, 3, H, W\); got shape \(2, 1, 16, 16\)"):
+        encoder.forward_features(torch.zeros(2, 1, 16, 16))
+    with pytest.raises(ConfigError, match=r"takes images of shape \(B, 3, H, W\); got shape \(3, 16, 16\)"):
+        encoder.forward_features(torch.zeros(3, 16, 16))
+    with pytest.raises(ConfigError, match="takes float images .* got torch.uint8; .*preprocess_images"):
+        encoder.forward_features(torch.zeros(2, 3, 16, 16, dtype=torch.uint8))
+    assert encoder.forward_features(torch.zeros(2, 3, 16, 16)).shape == (2, 17, 32)

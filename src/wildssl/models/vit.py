@@ -226,8 +226,12 @@ class VisionTransformer(nn.Module):
         ``mask`` ``(B, N)`` bool: True patches are replaced by ``mask_token`` before the position
         embedding is added (iBOT, Zhou et al. 2022), so the model knows where a masked patch was.
         """
-        if x.ndim != 4:
-            raise ConfigError(f"the encoder takes images of shape (B, C, H, W); got shape {tuple(x.shape)}")
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise ConfigError(f"the encoder takes images of shape (B, {self.in_chans}, H, W); got shape "
+                              f"{tuple(x.shape)}")
+        if not x.is_floating_point():  # uint8 pixels: the convolution's error would name its bias, not the input
+            raise ConfigError(f"the encoder takes float images (normalized pixels), got {x.dtype}; "
+                              "wildssl.data.views.preprocess_images turns uint8 pixels into them")
         grid = self.patch_grid(x.shape[-2], x.shape[-1])
         patches = self.patch_embed(x)  # (B, N, D)
         if mask is not None:
