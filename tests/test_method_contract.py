@@ -125,5 +125,10 @@ def test_init_from_a_mismatched_architecture_is_one_line(tmp_path):
     from wildssl.train.engine import train
 
     train(build_config("simclr_quick", tiny_overrides("simclr", "train.steps=1")), tmp_path / "source")
-    with pytest.raises(CheckpointError, match="does not match"):
+    with pytest.raises(CheckpointError, match=r"holds an encoder with embed_dim 32, this run's model has embed_dim "
+                                              r"64; give the run that encoder's architecture \(--set model.embed_dim=32\)"):
         _method("dino", f"model.init_from={tmp_path / 'source'}", "model.embed_dim=64")
+    # another patch size: a strict load named only the position table ("pos_embed has shape ...")
+    with pytest.raises(CheckpointError, match=r"holds an encoder with patch_size 4, this run's model has patch_size 8; "
+                                              r".*--set model.patch_size=4"):
+        _method("dino", f"model.init_from={tmp_path / 'source'}", "model.patch_size=8")

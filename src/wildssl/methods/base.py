@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wildssl.data.sampler import IndexHook
-from wildssl.errors import ConfigError
+from wildssl.errors import CheckpointError, ConfigError
 from wildssl.models.ema import ema_update_
 from wildssl.io import read_header
 from wildssl.models.loading import (POOLS, build_encoder_from_config, encoder_state_from_checkpoint,
@@ -184,8 +184,9 @@ class Method(nn.Module):
         Only the encoder is taken: whatever else the checkpoint holds (a decoder, heads, the optimizer)
         is left out, and so is the mask token when this method does not mask. One line reports what was
         loaded and what was dropped (:func:`init_report`)."""
-        state, _ = encoder_state_from_checkpoint(path, teacher=False)
+        state, model_config = encoder_state_from_checkpoint(path, teacher=False)
         backbone = self.student["backbone"]
+        _check_same_architecture(path, model_config, backbone)
         kept = []
         if not self.uses_mask_token and "mask_token" in state:
             state = {**state, "mask_token": backbone.state_dict()["mask_token"]}
@@ -386,6 +387,26 @@ def pooled(output: dict, pool: str) -> torch.Tensor:
     if pool == "avg":
         return output["patch"].mean(dim=1)
     raise ConfigError(f"pool={pool!r} is not one of {', '.join(POOLS)}")
+
+
+def _check_same_architecture(path, model_config: dict, backbone: nn.Module) -> None:
+    """A CheckpointError naming the ``model.*`` keys to set when ``model.init_from``'s encoder is of another
+    architecture than this run's (a strict load would name only the first tensor whose shape differs, e.g. the
+    position table when the patch size differs)."""
+    from wildssl.models.peers import vit_architecture
+
+    with torch.device("meta"):
+        source = vit_architecture(build_encoder_from_config(model_config))
+    here = vit_architecture(backbone)
+    differ = [key for key in here if source.get(key) != here[key]]
+    if differ:
+        keys = " ".join(f"--set model.{key}={source[key]}" for key in differ if key in ("img_size", "patch_size",
+                                                                                     "embed_dim", "depth", "num_heads",
+                                                                                     "num_register_tokens"))
+        raise CheckpointError(f"model.init_from={path} holds an encoder with "
+                              f"{', '.join(f'{k} {source[k]}' for k in differ)}, this run's model has "
+                              f"{', '.join(f'{k} {here[k]}' for k in differ)}; give the run that encoder's "
+                              f"architecture{(' (' + keys + ')') if keys else ''}")
 
 
 def pooled_features(backbone: nn.Module, images: Sequence[torch.Tensor], pool: str) -> list[torch.Tensor]:
