@@ -143,7 +143,6 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-
 class EachImageOnce:
     """Collated batches (:func:`collate`) with every image kept once, for evaluation; as long as ``batches``
     (so that a progress bar knows its total).
