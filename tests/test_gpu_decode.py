@@ -18,7 +18,7 @@ from conftest import tiny_config
 from PIL import Image
 from safetensors.torch import load_file
 
-from wildssl.data import gpu_decode
+from wildssl.data import decode, gpu_decode
 from wildssl.data.decode import decode_image
 from wildssl.errors import ConfigError
 from wildssl.train.bench import measure_decode
@@ -124,7 +124,7 @@ def test_gpu_decode_names_only_what_is_missing_and_auto_stays_on_the_cpu_saying_
     torchvision.__version__ = "0.18.1"  # decodes one JPEG per call: not enough
     assert ">= 0.19" in gpu_decode.missing(torch.device("cuda", 0))[0]
 
-    monkeypatch.setattr(gpu_decode, "_warned", set())
+    monkeypatch.setattr(decode, "_warned", set())  # the process's once-only warnings (data.decode.warn_once)
     with caplog.at_level("WARNING", logger="wildssl.data"):
         assert gpu_decode.resolve_decode("auto", cpu) == "cpu"
         assert gpu_decode.resolve_decode("auto", cpu) == "cpu"

@@ -30,7 +30,7 @@ import io
 import logging
 import os
 import warnings
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Hashable
 
 import numpy as np
 import torch
@@ -64,14 +64,20 @@ class ImageTooLarge(ValueError):
 
 # What Pillow raises for undecodable, truncated or absurdly large files, plus unreadable files.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-_warned_unreadable: set[str] = set()  # per process: forked workers start from their parent's copy
+_warned: set[Hashable] = set()  # per process: forked workers start from their parent's copy
+
+
+def warn_once(log: logging.Logger, key: Hashable, message: str, *args: Any) -> None:
+    """``log.warning(message, *args)`` the first time this process meets ``key`` (a file, a folder, a message):
+    a source read every epoch, or opened again by the online k-NN, says each thing once."""
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message, *args)
 
 
 def warn_unreadable(name: str, error: BaseException) -> None:
     """Log an unreadable item once per ``name`` and process on the ``wildssl.data`` logger."""
-    if name not in _warned_unreadable:
-        _warned_unreadable.add(name)
-        logger.warning("skipping unreadable image %s (%s: %s)", name, type(error).__name__, error)
+    warn_once(logger, ("unreadable", name), "skipping unreadable image %s (%s: %s)", name, type(error).__name__, error)
 
 
 def _integer_range(image: Image.Image) -> tuple[int, int]:

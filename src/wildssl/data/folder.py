@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from wildssl.data.decode import DEFAULT_MAX_PIXELS, EXPECTED_SPEC, IMAGE_EXTENSIONS, FileSource
+from wildssl.data.decode import DEFAULT_MAX_PIXELS, EXPECTED_SPEC, IMAGE_EXTENSIONS, FileSource, warn_once
 from wildssl.data.sample import DEFAULT_LOAD_SIZE
 from wildssl.errors import DataError
 
@@ -68,9 +68,6 @@ def _refuse_splits_as_classes(root: Path, paths: list[str], first_parts: list[st
                     f"folder itself ({hint}), each with its class subfolders")
 
 
-_TOLD_LOOSE: set[Path] = set()  # folders whose loose images were already named in this process
-
-
 class ImageFolder(FileSource):
     """Every image file under ``root`` (recursive; any of :data:`~wildssl.data.decode.IMAGE_EXTENSIONS` in any
     case), in sorted path order.
@@ -105,12 +102,12 @@ class ImageFolder(FileSource):
         # Images beside two or more subfolders make the whole folder an unlabelled pool (a photo dump with some
         # folders in it); a stray cover.png beside cat/ and dog/ does the same, so say which images decided it.
         self.loose = [path for path, part in zip(self.paths, first_parts) if part is None] if len(class_names) >= 2 else []
-        if self.loose and self.root.resolve() not in _TOLD_LOOSE:
-            _TOLD_LOOSE.add(self.root.resolve())
-            log.warning("image folder %s: %s, so the subfolders %s are not read as classes and every image is "
-                        "unlabelled; move %s into a subfolder (or out of the folder) to label the images by their "
-                        "subfolder", self.root, self._loose_phrase(), ", ".join(class_names[:5]) +
-                        (", ..." if len(class_names) > 5 else ""), "it" if len(self.loose) == 1 else "them")
+        if self.loose:
+            warn_once(log, ("loose images", self.root.resolve()),
+                      "image folder %s: %s, so the subfolders %s are not read as classes and every image is "
+                      "unlabelled; move %s into a subfolder (or out of the folder) to label the images by their "
+                      "subfolder", self.root, self._loose_phrase(), ", ".join(class_names[:5]) +
+                      (", ..." if len(class_names) > 5 else ""), "it" if len(self.loose) == 1 else "them")
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from wildssl.data.decode import DECODE_ERRORS, FileSource
+from wildssl.data.decode import DECODE_ERRORS, FileSource, warn_once
 from wildssl.data.sample import collate
 from wildssl.errors import ConfigError
 
@@ -48,14 +48,12 @@ MIN_TORCHVISION = (0, 19)  # decode_jpeg takes a list of images (one batched nvJ
 # nvJPEG both decode the first
 # Decoded pixels per decode_jpeg call: 96 MiB of uint8 images, and 384 MiB of float during their resize.
 PIXELS_PER_CALL = 32_000_000
-_warned: set[str] = set()  # one log line per message and process
 
 
 def _log_once(message: str, *args: Any) -> None:
+    """One log line per message and process."""
     text = message % args
-    if text not in _warned:
-        _warned.add(text)
-        logger.warning(text)
+    warn_once(logger, ("gpu decode", text), text)
 
 
 # ----------------------------------------------------------------------------- choosing the decoder

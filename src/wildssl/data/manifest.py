@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from wildssl.data.decode import DEFAULT_MAX_PIXELS, EXPECTED_SPEC, FileSource
+from wildssl.data.decode import DEFAULT_MAX_PIXELS, EXPECTED_SPEC, FileSource, warn_once
 from wildssl.data.sample import DEFAULT_LOAD_SIZE
 from wildssl.errors import DataError
 
@@ -66,7 +66,6 @@ class JsonlManifest(FileSource):
     def __init__(self, path: str | os.PathLike, load_size: int = DEFAULT_LOAD_SIZE,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         super().__init__(load_size, max_pixels)
-        self._outside_logged: set[str] = set()  # images whose boxes outside them were reported
         self.path = Path(path)
         if not self.path.is_file():
             raise DataError(f"manifest not found: {self.path} ({EXPECTED_SPEC})")
@@ -235,10 +234,10 @@ class JsonlManifest(FileSource):
                 continue
             boxes.append(box)
             box_labels.append(-1 if label is None else label)
-        if outside and record.path not in self._outside_logged:
-            self._outside_logged.add(record.path)
-            log.warning("%s: %d of its object boxes lie outside its %dx%d pixels; left out (manifest %s)",
-                        record.path, outside, width, height, self.path)
+        if outside:
+            warn_once(log, ("boxes outside", str(self.path), record.path),
+                      "%s: %d of its object boxes lie outside its %dx%d pixels; left out (manifest %s)",
+                      record.path, outside, width, height, self.path)
         return {
             "label": -1 if record.label is None else record.label,
             "labels": list(record.labels),
