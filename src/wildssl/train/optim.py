@@ -23,6 +23,18 @@ def build_optimizer(parameter_groups: list[dict], betas=(0.9, 0.999), fused: boo
                              fused=True if fused else None)
 
 
+def peak_lr(config: dict, global_batch_size: int) -> float:
+    """``optim.lr`` scaled to the global batch (see :func:`build_schedules`): the rate the warm-up climbs to."""
+    optim = config["optim"]
+    reference = optim["lr_batch_reference"]
+    return optim["lr"] * (global_batch_size / reference if reference else 1.0)
+
+
+def warmup_steps(config: dict, steps_per_epoch: int) -> int:
+    """``optim.warmup_epochs`` in steps."""
+    return int(round(config["optim"]["warmup_epochs"] * steps_per_epoch))
+
+
 def build_schedules(config: dict, total_steps: int, global_batch_size: int,
                     steps_per_epoch: int) -> dict[str, np.ndarray]:
     """Per-iteration ``lr``, ``weight_decay`` and ``momentum`` (EMA teacher) arrays from the config.
@@ -31,13 +43,11 @@ def build_schedules(config: dict, total_steps: int, global_batch_size: int,
     linearly with the batch (Goyal et al. 2017, as DINO/MAE); set the reference to null for an absolute lr.
     """
     optim = config["optim"]
-    reference = optim["lr_batch_reference"]
-    peak_lr = optim["lr"] * (global_batch_size / reference if reference else 1.0)
-    warmup = int(round(optim["warmup_epochs"] * steps_per_epoch))
     wd_end = optim["weight_decay"] if optim["weight_decay_end"] is None else optim["weight_decay_end"]
     ema = config["ema"]
     return {
-        "lr": cosine_schedule(peak_lr, optim["min_lr"], total_steps, warmup),
+        "lr": cosine_schedule(peak_lr(config, global_batch_size), optim["min_lr"], total_steps,
+                              warmup_steps(config, steps_per_epoch)),
         "weight_decay": cosine_schedule(optim["weight_decay"], wd_end, total_steps),
         "momentum": cosine_schedule(ema["momentum"], ema["momentum_end"], total_steps),
     }

@@ -34,7 +34,7 @@ from wildssl.schema import MAX_STEPS
 from wildssl.train.checkpoint import load_training_checkpoint, nonfinite_tensors, save_training_checkpoint
 from wildssl.train import fsdp
 from wildssl.train.config import dump_config, flatten
-from wildssl.train.optim import build_optimizer, build_schedules
+from wildssl.train.optim import build_optimizer, build_schedules, peak_lr, warmup_steps
 
 log = logging.getLogger("wildssl")
 
@@ -322,13 +322,12 @@ def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
               stream_positions={name: list(START) for name, source in sources.items() if isinstance(source, ShardStream)},
               decoders=decoders)
 
-    warmup = int(round(config["optim"]["warmup_epochs"] * steps_per_epoch))
+    warmup = warmup_steps(config, steps_per_epoch)
     if warmup >= total_steps and config["optim"]["lr"] > 0 and rank == 0:
         log.warning("optim.warmup_epochs=%g is %d steps and the run %d: the learning rate never reaches its peak "
                     "(%.3g at most, against %.3g); shorten the warm-up or lengthen the run",
                     config["optim"]["warmup_epochs"], warmup, total_steps, float(run.schedules["lr"].max()),
-                    float(config["optim"]["lr"]) * (global_batch / config["optim"]["lr_batch_reference"]
-                                                    if config["optim"]["lr_batch_reference"] else 1.0))
+                    peak_lr(config, global_batch))
     if checkpoint_path.is_file():
         if sharded:
             state = fsdp.read_run_state(checkpoint_path.parent)
