@@ -142,7 +142,7 @@ def _knn_encoder(args):
     import torch
 
     from wildssl.models.loading import build_encoder_from_config, checkpoint_model_config, load_encoder
-    from wildssl.models.peers import is_wildssl_file, load_peer_encoder, random_like
+    from wildssl.models.peers import load_peer_encoder, random_like, reads_as_wildssl
 
     teacher = None if args.encoder == "auto" else args.encoder == "teacher"
     if args.seed is not None and not args.random_init:
@@ -161,7 +161,7 @@ def _knn_encoder(args):
         raise WildsslError(f"{given} only build an architecture for --random-init without a checkpoint; the "
                            f"checkpoint {args.checkpoint} has its own (leave {given} out)")
     path = Path(args.checkpoint)
-    if args.layout != "wildssl" and not (args.layout == "auto" and path.exists() and is_wildssl_file(path)):
+    if not reads_as_wildssl(path, args.layout):
         encoder, layout = load_peer_encoder(path, args.layout, teacher, args.num_heads)  # a peer's file, as eval all
         if args.random_init:
             torch.manual_seed(seed)

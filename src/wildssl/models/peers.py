@@ -247,8 +247,14 @@ def load_any_encoder(path: str | Path, layout: str = "auto", teacher: bool | Non
     """An encoder to evaluate and what it is (``"wildssl"`` or the peer layout): a wildssl run directory,
     checkpoint or export (:func:`wildssl.models.loading.load_encoder`), or a peer's file."""
     path = Path(path)
-    if layout not in LAYOUTS:
-        raise ConfigError(f"unknown checkpoint layout {layout!r}; use one of {', '.join(LAYOUTS)}")
-    if layout == "wildssl" or (layout == "auto" and path.exists() and is_wildssl_file(path)):
+    if reads_as_wildssl(path, layout):
         return load_encoder(path, teacher=teacher), "wildssl"
     return load_peer_encoder(path, layout, teacher, num_heads)
+
+
+def reads_as_wildssl(path: Path, layout: str = "auto") -> bool:
+    """Whether ``path`` given with ``--layout layout`` is read as a wildssl run, checkpoint or export (else as a
+    peer's file, :func:`load_peer_encoder`)."""
+    if layout not in LAYOUTS:
+        raise ConfigError(f"unknown checkpoint layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+    return layout == "wildssl" or (layout == "auto" and path.exists() and is_wildssl_file(path))
