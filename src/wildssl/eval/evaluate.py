@@ -11,9 +11,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from wildssl.data import collate, open_source
-from wildssl.data.sample import EachImageOnce
 from wildssl.data.decode import DEFAULT_MAX_PIXELS
-from wildssl.data.sample import Source
+from wildssl.data.sample import EachImageOnce, Source
 from wildssl.errors import DataError
 from wildssl.eval.features import base_source, class_space, extract_features
 from wildssl.eval.knn import folded_knn_accuracy, knn_accuracy

@@ -18,7 +18,6 @@ from wildssl.eval.progress import progress_bar
 from wildssl.models.loading import POOLS
 
 
-
 def class_space(memory_classes: list[str], test_classes: list[str]) -> tuple[list[str], torch.Tensor]:
     """The joint class names (the memory's, then those only the test split has) and the position of each
     test class index in them, ``(len(test_classes) + 1,)`` long: the last entry maps the label -1 (no
