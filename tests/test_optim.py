@@ -78,3 +78,44 @@ def test_budgets_in_epochs_and_images_seen_convert_to_steps_once():
     config = build_config("dino_quick", ["train.batch_size=64", "train.images=6400"])
     assert total_steps_of(config, first_source_size=1000, images_per_step=80) == 80  # AB: 64 + 16 per step
     assert total_steps_of(config, first_source_size=1000, images_per_step=64) == 100
+
+
+def _adamw_by_formula(theta, grads, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8):
+    """Loshchilov & Hutter's AdamW (decoupled decay, bias-corrected moments), written out in float64."""
+    m = np.zeros_like(theta)
+    v = np.zeros_like(theta)
+    for t, g in enumerate(grads, start=1):
+        theta = theta * (1 - lr * weight_decay)
+        m = betas[0] * m + (1 - betas[0]) * g
+        v = betas[1] * v + (1 - betas[1]) * g * g
+        m_hat, v_hat = m / (1 - betas[0] ** t), v / (1 - betas[1] ** t)
+        theta = theta - lr * m_hat / (np.sqrt(v_hat) + eps)
+    return theta
+
+
+def test_the_fused_and_the_foreach_update_both_follow_adamws_formula_on_the_cpu():
+    import torch
+
+    rng = np.random.default_rng(0)
+    start = rng.normal(size=(5, 7))
+    grads = [rng.normal(size=(5, 7)) for _ in range(6)]
+    expected = _adamw_by_formula(start, grads, lr=0.01, weight_decay=0.1)
+    for fused in (False, True):
+        parameter = torch.nn.Parameter(torch.tensor(start, dtype=torch.float64))
+        optimizer = build_optimizer([{"params": [parameter], "lr_scale": 1.0, "wd_scale": 1.0,
+                                      "is_last_layer": False}], fused=fused)
+        apply_schedules(optimizer, lr=0.01, weight_decay=0.1, freeze_last_layer=False)
+        for g in grads:
+            parameter.grad = torch.tensor(g)
+            optimizer.step()
+        np.testing.assert_allclose(parameter.detach().numpy(), expected, rtol=0, atol=1e-12, err_msg=f"fused={fused}")
+
+
+def test_a_cpu_run_steps_with_the_fused_adamw(tmp_path):
+    """The fused AdamW kernel exists on the CPU since torch 2.4 and takes 0.3x the foreach update's time on a quick
+    recipe's parameters (benchmarks/demo.md, twenty-ninth round); the engine used it on CUDA only."""
+    from conftest import tiny_config
+    from wildssl.train.run import build_run
+
+    run = build_run(tiny_config("dino", "train.steps=2"), tmp_path / "run")
+    assert run.device.type == "cpu" and run.optimizer.defaults["fused"] is True

@@ -34,7 +34,7 @@ from wildssl.schema import MAX_STEPS
 from wildssl.train.checkpoint import load_training_checkpoint, nonfinite_tensors, save_training_checkpoint
 from wildssl.train import fsdp
 from wildssl.train.config import dump_config, flatten
-from wildssl.train.optim import build_optimizer, build_schedules, peak_lr, warmup_steps
+from wildssl.train.optim import FUSED_DEVICES, build_optimizer, build_schedules, peak_lr, warmup_steps
 
 log = logging.getLogger("wildssl")
 
@@ -311,7 +311,7 @@ def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
         model = nn.parallel.DistributedDataParallel(
             method, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=method.may_leave_parameters_unused, **_buffer_sync(method))
-    optimizer = build_optimizer(method.parameter_groups(), config["optim"]["betas"], fused=device.type == "cuda")
+    optimizer = build_optimizer(method.parameter_groups(), config["optim"]["betas"], fused=device.type in FUSED_DEVICES)
     run = Run(config=config, out_dir=out_dir, device=device, rank=rank, world=world, method=method, model=model,
               optimizer=optimizer, sources=sources, batch_sizes=batch_sizes, total_steps=total_steps,
               steps_per_epoch=steps_per_epoch,
