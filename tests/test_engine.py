@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 
@@ -292,3 +293,44 @@ def test_load_encoder_takes_only_a_bool_or_none_for_teacher(tmp_path):
     with pytest.raises(ConfigError, match=r"teacher='no': give True \(the EMA teacher\), False"):
         load_encoder(tmp_path / "run", teacher="no")
     assert load_encoder(tmp_path / "run", teacher=False) is not None
+
+
+def test_a_final_knn_that_fails_leaves_the_final_checkpoint_written(tmp_path):
+    """The online k-NN ran before the step's checkpoint: when the final evaluation failed (its validation folder
+    gone, the memory out of memory, non-finite features) the last steps since train.checkpoint_every were lost."""
+    from safetensors import safe_open
+    from wildssl.errors import DataError
+
+    def knn(method):
+        if calls.append(1) or len(calls) > 1:  # the random-init floor passes, the final evaluation fails
+            raise DataError("the validation folder is gone")
+        return {"knn_top1": 0.5}
+
+    calls = []
+    config = build_config(None, tiny_overrides("simclr", "train.steps=3", "train.checkpoint_every=2",
+                                               "eval.knn_every=3"))
+    with pytest.raises(DataError, match="validation folder"):
+        train(config, tmp_path, knn_evaluator=knn)
+    assert len(calls) == 2
+    with safe_open(str(tmp_path / CHECKPOINT_NAME), framework="pt") as checkpoint:
+        assert checkpoint.metadata()["step"] == "3"
+
+
+def test_metrics_jsonl_is_strict_json_with_a_skipped_steps_loss_as_null(tmp_path, monkeypatch):
+    """A skipped step's NaN loss was written as a bare NaN, which is not JSON: jq, JavaScript and strict parsers
+    refused the whole file. It is null there, and NaN again to wildssl's own reader."""
+    from wildssl.io import read_metrics
+    from wildssl.methods.simclr import SimCLR
+
+    def strict(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    _nan_at(monkeypatch, SimCLR, {1})
+    train(_config("simclr", "train.steps=3", "train.log_every=1"), tmp_path)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=strict) for line in lines]
+    skipped = [r for r in records if r["step"] == 2 and "loss" in r]
+    assert len(skipped) == 1 and skipped[0]["loss"] is None
+    assert all(r["loss"] is not None for r in records if "loss" in r and r["step"] != 2)
+    read = [r for r in read_metrics(tmp_path) if r["step"] == 2 and "loss" in r]
+    assert math.isnan(read[0]["loss"])

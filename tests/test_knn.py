@@ -377,3 +377,21 @@ def test_an_unlabelled_val_set_is_refused_when_the_online_knn_is_set_up(tmp_path
     config = tiny_config("simclr", f"data.train={folder}", f"eval.knn_test={manifest}", "eval.knn_every=1")
     with pytest.raises(DataError, match="the online k-NN needs a class label for every test image, but 6 of 6 "):
         make_online_knn(config, "cpu")
+
+
+def test_non_finite_features_are_refused_not_classified_as_class_zero():
+    """A NaN feature has no neighbours: its votes came out as class 0's, and the k-NN gave a figure near the
+    chance rate without a word (35% on all-NaN features of 5 classes)."""
+    generator = torch.Generator().manual_seed(0)
+    train, test = torch.randn(50, 8, generator=generator), torch.randn(20, 8, generator=generator)
+    train_labels, test_labels = torch.arange(50) % 5, torch.arange(20) % 5
+    for bad_train, bad_test, match in ((float("nan"), 0.0, "1 of 50 are not finite"),
+                                       (0.0, float("inf"), "1 of 20 are not finite")):
+        with pytest.raises(DataError, match=match):
+            knn_accuracy(train + torch.nn.functional.pad(torch.tensor([[bad_train]]), (0, 7, 3, 46)),
+                         train_labels, test + torch.nn.functional.pad(torch.tensor([[bad_test]]), (0, 7, 0, 19)),
+                         test_labels, 5)
+    encoder = RecordingEncoder()
+    nan_batch = [{"image": torch.full((2, 3, 4, 4), float("nan")), "label": torch.tensor([0, 1])}]
+    with pytest.raises(DataError, match="2 of 2 are not finite"):
+        extract_features(encoder, nan_batch, "cpu", image_size=4, normalize_images=False)

@@ -171,7 +171,7 @@ def metrics_step(line: str) -> float:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """All records of a run's ``metrics.jsonl``. A line that is not a JSON record (the last one of a run killed
+    """All records of a run's ``metrics.jsonl``, a ``null`` read as NaN. A line that is not a JSON record (the last one of a run killed
     while writing it) is left out with a warning naming the file and the line, as a resumed run drops it
     (:func:`metrics_step`)."""
     path = Path(run_dir) / "metrics.jsonl"
@@ -185,8 +185,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError:
             record = None
-        if isinstance(record, dict):
-            records.append(record)
+        if isinstance(record, dict):  # a non-finite figure is written as null (strict JSON): NaN again here
+            records.append({name: math.nan if value is None else value for name, value in record.items()})
         else:
             cut.append(number)
     if cut:

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Subset
 from wildssl.data.sample import EachImageOnce, Source, collate
 from wildssl.data.views import preprocess_images  # the one input transform of every evaluation
 from wildssl.errors import ConfigError, DataError
+from wildssl.eval.knn import require_finite_features
 from wildssl.eval.progress import progress_bar
 from wildssl.models.loading import POOLS
 
@@ -75,7 +76,9 @@ def extract_features(
 
     if not features:
         raise DataError("feature extraction got no batches; the evaluation source is empty")
-    return torch.cat(features), torch.cat(labels)
+    features = torch.cat(features)
+    require_finite_features(features, "the encoder's features")
+    return features, torch.cat(labels)
 
 
 @dataclass
@@ -175,7 +178,10 @@ def extract_feature_set(
         encoder.train(was_training)
     if not cls:
         raise DataError("feature extraction got no batches; the evaluation source is empty")
-    return FeatureSet(cls=torch.cat(cls), avg=torch.cat(avg), patch=torch.cat(patch) if with_patch else None,
+    cls, avg = torch.cat(cls), torch.cat(avg)
+    for pooled, name in ((cls, "class tokens"), (avg, "average patch tokens")):
+        require_finite_features(pooled, f"the encoder's {name} on {base.describe()}")
+    return FeatureSet(cls=cls, avg=avg, patch=torch.cat(patch) if with_patch else None,
                       grid=grid, labels=torch.cat(labels), multi_labels=multi_labels, boxes=boxes,
                       box_labels=box_labels, masks=masks if with_masks else None,
                       classes=getattr(base, "classes", None), indices=torch.cat(indices))

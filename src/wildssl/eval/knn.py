@@ -47,6 +47,18 @@ def _check_arguments(train_features: torch.Tensor, train_labels: torch.Tensor, t
         raise DataError(f"k-NN over {num_classes:,} classes would need {4 * num_classes / 2**30:.1f} GiB per test "
                         f"image; at most {MAX_VOTES:,} classes (number the classes densely, 0 .. C - 1)")
     _check_labels(train_labels, num_classes, "train")
+    for features, split in ((train_features, "train"), (test_features, "test")):
+        require_finite_features(features, f"k-NN's {split} features")
+
+
+def require_finite_features(features: torch.Tensor, what: str) -> None:
+    """A DataError when a row of ``features`` holds a NaN or an infinity. Such a feature has no neighbours and no
+    class: the k-NN's votes came out as class 0's, a figure near the chance rate without a word (35% on all-NaN
+    features of 5 classes), and a probe trains on NaN."""
+    bad = int((~torch.isfinite(features)).flatten(1).any(dim=1).sum())
+    if bad:
+        raise DataError(f"{what}: {bad} of {features.shape[0]} are not finite (NaN or inf), so nothing can be measured "
+                        "on them; the encoder gave them (check its weights, or the precision it ran in)")
 
 
 def _chunk_scores(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,

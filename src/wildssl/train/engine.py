@@ -286,7 +286,6 @@ def train(config: dict, out_dir: str | Path, resume: bool = False, knn_evaluator
                     if done % run.steps_per_epoch == 0:
                         epoch = done // run.steps_per_epoch - 1
                         reporter.epoch_end(done, epoch, run.method.on_epoch_end(epoch))
-                    reporter.evaluate(done)
                     if result.interrupted:
                         save_checkpoint(run, done)
                         raise KeyboardInterrupt(f"interrupted at step {done}; checkpoint saved to "
@@ -295,6 +294,7 @@ def train(config: dict, out_dir: str | Path, resume: bool = False, knn_evaluator
                     if done == run.total_steps or any(every and done % every == 0
                                                       for every in (tcfg["checkpoint_every"], tcfg["keep_every"])):
                         save_checkpoint(run, done)
+                    reporter.evaluate(done)  # after the checkpoint: a k-NN that fails loses no training
     finally:
         reporter.close()
     run.gather_corrupt()

@@ -1,7 +1,9 @@
 """Metrics to JSONL and TensorBoard, and collapse alarms.
 
 ``metrics.jsonl`` in the run directory gets one JSON object per logged step (``step``, ``time`` and
-every metric); TensorBoard event files go to ``<run>/tensorboard`` when the ``tensorboard`` package is
+every metric), in strict JSON: a NaN or infinite figure (the loss of a skipped step) is written as
+``null``, which jq, JavaScript and pandas read, where Python's bare ``NaN`` is not JSON
+(:func:`wildssl.io.read_metrics` reads ``null`` back as NaN); TensorBoard event files go to ``<run>/tensorboard`` when the ``tensorboard`` package is
 installed (optional dependency: ``pip install wildssl[tensorboard]``).
 """
 
@@ -45,7 +47,7 @@ class MetricLogger:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         record = {"step": step, "time": time.time(), **metrics}
         with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps(_finite_or_null(record), allow_nan=False) + "\n")
         if self.writer is not None:
             for name, value in metrics.items():
                 if isinstance(value, (int, float)):
@@ -54,6 +56,17 @@ class MetricLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _finite_or_null(value):
+    """``value`` with every NaN or infinite float in it (at any depth) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {name: _finite_or_null(item) for name, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    return value
 
 
 # Metrics that measure the spread of l2-normalized embeddings (x sqrt(D)); near 0 means collapse.
