@@ -494,3 +494,17 @@ def test_an_out_folder_that_is_no_benchmark_output_is_refused(tmp_path):
         runner.run_benchmark(_small_suite(tmp_path), "tiny", seeds=1, out=images)
     assert "\n" not in str(error.value)
     assert sorted(p.name for p in images.iterdir()) == ["cat"]
+
+
+def test_a_shipped_suite_is_found_by_its_name_from_any_folder_and_a_misspelt_one_is_named(tmp_path, monkeypatch):
+    """`wildssl benchmark run object_centric` said "suite file not found: object_centric"; the name of a shipped
+    suite now finds benchmarks/suites/object_centric.yaml, from the checkout or any other folder."""
+    monkeypatch.chdir(tmp_path)
+    by_name = read_suite("object_centric")
+    assert by_name == read_suite(next(p for p in SUITES if p.stem == "object_centric"))
+    with pytest.raises(ConfigError, match="did you mean object_centric"):
+        read_suite("objekt_centric")
+    with pytest.raises(ConfigError, match="suite file not found: missing.yaml"):
+        read_suite("missing.yaml")
+    (tmp_path / "object_centric").mkdir()  # a folder of that name is not a suite file: the shipped one is read
+    assert read_suite("object_centric") == by_name

@@ -32,6 +32,7 @@ set and every model a 1-block ViT (:mod:`wildssl.benchmark.tiny`); a suite may s
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any
 
@@ -74,15 +75,40 @@ def _string_list(value: Any, where: str) -> list[str]:
     return list(value)
 
 
+# where a suite given by name (``object_centric``) is looked for: the current folder's benchmarks/suites, then the
+# source checkout's (an editable install); a pip-installed wildssl ships no suites
+SUITE_FOLDERS = (Path("benchmarks") / "suites", Path(__file__).resolve().parents[3] / "benchmarks" / "suites")
+
+
 def read_suite(path: str | Path) -> dict:
-    """(See :func:`check_suite`.) Recipe YAML paths are relative to the suite file's folder."""
-    return _read(Path(path))
+    """(See :func:`check_suite`.) ``path``: a suite file, or the name of a shipped suite (``object_centric``, found in
+    ``SUITE_FOLDERS``). Recipe YAML paths are relative to the suite file's folder."""
+    return _read(suite_path(path))
+
+
+def suite_path(spec: str | Path) -> Path:
+    """The suite file ``spec`` names: the file itself, or for a bare name the shipped suite of that name; a
+    ConfigError naming the shipped suites (and the closest one) when there is none."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    shipped = {}
+    for folder in SUITE_FOLDERS:
+        for file in sorted(folder.glob("*.yaml")) if folder.is_dir() else ():
+            shipped.setdefault(file.stem, file)
+    if path.parent == Path(".") and path.suffix == "" and path.name in shipped:
+        return shipped[path.name]
+    if not shipped:
+        raise ConfigError(f"suite file not found: {path} (the shipped suites are benchmarks/suites/*.yaml of a "
+                          "wildssl checkout; give the path of one)")
+    close = difflib.get_close_matches(path.stem, list(shipped), n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    raise ConfigError(f"suite file not found: {path} (a path, or the name of a shipped suite: "
+                      f"{', '.join(sorted(shipped))}{hint})")
 
 
 def _read(path: Path) -> dict:
     """The suite at ``path`` checked and with its defaults filled in; every mistake is one ConfigError line."""
-    if not path.is_file():
-        raise ConfigError(f"suite file not found: {path} (the shipped suites are benchmarks/suites/*.yaml)")
     try:
         tree = load_yaml(path.read_text()) or {}  # as recipes are read
     except yaml.YAMLError as error:
