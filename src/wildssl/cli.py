@@ -646,7 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "of mean and spread over seeds (benchmarks/suites/*.yaml)")
     bench_sub = p.add_subparsers(dest="benchmark_command", required=True)
     b = bench_sub.add_parser("run", help="train and evaluate every entry and seed of a suite (resumes a killed one)")
-    b.add_argument("suite", help="suite YAML file (benchmarks/suites/*.yaml)")
+    b.add_argument("suite", help="suite YAML file, or the name of a shipped suite (benchmarks/suites/*.yaml: object_centric, ...)")
     b.add_argument("--scale", choices=("tiny", "cpu", "gpu"), default="cpu",
                    help="tiny: synthetic data in seconds (tests); cpu: ~30 min on 2 cores; gpu: <= 10 min on one GPU")
     b.add_argument("--seeds", type=int, help="seeds per entry (default: the suite's)")
