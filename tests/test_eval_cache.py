@@ -86,3 +86,33 @@ def test_an_unreadable_cache_file_is_extracted_again(tmp_path):
     fresh = FeatureStore(load_encoder(tmp_path / "encoder.safetensors"), cache_dir=tmp_path / "cache")
     fresh.features(DATA, 16)
     assert fresh.extractions == 1 and load_feature_set(cached).cls.shape == (12, 16)
+
+
+def test_cache_invalidates_when_an_image_moves_to_another_class_folder_or_is_replaced(tmp_path):
+    """Moving an image from a/ to b/ changes no count, no description and no stat of the folder named, and the
+    probes read the former labels and features from the cache (a few-shot figure of the former split)."""
+    import os
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("a0", "a1", "a2", "b0", "b1", "b2"):
+        folder = tmp_path / "data" / name[0]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{name}.png")
+    spec = str(tmp_path / "data")
+    _export(tmp_path / "encoder.safetensors", seed=0)
+
+    def labels():
+        store = FeatureStore(load_encoder(tmp_path / "encoder.safetensors"), cache_dir=tmp_path / "cache")
+        return store.features(spec, 16).labels.tolist(), store.extractions
+
+    stat = os.stat(spec)
+    assert labels() == ([0, 0, 0, 1, 1, 1], 1)
+    os.rename(tmp_path / "data" / "a" / "a2.png", tmp_path / "data" / "b" / "a2.png")
+    os.utime(spec, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the folder named looks untouched
+    assert labels() == ([0, 0, 1, 1, 1, 1], 1)
+    assert labels()[1] == 0  # unchanged again: read from the cache
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "data" / "b" / "b0.png")
+    os.utime(tmp_path / "data" / "b" / "b0.png", ns=(1, 10**18))  # another image under the same name
+    assert labels()[1] == 1

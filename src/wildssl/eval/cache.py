@@ -7,8 +7,10 @@ sha256 over
 - the encoder: its class, architecture (patch size, heads, registers, class token) and the bytes of
   every tensor of its state dict, so a retrained, re-exported or differently initialized encoder never
   reads another's features, whatever the file is called;
-- the data: the spec string, the source's own description and length, and the size and modification
-  time of the file or folder the spec names (an edited manifest is a new dataset);
+- the data: the spec string, the source's own description and length, the size and modification
+  time of the file or folder the spec names (an edited manifest is a new dataset), every image's label,
+  and the path, size and modification time of every image file or shard (an image moved to another
+  class folder, or replaced, is a new dataset);
 - the preprocessing: eval resolution, decode size, ImageNet normalization, and which tokens and
   annotations were kept (:data:`FEATURE_FORMAT` bumps when the extraction itself changes).
 
@@ -27,6 +29,7 @@ import torch
 from torch import nn
 
 from wildssl.data import open_source
+from wildssl.data.decode import FileSource
 from wildssl.data.views import IMAGENET_MEAN, IMAGENET_STD
 from wildssl.errors import CheckpointError
 from wildssl.eval.features import FeatureSet, extract_feature_set
@@ -58,13 +61,33 @@ def encoder_fingerprint(encoder: nn.Module) -> str:
 
 
 def data_fingerprint(spec: str, source) -> str:
-    """What names the data: spec, description, length, and the stat of the file or folder named."""
+    """What names the data: spec, description, length, the stat of the file or folder named, every image's
+    label, and the path, size and modification time of every file the images are read from."""
     parts = [spec, source.describe(), str(len(source))]
     path = Path(os.path.expanduser(spec))
     if not spec.startswith("synthetic:") and path.exists():
         stat = path.stat()
         parts.append(f"{stat.st_size}:{stat.st_mtime_ns}")
+    labels = source.class_labels()
+    if labels is not None:  # an image moved from cat/ to dog/ changes no count and no folder's stat
+        parts.append(json.dumps(list(labels)))
+    for file in _image_files(source):
+        try:
+            stat = os.stat(file)
+            parts.append(f"{file}:{stat.st_size}:{stat.st_mtime_ns}")
+        except OSError:  # unreadable: extraction leaves it out (and says so)
+            parts.append(f"{file}:missing")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _image_files(source) -> list[str]:
+    """The files ``source`` reads its images from (its shards, or one file per image), or none (rendered
+    scenes, video frames)."""
+    if hasattr(source, "shards"):
+        return [str(shard) for shard in source.shards]
+    if isinstance(source, FileSource) and source.image_files:
+        return [str(source._open(index)) for index in range(len(source))]
+    return []
 
 
 def feature_key(encoder_print: str, data_print: str, image_size: int, load_size: int, with_patch: bool,
