@@ -122,6 +122,16 @@ def test_each_probe_verb_prints_one_json_line(tmp_path, export, capsys):
     ({"probes": {"discovery": {"data": TEST, "pictures": -1}}}, "option 'pictures' of the discovery probe must be >= 0"),
     ({"probes": {"segment": {"train": TRAIN, "test": TEST, "num_classes": 0}}},
      "option 'num_classes' of the segment probe must be >= 1, got 0"),
+    # NaN passed every range check (a k-NN at temperature NaN gave a figure); an empty option or suite key a traceback
+    ({"probes": {"knn": {"train": TRAIN, "test": TEST, "temperature": float("nan")}}},
+     "option 'temperature' of the knn probe must be a number"),
+    ({"probes": {"linear": {"train": TRAIN, "test": TEST, "weight_decay": float("inf")}}},
+     "option 'weight_decay' of the linear probe must be a number"),
+    ({"probes": {"linear": {"train": TRAIN, "test": TEST, "epochs": None}}},
+     "option 'epochs' of the linear probe must be a value (like 30), not empty"),
+    ({"seed": "abc", "probes": {"knn": {"train": TRAIN, "test": TEST}}}, "seed: 'abc' in"),
+    ({"batch_size": 0, "probes": {"knn": {"train": TRAIN, "test": TEST}}}, "batch_size: 0 in"),
+    ({"image_size": "32", "probes": {"knn": {"train": TRAIN, "test": TEST}}}, "image_size: '32' in"),
 ])
 def test_suite_mistakes_are_one_line_errors(tmp_path, export, capsys, suite, expected):
     (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
@@ -197,3 +207,27 @@ def test_the_knn_and_fewshot_probes_read_the_feature_the_run_reads_unless_told(t
     assert (probes["knn"]["pool"], probes["knn@cls"]["pool"], probes["fewshot"]["pool"]) == ("avg", "cls", "avg")
     assert main(["eval", "knn", str(path), "--train", TRAIN, "--test", TEST, "--json"]) == 0
     assert _last_json(capsys)["knn_top1"] == probes["knn"]["top1"]
+
+
+def test_the_command_lines_seed_batch_and_data_are_used_or_refused_never_dropped(tmp_path, export, capsys):
+    """`eval all --seed 7` ran the suite's seed 0, `--batch-size 0` ran; a probe verb's `--set train=...` silently
+    replaced its `--train`; `--batch-size 0` and `--image-size 0` on a probe verb ended in a traceback or fell
+    back to the encoder's size."""
+    suite = {"probes": {"linear": {"train": TRAIN, "test": TEST, **SMALL}}}
+    for seed in (0, 7):
+        (tmp_path / f"s{seed}.yaml").write_text(yaml.safe_dump({**suite, "seed": seed}))
+    figures = {}
+    for name, extra in (("seed7", ["--seed", "7"]), ("suite7", []), ("suite0", [])):
+        path = tmp_path / ("s7.yaml" if name == "suite7" else "s0.yaml")
+        assert main(["eval", "all", str(export), "--suite", str(path), "--no-cache", "--json", *extra,
+                     "--out", str(tmp_path / name)]) == 0
+        figures[name] = _last_json(capsys)["probes"]["linear"]["grid"]
+    assert figures["seed7"] == figures["suite7"] != figures["suite0"]
+    for arguments, expected in (
+            (["linear", "--train", TRAIN, "--test", TEST, "--set", f"train={TEST}"], "name two data sets"),
+            (["linear", "--train", TRAIN, "--test", TEST, "--batch-size", "0"], "--batch-size 0 is invalid"),
+            (["linear", "--train", TRAIN, "--test", TEST, "--image-size", "0"], "--image-size 0 is invalid"),
+            (["all", "--suite", str(tmp_path / "s0.yaml"), "--num-workers", "-5"], "--num-workers -5 is invalid")):
+        code = main(["eval", arguments[0], str(export), *arguments[1:], "--no-cache"])
+        error = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and expected in error[-1], (arguments, error[-1:])

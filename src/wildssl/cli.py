@@ -277,12 +277,21 @@ def _pool_as_the_run(suite: dict, checkpoint: str) -> dict:
     return {**suite, "probes": probes}
 
 
+def _suite_runtime(args) -> dict:
+    """The suite keys given on the command line (``--image-size``, ``--load-size``, ``--batch-size``,
+    ``--num-workers``, ``--seed``); :func:`wildssl.eval.report.read_suite` checks them and fills in the rest."""
+    from wildssl.eval.report import SUITE_KEY_RULES
+
+    _check_options(args, {key: rule for key, rule in SUITE_KEY_RULES.items() if hasattr(args, key)})
+    given = {key: getattr(args, key, None) for key in SUITE_KEY_RULES}
+    return {key: value for key, value in given.items() if value is not None}
+
+
 def _feature_store(args, encoder):
     from wildssl.eval.cache import FeatureStore, default_cache_dir
 
     cache_dir = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    return FeatureStore(encoder, _device(), cache_dir, batch_size=args.batch_size, num_workers=args.num_workers,
-                        progress=True)
+    return FeatureStore(encoder, _device(), cache_dir, progress=True)  # run_suite sets the suite's batch and workers
 
 
 def _print_figures(probe: str, figures: dict, network: str) -> None:
@@ -300,6 +309,8 @@ def cmd_eval_all(args) -> int:
     from wildssl.eval.report import read_suite, run_suite
 
     suite = read_suite(args.suite)  # a mistake in the suite file is found before the encoder is loaded
+    suite = read_suite({**suite, **_suite_runtime(args)})  # the options given override the suite's keys
+    args.seed = suite["seed"]
     encoder, network = _suite_encoder(args)
     suite = _pool_as_the_run(suite, args.checkpoint)
     out = Path(args.out or Path("runs") / f"eval-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -316,7 +327,7 @@ def cmd_eval_all(args) -> int:
 
 
 def cmd_eval_probe(args) -> int:
-    from wildssl.eval.report import run_suite
+    from wildssl.eval.report import read_suite, run_suite
     from wildssl.train.config import parse_value
 
     probe = args.protocol  # the verbs are named after the suite's probes
@@ -325,10 +336,13 @@ def cmd_eval_probe(args) -> int:
         if "=" not in item:
             raise WildsslError(f"--set expects key=value, got {item!r} (for example --set epochs=10)")
         key, text = item.split("=", 1)
-        options[key.strip()] = parse_value(text)
+        key = key.strip()
+        if key in ("train", "test", "data") and getattr(args, key, None):  # the --set one had replaced it
+            raise WildsslError(f"--{key} {getattr(args, key)} and --set {key}={text} name two data sets; give one")
+        options[key] = parse_value(text)
+    suite = read_suite({**_suite_runtime(args), "probes": {probe: options}})  # checked before the encoder loads
+    args.seed = suite["seed"]
     encoder, network = _suite_encoder(args)
-    suite = {"image_size": args.image_size, "load_size": args.load_size, "batch_size": args.batch_size,
-             "num_workers": args.num_workers, "seed": args.seed, "probes": {probe: options}}
     suite = _pool_as_the_run(suite, args.checkpoint)
     name = f"{args.checkpoint} ({network})"
     report = run_suite(_feature_store(args, encoder), suite, args.out, name=name, progress=True)
@@ -382,9 +396,10 @@ def _add_suite_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-heads", type=int, help="attention heads of a peer's ViT of non-standard width")
     parser.add_argument("--random-init", action="store_true",
                         help="evaluate CHECKPOINT's architecture at its initial weights (the floor)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of --random-init, the splits and the probes")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per encoder pass")
-    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--seed", type=int, help="seed of --random-init, the splits and the probes (default: the "
+                                                 "suite's seed, else 0)")
+    parser.add_argument("--batch-size", type=int, help="images per encoder pass (default: the suite's, else 256)")
+    parser.add_argument("--num-workers", type=int, help="data loader processes (default: the suite's, else 0)")
     parser.add_argument("--cache-dir", help="feature cache folder (default $XDG_CACHE_HOME/wildssl/features)")
     parser.add_argument("--no-cache", action="store_true", help="keep features in memory only")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON line")

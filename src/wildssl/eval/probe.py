@@ -95,8 +95,8 @@ def _checked_option(probe: str, key: str, value: Any, default: Any) -> Any:
     def wrong(wanted: str) -> ConfigError:
         return ConfigError(f"option {key!r} of the {probe} probe must be {wanted}, got {value!r}")
 
-    def is_number(x: Any) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool)
+    def is_number(x: Any) -> bool:  # NaN and infinity are no option's value (NaN passes every range check)
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
     if isinstance(default, list):
         items = value if isinstance(value, list) else [value]
@@ -107,6 +107,8 @@ def _checked_option(probe: str, key: str, value: Any, default: Any) -> Any:
             raise wrong(f"a list of names (like {default})")
         return items
     if value is None:
+        if default is not None:  # `--set epochs=` (or `epochs:` left blank) ended in a comparison with None
+            raise wrong(f"a {'number' if isinstance(default, float) else 'value'} (like {default!r}), not empty")
         return value
     if key in SPEC_OPTIONS or isinstance(default, str):
         if not isinstance(value, str):
@@ -128,7 +130,7 @@ def _check_range(probe: str, key: str, value: Any) -> None:
     if key not in OPTION_RANGES or not isinstance(value, (int, float)) or isinstance(value, bool):
         return
     low, high, open_low = OPTION_RANGES[key]
-    if (value <= low if open_low else value < low) or (high is not None and value > high):
+    if not math.isfinite(value) or (value <= low if open_low else value < low) or (high is not None and value > high):
         wanted = f"{'>' if open_low else '>='} {low}" + (f" and <= {high}" if high is not None else "")
         raise ConfigError(f"option {key!r} of the {probe} probe must be {wanted}, got {value!r}")
 

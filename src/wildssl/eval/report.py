@@ -45,7 +45,7 @@ from wildssl.eval import attentive, decoder, discovery, fewshot, linear, segment
 from wildssl.eval.cache import FeatureStore
 from wildssl.eval.evaluate import KNN_OPTIONS, run_knn, same_data
 from wildssl.eval.probe import ProbeContext, resolve_options
-from wildssl.schema import load_yaml
+from wildssl.schema import CORE_RULES, check_value, load_yaml
 
 log = logging.getLogger("wildssl")
 
@@ -61,6 +61,9 @@ PROBES: dict[str, tuple[dict, Callable[[ProbeContext, dict], dict]]] = {
 }
 SUITE_DEFAULTS: dict[str, Any] = {"image_size": None, "load_size": None, "batch_size": 256, "num_workers": 0,
                                   "seed": 0, "probes": {}}
+# Each top-level key's rule: the config key whose values it takes (wildssl.schema.CORE_RULES).
+SUITE_KEY_RULES = {"image_size": "eval.image_size", "load_size": "data.load_size", "batch_size": "eval.batch_size",
+                   "num_workers": "data.num_workers", "seed": "train.seed"}
 # The figures of each probe that go into the headline table (fractions shown as percentages).
 HEADLINES = {
     "knn": ("top1", "top5"),
@@ -92,6 +95,16 @@ def read_suite(suite: str | Path | dict) -> dict:
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]!r} in {where}; valid keys: {', '.join(SUITE_DEFAULTS)}")
     resolved = {**SUITE_DEFAULTS, **tree}
+    for key, rule_key in SUITE_KEY_RULES.items():  # `seed: abc`, `batch_size: 0` ended in tracebacks mid-suite
+        if resolved[key] is not None or key in ("batch_size", "num_workers", "seed"):
+            rule = CORE_RULES[rule_key]
+            try:
+                if isinstance(resolved[key], str):  # num_workers: auto is a training setting
+                    raise ConfigError(key)
+                check_value(rule_key, resolved[key], rule)
+            except ConfigError:
+                wanted = "an integer in [0, 256]" if key == "num_workers" else rule.describe()
+                raise ConfigError(f"{key}: {resolved[key]!r} in {where} is invalid: it must be {wanted}") from None
     probes = resolved["probes"] or {}
     if not isinstance(probes, dict) or not probes:
         raise ConfigError(f"{where} names no probes; give 'probes:' with some of {', '.join(PROBES)}")
