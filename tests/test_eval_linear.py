@@ -90,3 +90,21 @@ def test_test_split_classes_are_renumbered_into_the_train_split_names():
     assert torch.equal(test_aligned.labels[10:], y_test[10:]) and (test_aligned.labels[:10] == 2).all()
     result = linear_probe(train, test, pools=["cls"], **FAST)
     assert result["top1"] == pytest.approx(0.9)  # the 90 cats and dogs right, the 10 ants wrong
+
+
+def test_top5_ranks_only_the_classes_the_probe_learned():
+    """A class only the test split has gets an untrained output; it ranked among the top 5 and credited its images
+    (the linear probe read top-1 0% and top-5 15.6% on test classes it had never seen)."""
+    import torch
+    from wildssl.eval.probe import topk_accuracy
+
+    learned = torch.arange(6).repeat(3)  # classes 0-5 trained; class 6 only in the test split
+    logits = torch.tensor([[0.0, 1, 2, 3, 4, 5, 9],  # class 6: its untrained output is the largest
+                           [5.0, 4, 3, 2, 1, 0, 9],  # class 1: second among the learned, top-5 not top-1
+                           [0.0, 1, 2, 3, 4, 5, 9]])  # class 0: last among the learned six
+    labels = torch.tensor([6, 1, 0])
+    # the former count: the unseen class ranked, so its image was "right" at top-1 and top-5
+    assert topk_accuracy(logits, labels) == pytest.approx({"top1": 1 / 3, "top5": 2 / 3})
+    assert topk_accuracy(logits, labels, learned=learned) == pytest.approx({"top1": 0.0, "top5": 1 / 3})
+    everything = torch.arange(7)
+    assert topk_accuracy(logits, labels, learned=everything) == topk_accuracy(logits, labels)

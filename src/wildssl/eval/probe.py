@@ -197,9 +197,17 @@ def predict(model: nn.Module, n: int, batch_forward: Callable[[torch.Tensor], to
     return torch.cat(outputs)
 
 
-def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5),
+                  learned: torch.Tensor | None = None) -> dict[str, float]:
     """Fractions of rows whose label is among the ``k`` largest logits, ``{"top1": ..., "top5": ...}``;
-    a ``k`` of at least the number of classes is left out (it would be 1)."""
+    a ``k`` of at least the number of classes is left out (it would be 1). ``learned``: the labels of the
+    training images; only their classes are ranked (a class the probe never saw has an untrained output,
+    which could rank among the top 5 and credit an image of that class), and ``k`` must be below their count."""
+    if learned is not None:
+        classes = torch.unique(learned[learned >= 0])
+        position = torch.full((logits.shape[1] + 1,), -1, dtype=torch.long)  # the last entry maps the label -1
+        position[classes] = torch.arange(len(classes))
+        logits, labels = logits[:, classes], position[labels.long()]
     result = {}
     for k in ks:
         if k < logits.shape[1] or k == 1:
