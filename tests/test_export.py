@@ -89,3 +89,22 @@ def test_timm_kwargs_describe_the_encoder_and_rebuild_it():
     assert missing.missing_keys == ["mask_token"] and missing.unexpected_keys == []
     x = torch.randn(1, 3, 28, 42)
     torch.testing.assert_close(rebuilt.forward_features(x), encoder.forward_features(x))
+
+
+def test_an_export_refuses_a_network_choice_it_cannot_honour(tmp_path):
+    """`--encoder student` (teacher=False) on an export of DINO's teacher read the teacher without a word: an
+    export holds one encoder. model.init_from from an export still reads it (the student of a run otherwise)."""
+    from conftest import tiny_config
+    from wildssl.errors import CheckpointError
+    from wildssl.models.export import save_encoder_export
+    from wildssl.models.loading import load_encoder
+    from wildssl.train.engine import train
+
+    train(tiny_config("dino", "train.steps=1"), tmp_path / "run")
+    save_encoder_export(tmp_path / "teacher.safetensors", tmp_path / "run")
+    for teacher in (False, True):
+        with pytest.raises(CheckpointError, match="is an export: it holds one encoder"):
+            load_encoder(tmp_path / "teacher.safetensors", teacher=teacher)
+    assert load_encoder(tmp_path / "teacher.safetensors") is not None
+    config = tiny_config("dino", "train.steps=1", f"model.init_from={tmp_path / 'teacher.safetensors'}")
+    train(config, tmp_path / "from_export")

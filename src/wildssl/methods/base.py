@@ -66,7 +66,7 @@ from wildssl.errors import CheckpointError, ConfigError
 from wildssl.models.ema import ema_update_
 from wildssl.io import read_header
 from wildssl.models.loading import (POOLS, build_encoder_from_config, encoder_state_from_checkpoint,
-                                    load_state_strict, resolve_checkpoint)
+                                    load_state_strict, resolve_checkpoint, student_network)
 
 log = logging.getLogger("wildssl")
 
@@ -184,7 +184,7 @@ class Method(nn.Module):
         Only the encoder is taken: whatever else the checkpoint holds (a decoder, heads, the optimizer)
         is left out, and so is the mask token when this method does not mask. One line reports what was
         loaded and what was dropped (:func:`init_report`)."""
-        state, model_config = encoder_state_from_checkpoint(path, teacher=False)
+        state, model_config = encoder_state_from_checkpoint(path, teacher=student_network(path))
         backbone = self.student["backbone"]
         _check_same_architecture(path, model_config, backbone)
         kept = []

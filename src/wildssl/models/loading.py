@@ -118,6 +118,13 @@ def _file_format(metadata: dict[str, str], path: Path) -> str:
     return fmt
 
 
+def student_network(path: str | Path) -> bool | None:
+    """The ``teacher`` argument that reads the student of a run or checkpoint, and the one encoder of an export
+    (``model.init_from`` takes the student backbone; an export has no choice to make)."""
+    resolved = resolve_checkpoint(path)
+    return None if _file_format(read_header(resolved)[0], resolved) == EXPORT_FORMAT else False
+
+
 def _checked_encoder(path: str | Path, teacher: bool | None) -> tuple[Path, dict, dict[str, str]]:
     """Resolve ``path`` and check it without reading tensor data: its metadata, then the name and shape of
     every encoder tensor in its header against the encoder its config declares (built on the meta device).
@@ -127,6 +134,10 @@ def _checked_encoder(path: str | Path, teacher: bool | None) -> tuple[Path, dict
     fmt = _file_format(metadata, path)
     model_config = model_config_from_metadata(metadata, path)
     if fmt == EXPORT_FORMAT:
+        if teacher is not None:  # was ignored: --encoder student on a teacher's export read the teacher
+            raise CheckpointError(f"{path} is an export: it holds one encoder, chosen when it was exported, so "
+                                  f"{'the teacher' if teacher else 'the student'} cannot be picked from it "
+                                  "(--encoder / teacher= apply to a run or checkpoint; leave them at auto here)")
         names = {key: key for key in shapes}
     else:
         # The method's own evaluation network (recorded since wildssl 0.1; older checkpoints: the teacher
