@@ -399,3 +399,18 @@ def test_under_torchrun_only_the_first_process_prints_information_lines(monkeypa
         monkeypatch.setenv("RANK", rank)
         _configure_logging()
         assert logger.level == level, rank
+
+
+def test_num_heads_on_a_wildssl_file_and_neighbours_beside_reconstructions_are_one_line_errors(tmp_path, capsys):
+    """`--num-heads 7` on a wildssl run ran with the run's own heads, and `plot --reconstructions ... --neighbours 3`
+    drew the reconstructions only: both options were dropped without a word."""
+    _train(tmp_path, capsys, "simclr")
+    run, data = str(tmp_path / "run"), "synthetic:scenes?n=32&size=16"
+    for command in (["eval", "knn", run, "--train", data + "&split=train", "--test", data + "&split=test"],
+                    ["eval", "linear", run, "--train", data + "&split=train", "--test", data + "&split=test",
+                     "--no-cache"]):
+        code, out, err = _run(capsys, *command, "--num-heads", "7")
+        assert code == 2 and "--num-heads applies to a peer's file" in err, err
+    code, out, err = _run(capsys, "plot", run, "--reconstructions", data, "--neighbours", "3",
+                          "--out", str(tmp_path / "r.png"))
+    assert code == 2 and "give one of them" in err and not (tmp_path / "r.png").exists(), err

@@ -106,3 +106,18 @@ def test_multi_hot_targets_from_captions_and_from_manifest_labels():
     assert torch.equal(target, torch.tensor([[0.0, 1, 0], [1, 0, 1], [0, 0, 0]]))
     with pytest.raises(DataError, match="label index 3 is outside the 3 labels"):
         multi_hot([[3]], 3)
+
+
+def test_vocab_build_refuses_an_out_that_is_one_of_its_inputs(tmp_path, capsys):
+    """`--out captions.txt` replaced the captions by the vocabulary read from them."""
+    from wildssl.cli import main
+
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a dog on grass\na dog in snow\n")
+    stops = tmp_path / "stop.txt"
+    stops.write_text("a on in\n")
+    for out, extra in ((captions, []), (stops, ["--stop-words", str(stops)])):
+        before = out.read_text()
+        assert main(["vocab", "build", str(captions), "--size", "2", "--out", str(out), *extra]) == 2
+        assert "is one of the files the vocabulary is read from" in capsys.readouterr().err
+        assert out.read_text() == before

@@ -167,6 +167,9 @@ def _knn_encoder(args):
             torch.manual_seed(seed)
             encoder = random_like(encoder)
         return encoder, {"img_size": encoder.img_size}, layout
+    if args.num_heads is not None:
+        raise WildsslError(f"--num-heads applies to a peer's file; {args.checkpoint} is wildssl's and its config "
+                           "names its attention heads")
     model_config = checkpoint_model_config(args.checkpoint, teacher)  # header only: no weights read
     if args.random_init:
         torch.manual_seed(seed)
@@ -248,6 +251,9 @@ def _suite_encoder(args):
 
     teacher = None if args.encoder == "auto" else args.encoder == "teacher"
     encoder, kind = load_any_encoder(args.checkpoint, args.layout, teacher, args.num_heads)
+    if args.num_heads is not None and kind == "wildssl":  # its config names its heads: the option was dropped
+        raise WildsslError(f"--num-heads applies to a peer's file; {args.checkpoint} is wildssl's and its config "
+                           "names its attention heads")
     network = evaluated_network(args.checkpoint, teacher) if kind == "wildssl" else f"{kind} layout"
     if args.random_init:
         torch.manual_seed(args.seed)  # wildssl runs: the run's initial weights when --seed is its train.seed
@@ -464,6 +470,8 @@ def cmd_plot(args) -> int:
         if given:
             raise WildsslError(f"{' and '.join(given)} only apply to --reconstructions IMAGES (an MAE run's "
                                "reconstructions); the plot you asked for has none")
+    if args.reconstructions and args.neighbours is not None:  # --neighbours was dropped without a word
+        raise WildsslError("--reconstructions and --neighbours draw two different plots; give one of them")
     if args.reconstructions:
         from wildssl.eval.reconstructions import plot_reconstructions
 
@@ -557,6 +565,11 @@ def cmd_vocab_build(args) -> int:
     from wildssl.data.vocabulary_build import build_vocabulary, read_caption_files
     from wildssl.io import output_file
 
+    out = Path(args.out).resolve()
+    for given in [*args.captions, *(args.stop_words or []), *([args.synonyms] if args.synonyms else [])]:
+        if Path(given).resolve() == out:  # it was overwritten by the vocabulary read from it
+            raise WildsslError(f"--out {args.out} is one of the files the vocabulary is read from ({given}); "
+                               "give another --out")
     stop_words: list[str] = []
     for path in args.stop_words or []:
         try:
