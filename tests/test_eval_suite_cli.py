@@ -231,3 +231,30 @@ def test_the_command_lines_seed_batch_and_data_are_used_or_refused_never_dropped
         code = main(["eval", arguments[0], str(export), *arguments[1:], "--no-cache"])
         error = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and expected in error[-1], (arguments, error[-1:])
+
+
+def test_a_failing_probe_keeps_the_finished_ones_and_a_second_verb_adds_to_the_same_out(tmp_path, export, capsys):
+    """eval all wrote results.json only at the end, so a later probe's data error lost every finished probe; a
+    second probe verb into the same --out replaced the first one's results; a label with '/' ran every probe and
+    then failed writing its picture."""
+    out = tmp_path / "o"
+    broken = {"probes": {"knn": {"train": TRAIN, "test": TEST},
+                         "linear": {"train": TRAIN, "test": str(tmp_path / "gone"), **SMALL}}}
+    (tmp_path / "broken.yaml").write_text(yaml.safe_dump(broken))
+    assert main(["eval", "all", str(export), "--suite", str(tmp_path / "broken.yaml"), "--out", str(out),
+                 "--no-cache"]) == 2
+    assert "data path not found" in capsys.readouterr().err
+    assert set(json.loads((out / "results.json").read_text())["probes"]) == {"knn"}
+    assert main(["eval", "fewshot", str(export), "--data", TEST, "--set", "n_way=3", "--set", "k_shot=1",
+                 "--set", "n_query=2", "--set", "episodes=5", "--out", str(out), "--no-cache"]) == 0
+    recorded = json.loads((out / "results.json").read_text())
+    assert set(recorded["probes"]) == {"knn", "fewshot"} and set(recorded["suite"]["probes"]) == {"knn", "fewshot"}
+    assert "## knn" in (out / "report.md").read_text()
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(export.read_bytes())
+    assert main(["eval", "fewshot", str(other), "--data", TEST, "--set", "n_way=3", "--set", "k_shot=1",
+                 "--set", "n_query=2", "--set", "episodes=5", "--out", str(out), "--no-cache"]) == 2
+    assert "holds the results of" in capsys.readouterr().err
+    (tmp_path / "slash.yaml").write_text(yaml.safe_dump({"probes": {"knn@a/b": {"train": TRAIN, "test": TEST}}}))
+    assert main(["eval", "all", str(export), "--suite", str(tmp_path / "slash.yaml"), "--no-cache"]) == 2
+    assert "a probe's label may hold" in capsys.readouterr().err

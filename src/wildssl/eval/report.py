@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +46,7 @@ from wildssl.eval import attentive, decoder, discovery, fewshot, linear, segment
 from wildssl.eval.cache import FeatureStore
 from wildssl.eval.evaluate import KNN_OPTIONS, run_knn, same_data
 from wildssl.eval.probe import ProbeContext, resolve_options
+from wildssl.io import atomic_write_text
 from wildssl.schema import CORE_RULES, check_value, load_yaml
 
 log = logging.getLogger("wildssl")
@@ -112,6 +114,9 @@ def read_suite(suite: str | Path | dict) -> dict:
         if probe_kind(name) not in PROBES:
             raise ConfigError(f"unknown probe {name!r} in {where}; valid probes: {', '.join(PROBES)} (a second run "
                               "of one as probe@label)")
+        if not re.fullmatch(r"[\w.-]+(@[\w.-]+)?", name):  # it names the probe's picture files
+            raise ConfigError(f"probe {name!r} in {where}: a probe's label may hold letters, digits, '_', '-' and "
+                              "'.' (probe@label), as it names the probe's files")
         if options is not None and not isinstance(options, dict):
             raise ConfigError(f"probe {name!r} in {where} must map option names to values, got {options!r}")
         # every probe's option names and types now, not when its turn comes after the probes before it ran
@@ -137,7 +142,53 @@ def run_suite(store: FeatureStore, suite: str | Path | dict, out_dir: str | Path
     image_size = suite["image_size"] or getattr(store.encoder, "img_size", 224)
     context = ProbeContext(store=store, image_size=image_size, seed=suite["seed"], progress=progress, out_dir=out)
     start = time.perf_counter()
+    earlier, earlier_options = _earlier_results(out, name)
+    shown = {**suite, "probes": {**earlier_options, **suite["probes"]}}  # each recorded probe's options
     results: dict[str, Any] = {}
+    try:
+        _run_probes(suite, context, name, results)
+    except BaseException:  # keep the probes that finished (a later probe's data error lost them all)
+        if out is not None and results:
+            _write(out, name, shown, {**earlier, **results}, start)
+            log.warning("kept the %d finished probe%s (%s) in %s", len(results), "s" if len(results) > 1 else "",
+                        ", ".join(results), out / "results.json")
+        raise
+    report = _write(out, name, shown, {**earlier, **results}, start)
+    if set(earlier) - set(results):
+        log.info("%s also holds the earlier results of %s for %s", out / "results.json", name,
+                 ", ".join(p for p in earlier if p not in results))
+    return report
+
+
+def _earlier_results(out: Path | None, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The figures and the options of the probes an earlier run into ``out`` recorded for the same encoder (a
+    second probe verb into the same --out had replaced the first one's results); a ConfigError when ``out``
+    holds another encoder's results."""
+    path = None if out is None else out / "results.json"
+    if path is None or not path.is_file():
+        return {}, {}
+    try:
+        earlier = json.loads(path.read_text())
+        earlier_name, probes = earlier["name"], dict(earlier["probes"])
+        options = {probe: dict(earlier["suite"]["probes"][probe]) for probe in probes}
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"{path} is not a results file of wildssl eval; give another --out") from None
+    if earlier_name != name:
+        raise ConfigError(f"{path} holds the results of {earlier_name}, not of {name}; give another --out (the "
+                          "results of two encoders are not mixed in one file)")
+    return probes, options
+
+
+def _write(out: Path | None, name: str, suite: dict, results: dict, start: float) -> dict:
+    report = {"name": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "suite": suite, "probes": results,
+              "seconds": round(time.perf_counter() - start, 1)}
+    if out is not None:
+        atomic_write_text(out / "results.json", json.dumps(report, indent=1))
+        write_markdown(report, out)
+    return report
+
+
+def _run_probes(suite: dict, context: ProbeContext, name: str, results: dict) -> None:
     for probe, options in suite["probes"].items():
         if suite["load_size"] is not None:
             options = {"load_size": suite["load_size"], **options}
@@ -149,12 +200,6 @@ def run_suite(store: FeatureStore, suite: str | Path | dict, out_dir: str | Path
         context.name = probe
         figures = PROBES[probe_kind(probe)][1](context, options)
         results[probe] = {**figures, "seconds": round(time.perf_counter() - began, 1)}
-    report = {"name": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "suite": suite, "probes": results,
-              "seconds": round(time.perf_counter() - start, 1)}
-    if out is not None:
-        (out / "results.json").write_text(json.dumps(report, indent=1))
-        write_markdown(report, out)
-    return report
 
 
 def headline(probe: str, figures: dict) -> dict[str, float]:
