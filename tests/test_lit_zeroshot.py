@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from conftest import WSP_SHAPES_GROUP, tiny_config
 from wildssl.cli import main
@@ -62,6 +63,14 @@ def test_eval_zeroshot_command_reports_top1_and_top5_and_refuses_a_run_without_t
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["method"] == "lit" and result["num_images"] == 24 and result["num_templates"] == 8
     assert 0 <= result["zeroshot_top1"] <= result["zeroshot_top5"] <= 1
+    two = tmp_path / "two.jsonl"  # two classes: the "top-5" holds every class, which the printout says
+    two.write_text("".join(json.dumps({"path": str(tmp_path / f"{i}.png"), "label": "dog" if i % 2 else "cat"})
+                           + "\n" for i in range(4)))
+    for i in range(4):
+        Image.new("RGB", (32, 32), (60 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    assert main(["eval", "zeroshot", str(tmp_path / "lit"), "--data", str(two)]) == 0
+    printed = capsys.readouterr().out
+    assert "top-2:" in printed and "(every class, so it says nothing)" in printed and "top-5" not in printed
     assert main(["eval", "zeroshot", str(locked), "--data", data]) == 2
     assert "is a wsp run, which has no text tower" in capsys.readouterr().err
 

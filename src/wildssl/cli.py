@@ -425,7 +425,9 @@ def cmd_eval_zeroshot(args) -> int:
     else:
         print(f"zero-shot, {method.name} run {args.checkpoint}: {result['num_images']} images, "
               f"{result['num_classes']} classes, {result['num_templates']} templates")
-        print(f"  top-1: {100 * result['zeroshot_top1']:.2f}%\n  top-5: {100 * result['zeroshot_top5']:.2f}%")
+        k = min(5, result["num_classes"])  # with fewer than 6 classes the top-5 holds every class: say so
+        print(f"  top-1: {100 * result['zeroshot_top1']:.2f}%\n  top-{k}: {100 * result['zeroshot_top5']:.2f}%"
+              + (" (every class, so it says nothing)" if k == result["num_classes"] else ""))
     return 0
 
 
