@@ -191,3 +191,13 @@ def test_eval_knn_reads_a_peers_file_as_the_probes_do_and_its_random_init_floor(
     assert main(["eval", "knn", str(tmp_path / "dino.pth"), "--model", "small", "--random-init",
                  "--train", data + "&split=train", "--test", data + "&split=test"]) == 2
     assert "--model only build an architecture" in capsys.readouterr().err
+
+
+def test_a_peer_layout_on_a_folder_says_it_reads_one_file(tmp_path):
+    """`--layout timm` on a wildssl run directory said "checkpoint not found: RUN", of a folder that is there."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("model: {}\n")
+    with pytest.raises(CheckpointError, match="is a wildssl run directory; a peer's layout"):
+        load_peer_encoder(tmp_path / "run", "timm")
+    with pytest.raises(CheckpointError, match="is a folder; a peer's layout"):
+        load_peer_encoder(tmp_path, "timm")

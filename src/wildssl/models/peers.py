@@ -81,6 +81,10 @@ def is_wildssl_file(path: Path) -> bool:
 def read_peer_file(path: Path) -> dict:
     """The top-level dict of a peer's file: safetensors (tensors) or a PyTorch file read with
     ``torch.load(weights_only=True)`` (never arbitrary pickles)."""
+    if path.is_dir():
+        kind = "a wildssl run directory" if (path / "config.yaml").is_file() else "a folder"
+        raise CheckpointError(f"{path} is {kind}; a peer's layout (--layout) reads one checkpoint file (give the "
+                              "file, or --layout auto for a wildssl run)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
