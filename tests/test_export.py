@@ -108,3 +108,18 @@ def test_an_export_refuses_a_network_choice_it_cannot_honour(tmp_path):
     assert load_encoder(tmp_path / "teacher.safetensors") is not None
     config = tiny_config("dino", "train.steps=1", f"model.init_from={tmp_path / 'teacher.safetensors'}")
     train(config, tmp_path / "from_export")
+
+
+def test_a_timm_export_exports_again_as_every_evaluation_reads_it(tmp_path):
+    """Exporting a `--timm` export failed with "missing 1 keys (e.g. mask_token)", though every eval verb reads it."""
+    import torch
+    from conftest import tiny_config
+    from wildssl.models.export import save_encoder_export
+    from wildssl.models.loading import load_encoder
+    from wildssl.train.engine import train
+
+    train(tiny_config("simclr", "train.steps=1"), tmp_path / "run")
+    save_encoder_export(tmp_path / "timm.safetensors", tmp_path / "run", timm=True)
+    save_encoder_export(tmp_path / "again.safetensors", tmp_path / "timm.safetensors")
+    first, again = load_encoder(tmp_path / "timm.safetensors"), load_encoder(tmp_path / "again.safetensors")
+    assert all(torch.equal(first.state_dict()[k], v) for k, v in again.state_dict().items())

@@ -20,9 +20,8 @@ from torch import nn
 
 from wildssl.errors import CheckpointError
 from wildssl.io import atomic_save, read_header
-from wildssl.models.loading import (CHECKPOINT_FORMAT, EXPORT_FORMAT, build_encoder_from_config,
-                                    encoder_state_from_checkpoint, evaluated_pool, load_state_strict,
-                                    resolve_checkpoint)
+from wildssl.models.loading import (CHECKPOINT_FORMAT, EXPORT_FORMAT, checkpoint_model_config, evaluated_pool,
+                                    load_encoder, resolve_checkpoint)
 from wildssl.models.vit import VisionTransformer
 
 WILDSSL_ONLY_KEYS = ("mask_token",)
@@ -78,9 +77,8 @@ def save_encoder_export(path: Path, checkpoint: str | Path, teacher: bool | None
     state dict timm's VisionTransformer loads with the kwargs stored in the metadata (``timm_kwargs``)."""
     path, source = Path(path), resolve_checkpoint(checkpoint)
     check_export_target(path, source)
-    state, model_config = encoder_state_from_checkpoint(checkpoint, teacher)
-    encoder = build_encoder_from_config(model_config)
-    load_state_strict(encoder, state, str(checkpoint))
+    model_config = checkpoint_model_config(checkpoint, teacher)
+    encoder = load_encoder(checkpoint, teacher)  # as every evaluation reads it (a timm export has no mask token)
     tensors = timm_state_dict(encoder) if timm else dict(encoder.state_dict())
     metadata = export_metadata(encoder, model_config, evaluated_pool(source))
     atomic_save(tensors, metadata, path)
