@@ -611,3 +611,14 @@ def test_collate_counts_each_skipped_file_once(tmp_path):
     assert [s["num_corrupt"] for s in samples] == [2, 1, 0]
     batch = collate(samples)
     assert batch["corrupt"] == [1, 2] and batch["num_corrupt"] == 2
+
+
+def test_a_folder_with_one_class_subfolder_says_why_its_images_are_unlabelled(tmp_path, caplog):
+    """A probe on onecls/cat/ said "10 of 10 unlabelled (use an image folder with class subfolders)", which it was."""
+    import logging
+
+    write_image(tmp_path / "cat" / "a.png", (1, 2, 3))
+    write_image(tmp_path / "cat" / "b.png", (1, 2, 3))
+    with caplog.at_level(logging.INFO, logger="wildssl"):
+        assert ImageFolder(tmp_path, S).classes is None
+    assert "every image is in its one subfolder cat/" in caplog.text

@@ -99,6 +99,9 @@ class ImageFolder(FileSource):
         else:
             self.classes = None
             self.labels = [-1] * len(self.paths)
+            if len(class_names) == 1 and None not in first_parts:  # a probe then said "unlabelled" of cat/
+                log.info("image folder %s: every image is in its one subfolder %s/, so the images are unlabelled "
+                         "(class labels need two or more class subfolders)", self.root, class_names[0])
         # Images beside two or more subfolders make the whole folder an unlabelled pool (a photo dump with some
         # folders in it); a stray cover.png beside cat/ and dog/ does the same, so say which images decided it.
         self.loose = [path for path, part in zip(self.paths, first_parts) if part is None] if len(class_names) >= 2 else []
