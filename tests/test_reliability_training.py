@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from conftest import tiny_overrides
 from wildssl.cli import main
 from wildssl.errors import CheckpointError, ConfigError
-from wildssl.io import read_header
+from wildssl.io import read_header, read_metrics
 from wildssl.methods.dino import DINO
 from wildssl.models.loading import CHECKPOINT_NAME
 from wildssl.train.config import build_config
@@ -74,7 +74,7 @@ def test_nan_gradient_from_a_parameter_hook_on_a_finite_loss_changes_no_weight_o
     for hook in hooks:
         hook.remove()
     assert summary["nonfinite_steps"] == 1
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path)  # a NaN is null in the file (strict JSON), NaN again here
     assert math.isfinite(rows[2]["loss"]) and math.isnan(rows[2]["grad_norm"])
 
     before_1, before, after = (load_file(str(tmp_path / f"checkpoint_000000{i}.safetensors")) for i in (1, 2, 3))
@@ -128,7 +128,7 @@ def test_nonfinite_gradient_never_writes_a_nonfinite_checkpoint_and_stops_in_one
     assert len(files) == stopped_at + 1  # checkpoint.safetensors + one kept copy per finished step
     for path in files:
         assert not _nonfinite(load_file(str(path))), path
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out)
     skipped = [r["step"] for r in rows if not math.isfinite(r["grad_norm"])]
     assert len(skipped) == 2 and all(math.isfinite(r["loss"]) for r in rows)  # gradient, not loss
 
@@ -145,7 +145,7 @@ def test_exploding_learning_rate_with_a_nonfinite_loss_stops_in_one_line_without
     argv = ["train", "simclr_quick", "--out", str(out),
             *_set(EXPLODING + ["optim.lr=1e9", "train.steps=30", "train.max_nonfinite=1"])]
     errors, found = _stopped_in_one_line(capsys, argv)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out)
     nonfinite = [r["step"] for r in rows if not math.isfinite(r["loss"])]
     assert len(nonfinite) == 2 and nonfinite == [r["step"] for r in rows[-2:]]  # the run stopped at the second
     for path in out.glob("*.safetensors"):
