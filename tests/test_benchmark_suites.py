@@ -508,3 +508,24 @@ def test_a_shipped_suite_is_found_by_its_name_from_any_folder_and_a_misspelt_one
         read_suite("missing.yaml")
     (tmp_path / "object_centric").mkdir()  # a folder of that name is not a suite file: the shipped one is read
     assert read_suite("object_centric") == by_name
+
+
+def test_the_teacher_check_builds_the_methods_without_weights(tmp_path, monkeypatch):
+    """check_networks built every entry's method with its weights at start-up (I-JEPA's ViT-B: 16 s on this CPU);
+    the meta device gives the same answer without allocating them."""
+    import torch
+    import wildssl.methods
+
+    devices = []
+    build = wildssl.methods.build_method
+
+    def recording(config):
+        devices.append(torch.empty(1).device.type)
+        return build(config)
+
+    monkeypatch.setattr(wildssl.methods, "build_method", recording)
+    suite = tmp_path / "teacher.yaml"
+    suite.write_text(SMALL.replace("seeds: 2\n", "seeds: 2\nnetwork: teacher\n"))
+    with pytest.raises(ConfigError, match=r"entry simclr: .*teacher"):
+        runner.run_benchmark(suite, "tiny", seeds=1, out=tmp_path / "out")
+    assert devices and set(devices) == {"meta"}

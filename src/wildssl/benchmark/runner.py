@@ -372,7 +372,7 @@ def check_recorded_evaluation(out: Path, jobs: list[tuple[str, int]], suite: dic
 
 def check_networks(suite: dict, configs: dict) -> None:
     """ConfigError naming the first entry whose method has no teacher when the suite evaluates ``network:
-    teacher`` (each entry's method is built once, at its initial weights, before any training)."""
+    teacher`` (each entry's method is built once on the meta device, without weights, before any training)."""
     from wildssl.methods import build_method
 
     if suite["network"] != "teacher":
@@ -380,7 +380,9 @@ def check_networks(suite: dict, configs: dict) -> None:
     for label in dict.fromkeys(label for label, _ in configs):
         config = next(c for (name, _), (c, _) in configs.items() if name == label)
         config = {**config, "model": {**config["model"], "init_from": None}}
-        if build_method(config).teacher is None:
+        with torch.device("meta"):  # shapes only: I-JEPA's ViT-B took 16 s to build with its weights, 0.05 s here
+            method = build_method(config)
+        if method.teacher is None:
             raise ConfigError(f"suite {suite['name']} entry {label}: method {config['method']['name']} has no "
                               f"teacher encoder, but the suite evaluates network: teacher; give network: auto "
                               f"(each method's own network) or student, or leave the entry out")
