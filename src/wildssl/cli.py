@@ -167,9 +167,7 @@ def _knn_encoder(args):
             torch.manual_seed(seed)
             encoder = random_like(encoder)
         return encoder, {"img_size": encoder.img_size}, layout
-    if args.num_heads is not None:
-        raise WildsslError(f"--num-heads applies to a peer's file; {args.checkpoint} is wildssl's and its config "
-                           "names its attention heads")
+    _refuse_num_heads(args)
     model_config = checkpoint_model_config(args.checkpoint, teacher)  # header only: no weights read
     if args.random_init:
         torch.manual_seed(seed)
@@ -241,6 +239,13 @@ def cmd_eval_knn(args) -> int:
 
 # ----------------------------------------------------------------------------- eval suite and probes
 
+def _refuse_num_heads(args) -> None:
+    """``--num-heads`` builds a peer's ViT; a wildssl file's config names its heads, so the option would be dropped."""
+    if args.num_heads is not None:
+        raise WildsslError(f"--num-heads applies to a peer's file; {args.checkpoint} is wildssl's and its config "
+                           "names its attention heads")
+
+
 def _suite_encoder(args):
     """The encoder of ``eval all`` and the probe verbs, and what it is: a wildssl run/checkpoint/export or a
     peer's file; with --random-init the same architecture at its initial weights."""
@@ -251,9 +256,8 @@ def _suite_encoder(args):
 
     teacher = None if args.encoder == "auto" else args.encoder == "teacher"
     encoder, kind = load_any_encoder(args.checkpoint, args.layout, teacher, args.num_heads)
-    if args.num_heads is not None and kind == "wildssl":  # its config names its heads: the option was dropped
-        raise WildsslError(f"--num-heads applies to a peer's file; {args.checkpoint} is wildssl's and its config "
-                           "names its attention heads")
+    if kind == "wildssl":
+        _refuse_num_heads(args)
     network = evaluated_network(args.checkpoint, teacher) if kind == "wildssl" else f"{kind} layout"
     if args.random_init:
         torch.manual_seed(args.seed)  # wildssl runs: the run's initial weights when --seed is its train.seed
@@ -676,7 +680,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "of mean and spread over seeds (benchmarks/suites/*.yaml)")
     bench_sub = p.add_subparsers(dest="benchmark_command", required=True)
     b = bench_sub.add_parser("run", help="train and evaluate every entry and seed of a suite (resumes a killed one)")
-    b.add_argument("suite", help="suite YAML file, or the name of a shipped suite (benchmarks/suites/*.yaml: object_centric, ...)")
+    b.add_argument("suite", help="suite YAML file, or the name of a shipped suite (benchmarks/suites/*.yaml: "
+                                 "object_centric, ...)")
     b.add_argument("--scale", choices=("tiny", "cpu", "gpu"), default="cpu",
                    help="tiny: synthetic data in seconds (tests); cpu: ~30 min on 2 cores; gpu: <= 10 min on one GPU")
     b.add_argument("--seeds", type=int, help="seeds per entry (default: the suite's)")
