@@ -288,3 +288,29 @@ def test_an_eval_image_size_the_patches_do_not_tile_is_refused_with_the_config()
     with pytest.raises(ConfigError, match=r"eval.image_size=20 is not a multiple of model.patch_size=8: .* give 16 or 24"):
         build_config("simclr_quick", ["eval.image_size=20"])
     assert build_config("simclr_quick", ["eval.image_size=24"])["eval"]["image_size"] == 24
+
+
+@pytest.mark.parametrize("recipe, item, fragment", [
+    # a distribution over one prototype, slot class or label is 1: the loss was exactly 0 and nothing trained
+    ("dino_quick", "method.out_dim=1", "method.out_dim must be an integer in [2, "),
+    ("ibot_quick", "method.patch_out_dim=1", "method.patch_out_dim must be an integer in [2, "),
+    ("wsp_quick", "method.vocabulary_size=1", "method.vocabulary_size must be an integer in [2, "),
+    # tracebacks from inside the model or in the middle of training
+    ("slotmim_quick", "method.num_prototypes=0", "method.num_prototypes must be an integer in [2, "),
+    ("ijepa_quick", "method.target_aspect=[0, 0]", "method.target_aspect must be a list of 2 numbers > 0"),
+    ("ijepa_quick", "method.target_aspect=[1.5, 0.75]", "not in ascending order"),
+])
+def test_method_values_that_cannot_train_are_one_line_errors(recipe, item, fragment):
+    with pytest.raises(ConfigError) as error:
+        build_config(recipe, [item])
+    assert fragment in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_box_decoder_width_its_heads_do_not_divide_is_a_config_error():
+    """ValueError with a traceback through methods/ab.py; MAE's, I-JEPA's and CLIP's heads were one line already."""
+    from conftest import tiny_ab_overrides
+    from wildssl.methods import build_method
+
+    with pytest.raises(ConfigError, match=r"method.ab_decoder_width, method.ab_decoder_heads"):
+        build_method(build_config(None, tiny_ab_overrides("simclr", "method.ab_decoder_width=32",
+                                                          "method.ab_decoder_heads=3")))

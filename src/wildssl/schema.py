@@ -236,6 +236,12 @@ NAME_RULES: tuple[NameRule, ...] = (
     NameRule("ab_n_crops", _NUMBERS, 2, 64, kind="int"),  # ordered pairs of crops need two
     NameRule("ab_iou_range", ("list",), 0.0, 1.0, ordered=True),
     NameRule("ab_photometric", ("null",), kind="str"),
+    # a distribution over one prototype, slot class or label is always 1: its loss is 0 and nothing trains
+    NameRule("out_dim", _NUMBERS, 2, 2**20, kind="int"),
+    NameRule("patch_out_dim", _NUMBERS, 2, 2**20, kind="int"),
+    NameRule("num_prototypes", _NUMBERS, 2, 2**20, kind="int"),
+    NameRule("vocabulary_size", _NUMBERS, 2, 2**24, kind="int"),
+    NameRule("*_aspect", ("list",), 0.0, low_open=True, ordered=True),  # aspect-ratio ranges (w / h)
     NameRule("*temp", _NUMBERS, 0.0, low_open=True, kind="float"),
     NameRule("*temperature", _NUMBERS, 0.0, low_open=True, kind="float"),
     NameRule("*_epochs", _NUMBERS, 0.0, 1e6, kind="float"),

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wildssl.data.boxes import discretize_box
+from wildssl.errors import ConfigError
 from wildssl.models.attention import Attention, CrossAttention
 from wildssl.models.logit_scale import LogitScale
 
@@ -122,7 +123,8 @@ class BoxQueryDecoder(nn.Module):
     ) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"decoder width {dim} must be divisible by its number of heads {num_heads}")
+            raise ConfigError(f"box-query decoder width {dim} must be divisible by its number of heads {num_heads} "
+                              "(method.ab_decoder_width, method.ab_decoder_heads)")
         self.dim = dim
         self.memory_proj = nn.Linear(memory_dim, dim)
         self.box_tokenizer = BoxTokenizer(dim, num_bins, value_range, use_box_tokens)
