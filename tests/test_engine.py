@@ -334,3 +334,19 @@ def test_metrics_jsonl_is_strict_json_with_a_skipped_steps_loss_as_null(tmp_path
     assert all(r["loss"] is not None for r in records if "loss" in r and r["step"] != 2)
     read = [r for r in read_metrics(tmp_path) if r["step"] == 2 and "loss" in r]
     assert math.isnan(read[0]["loss"])
+
+
+def test_a_gradient_of_exactly_zero_raises_a_training_alarm_from_the_first_logged_steps(tmp_path):
+    """iBOT with every loss weight 0 (and SlotMIM's, AB_SimCLR's without its base loss at ratio 0) logged loss 0 and
+    gradient 0 at every step, ending with no alarm: nothing had learnt."""
+    from wildssl.train.logging import CollapseMonitor
+
+    monitor = CollapseMonitor(after_step=100)  # watched before after_step: a zero gradient is never a phase
+    fired = [monitor.check(step, {"loss": 0.0, "grad_norm": 0.0}) for step in (1, 2, 3)]
+    assert fired[:2] == [[], []] and "the gradient is exactly 0" in fired[2][0]
+    assert CollapseMonitor().check(5, {"loss": 1.0, "grad_norm": 1e-12}) == []
+    config = build_config("ibot_quick", tiny_overrides("dino", "train.steps=4", "train.log_every=1",
+                                                       "method.patch_loss_weight=0", "method.cls_loss_weight=0",
+                                                       "method.patch_out_dim=64", "method.koleo_weight=0"))
+    summary = train(config, tmp_path)
+    assert any("the gradient is exactly 0" in alarm for alarm in summary["alarms"]), summary["alarms"]
