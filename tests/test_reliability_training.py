@@ -307,3 +307,21 @@ def test_a_warm_up_as_long_as_the_run_is_named(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="wildssl"):
         train(build_config("simclr_quick", overrides + ["optim.warmup_epochs=0"]), tmp_path / "run2")
     assert not [r for r in caplog.records if "warmup" in r.getMessage()]
+
+
+def test_a_min_lr_above_the_peak_is_named(tmp_path, caplog):
+    """optim.min_lr=1.0 on dino_quick: the "decay" climbed to 10,000x the peak rate without a word."""
+    import logging
+
+    from wildssl.train.run import build_run
+
+    with caplog.at_level(logging.WARNING, logger="wildssl"):
+        run = build_run(build_config("simclr_quick", tiny_overrides("simclr", "optim.min_lr=1.0", "train.steps=4")),
+                        tmp_path / "run")
+    assert run.schedules["lr"][-1] > run.schedules["lr"][1]  # what the warning is about
+    warnings = [r.getMessage() for r in caplog.records if "optim.min_lr" in r.getMessage()]
+    assert len(warnings) == 1 and "is above the peak learning rate" in warnings[0], warnings
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="wildssl"):
+        build_run(build_config("simclr_quick", tiny_overrides("simclr", "train.steps=4")), tmp_path / "plain")
+    assert not any("optim.min_lr" in r.getMessage() for r in caplog.records)

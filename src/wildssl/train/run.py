@@ -328,6 +328,11 @@ def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
                     "(%.3g at most, against %.3g); shorten the warm-up or lengthen the run",
                     config["optim"]["warmup_epochs"], warmup, total_steps, float(run.schedules["lr"].max()),
                     peak_lr(config, global_batch))
+    peak = peak_lr(config, global_batch)
+    if config["optim"]["min_lr"] > peak and rank == 0:  # the "cosine decay" then climbs to min_lr
+        log.warning("optim.min_lr=%g is above the peak learning rate %.3g (optim.lr at this batch), so the rate "
+                    "rises over the run instead of decaying to it; give a min_lr below the peak",
+                    config["optim"]["min_lr"], peak)
     if checkpoint_path.is_file():
         if sharded:
             state = fsdp.read_run_state(checkpoint_path.parent)
