@@ -180,3 +180,14 @@ def test_pair_methods_keep_their_base_evaluation_network():
     assert AdaSimDINO.eval_network == DINO.eval_network == "teacher"
     assert build_method(_config("adasim_simsiam", "simsiam")).eval_network == "student"
     assert TINY_DATA in _config("adasim_dino", "dino")["data"]["train"]
+
+
+def test_a_neighbour_topk_above_the_data_size_keeps_every_image_with_a_warning(caplog):
+    """neighbour_topk=100000 on 2,000 images allocated window x N x K records: a 3-step run wrote a 6.4 GB checkpoint."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="wildssl"):
+        method = _prepared("adasim_dino", "dino", "method.neighbour_topk=100000")
+    assert method.topk == 64 and method.window.state_dict()
+    assert max(t.numel() for t in method.window.state_dict().values()) <= 64 * 64 * method.window_size
+    assert "method.neighbour_topk=100000 is above the 64 images" in caplog.text

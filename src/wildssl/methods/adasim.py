@@ -39,6 +39,7 @@ step's updates gathered across ranks first, so every rank holds the same state.
 
 from __future__ import annotations
 
+import logging
 from typing import ClassVar
 
 import numpy as np
@@ -54,6 +55,8 @@ from wildssl.methods.latent_cache import DEFAULT_CHUNK, LatentCache
 from wildssl.methods.similarity_window import (SimilarityWindow, adaptive_partners, nearest_other, spread_of,
                                                windowed_similarity)
 from wildssl.methods.simsiam import SimSiam
+
+log = logging.getLogger("wildssl")
 
 PAIRINGS = ("adasim", "nn", "oracle")
 
@@ -121,6 +124,10 @@ class NeighbourPairs:
         super().prepare(sources, run_dir)
         source = sources["train"]
         size = len(source)
+        if self.topk > size:  # its records are window x N x K: K = 100,000 on 2,000 images wrote a 6.4 GB checkpoint
+            log.warning("method.neighbour_topk=%d is above the %d images of %s; %d neighbours are kept (every image)",
+                        self.topk, size, source.describe(), size)
+            self.topk = size
         device = next(self.parameters()).device
         self.cache = LatentCache(size, self.student["backbone"].embed_dim, self.chunk, self.cache_dtype).to(device)
         self.window = SimilarityWindow(size, self.topk, self.window_size).to(device)
