@@ -314,3 +314,15 @@ def test_a_box_decoder_width_its_heads_do_not_divide_is_a_config_error():
     with pytest.raises(ConfigError, match=r"method.ab_decoder_width, method.ab_decoder_heads"):
         build_method(build_config(None, tiny_ab_overrides("simclr", "method.ab_decoder_width=32",
                                                           "method.ab_decoder_heads=3")))
+
+
+def test_sinkhorn_centering_over_a_batch_of_one_is_refused():
+    """DINOv2's Sinkhorn-Knopp spreads the targets over the batch: with one image they came out near uniform
+    (teacher entropy 5.23 against ln K = 5.55) and the run trained on, as SimCLR, SimSiam and KoLeo do not."""
+    from conftest import tiny_overrides
+    from wildssl.methods import build_method
+
+    overrides = tiny_overrides("dino", "method.centering=sinkhorn", "method.koleo_weight=0")
+    with pytest.raises(ConfigError, match="method.centering=sinkhorn .* train.batch_size=1 gives one"):
+        build_method(build_config("dino_quick", overrides + ["train.batch_size=1"]))
+    build_method(build_config("dino_quick", overrides + ["train.batch_size=2"]))

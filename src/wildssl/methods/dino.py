@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from wildssl.data.views import ViewBatch, make_views
+from wildssl.errors import ConfigError
 from wildssl.methods.base import (AnnotationInput, AnnotationSpace, Method, StepContext, check_pool,
                                   normalized_embedding_std, pooled, pooled_features)
 from wildssl.methods.distillation import (DISTILLATION_DEFAULTS, MULTI_CROP_VIEW_DEFAULTS, SelfDistillation,
@@ -28,6 +29,10 @@ class DINO(Method):
         super().__init__(config)
         o = self.options
         check_pool(o["pool"])
+        if o["centering"] == "sinkhorn" and config["train"]["batch_size"] < 2:  # the targets came out near uniform
+            raise ConfigError("method.centering=sinkhorn spreads the teacher's targets over the images of the batch, "
+                              f"and train.batch_size={config['train']['batch_size']} gives one: raise train.batch_size "
+                              "to 2 or more, or use centering=center")
         self.distillation = SelfDistillation(o)
         self.student["head"] = self.distillation.build_head(self.student["backbone"].embed_dim)
         self.make_teacher()
