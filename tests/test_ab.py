@@ -503,3 +503,15 @@ def test_every_ab_method_and_ablation_trains_under_two_process_ddp_with_equal_we
             for process in context.processes:
                 process.terminate()
             pytest.fail("DDP workers did not finish within 300 s")
+
+
+def test_an_iou_range_no_pair_can_reach_raises_a_bootstrap_alarm(tmp_path):
+    """ab_iou_range=[1, 1]: every pair was left out, the bootstrap loss was 0 at every step, and the run ended
+    with no alarm, the same run as ab_loss_ratio=0."""
+    from conftest import tiny_ab_overrides
+    from wildssl.train.engine import train
+
+    config = build_config(None, tiny_ab_overrides("simclr", "method.ab_iou_range=[1.0, 1.0]", "train.steps=3",
+                                                  "train.log_every=1", "eval.knn_every=0"))
+    summary = train(config, tmp_path)
+    assert any(alarm.startswith("bootstrap alarm: no pair of crops found a target") for alarm in summary["alarms"])

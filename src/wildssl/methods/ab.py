@@ -21,7 +21,9 @@ Ablations (each one ``method.*`` key, each changing only what it names):
 learned mask token replaces the box tokens), ``ab_photometric`` (a pipeline name: augment the bootstrap
 crops), ``ab_base_loss`` (false: bootstrap loss only), ``ab_iou_range`` (each pair's target is drawn from
 the crops' RandomResizedCrop until its IoU with the source lies in the range; the sources and the
-number of pairs are unchanged, see :func:`~wildssl.data.pairs.sample_targets_in_iou_range`).
+number of pairs drawn are unchanged, and a pair whose draws found no such target is left out of the loss:
+the share that found one is logged as ``iou_range_found``, and a range none can reach raises an alarm; see
+:func:`~wildssl.data.pairs.sample_targets_in_iou_range`).
 """
 
 from __future__ import annotations

@@ -84,8 +84,9 @@ class CollapseMonitor:
     - ``embedding_std``: per-dimension std across the batch of l2-normalized embeddings, times sqrt(D)
       (about 1 for well-spread embeddings, 0 when all embeddings coincide); ``cache_embedding_std`` is
       the same over a method's whole latent cache (AdaSim, once per epoch).
-    - ``grad_norm`` exactly 0: nothing learns (every loss weight 0, a distribution over one class), watched
-      from the first logged step.
+    - ``grad_norm`` exactly 0: nothing learns (every loss weight 0, a distribution over one class); and
+      ``iou_range_found`` exactly 0: AB's IoU ablation found no target, so its loss is off. Both watched from
+      the first logged step.
     An alarm fires only after ``patience`` consecutive logged steps past ``after_step``.
     """
 
@@ -96,7 +97,7 @@ class CollapseMonitor:
         self.rel_tol = rel_tol
         self.entropy_floor = entropy_floor
         self.std_floor = std_floor
-        self.counts = {"uniform": 0, "one_hot": 0, "embedding": 0, "no_gradient": 0}
+        self.counts = {"uniform": 0, "one_hot": 0, "embedding": 0, "no_gradient": 0, "no_pairs": 0}
 
     def check(self, step: int, metrics: dict[str, float]) -> list[str]:
         """Update counters with this step's metrics; return the alarms that fire now."""
@@ -112,9 +113,10 @@ class CollapseMonitor:
         # a gradient of exactly 0 is never a phase of training (every loss weight 0, one class to predict, ...):
         # it is watched from the first logged step
         findings["no_gradient"] = metrics.get("grad_norm") == 0.0
+        findings["no_pairs"] = metrics.get("iou_range_found") == 0.0  # AB's IoU ablation found no target at all
         alarms = []
         for name, found in findings.items():
-            started = step >= self.after_step or name == "no_gradient"
+            started = step >= self.after_step or name in ("no_gradient", "no_pairs")
             self.counts[name] = self.counts[name] + 1 if (found and started) else 0
             if self.counts[name] >= self.patience:
                 alarms.append(self._message(name, metrics))
@@ -129,6 +131,9 @@ class CollapseMonitor:
             return (f"training alarm: the gradient is exactly 0 (loss {metrics.get('loss', math.nan):.4f}), so nothing "
                     "learns (check that some loss weight is above 0 and that the method has more than one class to "
                     "predict)")
+        if name == "no_pairs":
+            return ("bootstrap alarm: no pair of crops found a target in method.ab_iou_range, so the bootstrap loss "
+                    "is 0 and annotation bootstrapping is off (widen the range, or the crops' ab_crop_scale)")
         if name == "one_hot":
             return (f"collapse alarm: teacher entropy {metrics['teacher_entropy']:.4f} nats is near 0 "
                     "(one-hot collapse: check centering)")
