@@ -318,8 +318,8 @@ def _print_figures(probe: str, figures: dict, network: str) -> None:
 def cmd_eval_all(args) -> int:
     from wildssl.eval.report import read_suite, run_suite
 
-    suite = read_suite(args.suite)  # a mistake in the suite file is found before the encoder is loaded
-    suite = read_suite({**suite, **_suite_runtime(args)})  # the options given override the suite's keys
+    # a mistake in the suite file is found before the encoder is loaded; the options given override its keys
+    suite = {**read_suite(args.suite), **_suite_runtime(args)}
     args.seed = suite["seed"]
     encoder, network = _suite_encoder(args)
     suite = _pool_as_the_run(suite, args.checkpoint)

@@ -171,8 +171,8 @@ def metrics_step(line: str) -> float:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """All records of a run's ``metrics.jsonl``, a ``null`` read as NaN. A line that is not a JSON record (the last one of a run killed
-    while writing it) is left out with a warning naming the file and the line, as a resumed run drops it
+    """All records of a run's ``metrics.jsonl``, a ``null`` read as NaN. A line that is not a JSON record (the
+    last one of a run killed while writing it) is left out with a warning naming the file and the line, as a resumed run drops it
     (:func:`metrics_step`)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():

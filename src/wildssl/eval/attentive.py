@@ -95,7 +95,8 @@ def attentive_probe(train: FeatureSet, test: FeatureSet, *, heads: int, lrs=(3e-
     lr = selection.best["lr"]
     model, curve = train_model(train_tokens, train_labels, lr, f"attentive final lr={lr:g}")
     logits = logits_of(model, test_tokens)
-    return {**topk_accuracy(logits, test_labels, learned=train_labels), "lr": lr, "grid": selection.scores, "loss_curve": curve,
+    return {**topk_accuracy(logits, test_labels, learned=train_labels), "lr": lr, "grid": selection.scores,
+            "loss_curve": curve,
             "confusion": confusion_matrix(logits.argmax(1), test_labels, num_classes).tolist(),
             "classes": train.classes, "num_train": len(train), "num_test": len(test)}
 

@@ -8,9 +8,9 @@ sha256 over
   every tensor of its state dict, so a retrained, re-exported or differently initialized encoder never
   reads another's features, whatever the file is called;
 - the data: the spec string, the source's own description and length, the size and modification
-  time of the file or folder the spec names (an edited manifest is a new dataset), every image's label,
-  and the path, size and modification time of every image file or shard (an image moved to another
-  class folder, or replaced, is a new dataset);
+  time of the file or folder the spec names (an edited manifest is a new dataset), and the path, size
+  and modification time of every image file or shard (an image moved to another class folder, or
+  replaced, is a new dataset);
 - the preprocessing: eval resolution, decode size, ImageNet normalization, and which tokens and
   annotations were kept (:data:`FEATURE_FORMAT` bumps when the extraction itself changes).
 
@@ -61,16 +61,15 @@ def encoder_fingerprint(encoder: nn.Module) -> str:
 
 
 def data_fingerprint(spec: str, source) -> str:
-    """What names the data: spec, description, length, the stat of the file or folder named, every image's
-    label, and the path, size and modification time of every file the images are read from."""
+    """What names the data: spec, description, length, the stat of the file or folder named, and the path,
+    size and modification time of every file the images are read from."""
     parts = [spec, source.describe(), str(len(source))]
     path = Path(os.path.expanduser(spec))
     if not spec.startswith("synthetic:") and path.exists():
         stat = path.stat()
         parts.append(f"{stat.st_size}:{stat.st_mtime_ns}")
-    labels = source.class_labels()
-    if labels is not None:  # an image moved from cat/ to dog/ changes no count and no folder's stat
-        parts.append(json.dumps(list(labels)))
+    # An image moved from cat/ to dog/ changes no count and no folder's stat, but its path; a manifest's or a
+    # shard's labels change the file that holds them.
     for file in _image_files(source):
         try:
             stat = os.stat(file)

@@ -99,8 +99,8 @@ def linear_probe(train: FeatureSet, test: FeatureSet, *, pools=("cls", "avg"), l
                                 batch_size=batch_size, weight_decay=weight_decay, seed=seed, progress=progress,
                                 description=f"linear final {pool} lr={lr:g}")
     logits = linear_logits(model, test.pooled(pool))
-    return {**topk_accuracy(logits, test_labels, learned=train_labels), "pool": pool, "lr": lr, "grid": selection.scores,
-            "loss_curve": curve, "confusion": confusion_matrix(logits.argmax(1), test_labels, num_classes).tolist(),
+    return {**topk_accuracy(logits, test_labels, learned=train_labels), "pool": pool, "lr": lr,
+            "grid": selection.scores, "loss_curve": curve, "confusion": confusion_matrix(logits.argmax(1), test_labels, num_classes).tolist(),
             "classes": train.classes, "num_train": len(train), "num_test": len(test)}
 
 

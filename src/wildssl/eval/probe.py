@@ -130,7 +130,7 @@ def _check_range(probe: str, key: str, value: Any) -> None:
     if key not in OPTION_RANGES or not isinstance(value, (int, float)) or isinstance(value, bool):
         return
     low, high, open_low = OPTION_RANGES[key]
-    if not math.isfinite(value) or (value <= low if open_low else value < low) or (high is not None and value > high):
+    if (value <= low if open_low else value < low) or (high is not None and value > high):
         wanted = f"{'>' if open_low else '>='} {low}" + (f" and <= {high}" if high is not None else "")
         raise ConfigError(f"option {key!r} of the {probe} probe must be {wanted}, got {value!r}")
 

@@ -98,7 +98,7 @@ def read_suite(suite: str | Path | dict) -> dict:
         raise ConfigError(f"unknown key {unknown[0]!r} in {where}; valid keys: {', '.join(SUITE_DEFAULTS)}")
     resolved = {**SUITE_DEFAULTS, **tree}
     for key, rule_key in SUITE_KEY_RULES.items():  # `seed: abc`, `batch_size: 0` ended in tracebacks mid-suite
-        if resolved[key] is not None or key in ("batch_size", "num_workers", "seed"):
+        if resolved[key] is not None or SUITE_DEFAULTS[key] is not None:  # null: the encoder's own size
             rule = CORE_RULES[rule_key]
             try:
                 if isinstance(resolved[key], str):  # num_workers: auto is a training setting

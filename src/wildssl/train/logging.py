@@ -3,7 +3,8 @@
 ``metrics.jsonl`` in the run directory gets one JSON object per logged step (``step``, ``time`` and
 every metric), in strict JSON: a NaN or infinite figure (the loss of a skipped step) is written as
 ``null``, which jq, JavaScript and pandas read, where Python's bare ``NaN`` is not JSON
-(:func:`wildssl.io.read_metrics` reads ``null`` back as NaN); TensorBoard event files go to ``<run>/tensorboard`` when the ``tensorboard`` package is
+(:func:`wildssl.io.read_metrics` reads ``null`` back as NaN); TensorBoard event files go to
+``<run>/tensorboard`` when the ``tensorboard`` package is
 installed (optional dependency: ``pip install wildssl[tensorboard]``).
 """
 
@@ -69,6 +70,10 @@ def _finite_or_null(value):
     return value
 
 
+# Findings that are never a phase of training, so watched from the first logged step (not after_step).
+WATCHED_FROM_START = ("no_gradient", "no_pairs")
+
+
 # Metrics that measure the spread of l2-normalized embeddings (x sqrt(D)); near 0 means collapse.
 EMBEDDING_STD_KEYS = ("embedding_std", "cache_embedding_std")
 
@@ -110,13 +115,11 @@ class CollapseMonitor:
         spreads = [metrics[k] for k in EMBEDDING_STD_KEYS if k in metrics]
         if spreads:
             findings["embedding"] = min(spreads) < self.std_floor
-        # a gradient of exactly 0 is never a phase of training (every loss weight 0, one class to predict, ...):
-        # it is watched from the first logged step
         findings["no_gradient"] = metrics.get("grad_norm") == 0.0
         findings["no_pairs"] = metrics.get("iou_range_found") == 0.0  # AB's IoU ablation found no target at all
         alarms = []
         for name, found in findings.items():
-            started = step >= self.after_step or name in ("no_gradient", "no_pairs")
+            started = step >= self.after_step or name in WATCHED_FROM_START
             self.counts[name] = self.counts[name] + 1 if (found and started) else 0
             if self.counts[name] >= self.patience:
                 alarms.append(self._message(name, metrics))

@@ -311,7 +311,8 @@ def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
         model = nn.parallel.DistributedDataParallel(
             method, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=method.may_leave_parameters_unused, **_buffer_sync(method))
-    optimizer = build_optimizer(method.parameter_groups(), config["optim"]["betas"], fused=device.type in FUSED_DEVICES)
+    optimizer = build_optimizer(method.parameter_groups(), config["optim"]["betas"],
+                                fused=device.type in FUSED_DEVICES)
     run = Run(config=config, out_dir=out_dir, device=device, rank=rank, world=world, method=method, model=model,
               optimizer=optimizer, sources=sources, batch_sizes=batch_sizes, total_steps=total_steps,
               steps_per_epoch=steps_per_epoch,
@@ -322,13 +323,11 @@ def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
               stream_positions={name: list(START) for name, source in sources.items() if isinstance(source, ShardStream)},
               decoders=decoders)
 
-    warmup = warmup_steps(config, steps_per_epoch)
+    warmup, peak = warmup_steps(config, steps_per_epoch), peak_lr(config, global_batch)
     if warmup >= total_steps and config["optim"]["lr"] > 0 and rank == 0:
         log.warning("optim.warmup_epochs=%g is %d steps and the run %d: the learning rate never reaches its peak "
                     "(%.3g at most, against %.3g); shorten the warm-up or lengthen the run",
-                    config["optim"]["warmup_epochs"], warmup, total_steps, float(run.schedules["lr"].max()),
-                    peak_lr(config, global_batch))
-    peak = peak_lr(config, global_batch)
+                    config["optim"]["warmup_epochs"], warmup, total_steps, float(run.schedules["lr"].max()), peak)
     if config["optim"]["min_lr"] > peak and rank == 0:  # the "cosine decay" then climbs to min_lr
         log.warning("optim.min_lr=%g is above the peak learning rate %.3g (optim.lr at this batch), so the rate "
                     "rises over the run instead of decaying to it; give a min_lr below the peak",
