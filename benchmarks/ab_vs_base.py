@@ -39,7 +39,7 @@ SMOKE_METHOD = {
     "simclr": ["method.crop_size=32", "method.proj_hidden_dim=32", "method.proj_dim=16"],
     "dino": ["method.global_size=32", "method.local_size=16", "method.n_local=2", "method.out_dim=64",
              "method.hidden_dim=32", "method.bottleneck_dim=16"],
-    "clip": ["method.crop_size=32", "method.embed_dim=32", "method.text_size=tiny", "method.text_depth=1",
+    "clip": ["method.crop_size=32", "method.embed_dim=32", "method.text_size=null", "method.text_depth=1",
              "method.text_width=32", "method.text_heads=2", "method.tokenizer=byte", "method.vocab_size=259",
              "method.context_length=32"],
 }

@@ -42,7 +42,7 @@ MAE = [f"method.crop_size={SIZE}", "method.decoder_dim=128", "method.decoder_dep
        "optim.lr=1.5e-3", "optim.lr_batch_reference=null", "optim.warmup_epochs=2"]
 WSP = [f"method.crop_size={SIZE}", "method.crop_scale=[0.35,1.0]", "optim.lr=1e-3", "optim.lr_batch_reference=null",
        "optim.warmup_epochs=2", "optim.weight_decay=0.1"]
-LIT = [f"method.crop_size={SIZE}", "method.embed_dim=128", "method.text_size=tiny", "method.text_depth=2",
+LIT = [f"method.crop_size={SIZE}", "method.embed_dim=128", "method.text_size=null", "method.text_depth=2",
        "method.text_width=128", "method.text_heads=4", "method.context_length=64", "method.tokenizer=byte",
        "method.vocab_size=259", "method.cache_features=true", "optim.lr=1e-3", "optim.warmup_epochs=2"]
 

@@ -245,3 +245,31 @@ def test_the_caption_stream_must_be_captioned_and_a_partly_captioned_one_is_name
                         "caption they all share (caption them, or leave them out of this stream)"]
     with pytest.raises(DataError, match="method clip learns from captions, but there are no captions in image folder"):
         method.prepare({"train": open_source(str(tmp_path), 16)}, tmp_path / "run_folder")
+
+
+def test_a_text_size_that_the_depth_width_and_heads_override_is_named(caplog):
+    """`--set method.text_size=base` on clip_quick (which sets the text tower's depth, width and heads) built
+    the recipe's 128-wide tower without a word."""
+    import logging
+
+    def text_tower(recipe, *overrides):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="wildssl"), torch.device("meta"):
+            method = build_method(build_config(recipe, ["method.vocab_size=259", "method.tokenizer=byte",
+                                                        *overrides]))
+        warnings = [r.getMessage() for r in caplog.records if "text_size" in r.getMessage()]
+        return method.student["text"], warnings
+
+    tower, warnings = text_tower("clip_quick", "method.text_size=base")
+    assert tower.width == 128 and len(tower.blocks) == 2
+    assert warnings == ["method.text_size=base is not used: method.text_depth, text_width and text_heads set "
+                        "every dimension of the text tower (2 blocks, 128 wide, 4 heads)"]
+    tower, warnings = text_tower("clip_quick")  # the recipe as shipped names no size
+    assert tower.width == 128 and warnings == []
+    tower, warnings = text_tower("clip_quick", "method.text_width=null")  # the size fills what is not set
+    assert tower.width == 384 and len(tower.blocks) == 2 and warnings == []
+    tower, warnings = text_tower("clip_quick", "method.text_size=base", "method.text_width=null")
+    assert tower.width == 512 and warnings == []
+    with pytest.raises(ConfigError, match=r"^method.text_size='huuge' is not one of tiny, small, base, large, huge"):
+        text_tower("clip_quick", "method.text_size=huuge")
+    assert caplog.records == []  # the misspelled size is the one message

@@ -236,6 +236,7 @@ NAME_RULES: tuple[NameRule, ...] = (
     NameRule("ab_n_crops", _NUMBERS, 2, 64, kind="int"),  # ordered pairs of crops need two
     NameRule("ab_iou_range", ("list",), 0.0, 1.0, ordered=True),
     NameRule("ab_photometric", ("null",), kind="str"),
+    NameRule("text_size", ("null",), kind="str"),  # a text tower's named size (models/text.py TEXT_SIZES)
     # a distribution over one prototype, slot class or label is always 1: its loss is 0 and nothing trains
     NameRule("out_dim", _NUMBERS, 2, 2**20, kind="int"),
     NameRule("patch_out_dim", _NUMBERS, 2, 2**20, kind="int"),

@@ -15,8 +15,8 @@ SCENES = "synthetic:scenes?n=16&size=16&colours=2&num_classes=4&split={split}"
 MODEL = ["model.name=tiny", "model.depth=1", "model.embed_dim=32", "model.num_heads=2", "model.patch_size=4",
          "model.img_size=16", "data.load_size=16", "data.num_workers=0", "train.batch_size=8",
          "train.log_every=1", "train.checkpoint_every=0"]
-_TEXT = ["method.embed_dim=16", "method.text_depth=1", "method.text_width=32", "method.text_heads=2",
-         "method.context_length=40", "method.tokenizer=byte", "method.vocab_size=259"]
+_TEXT = ["method.embed_dim=16", "method.text_size=null", "method.text_depth=1", "method.text_width=32",
+         "method.text_heads=2", "method.context_length=40", "method.tokenizer=byte", "method.vocab_size=259"]
 # n_local stays the recipe's: DINO-2 (no local crops) is a setting a suite compares, not a size
 _DISTILLATION = ["method.global_size=16", "method.local_size=8", "method.out_dim=32",
                  "method.hidden_dim=32", "method.bottleneck_dim=16", "method.teacher_temp_warmup_epochs=1"]

@@ -29,7 +29,7 @@ from wildssl.losses.clip_loss import clip_accuracy, clip_loss
 from wildssl.models.logit_scale import LogitScale
 from wildssl.methods.base import (AnnotationInput, AnnotationSpace, Method, StepContext, check_pool,
                                   normalized_embedding_std, pooled)
-from wildssl.models.text import build_text_tower
+from wildssl.models.text import TEXT_SIZES, build_text_tower
 from wildssl.models.tokenizer import (PAD_ID, SPECIAL_TOKENS, TOKENIZER_FILENAME, ByteTokenizer, CaptionTokenizer,
                                       build_tokenizer)
 from wildssl import distributed as dist
@@ -66,12 +66,24 @@ def source_captions(source, max_images: int = MAX_TOKENIZER_IMAGES, num_workers:
         yield from captions
 
 
+def _text_size(options: dict) -> str:
+    """The text tower's named size; a warning when ``text_depth``, ``text_width`` and ``text_heads`` leave it unused."""
+    size = options["text_size"]
+    if size is not None and size not in TEXT_SIZES:
+        raise ConfigError(f"method.text_size={size!r} is not one of {', '.join(TEXT_SIZES)} (or null)")
+    if size is not None and all(options[f"text_{key}"] is not None for key in ("depth", "width", "heads")):
+        log.warning("method.text_size=%s is not used: method.text_depth, text_width and text_heads set every "
+                    "dimension of the text tower (%s blocks, %s wide, %s heads)", size,
+                    options["text_depth"], options["text_width"], options["text_heads"])
+    return size or "small"
+
+
 class CLIP(Method):
     name = "clip"
     min_batch = (2, False, "contrasts each image with the captions of the other images of the batch")
     defaults = {
         "embed_dim": 512,
-        "text_size": "small",
+        "text_size": None,  # a TEXT_SIZES name; null: "small", or whatever text_depth/width/heads set
         "text_depth": None,
         "text_width": None,
         "text_heads": None,
@@ -95,7 +107,7 @@ class CLIP(Method):
         width = self.student["backbone"].embed_dim
         self.student["image_proj"] = nn.Linear(width, o["embed_dim"], bias=False)
         nn.init.normal_(self.student["image_proj"].weight, std=width**-0.5)  # open_clip's visual proj init
-        self.student["text"] = build_text_tower(o["text_size"], o["vocab_size"], o["embed_dim"],
+        self.student["text"] = build_text_tower(_text_size(o), o["vocab_size"], o["embed_dim"],
                                                 o["context_length"], depth=o["text_depth"],
                                                 width=o["text_width"], heads=o["text_heads"])
         self.student["logit_scale"] = LogitScale()
