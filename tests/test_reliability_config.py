@@ -317,10 +317,13 @@ def test_a_box_decoder_width_its_heads_do_not_divide_is_a_config_error():
 def test_sinkhorn_centering_over_a_batch_of_one_is_refused():
     """DINOv2's Sinkhorn-Knopp spreads the targets over the batch: with one image they came out near uniform
     (teacher entropy 5.23 against ln K = 5.55) and the run trained on, as SimCLR, SimSiam and KoLeo do not."""
-    from conftest import tiny_overrides
+    from conftest import TINY_DISTILLATION, TINY_MODEL
     from wildssl.methods import build_method
 
-    overrides = tiny_overrides("dino", "method.centering=sinkhorn", "method.koleo_weight=0")
-    with pytest.raises(ConfigError, match="method.centering=sinkhorn .* train.batch_size=1 gives one"):
-        build_method(build_config("dino_quick", overrides + ["train.batch_size=1"]))
-    build_method(build_config("dino_quick", overrides + ["train.batch_size=2"]))
+    for method in ("dino", "ibot"):  # iBOT's class-token distillation trained on at a batch of one
+        overrides = TINY_MODEL + TINY_DISTILLATION + ["method.patch_out_dim=64"] * (method == "ibot") + [
+            "method.centering=sinkhorn", "method.koleo_weight=0"]
+        with pytest.raises(ConfigError, match=f"^method {method} with method.centering=sinkhorn spreads the teacher's "
+                                              "targets .* train.batch_size=1 .* raise train.batch_size to 2 or more"):
+            build_method(build_config(f"{method}_quick", overrides + ["train.batch_size=1"]))
+        build_method(build_config(f"{method}_quick", overrides + ["train.batch_size=2"]))

@@ -151,12 +151,15 @@ class Method(nn.Module):
         self.student["backbone"].mask_token.requires_grad_(self.uses_mask_token)
         self.teacher: nn.ModuleDict | None = None
 
-    def _check_min_batch(self, batch_size: int) -> None:
-        if self.min_batch is None:
+    def _check_min_batch(self, batch_size: int, rule: tuple[int, bool, str] | None = None) -> None:
+        """Refuse a ``train.batch_size`` under ``rule`` (:attr:`min_batch`'s form; by default the class's
+        own), for a rule that depends on an option (Sinkhorn-Knopp centering)."""
+        rule = self.min_batch if rule is None else rule
+        if rule is None:
             return
         from wildssl.distributed import get_world_size
 
-        fewest, per_rank, why = self.min_batch
+        fewest, per_rank, why = rule
         world = get_world_size()
         images = batch_size // world if per_rank else batch_size
         if images < fewest:

@@ -29,11 +29,8 @@ class DINO(Method):
         super().__init__(config)
         o = self.options
         check_pool(o["pool"])
-        if o["centering"] == "sinkhorn" and config["train"]["batch_size"] < 2:  # the targets came out near uniform
-            raise ConfigError("method.centering=sinkhorn spreads the teacher's targets over the images of the batch, "
-                              f"and train.batch_size={config['train']['batch_size']} gives one: raise train.batch_size "
-                              "to 2 or more, or use centering=center")
         self.distillation = SelfDistillation(o)
+        self._check_min_batch(config["train"]["batch_size"], self.distillation.min_batch())
         self.student["head"] = self.distillation.build_head(self.student["backbone"].embed_dim)
         self.make_teacher()
         self.specs = multi_crop_specs(o)

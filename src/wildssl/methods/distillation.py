@@ -111,6 +111,15 @@ class SelfDistillation(nn.Module):
     def option(self, key: str):
         return self.options[self.prefix + key]
 
+    def min_batch(self) -> tuple[int, bool, str] | None:
+        """The fewest images a step needs, in :attr:`Method.min_batch`'s form: Sinkhorn-Knopp centering spreads
+        the teacher's targets over the images of the batch (all ranks together); with one image they come out
+        near uniform (teacher entropy 5.23 against ln K = 5.55) and the run trains on them."""
+        if self.option("centering") != "sinkhorn":
+            return None
+        return (2, False, f"with method.{self.prefix}centering=sinkhorn spreads the teacher's targets over the "
+                          "images of the batch")
+
     def build_head(self, in_dim: int) -> DINOHead:
         return DINOHead(in_dim, self.out_dim, self.option("hidden_dim"), self.option("bottleneck_dim"),
                         self.option("head_layers"), self.option("norm_last_layer"))

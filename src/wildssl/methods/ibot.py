@@ -98,6 +98,7 @@ class IBOT(Method):
         if not 0.0 <= o["mask_probability"] <= 1.0:
             raise ConfigError(f"method.mask_probability={o['mask_probability']} must be in [0, 1] (iBOT: 0.5)")
         self.distillation = SelfDistillation(o)
+        self._check_min_batch(config["train"]["batch_size"], self.distillation.min_batch())
         self.patch_distillation = SelfDistillation(patch_options(o), prefix=PATCH)
         self.student["head"] = IBOTHead(self.student["backbone"].embed_dim, o["out_dim"], o["patch_out_dim"],
                                         o["hidden_dim"], o["bottleneck_dim"], o["head_layers"], o["norm_last_layer"],
