@@ -290,6 +290,15 @@ def test_an_eval_image_size_the_patches_do_not_tile_is_refused_with_the_config()
     assert build_config("simclr_quick", ["eval.image_size=24"])["eval"]["image_size"] == 24
 
 
+@pytest.mark.parametrize("recipe, key", [("simclr_quick", "crop_size"), ("dino_quick", "global_size"),
+                                         ("dino_quick", "local_size"), ("ab_dino_quick", "ab_crop_size")])
+def test_a_view_size_the_patches_do_not_tile_is_refused_with_the_config(recipe, key):
+    """method.crop_size=33 with 8-px patches passed `wildssl config` and `train` failed after its random-init k-NN."""
+    with pytest.raises(ConfigError, match=rf"^method.{key}=33 is not a multiple of model.patch_size=8: .* give 32 or 40"):
+        build_config(recipe, [f"method.{key}=33"])
+    assert build_config(recipe, [f"method.{key}=40"])["method"][key] == 40
+
+
 @pytest.mark.parametrize("recipe, item, fragment", [
     # a distribution over one prototype, slot class or label is 1: the loss was exactly 0 and nothing trained
     ("dino_quick", "method.out_dim=1", "method.out_dim must be an integer in [2, "),

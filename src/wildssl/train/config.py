@@ -333,11 +333,19 @@ def validate(config: dict[str, Any]) -> None:
     checked = check_tree(flatten(config), flatten(default_config(config["method"]["name"])))
     for key, value in checked.items():
         set_key(config, key, value, "config")
-    patch, size = config["model"]["patch_size"], config["eval"]["image_size"]
-    if size is not None and size % patch:  # else the first online k-NN, after the run has started, says it
-        raise ConfigError(f"eval.image_size={size} is not a multiple of model.patch_size={patch}: the encoder cuts "
-                          f"images into {patch}-px patches; give {size // patch * patch or patch} or "
-                          f"{(size // patch + 1) * patch}")
+    patch = config["model"]["patch_size"]
+    sides = {"eval.image_size": config["eval"]["image_size"]}
+    sides.update({f"method.{key}": value for key, value in config["method"].items() if _is_view_side(key)})
+    for key, size in sides.items():  # else the first step or online k-NN, after the run has started, says it
+        if isinstance(size, int) and size % patch:
+            raise ConfigError(f"{key}={size} is not a multiple of model.patch_size={patch}: the encoder cuts images "
+                              f"into {patch}-px patches; give {size // patch * patch or patch} or "
+                              f"{(size // patch + 1) * patch}")
+
+
+def _is_view_side(key: str) -> bool:
+    """A method key that sets the side in pixels of views the encoder reads (crops, DINO's global and local crops)."""
+    return key in ("crop_size", "global_size", "local_size") or key.endswith("_crop_size")
 
 
 def dump_config(config: dict[str, Any]) -> str:
