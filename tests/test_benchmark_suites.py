@@ -519,9 +519,9 @@ def test_the_teacher_check_builds_the_methods_without_weights(tmp_path, monkeypa
     devices = []
     build = wildssl.methods.build_method
 
-    def recording(config):
+    def recording(config, **kwargs):
         devices.append(torch.empty(1).device.type)
-        return build(config)
+        return build(config, **kwargs)
 
     monkeypatch.setattr(wildssl.methods, "build_method", recording)
     suite = tmp_path / "teacher.yaml"
@@ -529,3 +529,142 @@ def test_the_teacher_check_builds_the_methods_without_weights(tmp_path, monkeypa
     with pytest.raises(ConfigError, match=r"entry simclr: .*teacher"):
         runner.run_benchmark(suite, "tiny", seeds=1, out=tmp_path / "out")
     assert devices and set(devices) == {"meta"}
+
+
+def test_bad_knn_curve_points_are_one_line_errors(tmp_path):
+    """`points: 0` was a ZeroDivisionError, `points: "two"` a TypeError, and -1 or 1.5 were taken."""
+    for points in ("0", "two", "-1", "1.5", "true"):
+        bad = tmp_path / "points.yaml"
+        bad.write_text(SMALL.replace("points: 2", f"points: {points}"))
+        with pytest.raises(ConfigError, match=r"knn_curve: points must be an integer >= 1") as error:
+            read_suite(bad)
+        assert "\n" not in str(error.value)
+
+
+def test_a_data_name_that_points_at_other_data_on_resume_is_refused(tmp_path):
+    """A resumed suite whose data name now pointed at other images trained the new seeds on them and tabled them
+    with the recorded ones; suite.json was overwritten with the new data."""
+    out = tmp_path / "out"
+    suite = _small_suite(tmp_path)
+    runner.run_benchmark(suite, "tiny", seeds=1, out=out)
+    recorded = (out / "suite.json").read_text()
+    suite.write_text(SMALL.replace("n=16&size=16&colours=2&num_classes=4&split=train",
+                                   "n=24&size=16&colours=3&num_classes=4&split=train"))
+    with pytest.raises(ConfigError, match=r"holds runs recorded with data train = 'synthetic:scenes\?n=16.*now "
+                                          r"gives 'synthetic:scenes\?n=24") as error:
+        runner.run_benchmark(suite, "tiny", seeds=2, out=out)
+    assert "\n" not in str(error.value)
+    assert not (out / "runs" / "simclr-s1").exists() and (out / "suite.json").read_text() == recorded
+    runner.run_benchmark(suite, "tiny", seeds=1, out=tmp_path / "other")  # a new --out takes the new data
+
+
+def test_the_floor_recorded_for_another_first_entry_is_refused(tmp_path):
+    """The floor is the first entry's network at its initial weights; with the entries reordered, the recorded
+    floor of the former first entry stayed in the table."""
+    out = tmp_path / "out"
+    suite = _small_suite(tmp_path)
+    runner.run_benchmark(suite, "tiny", seeds=1, out=out)
+    lines = SMALL.splitlines(keepends=True)
+    simclr, dino = (lines.index(line) for line in lines if line.startswith("  - {label:"))
+    lines[simclr], lines[dino] = lines[dino], lines[simclr]
+    suite.write_text("".join(lines))
+    with pytest.raises(ConfigError, match=r"random_init-s0 was recorded with other settings .*method.name: simclr "
+                                          r"then, dino now"):
+        runner.run_benchmark(suite, "tiny", seeds=1, out=out)
+
+
+SEEN = """
+name: seen
+seeds: 1
+data:
+  train: synthetic:scenes?n=32&size=16&colours=2&num_classes=4&split=train
+  test: synthetic:scenes?n=16&size=16&colours=2&num_classes=4&split=test
+scales:
+  cpu:
+    images: 20
+    set: [model.name=tiny, model.depth=1, model.embed_dim=32, model.num_heads=2, model.patch_size=4,
+          model.img_size=16, data.load_size=16, data.num_workers=0, train.batch_size=8, train.checkpoint_every=0,
+          method.crop_size=16, method.proj_hidden_dim=32, method.proj_dim=16]
+entries:
+  - {label: eight, recipe: simclr_quick, streams: {train: train}}
+  - {label: sixteen, recipe: simclr_quick, streams: {train: train}, set: [train.batch_size=16]}
+probes:
+  knn: {train: train, test: test}
+"""
+
+
+def test_entries_that_see_different_numbers_of_images_are_named_and_each_records_what_it_saw(tmp_path, caplog):
+    """A budget of 20 images is 3 steps of 8 (24 images) and 2 of 16 (32): both result.json said "images": 20."""
+    import logging
+
+    suite = tmp_path / "seen.yaml"
+    suite.write_text(SEEN)
+    with caplog.at_level(logging.WARNING, logger="wildssl"):
+        runner.run_benchmark(suite, "cpu", out=tmp_path / "out")
+    assert ("suite seen: its entries see different numbers of images, scales.cpu.images=20 rounded up to whole "
+            "steps: eight 24 (3 steps of 8), sixteen 32 (2 steps of 16)") in caplog.text
+    seen = {label: json.loads((tmp_path / "out" / "runs" / f"{label}-s0" / "result.json").read_text())
+            for label in ("eight", "sixteen")}
+    assert [(r["images"], r["steps"], r["images_seen"]) for r in seen.values()] == [(20, 3, 24), (20, 2, 32)]
+    caplog.clear()
+    suite.write_text(SEEN.replace("images: 20", "images: 32"))  # a multiple of both: no warning
+    with caplog.at_level(logging.WARNING, logger="wildssl"):
+        runner.run_benchmark(suite, "cpu", out=tmp_path / "equal")
+    assert "different numbers of images" not in caplog.text
+
+
+def test_a_caption_entry_on_images_without_captions_fails_before_the_first_run(tmp_path):
+    """The floor and the SimCLR entry trained, then the CLIP entry's turn came and failed on its data."""
+    from PIL import Image
+
+    images = tmp_path / "images" / "cat"
+    images.mkdir(parents=True)
+    for k in range(8):
+        Image.new("RGB", (16, 16), (30 * k, 10, 90)).save(images / f"{k}.png")
+    suite = tmp_path / "captions.yaml"
+    suite.write_text(SMALL.replace("  - {label: dino, recipe: dino_quick, streams: {train: train}}",
+                                   "  - {label: clip, recipe: clip_quick, streams: {train: folder}}")
+                     .replace("data:\n", f"data:\n  folder: {tmp_path / 'images'}\n"))
+    with pytest.raises(DataError, match=r"^suite small entry clip: method clip learns from captions, but there are "
+                                        r"no captions in image folder") as error:
+        runner.run_benchmark(suite, "tiny", seeds=1, out=tmp_path / "out")
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_a_misspelt_stream_and_a_hand_edited_record_are_one_line_errors_naming_them(tmp_path):
+    """A typo'd stream was reported as "unknown config key 'data.trian' in --set"; a suite.json or result.json
+    missing a key gave a KeyError traceback in `benchmark report`."""
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(SMALL.replace("dino_quick, streams: {train: train}", "dino_quick, streams: {trian: train}"))
+    with pytest.raises(ConfigError, match=r"^suite small entry dino: streams: 'trian' is not a stream of method dino; "
+                                          r"its streams: train$"):
+        runner.run_benchmark(typo, "tiny", seeds=1, out=tmp_path / "typo_out")
+    out = tmp_path / "out"
+    runner.run_benchmark(_small_suite(tmp_path), "tiny", seeds=1, out=out)
+    result = out / "runs" / "simclr-s0" / "result.json"
+    record = json.loads(result.read_text())
+    result.write_text(json.dumps({k: v for k, v in record.items() if k != "seed"}))
+    with pytest.raises(DataError, match=rf"^{re.escape(str(result))} has no 'seed' \(not written by wildssl "
+                                        r"benchmark run, or edited\); delete it"):
+        table.write_outputs(out)
+    (out / "suite.json").write_text("{}")
+    with pytest.raises(DataError, match=r"suite.json has no 'suite' "):
+        table.write_outputs(out)
+
+
+def test_damaged_shared_data_is_a_one_line_error_naming_the_file(tmp_path):
+    """A junk cifar10_carry.npz gave numpy's ValueError traceback about pickled data; a broken annotations line
+    a JSONDecodeError."""
+    shared = tmp_path / "shared"
+    (shared / "camvid_scenes").mkdir(parents=True)
+    (shared / "cifar10_carry.npz").write_text("junk")
+    (shared / "camvid_scenes" / "annotations.jsonl").write_text('{"file": "a.jpg"}\n{bad\n')
+    with pytest.raises(DataError, match=r"cifar10_carry.npz is not an .npz archive \(damaged or another file\); "
+                                        r".*sha256"):
+        prepare("cifar10:train", shared, tmp_path / "out")
+    np.savez(shared / "cifar10_carry.npz", classes=np.array(["cat"]))
+    with pytest.raises(DataError, match=r"cifar10_carry.npz has no array 'x_train'"):
+        prepare("cifar10:train", shared, tmp_path / "out")
+    with pytest.raises(DataError, match=r"annotations.jsonl line 2 is not JSON"):
+        prepare("camvid:train", shared, tmp_path / "out")

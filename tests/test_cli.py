@@ -414,3 +414,19 @@ def test_num_heads_on_a_wildssl_file_and_neighbours_beside_reconstructions_are_o
     code, out, err = _run(capsys, "plot", run, "--reconstructions", data, "--neighbours", "3",
                           "--out", str(tmp_path / "r.png"))
     assert code == 2 and "give one of them" in err and not (tmp_path / "r.png").exists(), err
+
+
+def test_train_and_demo_refuse_an_out_folder_of_other_files(tmp_path, capsys):
+    """`wildssl train ... --out PHOTOS` (or `demo --out` onto a benchmark folder) wrote checkpoint, config.yaml,
+    metrics.jsonl and tensorboard/ among the user's files: tensorboard/ then read as a class of the image folder."""
+    photos = tmp_path / "photos"
+    (photos / "cat").mkdir(parents=True)
+    (photos / "cat" / "1.png").write_bytes(b"")
+    for argv in (["train", "simclr_quick", "--set", "train.steps=1", "--out", str(photos)],
+                 ["demo", "--out", str(photos)]):
+        assert main(argv) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1] == (f"wildssl: error: --out {photos} is a folder of other files ('cat') that holds no run; "
+                           "a run writes its checkpoint, config.yaml, metrics.jsonl and tensorboard/ there: give a "
+                           "new or empty folder")
+        assert sorted(p.name for p in photos.iterdir()) == ["cat"]

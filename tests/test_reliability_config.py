@@ -336,3 +336,17 @@ def test_sinkhorn_centering_over_a_batch_of_one_is_refused():
                                               "targets .* train.batch_size=1 .* raise train.batch_size to 2 or more"):
             build_method(build_config(f"{method}_quick", overrides + ["train.batch_size=1"]))
         build_method(build_config(f"{method}_quick", overrides + ["train.batch_size=2"]))
+
+
+def test_a_recipe_file_that_names_no_method_is_refused(tmp_path):
+    """An empty YAML file, or one of train keys only, silently ran SimCLR at ViT-S/224 (the defaults)."""
+    import re
+
+    for text in ("", "train:\n  steps: 3\n"):
+        recipe = tmp_path / "mine.yaml"
+        recipe.write_text(text)
+        with pytest.raises(ConfigError, match=rf"^{re.escape(str(recipe))} names no method: give it method: "):
+            build_config(str(recipe))
+        assert build_config(str(recipe), ["method.name=dino"])["method"]["name"] == "dino"
+    (tmp_path / "child.yaml").write_text("inherit: simclr_quick\ntrain:\n  steps: 3\n")
+    assert build_config(str(tmp_path / "child.yaml"))["method"]["name"] == "simclr"

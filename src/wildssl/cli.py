@@ -77,13 +77,14 @@ def cmd_train(args) -> int:
     from wildssl import distributed as dist
     from wildssl.eval.evaluate import make_online_knn
     from wildssl.train.engine import train
-    from wildssl.train.run import check_out_dir
+    from wildssl.train.run import check_out_dir, check_out_is_new_or_a_run
 
     if args.resume and not args.out:
         raise WildsslError("--resume needs --out RUN: the run directory to continue")
     config = _config_from_args(args)
     out = Path(args.out or Path("runs") / f"{config['method']['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
     check_out_dir(config, out, args.resume)  # before the online k-NN opens its data
+    check_out_is_new_or_a_run(config, out)
     dist.setup_distributed()
     main_process = dist.is_main_process()  # asked before the group is gone: afterwards every rank is "rank 0"
     try:
@@ -607,13 +608,14 @@ def cmd_demo(args) -> int:
     from wildssl.eval.evaluate import make_online_knn
     from wildssl.train.config import build_config
     from wildssl.train.engine import train
-    from wildssl.train.run import run_checkpoint_path
+    from wildssl.train.run import check_out_is_new_or_a_run, run_checkpoint_path
 
     start = time.perf_counter()
     config = build_config(DEMO_RECIPE, list(args.set or []))
     out = Path(args.out or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
     if run_checkpoint_path(config, out).is_file():  # the demo starts afresh: it has no --resume
         raise WildsslError(f"{out} already holds a run; give the demo another --out (or none: runs/demo-<time>)")
+    check_out_is_new_or_a_run(config, out)
     ecfg = config["eval"]
     if not (ecfg["knn_every"] and ecfg["knn_train"] and ecfg["knn_test"]):
         raise ConfigError("the demo compares k-NN before and after training: eval.knn_every, eval.knn_train and "

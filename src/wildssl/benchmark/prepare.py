@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -69,11 +70,33 @@ def _need(path: Path) -> Path:
     return path
 
 
+_DAMAGED = "the shared data's README gives each file's sha256 to check it against (sha256sum -c SHA256SUMS)"
+
+
+def _cifar10_arrays(path: Path, split: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(class names, images, labels) of ``split`` in ``cifar10_carry.npz``; a DataError naming a damaged file."""
+    if not zipfile.is_zipfile(_need(path)):
+        raise DataError(f"{path} is not an .npz archive (damaged or another file); {_DAMAGED}")
+    try:
+        with np.load(path) as data:
+            missing = [key for key in ("classes", f"x_{split}", f"y_{split}") if key not in data.files]
+            if missing:
+                raise DataError(f"{path} has no array {missing[0]!r}; {_DAMAGED}")
+            return [str(c) for c in data["classes"]], data[f"x_{split}"], data[f"y_{split}"]
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        raise DataError(f"{path} cannot be read ({type(error).__name__}); {_DAMAGED}") from None
+
+
 def _records(shared: Path, name: str) -> list[dict]:
     """The annotation records of ``shared/name`` with absolute ``file`` (and ``mask``) paths."""
     folder = shared / name
-    lines = _need(folder / "annotations.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines if line.strip()]
+    path = _need(folder / "annotations.jsonl")
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        try:
+            records.append(json.loads(line)) if line.strip() else None
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path} line {number} is not JSON ({error.msg}); {_DAMAGED}") from None
     for r in records:
         r["file"] = str((folder / r["file"]).resolve())
         if r.get("mask"):
@@ -98,9 +121,8 @@ def flickr_label(captions: list[str]) -> str | None:
 
 def _cifar10(split: str, count: int | None = None) -> Callable[[Path, Path], str]:
     def convert(shared: Path, out: Path) -> str:
-        data = np.load(_need(shared / "cifar10_carry.npz"))
-        classes = [str(c) for c in data["classes"]]
-        images, labels = data[f"x_{split}"][:count], data[f"y_{split}"][:count]
+        classes, images, labels = _cifar10_arrays(shared / "cifar10_carry.npz", split)
+        images, labels = images[:count], labels[:count]
         for index, (image, label) in enumerate(zip(images, labels)):
             path = out / classes[int(label)] / f"{index:05d}.png"
             if not path.exists():

@@ -18,7 +18,7 @@ is only evaluated again; any other resumes from its training checkpoint (``train
 starts over. A recorded run whose resolved config differs from the suite's now (another budget, override or
 edited recipe) is an error naming the run and the changed keys: resuming never mixes two settings in one table.
 So is a recorded run evaluated with other probes, network or metrics (deleting its ``result.json`` evaluates it
-again, training kept). A run's ``train_seconds`` is the sum over the sessions that trained it. A non-empty ``--out``
+again, training kept), a data name that now points at other data, and a floor recorded for another first entry. A run's ``train_seconds`` is the sum over the sessions that trained it. A non-empty ``--out``
 without ``suite.json`` is refused: the runner writes only into its own folders.
 """
 
@@ -65,7 +65,7 @@ def device_name() -> str:
 def resolve_data(suite: dict, scale: str, shared: str | Path | None, data_dir: Path) -> dict[str, str]:
     """``{data name: SPEC}`` of the suite at ``scale``: prepared sets converted from the shared data (tiny:
     synthetic stand-ins), SPECs as given; ``scales.<scale>.data`` replaces names for that scale."""
-    values = {**suite["data"], **suite["scales"][scale]["data"]}
+    values = suite_data(suite, scale)
     specs = {}
     for name, value in values.items():
         if scale == "tiny":
@@ -112,13 +112,17 @@ def entry_config(suite: dict, entry: dict, scale: str, seed: int, specs: dict[st
     if images is None:
         raise ConfigError(f"{where}: the suite gives no scales.{scale}.images (images seen per entry at this scale)")
     overrides = suite["scales"][scale]["set"] + entry["set"]
-    overrides += [f"data.{stream}={specs[name]}" for stream, name in entry["streams"].items()]
-    if entry["init_from"]:
-        overrides.append(f"model.init_from={run_dir(out, entry['init_from'], seed) / 'train'}")
     try:
         method = build_config(entry["recipe"], overrides)["method"]["name"]
     except ConfigError as error:
         raise ConfigError(f"{where}: {error}") from None
+    unknown = [stream for stream in entry["streams"] if stream not in get_method_class(method).streams]
+    if unknown:  # else "unknown config key data.<stream> in --set", which the suite file does not say
+        raise ConfigError(f"{where}: streams: {unknown[0]!r} is not a stream of method {method}; its streams: "
+                          f"{', '.join(get_method_class(method).streams)}")
+    overrides += [f"data.{stream}={specs[name]}" for stream, name in entry["streams"].items()]
+    if entry["init_from"]:
+        overrides.append(f"model.init_from={run_dir(out, entry['init_from'], seed) / 'train'}")
     if scale == "tiny":
         overrides += tiny.MODEL + tiny.method_overrides(method)
     overrides += RUN_OVERRIDES + [f"train.images={images}", f"train.seed={seed}", f"eval.encoder={suite['network']}"]
@@ -280,9 +284,15 @@ def comparable_settings(overrides: list[str], specs: dict[str, str]) -> list[str
     return settings
 
 
-def comparable_config(config: dict, specs: dict[str, str]) -> list[str]:
-    """The resolved training config as sorted ``key.path=value`` lines, data SPECs as the suite's names and without
-    ``model.init_from``: what must match on resume (it also catches an edited recipe file)."""
+# What the floor's network at its initial weights depends on: the architecture, the method (its heads and
+# teacher), the seed. Not the budget, the optimizer or the data: changing those leaves the floor as it was.
+FLOOR_KEYS = ("model.", "method.", "train.seed=")
+
+
+def comparable_config(config: dict, specs: dict[str, str], keys: tuple[str, ...] = ("",)) -> list[str]:
+    """The resolved training config as sorted ``key.path=value`` lines (those starting with one of ``keys``), data
+    SPECs as the suite's names and without ``model.init_from``: what must match on resume (it also catches an edited
+    recipe file)."""
     names = _spec_names(specs)
 
     def lines(value, prefix: str):
@@ -293,7 +303,7 @@ def comparable_config(config: dict, specs: dict[str, str]) -> list[str]:
             shown = names.get(value, value) if isinstance(value, str) else json.dumps(value)
             yield f"{prefix[:-1]}={shown}"
 
-    return sorted(lines(config, ""))
+    return sorted(line for line in lines(config, "") if line.startswith(keys))
 
 
 def recorded_settings(folder: Path, recorded_specs: dict[str, str]) -> tuple[str, list[str]] | None:
@@ -316,6 +326,7 @@ def describe_change(before: list[str], now: list[str], most: int = 4) -> str:
 
     then, later = as_dict(before), as_dict(now)
     keys = [k for k in dict.fromkeys([*then, *later]) if then.get(k) != later.get(k)]
+    keys.sort(key=lambda k: k != "method.name")  # another method: its other keys differ too, and say less
     parts = [f"{k}: {then.get(k, '(unset)')} then, {later.get(k, '(unset)')} now" for k in keys[:most]]
     if len(keys) > most:
         parts.append(f"and {len(keys) - most} more")
@@ -330,12 +341,33 @@ def check_recorded_settings(out: Path, configs: dict, specs: dict[str, str], rec
         if recorded is None:
             continue
         kind, before = recorded
-        now = comparable_config(config, specs) if kind == "config" else comparable_settings(overrides, specs)
+        keys = FLOOR_KEYS if label == FLOOR else ("",)
+        now = comparable_config(config, specs, keys) if kind == "config" else comparable_settings(overrides, specs)
         if before == now:
             continue
         change = describe_change(before, now)
         raise ConfigError(f"{folder} was recorded with other settings than the suite gives now ({change}); "
                           f"delete that run folder to run it again, or give another --out")
+
+
+def suite_data(suite: dict, scale: str) -> dict[str, str]:
+    """``{data name: value}`` as the suite gives it at ``scale`` (a prepared set's name or a SPEC, before it is
+    resolved to a path that depends on the output folder)."""
+    return {**suite["data"], **suite["scales"][scale]["data"]}
+
+
+def check_recorded_data(out: Path, suite: dict, scale: str, previous: dict) -> None:
+    """ConfigError when a data name of the suite now points at other data than when the runs in ``out`` were
+    recorded: the runs compare configs by data name, so the new runs would be tabled with the old ones."""
+    if not previous or not any(path.is_dir() for path in (out / "runs").glob("*")):
+        return
+    then, now = suite_data(previous["suite"], scale), suite_data(suite, scale)
+    changed = [name for name in now if name in then and then[name] != now[name]]
+    if changed:
+        name = changed[0]
+        raise ConfigError(f"{out} holds runs recorded with data {name} = {then[name]!r}, and the suite now gives "
+                          f"{now[name]!r}; their figures would be tabled together: give another --out, or delete "
+                          f"{out / 'runs'} to run the suite again on the new data")
 
 
 def evaluation_settings(suite: dict, scale: str) -> list[str]:
@@ -370,22 +402,69 @@ def check_recorded_evaluation(out: Path, jobs: list[tuple[str, int]], suite: dic
                               f"the recorded runs again (their training is kept), or give another --out")
 
 
-def check_networks(suite: dict, configs: dict) -> None:
-    """ConfigError naming the first entry whose method has no teacher when the suite evaluates ``network:
-    teacher`` (each entry's method is built once on the meta device, without weights, before any training)."""
+def entry_methods(configs: dict) -> dict[str, tuple[dict, object]]:
+    """``{label: (config, method)}``: each entry's method built once on the meta device (shapes only: no weights,
+    ``model.init_from`` not read, since an entry's run may start from one not trained yet), from its first seed's
+    config, for the checks made before any training."""
     from wildssl.methods import build_method
 
+    methods = {}
+    for (label, _), (config, _) in configs.items():
+        if label not in methods:
+            with torch.device("meta"):  # I-JEPA's ViT-B took 16 s to build with its weights, 0.05 s here
+                methods[label] = (config, build_method(config, load_init_from=False))
+    return methods
+
+
+def check_networks(suite: dict, methods: dict) -> None:
+    """ConfigError naming the first entry whose method has no teacher when the suite evaluates ``network:
+    teacher``."""
     if suite["network"] != "teacher":
         return
-    for label in dict.fromkeys(label for label, _ in configs):
-        config = next(c for (name, _), (c, _) in configs.items() if name == label)
-        config = {**config, "model": {**config["model"], "init_from": None}}
-        with torch.device("meta"):  # shapes only: I-JEPA's ViT-B took 16 s to build with its weights, 0.05 s here
-            method = build_method(config)
+    for label, (config, method) in methods.items():
         if method.teacher is None:
             raise ConfigError(f"suite {suite['name']} entry {label}: method {config['method']['name']} has no "
                               f"teacher encoder, but the suite evaluates network: teacher; give network: auto "
                               f"(each method's own network) or student, or leave the entry out")
+
+
+def check_entry_data(suite: dict, methods: dict) -> None:
+    """Each entry's :meth:`Method.check_data` on its streams (a CLIP entry on images without captions), so that
+    the suite fails before its first run, not when that entry's turn comes; the error names the entry."""
+    from wildssl.data import open_source
+    from wildssl.errors import DataError
+    from wildssl.methods.base import Method
+
+    for label, (config, method) in methods.items():
+        if type(method).check_data is Method.check_data:
+            continue
+        sources = {name: open_source(config["data"][name], load_size=config["data"]["load_size"], stream=True)
+                   for name in type(method).streams}
+        try:
+            method.check_data(sources)
+        except DataError as error:
+            raise DataError(f"suite {suite['name']} entry {label}: {error}") from None
+
+
+def images_seen(config: dict, method) -> tuple[int, int]:
+    """(steps, images a step, all streams) of a run whose length is ``train.images``: the budget is rounded up to
+    whole steps, so entries with other batches see other numbers of images."""
+    from wildssl.train.run import stream_batch_sizes, total_steps_of
+
+    per_step = sum(stream_batch_sizes(config, method).values())
+    return total_steps_of(config, 0, per_step), per_step
+
+
+def check_images_seen(suite: dict, scale: str, methods: dict) -> None:
+    """A warning when the entries do not see the same number of images (the budget rounded up to whole steps of
+    different sizes): the comparison is then at unequal budgets, by less than one step each."""
+    seen = {label: images_seen(config, method) for label, (config, method) in methods.items()}
+    if len({steps * per_step for steps, per_step in seen.values()}) > 1:
+        budget = next(iter(methods.values()))[0]["train"]["images"]
+        log.warning("suite %s: its entries see different numbers of images, scales.%s.images=%d rounded up to whole "
+                    "steps: %s; a multiple of every entry's images a step makes them equal", suite["name"], scale,
+                    budget, ", ".join(f"{label} {steps * per_step} ({steps} steps of {per_step})"
+                                      for label, (steps, per_step) in seen.items()))
 
 
 def run_entry(suite: dict, entry: dict, config: dict, overrides: list[str], seed: int, scale: str, specs: dict,
@@ -412,6 +491,8 @@ def run_entry(suite: dict, entry: dict, config: dict, overrides: list[str], seed
     probes.update(evaluate_method_probes(train_dir, config["method"]["name"], method_probes))
     result = {"label": entry["label"], "seed": seed, "recipe": entry["recipe"], "method": config["method"]["name"],
               "overrides": overrides, "images": config["train"]["images"], "steps": summary["steps"],
+              "images_seen": summary["total_steps"] * summary["images_per_step"] if "images_per_step" in summary
+              else None,
               "network": evaluated_network(train_dir, teacher), "train_seconds": summary["seconds"],
               "eval_seconds": round(time.perf_counter() - began, 1), "probes": probes,
               "knn_curve": knn_curve(train_dir), "metrics": last_metrics(train_dir, suite["metrics"]),
@@ -420,14 +501,27 @@ def run_entry(suite: dict, entry: dict, config: dict, overrides: list[str], seed
     return result
 
 
+def floor_configs(suite: dict, configs: dict, seeds: list[int], scale: str, specs: dict, out: Path) -> dict:
+    """``{(FLOOR, seed): (config, [])}``: the first entry's config at each seed, without ``model.init_from``."""
+    first = suite["entries"][0]
+    floors = {}
+    for seed in seeds:
+        config, _ = configs.get((first["label"], seed)) or entry_config(suite, first, scale, seed, specs, out)
+        floors[(FLOOR, seed)] = ({**config, "model": {**config["model"], "init_from": None},
+                                  "train": {**config["train"], "seed": seed}}, [])
+    return floors
+
+
 def run_floor(suite: dict, config: dict, seed: int, scale: str, specs: dict, out: Path) -> dict:
     """The random-init floor of ``seed``: the first entry's architecture at the initial weights its run
-    starts from (the engine seeds with ``train.seed`` before building the method), same probes."""
+    starts from (the engine seeds with ``train.seed`` before building the method), same probes. ``config``:
+    the floor's (:func:`floor_configs`), recorded in ``settings.json`` as an entry's is."""
     from wildssl.methods import build_initial_method
 
     folder = run_dir(out, FLOOR, seed)
     folder.mkdir(parents=True, exist_ok=True)
-    config = {**config, "model": {**config["model"], "init_from": None}, "train": {**config["train"], "seed": seed}}
+    if not (folder / SETTINGS).is_file():
+        write_json(folder / SETTINGS, {"config": comparable_config(config, specs, FLOOR_KEYS)})
     method = build_initial_method(config)
     began = time.perf_counter()
     probes, method_probes = evaluate_run(method.encoder(suite_teacher(suite)).eval(), FLOOR, folder, suite, scale,
@@ -449,7 +543,7 @@ def run_benchmark(suite_path: str | Path, scale: str = "cpu", seeds: int | None 
                   shared: str | Path | None = None, data_dir: str | Path | None = None,
                   command: str | None = None) -> dict:
     """Run (or resume) the suite at ``suite_path``; returns the results (see :mod:`wildssl.benchmark.table`)."""
-    from wildssl.benchmark.table import read_record, write_outputs
+    from wildssl.benchmark.table import read_meta, write_outputs
 
     if scale not in SCALES:
         raise ConfigError(f"unknown scale {scale!r}; scales: {', '.join(SCALES)}")
@@ -464,13 +558,17 @@ def run_benchmark(suite_path: str | Path, scale: str = "cpu", seeds: int | None 
                           f"empty folder, or the output folder of an earlier wildssl benchmark run")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a new or empty folder")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"cannot create --out {out}: {error.strerror or error}; give a writable folder") from None
     previous = {}
     if meta_path.is_file():
-        previous = read_record(meta_path, "delete it to record the suite again (the recorded runs are kept)")
+        previous = read_meta(meta_path, "delete it to record the suite again (the recorded runs are kept)")
         if previous["scale"] != scale or previous["suite"]["name"] != suite["name"]:
             raise ConfigError(f"{out} holds suite {previous['suite']['name']} at scale {previous['scale']}; resume it "
                               f"with the same suite and --scale, or choose another --out")
+    check_recorded_data(out, suite, scale, previous)
     specs = resolve_data(suite, scale, shared, Path(data_dir) if data_dir else out / "data")
     entries = {e["label"]: e for e in suite["entries"]}
     # every config first: an unknown recipe or key fails before any training
@@ -483,11 +581,15 @@ def run_benchmark(suite_path: str | Path, scale: str = "cpu", seeds: int | None 
                               f"{entry['init_from']}, whose encoder it starts from; give it seeds <= that entry's")
     configs = {(e["label"], s): entry_config(suite, e, scale, s, specs, out)
                for e in suite["entries"] for s in entry_seeds(e)}
-    check_recorded_settings(out, configs, specs, previous.get("data", specs))
+    floors = floor_configs(suite, configs, seed_list, scale, specs, out)
+    check_recorded_settings(out, {**configs, **floors}, specs, previous.get("data", specs))
     jobs = [(FLOOR, s) for s in seed_list] + [(e["label"], s) for s in seed_list for e in suite["entries"]
                                               if s in entry_seeds(e)]
     check_recorded_evaluation(out, jobs, suite, scale, previous)
-    check_networks(suite, configs)
+    methods = entry_methods(configs)
+    check_networks(suite, methods)
+    check_images_seen(suite, scale, methods)
+    check_entry_data(suite, methods)
     meta = {"suite": suite, "suite_file": str(suite_path), "scale": scale, "seeds": seed_list,
             "command": command or f"wildssl benchmark run {suite_path} --scale {scale}", "device": device_name(),
             "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "data": specs}
@@ -502,9 +604,7 @@ def run_benchmark(suite_path: str | Path, scale: str = "cpu", seeds: int | None 
         started = time.perf_counter()
         try:
             if label == FLOOR:
-                first = suite["entries"][0]
-                config, _ = configs.get((first["label"], seed)) or entry_config(suite, first, scale, seed, specs, out)
-                run_floor(suite, config, seed, scale, specs, out)
+                run_floor(suite, floors[(FLOOR, seed)][0], seed, scale, specs, out)
             else:
                 run_entry(suite, entries[label], *configs[(label, seed)], seed, scale, specs, out)
         except KeyboardInterrupt as interrupt:  # the engine's own advice names train --resume

@@ -195,7 +195,10 @@ def check_suite(tree: Any, where: str = "suite") -> dict:
         for key in ("train", "test"):
             if curve.get(key) not in suite["data"]:
                 raise _fail(f"{where} knn_curve", f"{key} must be a name under data:, got {curve.get(key)!r}")
-        curve.setdefault("points", 4)
+        points = curve.setdefault("points", 4)
+        if not isinstance(points, int) or isinstance(points, bool) or points < 1:
+            raise _fail(f"{where} knn_curve", f"points must be an integer >= 1 (k-NN points over a run), got "
+                                              f"{points!r}")
     suite["knn_curve"] = curve
     metrics = tree.get("metrics") or []
     if not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics):

@@ -42,14 +42,38 @@ def read_record(path: Path, remedy: str = RERUN) -> dict:
         raise DataError(f"{path} is not valid JSON ({reason}); {remedy}") from None
 
 
+META_KEYS = ("suite", "scale", "seeds", "command", "device", "started")  # what suite.json must hold
+SUITE_KEYS = ("name", "entries", "probes")
+RESULT_KEYS = ("label", "seed", "probes", "metrics", "train_seconds", "eval_seconds")  # and each result.json
+
+
+def _require(record: dict, keys: tuple[str, ...], path: Path, remedy: str, what: str = "") -> dict:
+    """``record``, or a DataError naming ``path`` and the first of ``keys`` it lacks (a hand-edited or foreign
+    file; the runner writes every key)."""
+    missing = [key for key in keys if not isinstance(record, dict) or key not in record]
+    if missing:
+        raise DataError(f"{path} has no {what}{missing[0]!r} (not written by wildssl benchmark run, or edited); "
+                        f"{remedy}")
+    return record
+
+
+def read_meta(path: Path, remedy: str = "run the suite again with wildssl benchmark run (the recorded runs are "
+                                         "kept)") -> dict:
+    """A suite folder's ``suite.json``, checked to hold what the runner writes (else a DataError naming it)."""
+    meta = _require(read_record(path, remedy), META_KEYS, path, remedy)
+    _require(meta["suite"], SUITE_KEYS, path, remedy, "suite key ")
+    return meta
+
+
 def read_runs(out: Path) -> tuple[dict, list[dict]]:
     """``suite.json`` and the ``runs/*/result.json`` of its seeds in a suite folder (sorted by label and seed);
     the recorded runs of other seeds are left out and counted in ``meta["left_out"]`` (``{"runs", "seeds"}``)."""
     meta_path = out / "suite.json"
     if not meta_path.is_file():
         raise DataError(f"{out} is not a benchmark folder: no suite.json (written by wildssl benchmark run)")
-    meta = read_record(meta_path, "run the suite again with wildssl benchmark run (the recorded runs are kept)")
-    runs = [read_record(path) for path in sorted((out / "runs").glob("*/result.json"))]
+    meta = read_meta(meta_path)
+    runs = [_require(read_record(path), RESULT_KEYS, path, RERUN)
+            for path in sorted((out / "runs").glob("*/result.json"))]
     # the seeds of the latest invocation (--seeds 2 after --seeds 3 leaves the third seed's runs out: named)
     others = [r for r in runs if r["seed"] not in meta["seeds"]]
     meta["left_out"] = {"runs": len(others), "seeds": sorted({r["seed"] for r in others})}

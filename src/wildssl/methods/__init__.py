@@ -43,11 +43,12 @@ def get_method_class(name: str):
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def build_method(config: dict):
+def build_method(config: dict, load_init_from: bool = True):
     """Instantiate the method named by ``config['method']['name']``, its encoder initialized from
-    ``model.init_from`` when that is set."""
+    ``model.init_from`` when that is set (``load_init_from=False``: not read, for a method built for its shapes
+    before that file exists)."""
     method = get_method_class(config["method"]["name"])(config)
-    if config["model"].get("init_from"):
+    if load_init_from and config["model"].get("init_from"):
         method.init_encoder_from(config["model"]["init_from"])
     return method
 

@@ -275,6 +275,11 @@ class Method(nn.Module):
         loaded and before DDP wraps the method (e.g. CLIP trains or loads its caption tokenizer here, saved
         in ``run_dir``; AdaSim sizes its per-image state by the source). Default: nothing."""
 
+    def check_data(self, sources: dict) -> None:
+        """Refuse data the method cannot learn from (a DataError naming it; ``sources``: ``{stream: source}``).
+        A method calls it from :meth:`prepare`; ``wildssl benchmark`` calls it for every entry before any run
+        trains. Default: nothing."""
+
     def stream_batch_size(self, stream: str, first_batch_size: int) -> int:
         """Global batch of a stream after the first when ``data.<stream>_batch_size`` is null."""
         return first_batch_size

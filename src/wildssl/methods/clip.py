@@ -126,8 +126,7 @@ class CLIP(Method):
         the first stream's source) and saves it there, and every rank then loads that file."""
         path = Path(run_dir) / TOKENIZER_FILENAME
         if dist.is_main_process() and not path.is_file():
-            if self.streams[0] in sources:
-                self._check_captions(sources[self.streams[0]])
+            self.check_data(sources)
             o = self.options
             captions = None
             if o["tokenizer"] == "bpe":
@@ -144,10 +143,11 @@ class CLIP(Method):
         dist.barrier()
         self.tokenizer = self._checked(CaptionTokenizer.load(path), path)
 
-    def _check_captions(self, source) -> None:
+    def check_data(self, sources: dict) -> None:
         """Every image of the caption stream should have a caption: one without trains against the empty
         caption, which all such images share (each is then a false negative of the others). None at all is an
         error; some missing, a warning naming how many. Sources that cannot count without decoding are let be."""
+        source = sources.get(self.streams[0])
         count = source.captioned_count() if hasattr(source, "captioned_count") else None
         if count is None or count == len(source):
             return

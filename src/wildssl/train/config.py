@@ -293,9 +293,13 @@ def build_config(recipe: str | dict[str, Any] | None = None, overrides: list[str
     method_section = tree.get("method")
     method_name = (method_section.get("name", DEFAULTS["method"]["name"]) if isinstance(method_section, dict)
                    else DEFAULTS["method"]["name"])
+    named = isinstance(method_section, dict) and "name" in method_section
     for key, text in pairs:
         if key == "method.name":
-            method_name = text.strip()
+            method_name, named = text.strip(), True
+    if isinstance(recipe, (str, Path)) and not named:  # an empty or half-written file ran SimCLR at ViT-S/224
+        raise ConfigError(f"{where} names no method: give it method: {{name: ...}} (or inherit: RECIPE), or --set "
+                          f"method.name=...; `wildssl recipes` lists the shipped recipes")
     config = default_config(method_name)
     defaults = flatten(config)
     if isinstance(method_section, dict) and method_section.get("name", method_name) != method_name:

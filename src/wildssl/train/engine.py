@@ -299,7 +299,7 @@ def train(config: dict, out_dir: str | Path, resume: bool = False, knn_evaluator
         reporter.close()
     run.gather_corrupt()
     summary = {"run_dir": str(run.out_dir), "start_step": run.start_step, "total_steps": run.total_steps,
-               "steps": done, **run.counters, "alarms": reporter.alarms,
+               "steps": done, "images_per_step": run.images_per_step, **run.counters, "alarms": reporter.alarms,
                "final_metrics": {**reporter.knn_random, **reporter.last_metrics}}
     if math.isfinite(reporter.last_metrics.get("loss", float("nan"))):
         summary["final_loss"] = reporter.last_metrics["loss"]

@@ -136,6 +136,16 @@ def pick_device() -> torch.device:
     return torch.device("cpu")
 
 
+def stream_batch_sizes(config: dict, method: Method) -> dict[str, int]:
+    """``{stream: global batch}``: ``train.batch_size`` for the first stream; for the others
+    ``data.<stream>_batch_size``, else what the method derives from the first (AB: a share of it)."""
+    global_batch = config["train"]["batch_size"]
+    streams = type(method).streams
+    return {name: (global_batch if index == 0 else
+                   config["data"][f"{name}_batch_size"] or method.stream_batch_size(name, global_batch))
+            for index, name in enumerate(streams)}
+
+
 def total_steps_of(config: dict, first_source_size: int, images_per_step: int) -> int:
     """The run's length in steps from ``train.images`` (images seen, all streams together), else
     ``train.epochs`` (passes over the first stream), else ``train.steps``; converted once, here, and at most
@@ -233,6 +243,27 @@ def check_out_dir(config: dict, out_dir: str | Path, resume: bool) -> None:
                               "continue it or choose another --out")
 
 
+RUN_MARKERS = ("config.yaml", "metrics.jsonl")  # what a run writes first, before its first checkpoint
+
+
+def check_out_is_new_or_a_run(config: dict, out_dir: str | Path) -> None:
+    """A ConfigError when ``--out`` is a folder of other files that holds no run (an image folder, a project
+    folder): a run would write its checkpoint, ``config.yaml``, ``metrics.jsonl`` and ``tensorboard/`` among them,
+    over files of those names. A run's own folder (even one killed before its first checkpoint) may be given."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir() or run_checkpoint_path(config, out_dir).is_file():
+        return
+    if any((out_dir / name).is_file() for name in RUN_MARKERS):
+        return
+    others = sorted(p.name for p in out_dir.iterdir() if not p.name.startswith("."))
+    if others:
+        shown = ", ".join(repr(name) for name in others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3
+                                                                 else "")
+        raise ConfigError(f"--out {out_dir} is a folder of other files ({shown}) that holds no run; a run writes "
+                          "its checkpoint, config.yaml, metrics.jsonl and tensorboard/ there: give a new or empty "
+                          "folder")
+
+
 def _say_how_a_new_length_resumes(run: Run, saved: dict, first_source_size: int, images_per_step: int) -> None:
     """A resume whose budget (``train.steps``/``epochs``/``images``) differs from the checkpoint's recomputes every
     schedule over the new length: say so with the learning rate before and after at the resumed step, or that the
@@ -290,9 +321,7 @@ def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
                 log.info("data.decode=gpu: data.%s (%s) is decoded on the CPU: only image files (a folder, a "
                          ".jsonl manifest, map-style tar shards) are decoded on the device", name, source.describe())
     global_batch = tcfg["batch_size"]
-    batch_sizes = {name: (global_batch if index == 0 else
-                          config["data"][f"{name}_batch_size"] or method.stream_batch_size(name, global_batch))
-                   for index, name in enumerate(streams)}
+    batch_sizes = stream_batch_sizes(config, method)
     for index, name in enumerate(streams):  # before any evaluation or state: a batch the data cannot fill
         if not isinstance(sources[name], ShardStream):
             check_batch_fits(len(sources[name]), batch_sizes[name],
