@@ -350,3 +350,18 @@ def test_a_recipe_file_that_names_no_method_is_refused(tmp_path):
         assert build_config(str(recipe), ["method.name=dino"])["method"]["name"] == "dino"
     (tmp_path / "child.yaml").write_text("inherit: simclr_quick\ntrain:\n  steps: 3\n")
     assert build_config(str(tmp_path / "child.yaml"))["method"]["name"] == "simclr"
+
+
+def test_a_shipped_recipe_name_is_not_hidden_by_a_file_or_folder_of_that_name(tmp_path, monkeypatch):
+    """`--out mae_quick` then `wildssl train mae_quick ... --resume` said "recipe file not found: mae_quick" (the
+    run folder hid the recipe), and an empty file named simclr_quick ran the defaults (ViT-S at 224 px)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mae_quick").mkdir()
+    (tmp_path / "simclr_quick").write_text("")
+    assert build_config("mae_quick")["method"]["name"] == "mae"
+    assert build_config("simclr_quick")["method"]["crop_size"] == 32
+    with pytest.raises(ConfigError, match="^simclr_quick names no method"):  # ./NAME reads the file
+        build_config("./simclr_quick")
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(ConfigError, match="^recipe mine is a folder, not a YAML file"):
+        build_config("mine")

@@ -10,6 +10,7 @@ last completed epoch, with probability 1. Needs matplotlib.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -20,6 +21,8 @@ from wildssl.errors import CheckpointError, ConfigError, DataError
 from wildssl.methods import get_method_class
 from wildssl.methods.similarity_window import nearest_other, sampling_probabilities, windowed_similarity
 from wildssl.models.loading import resolve_checkpoint
+
+log = logging.getLogger("wildssl")
 
 # Candidates shown per query (the most probable ones).
 SHOWN = 6
@@ -59,6 +62,9 @@ def neighbour_queries(run_dir: str | Path, count: int) -> list[dict]:
     seen = int(window["epochs_seen"])
     if seen == 0:
         raise DataError(f"run {run_dir} has not completed an epoch yet: no neighbour records to show")
+    if count > window["neighbours"].shape[1]:  # one row per image at most
+        log.warning("--neighbours %d: the run has %d images, so the plot shows %d rows", count,
+                    window["neighbours"].shape[1], window["neighbours"].shape[1])
     # Candidates are looked for among a fixed pseudo-random sample, not all N images (N may be 1.3M).
     images = torch.randperm(window["neighbours"].shape[1], generator=torch.Generator().manual_seed(0))
     images = images[: max(50 * count, CANDIDATES)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from wildssl.errors import ConfigError
+from wildssl.errors import ConfigError, WildsslError
 
 # name -> "module:Class"; imported lazily so that listing methods costs nothing.
 METHODS = {
@@ -49,15 +49,20 @@ def build_method(config: dict, load_init_from: bool = True):
     before that file exists)."""
     method = get_method_class(config["method"]["name"])(config)
     if load_init_from and config["model"].get("init_from"):
-        method.init_encoder_from(config["model"]["init_from"])
+        try:
+            method.init_encoder_from(config["model"]["init_from"])
+        except WildsslError as error:  # "checkpoint not found: X" said nothing of which key named X
+            if str(error).startswith("model.init_from"):
+                raise
+            raise type(error)(f"model.init_from: {error}") from None
     return method
 
 
-def build_initial_method(config: dict):
+def build_initial_method(config: dict, load_init_from: bool = True):
     """The method exactly as a run of ``config`` starts: the global RNG seeded with ``train.seed``, then
     :func:`build_method`. The engine builds its method with this call, so the random-init floor of a run
     (``benchmarks/knn_folds.py``, the benchmark suites' floor, the tests' floors) is rebuilt with the same one."""
     import torch
 
     torch.manual_seed(config["train"]["seed"])
-    return build_method(config)
+    return build_method(config, load_init_from)

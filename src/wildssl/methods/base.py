@@ -66,7 +66,7 @@ from wildssl.errors import CheckpointError, ConfigError
 from wildssl.models.ema import ema_update_
 from wildssl.io import read_header
 from wildssl.models.loading import (POOLS, build_encoder_from_config, encoder_state_from_checkpoint,
-                                    load_state_strict, resolve_checkpoint, student_network)
+                                    evaluated_network, load_state_strict, resolve_checkpoint)
 
 log = logging.getLogger("wildssl")
 
@@ -184,14 +184,17 @@ class Method(nn.Module):
         """``model.init_from``: load the student backbone (and the teacher's copy of it, where there is
         one) strictly from a run directory, checkpoint or export (MAE -> WSP).
 
-        Only the encoder is taken: whatever else the checkpoint holds (a decoder, heads, the optimizer)
-        is left out, and so is the mask token when this method does not mask. One line reports what was
-        loaded and what was dropped (:func:`init_report`)."""
-        state, model_config = encoder_state_from_checkpoint(path, teacher=student_network(path))
+        The encoder taken is the one every evaluation and ``export`` take from ``path`` (the network the run
+        evaluates: DINO's EMA teacher, SimCLR's student; an export's one encoder), so a run and its export
+        initialize alike. Only the encoder is taken: whatever else the checkpoint holds (a decoder, heads, the
+        optimizer) is left out, and so is the mask token when this method does not mask (a ``--timm`` export
+        has none: this run keeps its own). One line reports what was loaded, from which network, and what was
+        dropped (:func:`init_report`)."""
+        state, model_config = encoder_state_from_checkpoint(path)
         backbone = self.student["backbone"]
         _check_same_architecture(path, model_config, backbone)
         kept = []
-        if not self.uses_mask_token and "mask_token" in state:
+        if not self.uses_mask_token or "mask_token" not in state:
             state = {**state, "mask_token": backbone.state_dict()["mask_token"]}
             kept.append("mask_token")
         load_state_strict(backbone, state, str(path))
@@ -355,21 +358,24 @@ def init_report(path, state: dict[str, torch.Tensor], kept: Sequence[str], teach
     plus the encoder tensors this run keeps its own of (``kept``, the mask token of a method that does not
     mask)."""
     _, shapes = read_header(resolve_checkpoint(path))
+    network = evaluated_network(path)  # "teacher", "student" or "export": what encoder_state_from_checkpoint read
+    source = f"method.{network}.backbone"
     dropped: Counter[str] = Counter()
     for key in shapes:
         if key.startswith("method."):
             part = ".".join(key.split(".")[1:3])
-            if part != "student.backbone":
+            if part != f"{network}.backbone":
                 dropped[part] += 1
-        elif key.split(".")[0] not in state:  # an export holds the encoder's own names only
+        elif key not in state:  # an export holds the encoder's own names only
             dropped[key.split(".")[0]] += 1
     loaded = [k for k in state if k not in kept]
     values = sum(state[k].numel() for k in loaded)
     parts = [f"{name} ({count} tensors)" for name, count in sorted(dropped.items())]
     parts += [f"{name} (this run keeps its own)" for name in kept]
     into = "the student backbone" + (" and the teacher's copy" if teacher else "")
-    return (f"model.init_from {path}: loaded {len(loaded)} encoder tensors ({values / 1e6:.2f}M values) into {into}; "
-            f"dropped: {', '.join(parts) if parts else 'nothing'}")
+    taken = "its one encoder" if network == "export" else f"the run's {network} ({source})"
+    return (f"model.init_from {path}: loaded {len(loaded)} encoder tensors ({values / 1e6:.2f}M values) of {taken} "
+            f"into {into}; dropped: {', '.join(parts) if parts else 'nothing'}")
 
 
 def normalized_embedding_std(embeddings: torch.Tensor) -> torch.Tensor:

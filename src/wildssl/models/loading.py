@@ -118,13 +118,6 @@ def _file_format(metadata: dict[str, str], path: Path) -> str:
     return fmt
 
 
-def student_network(path: str | Path) -> bool | None:
-    """The ``teacher`` argument that reads the student of a run or checkpoint, and the one encoder of an export
-    (``model.init_from`` takes the student backbone; an export has no choice to make)."""
-    resolved = resolve_checkpoint(path)
-    return None if _file_format(read_header(resolved)[0], resolved) == EXPORT_FORMAT else False
-
-
 def _checked_encoder(path: str | Path, teacher: bool | None) -> tuple[Path, dict, dict[str, str]]:
     """Resolve ``path`` and check it without reading tensor data: its metadata, then the name and shape of
     every encoder tensor in its header against the encoder its config declares (built on the meta device).

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import difflib
 import logging
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -183,7 +184,13 @@ def _load_recipe(recipe: str, relative_to: Path | None = None) -> tuple[dict[str
     path = Path(recipe)
     if relative_to is not None and path.suffix in (".yaml", ".yml") and not path.is_absolute():
         path = relative_to / path
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    # A shipped recipe's bare name is that recipe, whatever the current folder holds: a run folder named after
+    # its recipe (--out mae_quick) hid it ("recipe file not found: mae_quick"). ./NAME reads a file of that name.
+    shipped_name = recipe in recipe_names() and os.sep not in recipe and "/" not in recipe
+    if not shipped_name and (path.suffix in (".yaml", ".yml") or path.exists()):
+        if path.is_dir():
+            raise ConfigError(f"recipe {path} is a folder, not a YAML file (give a YAML path or one of: "
+                              f"{', '.join(recipe_names())})")
         if not path.is_file():
             raise ConfigError(f"recipe file not found: {path} (give a YAML path or one of: "
                               f"{', '.join(recipe_names())})")

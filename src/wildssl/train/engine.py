@@ -201,7 +201,7 @@ class _Reporter:
         if not random_init and done % every and done != self.run.total_steps:
             return
         if self.run.main:
-            result = self.knn_evaluator(self.run.method)
+            result = self.knn_evaluator(self._floor_method() if random_init else self.run.method)
             if random_init:
                 result = {f"{k}_random_init": v for k, v in result.items() if k.startswith("knn_top")}
                 self.knn_random = result
@@ -212,6 +212,22 @@ class _Reporter:
             log.info("step %d: %s", done, ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                                     for k, v in result.items()))
         dist.barrier()
+
+    def _floor_method(self):
+        """The network the floor measures: the run's own before step 0, or, when ``model.init_from`` loaded a
+        trained encoder into it, the same method built at its random initialization without that file (the
+        loaded encoder's figure was reported as "random initialization", and a locked one, LiT's, raised a
+        quality alarm on every run)."""
+        config = self.run.config
+        if not config["model"]["init_from"]:
+            return self.run.method
+        from wildssl.methods import build_initial_method
+
+        state = torch.random.get_rng_state()  # the run's data order and augmentations stay as without the floor
+        try:
+            return build_initial_method(config, load_init_from=False).to(self.run.device)
+        finally:
+            torch.random.set_rng_state(state)
 
     def _compare_with_random_init(self, done: int, result: dict) -> None:
         floor = self.knn_random.get("knn_top1_random_init")

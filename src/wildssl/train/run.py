@@ -276,10 +276,14 @@ def _say_how_a_new_length_resumes(run: Run, saved: dict, first_source_size: int,
         log.warning("the run is at step %d, already past its new length of %d steps: nothing is trained (give a "
                     "longer train.steps, epochs or images to go on)", step, run.total_steps)
         return
-    old_lr = build_schedules(saved, before, saved["train"]["batch_size"], run.steps_per_epoch)["lr"]
+    old_lr = float(build_schedules(saved, before, saved["train"]["batch_size"], run.steps_per_epoch)["lr"]
+                   [min(step, before - 1)])
+    new_lr = float(run.schedules["lr"][step])
+    change = (f"goes from {old_lr:.3g} to {new_lr:.3g}" if f"{old_lr:.3g}" != f"{new_lr:.3g}" else
+              f"stays {new_lr:.3g} at that step")
     log.warning("the run's length changed from %d to %d steps: its schedules (learning rate, weight decay, momentum, "
-                "...) are recomputed over %d steps, so at step %d the learning rate goes from %.3g to %.3g", before,
-                run.total_steps, run.total_steps, step, old_lr[min(step, before - 1)], run.schedules["lr"][step])
+                "...) are recomputed over %d steps, so at step %d the learning rate %s", before, run.total_steps,
+                run.total_steps, step, change)
 
 
 def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
@@ -294,11 +298,14 @@ def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
         raise ConfigError(f"train.batch_size={tcfg['batch_size']} is not divisible by the world size {world}: each "
                           f"process takes an equal share; give a multiple of {world}")
     check_out_dir(config, out_dir, resume)
+    # Seeded with train.seed: the same weights on every rank. Built before the run directory is made, so that a
+    # model.init_from that cannot be read leaves no empty folder; not read when the run resumes from its own
+    # checkpoint, which holds those weights (the file may be gone by then).
+    method = build_initial_method(config, load_init_from=not checkpoint_path.is_file()).to(device)
     if rank == 0:
         prepare_out_dir(out_dir, resume)
     dist.barrier()
 
-    method = build_initial_method(config).to(device)  # seeded with train.seed: the same weights on every rank
     streams = type(method).streams
     sources = {}
     for name in streams:
