@@ -430,3 +430,32 @@ def test_train_and_demo_refuse_an_out_folder_of_other_files(tmp_path, capsys):
                            "a run writes its checkpoint, config.yaml, metrics.jsonl and tensorboard/ there: give a "
                            "new or empty folder")
         assert sorted(p.name for p in photos.iterdir()) == ["cat"]
+
+
+def test_an_error_raised_in_a_data_worker_is_one_line(capsys, monkeypatch):
+    """PyTorch re-raises a worker's DataError with the worker's whole traceback as its message, and the CLI
+    printed it all after "wildssl: error: Caught DataError in DataLoader worker process 1."."""
+    from torch.utils.data import DataLoader, Dataset
+
+    import wildssl.cli
+    from wildssl.errors import DataError
+
+    class Unreadable(Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, index):
+            raise DataError("tar shard x.tar: k.cls holds 'cat', expected an integer label >= 0")
+
+    def train_from_a_worker(args):
+        next(iter(DataLoader(Unreadable(), num_workers=1)))
+
+    with pytest.raises(DataError, match="Caught DataError in DataLoader worker") as error:
+        train_from_a_worker(None)
+    assert wildssl.cli._one_line(error.value) == "tar shard x.tar: k.cls holds 'cat', expected an integer label >= 0"
+    args = parse_arguments(["recipes"])
+    monkeypatch.setattr(wildssl.cli, "parse_arguments", lambda argv: args)
+    args.func = train_from_a_worker
+    assert main(["recipes"]) == 2
+    assert capsys.readouterr().err.strip() == ("wildssl: error: tar shard x.tar: k.cls holds 'cat', expected an "
+                                               "integer label >= 0")

@@ -313,15 +313,17 @@ def test_a_min_lr_above_the_peak_is_named(tmp_path, caplog):
     """optim.min_lr=1.0 on dino_quick: the "decay" climbed to 10,000x the peak rate without a word."""
     import logging
 
-    from wildssl.train.run import build_run
+    from wildssl.train.run import build_run, warn_about_the_schedule  # the engine's two calls
 
     with caplog.at_level(logging.WARNING, logger="wildssl"):
         run = build_run(build_config("simclr_quick", tiny_overrides("simclr", "optim.min_lr=1.0", "train.steps=4")),
                         tmp_path / "run")
+        warn_about_the_schedule(run)
     assert run.schedules["lr"][-1] > run.schedules["lr"][1]  # what the warning is about
     warnings = [r.getMessage() for r in caplog.records if "optim.min_lr" in r.getMessage()]
     assert len(warnings) == 1 and "is above the peak learning rate" in warnings[0], warnings
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="wildssl"):
-        build_run(build_config("simclr_quick", tiny_overrides("simclr", "train.steps=4")), tmp_path / "plain")
+        warn_about_the_schedule(build_run(build_config("simclr_quick", tiny_overrides("simclr", "train.steps=4")),
+                                          tmp_path / "plain"))
     assert not any("optim.min_lr" in r.getMessage() for r in caplog.records)

@@ -622,3 +622,66 @@ def test_a_folder_with_one_class_subfolder_says_why_its_images_are_unlabelled(tm
     with caplog.at_level(logging.INFO, logger="wildssl"):
         assert ImageFolder(tmp_path, S).classes is None
     assert "every image is in its one subfolder cat/" in caplog.text
+
+
+def test_a_shard_cut_in_a_header_is_named_and_its_last_key_left_out(tmp_path, caplog):
+    """tarfile stops without a word at a header cut short: the shard read as complete, and the key at the cut
+    kept its image but lost its label and caption (label -1)."""
+    with tarfile.open(tmp_path / "s.tar", "w") as archive:
+        for k in range(4):
+            add_member(archive, f"{k}.png", image_bytes((40 * k, 0, 0)))
+            add_member(archive, f"{k}.cls", str(k % 2).encode())
+    data = (tmp_path / "s.tar").read_bytes()
+    with tarfile.open(tmp_path / "s.tar") as archive:
+        header = archive.getmember("2.cls").offset
+    for cut in (header, header + 100):  # at the header of 2.cls, inside it
+        (tmp_path / "s.tar").write_bytes(data[:cut])
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="wildssl.data"):
+            source = TarShards(tmp_path / "s.tar", S)
+        assert [(s.key, s.label) for s in source.samples] == [("0", 0), ("1", 1)]
+        (warning,) = [r.getMessage() for r in caplog.records if r.name == "wildssl.data"]
+        assert "is truncated (no end-of-archive block after the last member); indexing the 2 keys before it (key 2, " \
+               "at the cut, is left out)" in warning
+
+
+def test_repeated_members_and_keys_with_inner_dots_are_named(tmp_path, caplog):
+    """A key added twice to one shard was dropped without a word; names like img.000.jpg all became key "img"
+    with no image, and the warning listed every member."""
+    with tarfile.open(tmp_path / "dup.tar", "w") as archive:
+        for _ in range(2):
+            for k in range(3):
+                add_member(archive, f"k{k}.png", image_bytes((10, 20, 30)))
+    with caplog.at_level(logging.WARNING, logger="wildssl.data"):
+        assert len(TarShards(tmp_path / "dup.tar", S)) == 3
+    messages = [r.getMessage() for r in caplog.records if r.name == "wildssl.data"]
+    assert any("member k0.png appears twice; the later one is read" in m for m in messages)
+    assert any("3 members repeat an earlier one of the same key and extension" in m for m in messages)
+    caplog.clear()
+    with tarfile.open(tmp_path / "dots.tar", "w") as archive:
+        add_member(archive, "ok.png", image_bytes((10, 20, 30)))
+        for k in range(6):
+            add_member(archive, f"img.{k:03d}.jpg", image_bytes((10, 20, 30), fmt="JPEG"))
+    with caplog.at_level(logging.WARNING, logger="wildssl.data"):
+        assert [s.key for s in TarShards(tmp_path / "dots.tar", S).samples] == ["ok"]
+    (message,) = [r.getMessage() for r in caplog.records if "has no image" in r.getMessage()]
+    assert "members: img.000.jpg, img.001.jpg, img.002.jpg, img.003.jpg and 2 more" in message
+    assert "rename them without inner dots (img_000.jpg)" in message
+
+
+def test_a_manifest_whose_paths_resolve_nowhere_says_where_they_are_read_from(tmp_path, monkeypatch):
+    """Paths written relative to the current folder gave one "skipping unreadable image" warning per image, then
+    "all 30 items failed to decode": they were missing, not undecodable."""
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "lists").mkdir()
+    for k in range(3):
+        (tmp_path / "photos" / f"{k}.png").write_bytes(image_bytes((10, 20, 30)))
+    manifest = tmp_path / "lists" / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"path": f"photos/{k}.png"}) + "\n" for k in range(3)))
+    monkeypatch.chdir(tmp_path)  # the paths are right from here, not from the manifest's folder
+    with pytest.raises(DataError, match=rf"^manifest {manifest}: none of its first 3 images exists \(e.g. "
+                                        rf"{tmp_path / 'lists' / 'photos' / '0.png'}\); relative paths in a manifest "
+                                        rf"are read from the manifest's folder"):
+        JsonlManifest(manifest, S)
+    manifest.write_text("".join(json.dumps({"path": f"../photos/{k}.png"}) + "\n" for k in range(3)))
+    assert len(JsonlManifest(manifest, S)) == 3

@@ -27,6 +27,26 @@ def _configure_logging() -> None:
         logging.getLogger("wildssl").setLevel(logging.WARNING)
 
 
+def _first_process() -> bool:
+    """False in the processes after the first under torchrun (``RANK`` > 0): a note every process would print
+    the same is printed once."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's message; for one raised in a DataLoader worker, which PyTorch re-raises with the worker's whole
+    traceback as its message ("Caught DataError in DataLoader worker process 1. Original Traceback ..."), the
+    original message alone."""
+    text = str(error)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        for prefix in (f"{type(error).__module__}.{type(error).__name__}: ", f"{type(error).__name__}: "):
+            if last.startswith(prefix):
+                return last[len(prefix):]
+        return last
+    return text
+
+
 def _device():
     from wildssl.train.engine import pick_device
 
@@ -53,8 +73,9 @@ def _config_from_args(args):
         extra.append(f"data.{streams[0]}={args.data}")
         if _bootstrap_follows_data(config, streams, overrides, args.data):
             extra.append(f"data.bootstrap={args.data}")
-            print(f"wildssl: data.bootstrap follows --data ({args.data}) instead of the recipe's synthetic scenes; "
-                  "--set data.bootstrap=SPEC bootstraps on other images", file=sys.stderr)
+            if _first_process():
+                print(f"wildssl: data.bootstrap follows --data ({args.data}) instead of the recipe's synthetic "
+                      "scenes; --set data.bootstrap=SPEC bootstraps on other images", file=sys.stderr)
     if getattr(args, "val", None):
         extra.append(f"eval.knn_test={args.val}")
     return build_config(args.recipe, overrides + extra) if extra else config
@@ -851,7 +872,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except WildsslError as error:
-        print(f"wildssl: error: {error}", file=sys.stderr)
+        print(f"wildssl: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except OSError as error:  # a place that cannot be read or written, met where no check named it first
         where = f": {error.filename}" if error.filename else ""
@@ -859,7 +880,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as interrupt:
         message = str(interrupt) or "interrupted"
-        print(f"wildssl: {message}", file=sys.stderr)
+        if _first_process():  # every rank was interrupted at the same step, with the same checkpoint
+            print(f"wildssl: {message}", file=sys.stderr)
         return 130
 
 

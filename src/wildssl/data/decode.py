@@ -284,7 +284,8 @@ class FileSource(Source):
                 unreadable.append(current)
                 continue
             return make_sample(image, width / height, current, corrupt=unreadable, jpeg=jpeg, **annotations)
-        raise DataError(f"no readable image in {self.describe()}: all {count} items failed to decode")
+        raise DataError(f"no readable image in {self.describe()}: all {count} items are missing or could not be "
+                        "decoded (the warnings above name each)")
 
     def _warn_unreadable(self, index: int, error: BaseException) -> None:
         warn_unreadable(self._name(index), error)

@@ -94,6 +94,7 @@ class JsonlManifest(FileSource):
                 records.append(record)
         if not records:
             raise DataError(f"manifest {self.path} has no records (expected one JSON object per line)")
+        self._check_paths_resolve(records)
         if label_kind is not None and label_kind[0] is str:
             names = {v for r in records for v in (r.label, *r.labels, *r.box_labels) if isinstance(v, str)}
             self.classes = sorted(names)
@@ -107,6 +108,16 @@ class JsonlManifest(FileSource):
                 for r in records
             ]
         self.records = records
+
+    def _check_paths_resolve(self, records: list, first: int = 8) -> None:
+        """A DataError when none of the first ``first`` image paths exists: the usual cause is paths written
+        relative to another folder than the manifest's (each then failed "to decode", one warning per image)."""
+        sample = records[:first]
+        if any(os.path.exists(r.path) for r in sample):
+            return
+        raise DataError(f"manifest {self.path}: none of its first {len(sample)} images exists (e.g. {sample[0].path}); "
+                        f"relative paths in a manifest are read from the manifest's folder ({self.path.parent}), not "
+                        "the current one: write them relative to it, or absolute")
 
     def _check_utf8(self, line: str, number: int) -> None:
         try:

@@ -167,13 +167,27 @@ class ShardIndex(NamedTuple):
     num_sparse: int
 
 
+def _end_is_cut(path: Path, end: int, file_size: int) -> str:
+    """Why the archive ends early (``""`` when it does not): a complete tar ends with zero blocks after its last
+    member (``end``: where the next header would start). Python's tarfile stops without a word at a header cut
+    short or at garbage after offset 0, so a shard cut inside a header read as complete."""
+    if end + 512 > file_size:
+        return "no end-of-archive block after the last member"
+    with open(path, "rb") as raw:
+        raw.seek(end)
+        if raw.read(512).count(0) != 512:
+            return f"an unreadable header at byte {end}"
+    return ""
+
+
 def index_shard(path: Path, shard: int) -> ShardIndex:
     """Index one uncompressed tar shard: the image/caption/label members of every key with an image, in
     member order, reading only the tar headers (and the small ``.cls`` members). Keys without an image and
     sparse members are skipped and logged; a shard cut short keeps the keys before the cut."""
     file_size = path.stat().st_size
     members: dict[str, dict[str, tuple[int, int]]] = {}  # key -> extension -> (offset, size)
-    num_sparse = num_missing = 0
+    num_sparse = num_missing = num_duplicates = 0
+    cut_key: str | None = None
     samples: list[TarSample] = []
     try:
         archive = tarfile.open(path, mode="r:")
@@ -193,25 +207,42 @@ def index_shard(path: Path, shard: int) -> ShardIndex:
                     logger.warning("tar shard %s: member %s is a sparse file (GNU/PAX sparse format); skipped",
                                    path, member.name)
                     continue
-                if member.offset_data + member.size > file_size:
-                    raise tarfile.ReadError(f"member {member.name} ends past the end of the file")
                 parts = _split_member_name(member.name)
+                if member.offset_data + member.size > file_size:
+                    cut_key = parts[0] if parts is not None else None  # the key this member belongs to
+                    raise tarfile.ReadError(f"member {member.name} ends past the end of the file")
                 if parts is not None:
+                    if parts[1] in members.get(parts[0], {}):
+                        num_duplicates += 1
+                        if num_duplicates == 1:
+                            logger.warning("tar shard %s: member %s appears twice; the later one is read (each "
+                                           "repeat is counted, this is said once)", path, member.name)
                     members.setdefault(parts[0], {})[parts[1]] = (member.offset_data, member.size)
+            cut = _end_is_cut(path, archive.offset, file_size)
         except tarfile.ReadError as error:
-            # a shard cut short by an interrupted download: keep its complete members
-            logger.warning(
-                "tar shard %s is truncated (%s); indexing the %d keys before it", path, error, len(members)
-            )
+            cut = str(error)
+        if cut:
+            # a shard cut short by an interrupted download: keep the keys before the cut. The key at the cut may
+            # have lost members to it (its caption or label), so it goes too: the cut member's own key, or, for a
+            # cut in a header, the last key read.
+            cut_key = cut_key if cut_key is not None else next(reversed(members), None)
+            lost = members.pop(cut_key, None) is not None
+            logger.warning("tar shard %s is truncated (%s); indexing the %d keys before it%s", path, cut,
+                           len(members), f" (key {cut_key}, at the cut, is left out)" if lost else "")
+    if num_duplicates > 1:
+        logger.warning("tar shard %s: %d members repeat an earlier one of the same key and extension; the later "
+                       "of each is read", path, num_duplicates)
     with open(path, "rb") as raw:
         for key, parts in members.items():
             image = next((parts[e] for e in _TAR_IMAGE_EXTENSIONS if e in parts), None)
             if image is None:
                 num_missing += 1
-                logger.warning(
-                    "tar shard %s: key %s has no image (members: %s); skipped",
-                    path, key, ", ".join(f"{key}.{e}" for e in parts),
-                )
+                names = [f"{key}.{e}" for e in parts]
+                shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+                dotted = any(e.rpartition(".")[2] in _TAR_IMAGE_EXTENSIONS for e in parts)
+                hint = (f"; the key is the name up to its first dot, so names with more dots (img.000.jpg) share "
+                        f"key {key}: rename them without inner dots (img_000.jpg)") if dotted else ""
+                logger.warning("tar shard %s: key %s has no image (members: %s); skipped%s", path, key, shown, hint)
                 continue
             label = -1
             if "cls" in parts:

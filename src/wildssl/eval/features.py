@@ -64,8 +64,12 @@ def extract_features(
     labels: list[torch.Tensor] = []
     try:
         for batch in batches:
-            if "image" not in batch or "label" not in batch:
-                raise DataError(f"feature batch has keys {sorted(batch)}; expected 'image' and 'label'")
+            if not isinstance(batch, Mapping) or "image" not in batch or "label" not in batch:
+                got = f"keys {sorted(batch)}" if isinstance(batch, Mapping) else f"a {type(batch).__name__}"
+                raise DataError(f"feature batch is {got}; expected dicts with 'image' (B, 3, H, W) and 'label' (B,)")
+            if len(batch["image"]) != len(batch["label"]):  # else features and labels came back misaligned
+                raise DataError(f"feature batch has {len(batch['image'])} images and {len(batch['label'])} labels; "
+                                "give one label per image (-1: none)")
             images = preprocess_images(batch["image"].to(device, non_blocking=True), image_size, normalize_images)
             out = encoder(images)
             tokens = out["cls"] if pool == "cls" else out["patch"].mean(dim=1)

@@ -39,7 +39,7 @@ def _check_arguments(train_features: torch.Tensor, train_labels: torch.Tensor, t
         )
     if train_features.shape[0] == 0:
         raise DataError("k-NN has no training images; the train source of the evaluation is empty")
-    if k < 1 or temperature <= 0:  # options a user sets (a suite's knn probe, eval.knn_k): a one-line error
+    if k < 1 or not temperature > 0:  # options a user sets (a suite's knn probe, eval.knn_k): a one-line error
         raise ConfigError(f"the k-NN needs k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
     if chunk_size < 1:
         raise ValueError(f"k-NN needs chunk_size >= 1, got {chunk_size}")

@@ -43,6 +43,8 @@ def bootstrap_loss(
             f"student and teacher logits must have the same shape (..., K), got "
             f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
         )
+    if not teacher_temp > 0:  # 0 gave NaN, a negative one inverted the target, NaN went through
+        raise ValueError(f"bootstrap_loss teacher_temp must be > 0, got {teacher_temp}")
     if valid is not None and valid.shape != student_logits.shape[:-1]:
         raise ValueError(
             f"valid must have shape {tuple(student_logits.shape[:-1])} (one flag per pair), "

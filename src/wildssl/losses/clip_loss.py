@@ -50,6 +50,9 @@ def clip_loss(
 @torch.no_grad()
 def clip_accuracy(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
     """Fraction of images whose most similar text in the local batch is their own: ``(B, D), (B, D) -> ()``."""
+    if image_emb.shape != text_emb.shape:  # 4 images against 5 texts read as an accuracy
+        raise ValueError(f"clip_accuracy needs image and text embeddings of one shape (B, D), got "
+                         f"{tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
     similarity = F.normalize(image_emb.float(), dim=-1) @ F.normalize(text_emb.float(), dim=-1).T
     target = torch.arange(similarity.shape[0], device=similarity.device)
     return (similarity.argmax(dim=1) == target).float().mean()

@@ -48,7 +48,7 @@ def dino_cross_entropy(
             raise ValueError(
                 f"dino_cross_entropy needs every crop of shape (B, K) = {tuple(shape)}, got {tuple(crop.shape)}"
             )
-    if student_temp <= 0:
+    if not student_temp > 0:  # NaN too
         raise ValueError(f"dino_cross_entropy student_temp must be > 0, got {student_temp}")
 
     student_log_probs = [F.log_softmax(s.float() / student_temp, dim=-1) for s in student_logits]
@@ -73,7 +73,7 @@ def teacher_probabilities(teacher_logits: torch.Tensor, center: torch.Tensor, te
     Returns float32 probabilities of the shape of ``teacher_logits``, detached: the teacher is a
     stop-gradient target in DINO.
     """
-    if teacher_temp <= 0:
+    if not teacher_temp > 0:  # NaN too
         raise ValueError(f"teacher_probabilities teacher_temp must be > 0, got {teacher_temp}")
     return F.softmax((teacher_logits.detach().float() - center.float()) / teacher_temp, dim=-1)
 
@@ -90,7 +90,7 @@ def sinkhorn_knopp_probabilities(teacher_logits: torch.Tensor, teacher_temp: flo
     shifted by their maximum over all ranks before ``exp``: a common factor, which the first scaling removes,
     as it removes DINOv2's initial division by the total mass (left out here: one collective fewer).
     """
-    if teacher_temp <= 0 or iterations < 1:
+    if not teacher_temp > 0 or iterations < 1:
         raise ValueError(f"sinkhorn_knopp_probabilities needs teacher_temp > 0 and iterations >= 1, "
                          f"got {teacher_temp}, {iterations}")
     logits = teacher_logits.detach().float()
@@ -161,7 +161,7 @@ def teacher_temperature_schedule(
             f"teacher temperature warm-up of {warmup_steps} steps does not fit in {total_steps} training steps; "
             "use 0 <= warm-up steps <= total steps"
         )
-    if warmup_teacher_temp <= 0 or teacher_temp <= 0:
+    if not (warmup_teacher_temp > 0 and teacher_temp > 0):
         raise ConfigError(
             f"teacher temperatures must be > 0, got warm-up {warmup_teacher_temp} and final {teacher_temp}"
         )

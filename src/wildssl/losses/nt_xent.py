@@ -66,7 +66,7 @@ def nt_xent_loss(
         raise ValueError(
             f"nt_xent_loss needs z_a and z_b of equal shape (B, D), got {tuple(z_a.shape)} and {tuple(z_b.shape)}"
         )
-    if temperature <= 0:
+    if not temperature > 0:  # NaN too
         raise ValueError(f"nt_xent_loss temperature must be > 0, got {temperature}")
     batch_size = z_a.shape[0]
 

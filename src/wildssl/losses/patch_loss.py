@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 def _patch_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
                          student_temp: float) -> torch.Tensor:
-    if student_temp <= 0:
+    if not student_temp > 0:  # NaN too
         raise ValueError(f"patch cross-entropy student_temp must be > 0, got {student_temp}")
     if student_logits.shape != teacher_probs.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher probabilities "

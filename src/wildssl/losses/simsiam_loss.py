@@ -13,6 +13,8 @@ def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     here: the stop-gradient is what keeps SimSiam from collapsing (the paper's Sec. 4.1). Returns a scalar in
     [-1, 1].
     """
+    if p.shape != z.shape or p.ndim != 2:  # (4, 8) against (4, 1) or (1, 8) broadcast without a word
+        raise ValueError(f"negative_cosine needs p and z of one shape (B, D), got {tuple(p.shape)} and {tuple(z.shape)}")
     return -F.cosine_similarity(p.float(), z.detach().float(), dim=-1).mean()
 
 

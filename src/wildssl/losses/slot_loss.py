@@ -41,7 +41,7 @@ def slot_contrastive_loss(queries: torch.Tensor, query_index: torch.Tensor, keys
     teacher is not trained by this loss), so the candidates are the active slots of the global batch, and
     this rank's mean is over its own queries. Ranks must hold equal ``B`` and ``K``. No query gives 0.
     """
-    if temperature <= 0:
+    if not temperature > 0:  # NaN too
         raise ValueError(f"slot contrastive temperature must be > 0, got {temperature}")
     batch, num_slots, _ = keys.shape
     if key_active.shape != (batch, num_slots):

@@ -73,6 +73,15 @@ log = logging.getLogger("wildssl")
 EVAL_NETWORKS = ("teacher", "student")
 
 
+class ScheduleValues(dict):
+    """This step's entries of ``method.schedules()``; a name missing from them is a KeyError that says where the
+    values come from (a StepContext built by hand had none, and DINO failed with a bare KeyError: 'teacher_temp')."""
+
+    def __missing__(self, key: str):
+        raise KeyError(f"step.values has no {key!r}: give StepContext(values=...) this step's entries of "
+                       "method.schedules(total_steps, steps_per_epoch) (one array per name, indexed by the step)")
+
+
 @dataclass
 class StepContext:
     """What a method may read about the current step."""
@@ -85,6 +94,9 @@ class StepContext:
     # Values a step computes once and reads in two places (e.g. the student's caption features, read by
     # CLIP's loss and by annotation bootstrapping's psi_AB): filled and read by the method, new every step.
     memo: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.values = ScheduleValues(self.values)
 
     def remember(self, key: str, source: Any, make: Callable[[], Any]) -> Any:
         """``make()`` once per step for ``source`` (compared by identity), kept in :attr:`memo` under ``key``:
@@ -147,6 +159,8 @@ class Method(nn.Module):
         self.config = config
         self.options = config["method"]
         self._check_min_batch(config["train"]["batch_size"])
+        if self.min_batch is not None:  # forward called directly (not by the engine) with too few images
+            self.register_forward_pre_hook(_check_step_batch)
         self.student = nn.ModuleDict({"backbone": build_encoder_from_config(config["model"])})
         self.student["backbone"].mask_token.requires_grad_(self.uses_mask_token)
         self.teacher: nn.ModuleDict | None = None
@@ -350,6 +364,21 @@ class Method(nn.Module):
 
     def forward(self, batches: dict[str, dict], step: StepContext) -> dict:  # pragma: no cover
         raise NotImplementedError
+
+
+def _check_step_batch(method: "Method", inputs: tuple) -> None:
+    """Forward pre-hook of a method with :attr:`Method.min_batch`: the images of the first stream's batch, as
+    :meth:`Method._check_min_batch` checks ``train.batch_size`` (SimCLR given one image returned a loss of 0)."""
+    from wildssl.distributed import get_world_size
+
+    batch = inputs[0].get(method.streams[0]) if inputs and isinstance(inputs[0], dict) else None
+    if not isinstance(batch, dict) or "image" not in batch:
+        return
+    fewest, per_rank, why = method.min_batch
+    images = len(batch["image"])
+    if (images if per_rank else images * get_world_size()) < fewest:
+        raise ConfigError(f"method {method.name} {why}, and this step's batch holds {images} image(s)"
+                          f"{' on this rank' if per_rank else ''}: give it {fewest} or more")
 
 
 def init_report(path, state: dict[str, torch.Tensor], kept: Sequence[str], teacher: bool) -> str:

@@ -133,13 +133,17 @@ class WSP(Method):
     def num_labels(self) -> int:
         return len(self.class_names)
 
-    def targets(self, batch: dict, device: torch.device) -> torch.Tensor:
-        """The ``(B, K)`` multi-hot target of a collated batch."""
+    def _check_prepared(self) -> None:
         if "head" not in self.student:
             raise RuntimeError("method wsp: call prepare(sources, run_dir) before training (it sizes the head)")
+
+    def targets(self, batch: dict, device: torch.device) -> torch.Tensor:
+        """The ``(B, K)`` multi-hot target of a collated batch."""
+        self._check_prepared()
         return multi_hot(batch_labels(batch, self.vocabulary), self.num_labels, device)
 
     def forward(self, batches: dict[str, dict], step: StepContext) -> dict:
+        self._check_prepared()  # before the head is read (a KeyError: 'head' said nothing of prepare)
         batch = batches["train"]
         (view,) = make_views(batch["image"], self.specs, step.generator, aspect=batch["aspect"])
         features = pooled(self.student["backbone"](view.images), self.options["pool"])

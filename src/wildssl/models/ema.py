@@ -20,6 +20,8 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None
     normalize with these running statistics (the EMA of the student's), never with the batch's. State a
     method keeps outside its networks (DINO's center) is not touched.
     """
+    if not 0.0 <= momentum <= 1.0:  # also NaN: -1 moved the teacher past the student, NaN filled it with NaN
+        raise ValueError(f"EMA momentum={momentum!r} must be in [0, 1] (1: the teacher never moves)")
     student_params = dict(student.named_parameters())
     student_buffers = dict(student.named_buffers())
     targets, sources = [], []

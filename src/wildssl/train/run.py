@@ -33,7 +33,7 @@ from wildssl.models.loading import CHECKPOINT_NAME, read_checkpoint_config
 from wildssl.schema import MAX_STEPS
 from wildssl.train.checkpoint import load_training_checkpoint, nonfinite_tensors, save_training_checkpoint
 from wildssl.train import fsdp
-from wildssl.train.config import dump_config, flatten
+from wildssl.train.config import build_config, dump_config, flatten
 from wildssl.train.optim import FUSED_DEVICES, build_optimizer, build_schedules, peak_lr, warmup_steps
 
 log = logging.getLogger("wildssl")
@@ -286,8 +286,30 @@ def _say_how_a_new_length_resumes(run: Run, saved: dict, first_source_size: int,
                 run.total_steps, step, change)
 
 
+def warn_about_the_schedule(run: Run) -> None:
+    """Warnings (rank 0) for a learning-rate schedule that cannot do what its keys say: a warm-up longer than the run,
+    a min_lr above the peak. The engine calls it for a training run; ``wildssl bench``, whose few timed steps are no
+    training, does not."""
+    config = run.config
+    warmup, peak = warmup_steps(config, run.steps_per_epoch), peak_lr(config, config["train"]["batch_size"])
+    if not run.main:
+        return
+    if warmup >= run.total_steps and config["optim"]["lr"] > 0:
+        log.warning("optim.warmup_epochs=%g is %d steps and the run %d: the learning rate never reaches its peak "
+                    "(%.3g at most, against %.3g); shorten the warm-up or lengthen the run",
+                    config["optim"]["warmup_epochs"], warmup, run.total_steps, float(run.schedules["lr"].max()), peak)
+    if config["optim"]["min_lr"] > peak:  # the "cosine decay" then climbs to min_lr
+        log.warning("optim.min_lr=%g is above the peak learning rate %.3g (optim.lr at this batch), so the rate "
+                    "rises over the run instead of decaying to it; give a min_lr below the peak",
+                    config["optim"]["min_lr"], peak)
+
+
 def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
-    """Everything a run needs, restored from ``out_dir``'s checkpoint when ``resume`` finds one."""
+    """Everything a run needs, restored from ``out_dir``'s checkpoint when ``resume`` finds one. ``config`` is
+    resolved again (:func:`wildssl.train.config.build_config`): a dict built by hand gets the checks a recipe gets
+    (an unknown key, a value out of range or of the wrong type is a one-line ConfigError; a missing section takes
+    the defaults); one that ``build_config`` made comes back the same."""
+    config = build_config(config)
     out_dir = Path(out_dir)
     rank, world = dist.get_rank(), dist.get_world_size()
     device = pick_device()
@@ -359,15 +381,6 @@ def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
               stream_positions={name: list(START) for name, source in sources.items() if isinstance(source, ShardStream)},
               decoders=decoders)
 
-    warmup, peak = warmup_steps(config, steps_per_epoch), peak_lr(config, global_batch)
-    if warmup >= total_steps and config["optim"]["lr"] > 0 and rank == 0:
-        log.warning("optim.warmup_epochs=%g is %d steps and the run %d: the learning rate never reaches its peak "
-                    "(%.3g at most, against %.3g); shorten the warm-up or lengthen the run",
-                    config["optim"]["warmup_epochs"], warmup, total_steps, float(run.schedules["lr"].max()), peak)
-    if config["optim"]["min_lr"] > peak and rank == 0:  # the "cosine decay" then climbs to min_lr
-        log.warning("optim.min_lr=%g is above the peak learning rate %.3g (optim.lr at this batch), so the rate "
-                    "rises over the run instead of decaying to it; give a min_lr below the peak",
-                    config["optim"]["min_lr"], peak)
     if checkpoint_path.is_file():
         if sharded:
             state = fsdp.read_run_state(checkpoint_path.parent)
