@@ -412,3 +412,32 @@ def test_every_test_cited_in_docs_reliability_exists():
     for file, name in cited:
         where = [sources[file]] if file else list(sources.values())
         assert any(re.search(rf"^def {name}\(", source, re.M) for source in where), (file, name)
+
+
+def test_a_run_of_the_other_sharding_is_not_trained_over(tmp_path):
+    """A folder holding an FSDP run (checkpoint.dcp/) was trained over from step 0 by a run without that switch,
+    even with --resume ("no checkpoint yet"): its metrics and config were rewritten."""
+    from conftest import tiny_config
+    from wildssl.errors import CheckpointError
+    from wildssl.train import fsdp
+    from wildssl.train.engine import train
+
+    run = tmp_path / "run"
+    (run / fsdp.SHARDED_CHECKPOINT).mkdir(parents=True)
+    (run / fsdp.SHARDED_CHECKPOINT / fsdp.RUN_STATE).write_text("{}")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    for resume in (False, True):
+        with pytest.raises(CheckpointError, match=r"holds a run written as checkpoint.dcp/ \(train.sharding=fsdp\); "
+                                                  r".*--set train.sharding=fsdp"):
+            train(tiny_config("simclr", "train.steps=1"), run, resume=resume)
+    assert (run / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
+
+
+def test_eval_encoder_teacher_on_a_method_without_one_is_refused_before_training(tmp_path):
+    """eval.encoder=teacher on SimCLR ended in a raw ValueError at the first online k-NN."""
+    from conftest import tiny_config
+    from wildssl.errors import ConfigError
+    from wildssl.train.engine import train
+
+    with pytest.raises(ConfigError, match="^eval.encoder=teacher, but method simclr has no teacher encoder"):
+        train(tiny_config("simclr", "train.steps=1", "eval.encoder=teacher"), tmp_path / "run")

@@ -57,7 +57,8 @@ def metrics_figure(records: list[dict], title: str = ""):
             if floor is not None:  # the k-NN starts from the same network at its random initialization (step 0)
                 steps, values = [0] + steps, [floor] + values
             label = key.replace("agreement_iou_", "IoU ")
-            line, = axis.plot(steps, values, label=label, linewidth=2 if key == "agreement" else 1.2)
+            line, = axis.plot(steps, values, label=label, linewidth=2 if key == "agreement" else 1.2,
+                              marker="o" if len(steps) == 1 else None)  # one logged row: a line of one point is not drawn
             if floor is not None:
                 axis.axhline(floor, color=line.get_color(), linestyle="--", linewidth=1, label="random init")
         axis.set_title(name)

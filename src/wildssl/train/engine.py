@@ -35,6 +35,7 @@ from wildssl.data.photometric import loses_colour
 from wildssl.errors import ConfigError
 from wildssl.eval.online_probe import make_online_probe
 from wildssl.train.logging import CollapseMonitor, MetricLogger, ProgressBar
+from wildssl.train import fsdp
 from wildssl.train.run import (Run, TrainingStopped, build_run, loader_spans, make_loaders, pick_device, save_checkpoint,
                                warn_about_the_schedule)
 from wildssl.train.step import StepResult, device_batches, training_step
@@ -306,8 +307,10 @@ def train(config: dict, out_dir: str | Path, resume: bool = False, knn_evaluator
                         reporter.epoch_end(done, epoch, run.method.on_epoch_end(epoch))
                     if result.interrupted:
                         save_checkpoint(run, done)
-                        raise KeyboardInterrupt(f"interrupted at step {done}; checkpoint saved to "
-                                                f"{run.checkpoint_path} (continue with --resume)")
+                        saved = (run.out_dir / fsdp.SHARDED_CHECKPOINT if tcfg["sharding"] == "fsdp"
+                                 else run.checkpoint_path)
+                        raise KeyboardInterrupt(f"interrupted at step {done}; checkpoint saved to {saved} "
+                                                "(continue with --resume)")
                     # a kept copy (train.keep_every) is a checkpoint too, whatever train.checkpoint_every says
                     if done == run.total_steps or any(every and done % every == 0
                                                       for every in (tcfg["checkpoint_every"], tcfg["keep_every"])):

@@ -241,6 +241,11 @@ def check_out_dir(config: dict, out_dir: str | Path, resume: bool) -> None:
     if run_checkpoint_path(config, out_dir).is_file() and not resume:
         raise CheckpointError(f"run directory {out_dir} already holds a checkpoint; pass --resume to "
                               "continue it or choose another --out")
+    other = "ddp" if config["train"]["sharding"] == "fsdp" else "fsdp"
+    if run_checkpoint_path({"train": {"sharding": other}}, out_dir).is_file():  # else trained over from step 0
+        written = "checkpoint.dcp/ (train.sharding=fsdp)" if other == "fsdp" else f"{CHECKPOINT_NAME} (train.sharding=ddp)"
+        raise CheckpointError(f"run directory {out_dir} holds a run written as {written}; this config would start "
+                              f"another beside it: resume it with --set train.sharding={other}, or choose another --out")
 
 
 RUN_MARKERS = ("config.yaml", "metrics.jsonl")  # what a run writes first, before its first checkpoint
@@ -324,6 +329,12 @@ def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
     # model.init_from that cannot be read leaves no empty folder; not read when the run resumes from its own
     # checkpoint, which holds those weights (the file may be gone by then).
     method = build_initial_method(config, load_init_from=not checkpoint_path.is_file()).to(device)
+    if config["eval"]["encoder"] == "teacher" and method.teacher is None:  # else a ValueError at the first k-NN
+        raise ConfigError(f"eval.encoder=teacher, but method {method.name} has no teacher encoder: give "
+                          "eval.encoder=student or auto")
+    if tcfg["activation_checkpointing"] and not sharded and rank == 0:
+        log.warning("train.activation_checkpointing=true recomputes activations under train.sharding=fsdp only; "
+                    "this run (train.sharding=ddp) keeps them as usual")
     if rank == 0:
         prepare_out_dir(out_dir, resume)
     dist.barrier()
