@@ -57,7 +57,7 @@ def test_the_floor_of_a_run_with_init_from_is_its_random_initialization(dino_run
     """With model.init_from the "random initialization" k-NN measured the loaded encoder: a LiT run (its tower
     locked) raised a quality alarm every time, and WSP from MAE compared itself with MAE."""
     def fingerprint(method):  # a stand-in k-NN: a number that follows the evaluated encoder's weights
-        return {"knn_top1": float(method.encoder().patch_embed.proj.weight.double().abs().sum()) % 1.0}
+        return {"knn_top1": float(method.encoder().patch_embed.proj.weight.detach().double().abs().sum()) % 1.0}
 
     plain = train(tiny_config("simclr", "train.steps=1", "eval.knn_every=1"), tmp_path / "plain",
                   knn_evaluator=fingerprint)
