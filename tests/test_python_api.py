@@ -67,6 +67,9 @@ def test_engine_train_checks_a_config_dict_built_by_hand(tmp_path):
             train(bad, tmp_path / key)
         assert not (tmp_path / key).exists()
     assert train(copy.deepcopy(config), tmp_path / "good")["steps"] == 1
+    partial = copy.deepcopy(config)
+    del partial["eval"]  # a missing section takes the defaults, in the engine's loop as in build_run
+    assert train(partial, tmp_path / "partial")["steps"] == 1
 
 
 def test_feature_batches_of_the_wrong_form_are_one_line_errors():

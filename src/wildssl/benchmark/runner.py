@@ -18,8 +18,9 @@ is only evaluated again; any other resumes from its training checkpoint (``train
 starts over. A recorded run whose resolved config differs from the suite's now (another budget, override or
 edited recipe) is an error naming the run and the changed keys: resuming never mixes two settings in one table.
 So is a recorded run evaluated with other probes, network or metrics (deleting its ``result.json`` evaluates it
-again, training kept), a data name that now points at other data, and a floor recorded for another first entry. A run's ``train_seconds`` is the sum over the sessions that trained it. A non-empty ``--out``
-without ``suite.json`` is refused: the runner writes only into its own folders.
+again, training kept), a data name that now points at other data, and a floor recorded for another first entry.
+A run's ``train_seconds`` is the sum over the sessions that trained it. A non-empty ``--out`` without
+``suite.json`` is refused: the runner writes only into its own folders.
 """
 
 from __future__ import annotations

@@ -335,11 +335,11 @@ def make_views(
         aspect = torch.full((batch,), width / height, device=device)
     elif aspect.shape != (batch,):
         raise DataError(f"make_views: aspect has shape {tuple(aspect.shape)}, expected ({batch},)")
-    elif aspect.device.type == "cpu" and not bool((aspect > 0).all() & torch.isfinite(aspect).all()):
-        # (a source's aspect, on the CPU; checking one on an accelerator would wait for it every step)
-        bad = aspect[~((aspect > 0) & torch.isfinite(aspect))][0].item()
-        raise DataError(f"make_views: aspect (W/H of each original image) must be finite and > 0, got {bad} "
-                        "(NaN gave NaN boxes, a negative one an inverted box)")
+    elif aspect.device.type == "cpu":  # a source's aspect; checking one on an accelerator would wait every step
+        invalid = ~((aspect > 0) & torch.isfinite(aspect))
+        if bool(invalid.any()):
+            raise DataError(f"make_views: aspect (W/H of each original image) must be finite and > 0, got "
+                            f"{aspect[invalid][0].item()} (NaN gave NaN boxes, a negative one an inverted box)")
     source_index = torch.arange(batch, device=device)
 
     views: list[ViewBatch] = []

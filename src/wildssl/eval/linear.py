@@ -100,7 +100,8 @@ def linear_probe(train: FeatureSet, test: FeatureSet, *, pools=("cls", "avg"), l
                                 description=f"linear final {pool} lr={lr:g}")
     logits = linear_logits(model, test.pooled(pool))
     return {**topk_accuracy(logits, test_labels, learned=train_labels), "pool": pool, "lr": lr,
-            "grid": selection.scores, "loss_curve": curve, "confusion": confusion_matrix(logits.argmax(1), test_labels, num_classes).tolist(),
+            "grid": selection.scores, "loss_curve": curve,
+            "confusion": confusion_matrix(logits.argmax(1), test_labels, num_classes).tolist(),
             "classes": train.classes, "num_train": len(train), "num_test": len(test)}
 
 

@@ -11,7 +11,6 @@ import numpy as np
 import torch
 
 from wildssl.data.views import ViewBatch, make_views
-from wildssl.errors import ConfigError
 from wildssl.methods.base import (AnnotationInput, AnnotationSpace, Method, StepContext, check_pool,
                                   normalized_embedding_std, pooled, pooled_features)
 from wildssl.methods.distillation import (DISTILLATION_DEFAULTS, MULTI_CROP_VIEW_DEFAULTS, SelfDistillation,

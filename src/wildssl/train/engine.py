@@ -35,9 +35,8 @@ from wildssl.data.photometric import loses_colour
 from wildssl.errors import ConfigError
 from wildssl.eval.online_probe import make_online_probe
 from wildssl.train.logging import CollapseMonitor, MetricLogger, ProgressBar
-from wildssl.train import fsdp
-from wildssl.train.run import (Run, TrainingStopped, build_run, loader_spans, make_loaders, pick_device, save_checkpoint,
-                               warn_about_the_schedule)
+from wildssl.train.run import (Run, TrainingStopped, build_run, checkpoint_location, loader_spans, make_loaders,
+                               pick_device, save_checkpoint, warn_about_the_schedule)
 from wildssl.train.step import StepResult, device_batches, training_step
 
 log = logging.getLogger("wildssl")
@@ -273,6 +272,7 @@ def train(config: dict, out_dir: str | Path, resume: bool = False, knn_evaluator
     :func:`wildssl.eval.evaluate.make_online_knn`). With ``eval.online_probe`` a linear probe trains on
     detached features of every finite step's first-stream batch (:mod:`wildssl.eval.online_probe`)."""
     run = build_run(config, out_dir, resume)
+    config = run.config  # resolved by build_run: a hand-built dict's missing sections filled, its values checked
     warn_about_the_schedule(run)
     tcfg = config["train"]
     online_probe = make_online_probe(config, run.sources[run.streams[0]], run.method, run.device)
@@ -307,8 +307,7 @@ def train(config: dict, out_dir: str | Path, resume: bool = False, knn_evaluator
                         reporter.epoch_end(done, epoch, run.method.on_epoch_end(epoch))
                     if result.interrupted:
                         save_checkpoint(run, done)
-                        saved = (run.out_dir / fsdp.SHARDED_CHECKPOINT if tcfg["sharding"] == "fsdp"
-                                 else run.checkpoint_path)
+                        saved = checkpoint_location(tcfg["sharding"], run.out_dir)
                         raise KeyboardInterrupt(f"interrupted at step {done}; checkpoint saved to {saved} "
                                                 "(continue with --resume)")
                     # a kept copy (train.keep_every) is a checkpoint too, whatever train.checkpoint_every says

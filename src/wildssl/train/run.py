@@ -228,11 +228,22 @@ def compile_networks(method: Method, backend: str = "inductor") -> None:
             networks["backbone"].compile(dynamic=False, backend=backend)
 
 
+def checkpoint_location(sharding: str, out_dir: str | Path) -> Path:
+    """What a user names as the checkpoint of a run of ``train.sharding`` in ``out_dir``: its file, or the
+    ``checkpoint.dcp/`` folder of a sharded run."""
+    return Path(out_dir) / (fsdp.SHARDED_CHECKPOINT if sharding == "fsdp" else CHECKPOINT_NAME)
+
+
+def _checkpoint_file(sharding: str, out_dir: str | Path) -> Path:
+    """The file whose presence says that a run of ``train.sharding`` in ``out_dir`` has saved a checkpoint (FSDP:
+    the file a sharded checkpoint writes last)."""
+    location = checkpoint_location(sharding, out_dir)
+    return location / fsdp.RUN_STATE if sharding == "fsdp" else location
+
+
 def run_checkpoint_path(config: dict, out_dir: str | Path) -> Path:
     """Where a run in ``out_dir`` keeps its checkpoint (FSDP: the file a sharded checkpoint writes last)."""
-    if config["train"]["sharding"] == "fsdp":
-        return Path(out_dir) / fsdp.SHARDED_CHECKPOINT / fsdp.RUN_STATE
-    return Path(out_dir) / CHECKPOINT_NAME
+    return _checkpoint_file(config["train"]["sharding"], out_dir)
 
 
 def check_out_dir(config: dict, out_dir: str | Path, resume: bool) -> None:
@@ -242,10 +253,11 @@ def check_out_dir(config: dict, out_dir: str | Path, resume: bool) -> None:
         raise CheckpointError(f"run directory {out_dir} already holds a checkpoint; pass --resume to "
                               "continue it or choose another --out")
     other = "ddp" if config["train"]["sharding"] == "fsdp" else "fsdp"
-    if run_checkpoint_path({"train": {"sharding": other}}, out_dir).is_file():  # else trained over from step 0
-        written = "checkpoint.dcp/ (train.sharding=fsdp)" if other == "fsdp" else f"{CHECKPOINT_NAME} (train.sharding=ddp)"
-        raise CheckpointError(f"run directory {out_dir} holds a run written as {written}; this config would start "
-                              f"another beside it: resume it with --set train.sharding={other}, or choose another --out")
+    if _checkpoint_file(other, out_dir).is_file():  # else trained over from step 0
+        written = checkpoint_location(other, out_dir).name + ("/" if other == "fsdp" else "")
+        raise CheckpointError(f"run directory {out_dir} holds a run written as {written} (train.sharding={other}); "
+                              f"this config would start another beside it: resume it with --set "
+                              f"train.sharding={other}, or choose another --out")
 
 
 RUN_MARKERS = ("config.yaml", "metrics.jsonl")  # what a run writes first, before its first checkpoint
@@ -295,10 +307,10 @@ def warn_about_the_schedule(run: Run) -> None:
     """Warnings (rank 0) for a learning-rate schedule that cannot do what its keys say: a warm-up longer than the run,
     a min_lr above the peak. The engine calls it for a training run; ``wildssl bench``, whose few timed steps are no
     training, does not."""
-    config = run.config
-    warmup, peak = warmup_steps(config, run.steps_per_epoch), peak_lr(config, config["train"]["batch_size"])
     if not run.main:
         return
+    config = run.config
+    warmup, peak = warmup_steps(config, run.steps_per_epoch), peak_lr(config, config["train"]["batch_size"])
     if warmup >= run.total_steps and config["optim"]["lr"] > 0:
         log.warning("optim.warmup_epochs=%g is %d steps and the run %d: the learning rate never reaches its peak "
                     "(%.3g at most, against %.3g); shorten the warm-up or lengthen the run",
