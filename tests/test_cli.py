@@ -88,6 +88,38 @@ def test_a_resumed_run_compares_with_the_random_init_figure_it_recorded_before_s
     assert sum(line.startswith("wildssl: k-NN top-1") for line in errs[1].splitlines()) == 1, errs[1]
 
 
+def test_a_resume_that_changes_the_online_knn_measures_its_floor_again_under_the_new_settings(tmp_path, capsys,
+                                                                                             caplog):
+    """eval.* may change on resume, but the summary compared the new k-NN with the floor measured under the old
+    settings (another k here; another --val likewise), or had none when the k-NN was off at the start. The floor is
+    measured again at the random initialization: the figure a new run with the new settings measures before step 0."""
+    data = ["eval.knn_train=" + TINY_DATA, "eval.knn_test=synthetic:scenes?n=32&size=16&split=test"]
+
+    def run(out, steps, *extra, resume=False):
+        argv = ["train", "simclr_quick", "--out", str(tmp_path / out), *(["--resume"] if resume else [])]
+        for item in tiny_overrides("simclr", f"train.steps={steps}", *data, *extra):
+            argv += ["--set", item]
+        code, stdout, err = _run(capsys, *argv)
+        assert code == 0, err
+        return json.loads(stdout.strip().splitlines()[-1]), err
+
+    fresh, _ = run("fresh", 2, "eval.knn_every=2", "eval.knn_k=1")  # the new settings from step 0
+    first, _ = run("run", 2, "eval.knn_every=2", "eval.knn_k=20")
+    assert first["knn_top1_random_init"] != fresh["knn_top1_random_init"]  # else the test could not tell
+    caplog.set_level("INFO", logger="wildssl")
+    resumed, _ = run("run", 4, "eval.knn_every=2", "eval.knn_k=1", resume=True)
+    assert resumed["knn_top1_random_init"] == fresh["knn_top1_random_init"]
+    assert "eval.knn_k: 20 -> 1" in caplog.text
+    # a run whose k-NN was off at its start has no floor: it is measured when a resume turns the k-NN on
+    run("off", 2, "eval.knn_every=0", "eval.knn_k=1")
+    turned_on, _ = run("off", 4, "eval.knn_every=2", "eval.knn_k=1", resume=True)
+    assert turned_on["knn_top1_random_init"] == fresh["knn_top1_random_init"]
+    # an unchanged resume reads the recorded floor again (the test above) and measures nothing
+    caplog.clear()
+    again, _ = run("run", 6, "eval.knn_every=2", "eval.knn_k=1", resume=True)
+    assert again["knn_top1_random_init"] == fresh["knn_top1_random_init"] and "measured again" not in caplog.text
+
+
 def test_training_into_a_run_that_holds_a_checkpoint_is_refused_before_any_data_is_opened(tmp_path, capsys, caplog):
     import logging
 

@@ -138,7 +138,8 @@ def test_engine_with_fsdp_sharding_resumes_exactly_and_exports_one_encoder_file(
 
     # constant lr and weight decay, so that a 2-step run resumed to 4 steps follows the 4-step run exactly
     overrides = tiny_overrides("wsp", "method.labels=manifest", "train.sharding=fsdp", "model.depth=2",
-                               "train.activation_checkpointing=true", "train.checkpoint_every=2", "optim.lr=1e-3",
+                               "train.activation_checkpointing=true", "train.checkpoint_every=2", "train.keep_every=2",
+                               "optim.lr=1e-3",
                                "optim.min_lr=1e-3", "optim.warmup_epochs=0")
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
     try:
@@ -161,6 +162,28 @@ def test_engine_with_fsdp_sharding_resumes_exactly_and_exports_one_encoder_file(
         assert torch.equal(whole[key], resumed[key]), key
     initial = _method_like_init()
     assert any(not torch.equal(whole[k], initial[k]) for k in whole if k != "mask_token")  # it trained
+    # train.keep_every keeps each kept step's sharded checkpoint (it was ignored), and export reads a kept copy
+    kept = tmp_path / "whole" / "checkpoint_0000002.dcp"
+    assert (kept / "wildssl.json").is_file() and (tmp_path / "whole" / "checkpoint_0000004.dcp").is_dir()
+    assert main(["export", "--checkpoint", str(kept), "--out", str(tmp_path / "kept.safetensors")]) == 0
+    at_2 = load_encoder(tmp_path / "kept.safetensors").state_dict()
+    assert any(not torch.equal(at_2[k], whole[k]) for k in whole)  # step 2's weights, not step 4's
+    # --timm of a sharded run (it was refused with "no checkpoint"): the same weights under timm's names
+    from wildssl.models.export import timm_state_dict
+
+    assert main(["export", "--checkpoint", str(tmp_path / "whole"), "--timm", "--out", str(tmp_path / "t.safetensors")]) == 0
+    from safetensors.torch import load_file
+
+    timm_tensors = load_file(tmp_path / "t.safetensors")
+    expected = timm_state_dict(load_encoder(tmp_path / "whole.safetensors"))
+    assert timm_tensors.keys() == expected.keys()
+    assert all(torch.equal(timm_tensors[k], expected[k]) for k in expected)
+    # an evaluation given the sharded run says how to read it, in one line (it said "no checkpoint")
+    from wildssl.errors import CheckpointError
+
+    for path in (tmp_path / "whole", kept):
+        with pytest.raises(CheckpointError, match="train.sharding=fsdp.*wildssl export --checkpoint"):
+            load_encoder(path)
 
 
 def _method_like_init():

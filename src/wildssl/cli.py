@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -465,16 +466,25 @@ def cmd_export(args) -> int:
 
     teacher = None if args.encoder == "auto" else args.encoder == "teacher"
     sharded = Path(args.checkpoint) / fsdp.SHARDED_CHECKPOINT
-    if (sharded / fsdp.RUN_STATE).is_file() and not args.timm:  # a train.sharding=fsdp run: consolidate it
+    if (Path(args.checkpoint) / fsdp.RUN_STATE).is_file():  # a sharded checkpoint named itself (a kept copy)
+        sharded = Path(args.checkpoint)
+    if (sharded / fsdp.RUN_STATE).is_file():  # a train.sharding=fsdp run: consolidate it
         state = fsdp.read_run_state(sharded)
         network = state["eval_network"] if teacher is None else ("teacher" if teacher else "student")
         check_export_target(Path(args.out), sharded / fsdp.RUN_STATE)
-        fsdp.export_consolidated(sharded, args.out, state["config"]["model"], network,
-                                 state["config"].get("eval", {}).get("pool"))
+        pool = state["config"].get("eval", {}).get("pool")
+        if not args.timm:
+            fsdp.export_consolidated(sharded, args.out, state["config"]["model"], network, pool)
+            print(f"wrote {args.out} (the {network} encoder of the sharded checkpoint {sharded})")
+            return 0
+        with tempfile.TemporaryDirectory() as scratch:  # consolidated first, then written as timm reads it
+            consolidated = Path(scratch) / "encoder.safetensors"
+            fsdp.export_consolidated(sharded, consolidated, state["config"]["model"], network, pool)
+            kwargs = save_encoder_export(Path(args.out), consolidated, timm=True)
         print(f"wrote {args.out} (the {network} encoder of the sharded checkpoint {sharded})")
-        return 0
-    kwargs = save_encoder_export(Path(args.out), args.checkpoint, teacher=teacher, timm=args.timm)
-    print(f"wrote {args.out}")
+    else:
+        kwargs = save_encoder_export(Path(args.out), args.checkpoint, teacher=teacher, timm=args.timm)
+        print(f"wrote {args.out}")
     if args.timm:
         arguments = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
         print("load it in timm with:\n"

@@ -27,6 +27,10 @@ CHECKPOINT_FORMAT = "wildssl-checkpoint"
 EXPORT_FORMAT = "wildssl-encoder"
 EVAL_NETWORKS = ("teacher", "student")
 POOLS = ("cls", "avg")  # the features an encoder is read by: the class token or the mean patch token
+# A train.sharding=fsdp run keeps its checkpoint as a DCP folder (wildssl.train.fsdp), whose run state file is
+# written last: evaluations read one file, which `wildssl export` consolidates from it.
+SHARDED_CHECKPOINT = "checkpoint.dcp"
+RUN_STATE = "wildssl.json"  # step, config, eval_network and the run's counters, beside the DCP files
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -34,6 +38,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
         candidate = path / CHECKPOINT_NAME
+        if not candidate.is_file() and ((path / SHARDED_CHECKPOINT / RUN_STATE).is_file()
+                                        or (path / RUN_STATE).is_file()):
+            raise CheckpointError(f"{path} holds a checkpoint of a train.sharding=fsdp run: a sharded folder, which "
+                                  "evaluations do not read; write its encoder to one file with `wildssl export "
+                                  f"--checkpoint {path} --out encoder.safetensors` and give that file")
         if not candidate.is_file():
             raise CheckpointError(f"no checkpoint in run directory {path} (expected {candidate.name}; "
                                   "has the run saved one yet?)")

@@ -41,6 +41,9 @@ from wildssl.train.step import StepResult, device_batches, training_step
 
 log = logging.getLogger("wildssl")
 
+# The eval.* keys the online k-NN's figures depend on: a resume that changes one measures the floor again.
+FLOOR_SETTINGS = ("knn_train", "knn_test", "knn_k", "knn_temperature", "pool", "image_size", "encoder")
+
 __all__ = ["train", "TrainingStopped", "pick_device"]
 
 
@@ -214,13 +217,33 @@ class _Reporter:
                                                     for k, v in result.items()))
         dist.barrier()
 
+    def resumed(self) -> None:
+        """On resume: the floor recorded before step 0 (the quality alarm and the summary compare with it again), or
+        a new one when the online k-NN's settings changed since it was measured (``eval.*`` may change on resume)
+        or it was off then: the floor of the new settings, at the run's random initialization, logged at the step
+        the run resumes from."""
+        self.knn_random = recorded_random_init(self.run.out_dir) if self.run.main else {}
+        if self.knn_evaluator is None or not self.run.config["eval"]["knn_every"]:
+            return
+        # decided from the two configs alone, so that every rank takes the same path (the evaluation has a barrier)
+        saved, now = (self.run.saved_config or {}).get("eval", {}), self.run.config["eval"]
+        changed = [f"eval.{key}: {saved.get(key)!r} -> {now[key]!r}" for key in FLOOR_SETTINGS
+                   if saved.get(key) != now[key]]
+        if saved.get("knn_every") and not changed:
+            return
+        if self.run.main:
+            log.info("online k-NN: %s, so the random-initialization floor is measured again now",
+                     f"its settings changed since the floor was measured ({', '.join(changed)})"
+                     if saved.get("knn_every") else "it was off when the run started, so no floor was measured")
+        self.evaluate(self.run.start_step, random_init=True)
+
     def _floor_method(self):
         """The network the floor measures: the run's own before step 0, or, when ``model.init_from`` loaded a
-        trained encoder into it, the same method built at its random initialization without that file (the
-        loaded encoder's figure was reported as "random initialization", and a locked one, LiT's, raised a
-        quality alarm on every run)."""
+        trained encoder into it or the run resumed (its weights trained), the same method built at its random
+        initialization without that file (the loaded encoder's figure was reported as "random initialization",
+        and a locked one, LiT's, raised a quality alarm on every run)."""
         config = self.run.config
-        if not config["model"]["init_from"]:
+        if not config["model"]["init_from"] and self.run.start_step == 0:
             return self.run.method
         from wildssl.methods import build_initial_method
 
@@ -255,13 +278,15 @@ class _Reporter:
 
 
 def recorded_random_init(run_dir: Path) -> dict:
-    """The ``knn_*_random_init`` figures the run recorded before its step 0 (its ``metrics.jsonl``), or ``{}``."""
+    """The ``knn_*_random_init`` figures the run recorded last (its ``metrics.jsonl``: before step 0, or at a resume
+    whose k-NN settings changed), or ``{}``."""
     from wildssl.io import read_metrics
 
+    found = {}
     for record in read_metrics(run_dir):
-        if record.get("step") == 0 and "knn_top1_random_init" in record:
-            return {k: v for k, v in record.items() if k.startswith("knn_top") and k.endswith("_random_init")}
-    return {}
+        if "knn_top1_random_init" in record:
+            found = {k: v for k, v in record.items() if k.startswith("knn_top") and k.endswith("_random_init")}
+    return found
 
 
 def train(config: dict, out_dir: str | Path, resume: bool = False, knn_evaluator=None) -> dict:
@@ -279,8 +304,8 @@ def train(config: dict, out_dir: str | Path, resume: bool = False, knn_evaluator
     reporter = _Reporter(run, knn_evaluator)
     if run.start_step == 0:
         reporter.evaluate(0, random_init=True)
-    else:  # the floor measured before step 0 of this run: the quality alarm and the summary compare with it again
-        reporter.knn_random = recorded_random_init(run.out_dir)
+    else:
+        reporter.resumed()
     run.method.train()
     done = run.start_step
     try:

@@ -41,12 +41,11 @@ from wildssl import distributed as dist
 from wildssl.errors import CheckpointError, ConfigError
 from wildssl.io import atomic_save
 from wildssl.models.export import export_metadata
-from wildssl.models.loading import POOLS, build_encoder_from_config, load_state_strict
+from wildssl.models.loading import (POOLS, RUN_STATE, SHARDED_CHECKPOINT,  # noqa: F401 (named here too)
+                                    build_encoder_from_config, load_state_strict)
 from wildssl.train.checkpoint import run_eval_network
 
 PRECISIONS = ("bf16", "fp32")
-SHARDED_CHECKPOINT = "checkpoint.dcp"
-RUN_STATE = "wildssl.json"  # step, config, eval_network and the run's counters, beside the DCP files
 
 # torch.distributed's checkpoint and FSDP modules are imported where they are used: at module level they took about
 # 2 s of every `wildssl` command's start-up (half of it), though only train.sharding=fsdp runs need them.
@@ -184,9 +183,10 @@ def nonfinite_shards(method: nn.Module) -> bool:
 
 
 def save_run_checkpoint(out_dir: Path, method: nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                        config: dict, extra: dict) -> Path:
+                        config: dict, extra: dict, keep_as: str | None = None) -> Path:
     """Write ``out_dir/checkpoint.dcp`` (every rank calls it): into a fresh directory first, which replaces the
-    previous checkpoint only once complete, so an interrupted write leaves the last good one."""
+    previous checkpoint only once complete, so an interrupted write leaves the last good one. ``keep_as``: a folder
+    name in ``out_dir`` that also keeps a copy of it (``train.keep_every``)."""
     final = Path(out_dir) / SHARDED_CHECKPOINT
     partial = final.with_name(final.name + ".tmp")
     if dist.is_main_process() and partial.exists():
@@ -202,6 +202,10 @@ def save_run_checkpoint(out_dir: Path, method: nn.Module, optimizer: torch.optim
             os.replace(final, previous)
         os.replace(partial, final)
         shutil.rmtree(previous, ignore_errors=True)
+        if keep_as is not None:
+            kept = Path(out_dir) / keep_as
+            shutil.rmtree(kept, ignore_errors=True)  # a copy of a replayed step, after a resume
+            shutil.copytree(final, kept)
     dist.barrier()
     return final
 

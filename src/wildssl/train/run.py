@@ -71,6 +71,8 @@ class Run:
     start_step: int
     counters: dict = field(default_factory=lambda: {name: 0 for name in COUNTERS})
     last_good_checkpoint: Path | None = None
+    # the checkpoint's config when the run resumed one (its eval.* may differ from ``config``'s), else None
+    saved_config: dict | None = None
     # stream -> indices of the unreadable images met so far; ``corrupt_images`` counts them (distinct
     # files, not skip events: a corrupt file is met again every epoch, and by its neighbours' requests)
     corrupt_files: dict[str, set[int]] = field(default_factory=dict)
@@ -414,7 +416,7 @@ def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
             saved = read_checkpoint_config(checkpoint_path)
             check_resume_config(saved, config, str(checkpoint_path))
             state = load_training_checkpoint(checkpoint_path, method, optimizer)
-        run.start_step = state["step"]
+        run.start_step, run.saved_config = state["step"], saved
         _say_how_a_new_length_resumes(run, saved, len(first), sum(batch_sizes.values()))
         run.counters.update({k: int(state["extra"].get(k, 0)) for k in COUNTERS})
         run.corrupt_files = {name: set(indices) for name, indices in state["extra"].get("corrupt_files", {}).items()}
@@ -538,5 +540,7 @@ def _save_sharded_checkpoint(run: Run, step: int) -> None:
     extra = {**run.counters, "corrupt_files": {name: sorted(v) for name, v in run.corrupt_files.items()}}
     if positions:
         extra["stream_positions"] = positions
-    run.last_good_checkpoint = fsdp.save_run_checkpoint(run.out_dir, run.method, run.optimizer, step, run.config,
-                                                        extra)
+    keep = run.config["train"]["keep_every"]
+    run.last_good_checkpoint = fsdp.save_run_checkpoint(
+        run.out_dir, run.method, run.optimizer, step, run.config, extra,
+        keep_as=f"checkpoint_{step:07d}.dcp" if keep and step % keep == 0 else None)
