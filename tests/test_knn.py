@@ -395,3 +395,20 @@ def test_non_finite_features_are_refused_not_classified_as_class_zero():
     nan_batch = [{"image": torch.full((2, 3, 4, 4), float("nan")), "label": torch.tensor([0, 1])}]
     with pytest.raises(DataError, match="2 of 2 are not finite"):
         extract_features(encoder, nan_batch, "cpu", image_size=4, normalize_images=False)
+
+
+def test_a_k_larger_than_the_memory_is_said_once_not_cut_silently(caplog):
+    """eval.knn_k / --k above the memory's size voted with every image without a word; it is said once per (k,
+    memory size), since the online k-NN repeats the same evaluation."""
+    torch.manual_seed(0)
+    train, test = torch.randn(6, 4), torch.randn(3, 4)
+    labels = torch.tensor([0, 1, 0, 1, 0, 1])
+    caplog.set_level("WARNING", logger="wildssl")
+    every = knn_accuracy(train, labels, test, torch.tensor([0, 1, 0]), num_classes=2, k=50)
+    knn_accuracy(train, labels, test, torch.tensor([0, 1, 0]), num_classes=2, k=50)
+    said = [r.message for r in caplog.records if "more than the 6 images" in r.message]
+    assert said == ["k-NN: k=50 is more than the 6 images of its memory, so every one of them votes (k=6)"]
+    assert every == knn_accuracy(train, labels, test, torch.tensor([0, 1, 0]), num_classes=2, k=6)  # the same vote
+    caplog.clear()
+    knn_accuracy(train, labels, test, torch.tensor([0, 1, 0]), num_classes=2, k=6)
+    assert not caplog.records

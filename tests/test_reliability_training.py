@@ -327,3 +327,51 @@ def test_a_min_lr_above_the_peak_is_named(tmp_path, caplog):
         warn_about_the_schedule(build_run(build_config("simclr_quick", tiny_overrides("simclr", "train.steps=4")),
                                           tmp_path / "plain"))
     assert not any("optim.min_lr" in r.getMessage() for r in caplog.records)
+
+
+def _peer_worker(rank, port, out_dir, result_dir):
+    """One process of a 2-process launch (torchrun's environment); rank 1's data fails at its second step."""
+    import contextlib
+    import io
+    import os
+
+    from wildssl.errors import DataError
+    from wildssl.train import engine
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    step_of = engine.training_step
+
+    def failing_step(run, batches, step, interrupted):
+        if rank == 1 and step == 1:
+            raise DataError("data.train: every image of this batch is unreadable (a stand-in for the real error)")
+        return step_of(run, batches, step, interrupted)
+
+    engine.training_step = failing_step
+    err = io.StringIO()
+    argv = ["train", "simclr_quick", "--out", out_dir]
+    for item in tiny_overrides("simclr", "train.steps=4", "eval.knn_every=0"):
+        argv += ["--set", item]
+    with contextlib.redirect_stderr(err):
+        code = main(argv)
+    Path(result_dir, f"{rank}.json").write_text(json.dumps({"code": code, "err": err.getvalue()}))
+
+
+def test_under_torchrun_the_rank_whose_peer_stopped_says_so_in_one_line(tmp_path):
+    """A data error on one rank ended it in one line, but the other rank printed gloo's traceback ("Connection closed
+    by peer ... GLHF!") as if it were the error. Two real gloo processes: rank 1 fails, rank 0 says why it stops."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_peer_worker, args=(port, str(tmp_path / "run"), str(tmp_path)), nprocs=2)
+    results = {rank: json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)}
+    assert results[1]["code"] == 2 and results[1]["err"].strip().splitlines()[-1] == (
+        "wildssl: error: data.train: every image of this batch is unreadable (a stand-in for the real error)")
+    assert results[0]["code"] == 2 and "Traceback" not in results[0]["err"], results[0]["err"]
+    assert results[0]["err"].strip().splitlines()[-1].startswith(
+        "wildssl: error: rank 0 stopped because another process of this torchrun launch did"), results[0]["err"]

@@ -48,6 +48,18 @@ def _one_line(error: BaseException) -> str:
     return text
 
 
+# What gloo says on a rank whose peer exited (an error there, a kill); NCCL raises DistBackendError.
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def _a_peer_stopped(error: BaseException) -> bool:
+    """True for the error a torchrun process meets when another process of the launch stopped: its own one-line
+    error is the one to read, and this one's is the communication library's traceback."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) < 2 or not isinstance(error, RuntimeError):
+        return False
+    return type(error).__name__ == "DistBackendError" or any(text in str(error) for text in PEER_GONE)
+
+
 def _device():
     from wildssl.train.engine import pick_device
 
@@ -887,6 +899,14 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:  # a place that cannot be read or written, met where no check named it first
         where = f": {error.filename}" if error.filename else ""
         print(f"wildssl: error: {error.strerror or error}{where}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:
+        if not _a_peer_stopped(error):
+            raise
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"wildssl: error: rank {os.environ.get('RANK', '?')} stopped because another process of this torchrun "
+              f"launch did (its error is the one to read; here the communication failed: {first[:200]})",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:
         message = str(interrupt) or "interrupted"

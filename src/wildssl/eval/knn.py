@@ -6,10 +6,15 @@ Each test image votes with its ``k`` most cosine-similar training images; a neig
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
 from wildssl.errors import ConfigError, DataError
+
+log = logging.getLogger("wildssl")
+_said_k_is_cut: set[tuple[int, int]] = set()  # (k, memory size) pairs already said: the online k-NN repeats
 
 
 def _check_labels(labels: torch.Tensor, num_classes: int, what: str) -> None:
@@ -47,6 +52,10 @@ def _check_arguments(train_features: torch.Tensor, train_labels: torch.Tensor, t
         raise DataError(f"k-NN over {num_classes:,} classes would need {4 * num_classes / 2**30:.1f} GiB per test "
                         f"image; at most {MAX_VOTES:,} classes (number the classes densely, 0 .. C - 1)")
     _check_labels(train_labels, num_classes, "train")
+    if k > train_features.shape[0] and (k, train_features.shape[0]) not in _said_k_is_cut:
+        _said_k_is_cut.add((k, train_features.shape[0]))
+        log.warning("k-NN: k=%d is more than the %d images of its memory, so every one of them votes (k=%d)", k,
+                    train_features.shape[0], train_features.shape[0])
     for features, split in ((train_features, "train"), (test_features, "test")):
         require_finite_features(features, f"k-NN's {split} features")
 
