@@ -104,3 +104,22 @@ def test_a_rate_above_the_videos_own_says_each_frame_repeats(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="wildssl.data"):
         open_source(f"video:{tmp_path / 'a.mp4'}?fps=10", load_size=SIDE)
     assert not caplog.records
+
+
+def test_an_unreadable_video_is_said_once_and_counted_with_the_runs_unreadable_images(tmp_path, caplog):
+    """Five unusable videos were warned about twice each (the run and its online k-NN open the source) and were in
+    no count: the summary's corrupt_images held only undecodable frames."""
+    from wildssl.train.engine import train
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    write_video(folder / "a.mp4", 40)
+    (folder / "broken.mp4").write_bytes(b"not a video")
+    (folder / "empty.mkv").write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="wildssl.data"):
+        open_source(f"video:{folder}?fps=5")
+        open_source(f"video:{folder}?fps=5")
+    said = [r.getMessage() for r in caplog.records if "unreadable video" in r.getMessage()]
+    assert len(said) == 2 and {"broken.mp4" in m for m in said} == {True, False}, said
+    config = tiny_config("simclr", f"data.train=video:{folder}?fps=5", "train.batch_size=8", "train.steps=2")
+    assert train(config, tmp_path / "run")["corrupt_images"] == 2

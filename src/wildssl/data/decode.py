@@ -10,9 +10,9 @@ Memory per decode is bounded by the pixel cap, whatever the file holds: the size
 header before any pixel is decoded, JPEGs are decoded at a reduced scale (DCT scaling, ``draft``) that
 still covers the load size, and images are resized in their stored mode before any conversion. A
 decode holds at most about 9 bytes per pixel of ``max_pixels`` (palette with transparency 9, RGBA 8,
-16-bit 6, float 5, RGB 4, gray 1; ``benchmarks/decode_memory.py``): about 350 MiB at the default. Images above Pillow's own
-limit (2 x ``PIL.Image.MAX_IMAGE_PIXELS``, about 179 megapixels before reduced decoding) are refused by
-Pillow and skipped the same way.
+16-bit 6, float 5, RGB 4, gray 1; ``benchmarks/decode_memory.py``): about 350 MiB at the default. Pillow's own
+decompression-bomb limit is lifted for the header read (:func:`open_image`): the cap is the check that counts, so a
+JPEG far above Pillow's limit is read at a reduced scale, and ``max_pixels`` above that limit takes effect.
 
 EXIF orientation is not applied: pixels, sizes and boxes refer to the image as stored in the file.
 
@@ -29,7 +29,9 @@ import abc
 import io
 import logging
 import os
-import warnings
+import re
+import stat
+import threading
 from typing import Any, BinaryIO, Hashable
 
 import numpy as np
@@ -42,8 +44,8 @@ from wildssl.errors import DataError
 logger = logging.getLogger("wildssl.data")
 
 # Pillow decodes each of these natively. The netpbm family (.ppm, .pgm, .pbm, .pnm) is how several classic photo sets
-# ship (GTSRB's traffic signs, for one); .jfif is a JPEG under another name.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff",
+# ship (GTSRB's traffic signs, for one); .jfif and .jpe are JPEGs under other names.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff",
                     ".ppm", ".pgm", ".pbm", ".pnm")
 EXPECTED_SPEC = "expected an image folder, a .jsonl manifest, tar shards or synthetic:scenes"
 
@@ -76,8 +78,11 @@ def warn_once(log: logging.Logger, key: Hashable, message: str, *args: Any) -> N
 
 
 def warn_unreadable(name: str, error: BaseException) -> None:
-    """Log an unreadable item once per ``name`` and process on the ``wildssl.data`` logger."""
-    warn_once(logger, ("unreadable", name), "skipping unreadable image %s (%s: %s)", name, type(error).__name__, error)
+    """Log an unreadable item once per ``name`` and process on the ``wildssl.data`` logger, on one line (a newline in
+    a file name written as ``\\n``; Pillow's ``<_io.BytesIO object at 0x...>`` for a tar member's bytes left out)."""
+    reason = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(error))
+    warn_once(logger, ("unreadable", name), "skipping unreadable image %s (%s: %s)", name.replace("\n", "\\n"),
+              type(error).__name__, reason.replace("\n", " "))
 
 
 def _integer_range(image: Image.Image) -> tuple[int, int]:
@@ -122,6 +127,25 @@ def _high_depth_to_gray(image: Image.Image, load_size: int) -> Image.Image:
     return Image.fromarray(np.rint(np.clip(unit, 0.0, 1.0) * 255).astype(np.uint8))  # L
 
 
+_PILLOW_LIMIT = threading.Lock()  # Image.MAX_IMAGE_PIXELS is global: lifted for one header read at a time
+
+
+def open_image(file: str | os.PathLike | BinaryIO) -> Image.Image:
+    """``PIL.Image.open`` (the header only) of a regular file, without Pillow's decompression-bomb limit: the pixel
+    cap ``max_pixels`` is checked after it, before any pixel is decoded, and after JPEG's reduced-scale decoding, so
+    a 20000 x 20000 JPEG is read at 1/8 scale where Pillow refused it at open, and ``data.max_pixels`` above Pillow's
+    limit takes effect. A path that is not a regular file (a named pipe, which ``open`` waits on forever; a socket;
+    a device) is refused as unreadable."""
+    if isinstance(file, (str, os.PathLike)) and not stat.S_ISREG(os.stat(file).st_mode):
+        raise ValueError("not a regular file (a named pipe, a socket or a device), so it is not read")
+    with _PILLOW_LIMIT:
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(file)
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+
+
 def decode_image(file: str | os.PathLike | BinaryIO, load_size: int,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[torch.Tensor, int, int]:
     """Decode an image file to RGB resized to (load_size, load_size) with bilinear filtering.
@@ -132,22 +156,18 @@ def decode_image(file: str | os.PathLike | BinaryIO, load_size: int,
     Raises :class:`ImageTooLarge` before decoding any pixel when more than ``max_pixels`` would be
     decoded (for JPEG, after the reduced-scale decoding that still covers ``load_size``).
     """
-    with warnings.catch_warnings():
-        # the pixel cap is below Pillow's bomb limit and is the check that counts; its warning would
-        # print as a raw two-line Python warning for every large image
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(file) as image:
-            width, height = image.size
-            if width < 1 or height < 1:
-                raise ValueError(f"image has no pixels ({width}x{height})")
-            # JPEG only: decode at a power-of-two reduced scale that stays >= load_size on both sides;
-            # for large photos this is most of the decoding time and memory.
-            image.draft("RGB", (load_size, load_size))
-            decoded_width, decoded_height = image.size
-            if decoded_width * decoded_height > max_pixels:
-                raise ImageTooLarge(f"{width}x{height} image ({decoded_width * decoded_height / 1e6:.1f} megapixels "
-                                    f"to decode) is above data.max_pixels={max_pixels}")
-            rgb = _to_rgb(image, load_size)
+    with open_image(file) as image:
+        width, height = image.size
+        if width < 1 or height < 1:
+            raise ValueError(f"image has no pixels ({width}x{height})")
+        # JPEG only: decode at a power-of-two reduced scale that stays >= load_size on both sides;
+        # for large photos this is most of the decoding time and memory.
+        image.draft("RGB", (load_size, load_size))
+        decoded_width, decoded_height = image.size
+        if decoded_width * decoded_height > max_pixels:
+            raise ImageTooLarge(f"{width}x{height} image ({decoded_width * decoded_height / 1e6:.1f} megapixels "
+                                f"to decode) is above data.max_pixels={max_pixels}")
+        rgb = _to_rgb(image, load_size)
     pixels = np.array(rgb, dtype=np.uint8)  # (S, S, 3), a writable copy
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), width, height
 
@@ -198,16 +218,16 @@ def read_jpeg(file: str | os.PathLike | BinaryIO, load_size: int,
     otherwise, ``image`` being the CPU path's (3, S, S) uint8 (:func:`~wildssl.data.decode.decode_image`).
     Raises the CPU path's decode errors for a file whose header Pillow cannot read."""
     if isinstance(file, (str, os.PathLike)):
+        if not stat.S_ISREG(os.stat(file).st_mode):  # open() would wait on a named pipe forever
+            raise ValueError("not a regular file (a named pipe, a socket or a device), so it is not read")
         with open(file, "rb") as handle:
             data = handle.read()
     else:
         data = file.read()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # decode_image's reason
-        with Image.open(io.BytesIO(data)) as image:  # the header only
-            width, height = image.size
-            to_device = (image.format in DEVICE_FORMATS and image.mode in DEVICE_MODES
-                         and 0 < width * height <= max_pixels and data.endswith(_EOI))
+    with open_image(io.BytesIO(data)) as image:  # the header only
+        width, height = image.size
+        to_device = (image.format in DEVICE_FORMATS and image.mode in DEVICE_MODES
+                     and 0 < width * height <= max_pixels and data.endswith(_EOI))
     if to_device:
         return None, {"data": torch.frombuffer(bytearray(data), dtype=torch.uint8), "pixels": width * height}, \
             width, height

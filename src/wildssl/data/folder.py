@@ -22,21 +22,74 @@ def is_image_name(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+# Photo formats a folder may hold that wildssl does not decode (beside those Pillow opens but IMAGE_EXTENSIONS does not
+# list): a folder of them is named in a warning instead of shrinking without a word.
+OTHER_PHOTO_EXTENSIONS = (".heic", ".heif", ".avif", ".jxl", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".raf")
+
+
+def _left_out_kind(name: str) -> str | None:
+    """The extension of a file that is a photo wildssl does not read (HEIC, AVIF, camera raw, or another format
+    Pillow opens), else None (an image it reads, a hidden file, or a file of another kind: text, JSON, ...)."""
+    if name.startswith(".") or is_image_name(name):
+        return None
+    suffix = os.path.splitext(name)[1].lower()
+    if suffix in OTHER_PHOTO_EXTENSIONS or suffix in _pillow_extensions():
+        return suffix
+    return None
+
+
+def _pillow_extensions() -> frozenset[str]:
+    from PIL import Image
+
+    if not hasattr(_pillow_extensions, "found"):
+        _pillow_extensions.found = frozenset(ext for ext, kind in Image.registered_extensions().items()
+                                             if kind in Image.OPEN)
+    return _pillow_extensions.found
+
+
 def _scan_images(root: Path) -> list[str]:
     """Relative POSIX paths of all image files under ``root``, sorted. Hidden files and folders
-    (``.git``, macOS ``._x.jpg`` resource forks) are skipped; symlinked folders are followed once."""
+    (``.git``, macOS ``._x.jpg`` resource forks) are skipped. The folders themselves are read first, in sorted order,
+    then the symlinked folders among them, each target once: a link inside one class folder to another class's
+    folder (``cats/also_birds -> ../birds``) does not take that class's images, whatever order the file system lists
+    them in. A folder that cannot be read and photos of kinds wildssl does not decode are named in a warning."""
     found: list[str] = []
     seen: set[str] = set()
-    for folder, subfolders, files in os.walk(root, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in seen:  # a symlink loop or a second link to the same folder
-            subfolders[:] = []
-            continue
-        seen.add(real)
-        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
-        relative = Path(folder).relative_to(root).as_posix()
-        prefix = "" if relative == "." else relative + "/"
-        found.extend(prefix + name for name in files if is_image_name(name))
+    links: list[tuple[str, str]] = []  # (a symlinked folder, its path relative to root), read after the real ones
+    left_out: dict[str, int] = {}
+
+    def unreadable(error: OSError) -> None:
+        warn_once(log, ("unreadable folder", error.filename), "image folder %s: cannot read %s (%s), so its images are "
+                  "left out", root, error.filename, error.strerror or error)
+
+    def read(top: str, relative_top: str) -> None:
+        for folder, subfolders, files in os.walk(top, onerror=unreadable):
+            real = os.path.realpath(folder)
+            if real in seen:  # a symlink loop or a second link to the same folder
+                subfolders[:] = []
+                continue
+            seen.add(real)
+            relative = os.path.relpath(folder, top)
+            relative = relative_top if relative == "." else f"{relative_top}{Path(relative).as_posix()}/"
+            subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+            links.extend((os.path.join(folder, d), f"{relative}{d}/") for d in subfolders
+                         if os.path.islink(os.path.join(folder, d)))
+            found.extend(relative + name for name in files if is_image_name(name))
+            for name in files:
+                kind = _left_out_kind(name)
+                if kind is not None:
+                    left_out[kind] = left_out.get(kind, 0) + 1
+
+    read(str(root), "")
+    while links:
+        link, relative = links.pop(0)
+        if os.path.realpath(link) not in seen:
+            read(link, relative)
+    if left_out:
+        kinds = ", ".join(f"{kind} x{count}" for kind, count in sorted(left_out.items(), key=lambda kv: -kv[1]))
+        warn_once(log, ("left out", str(root.resolve())), "image folder %s: %d photos of kinds wildssl does not read "
+                  "are left out (%s); convert them to JPEG or PNG to train on them (it reads %s)", root,
+                  sum(left_out.values()), kinds, " ".join(IMAGE_EXTENSIONS))
     return sorted(found)
 
 

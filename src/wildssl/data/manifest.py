@@ -40,8 +40,14 @@ def _list_or_empty(value: Any) -> Any:
     return [] if value is None else value
 
 
+# Integer class ids above this are refused: they become int64 tensors and dense class indices, and an id this large
+# is a hash or a database key, which reads as a class name when given as a string.
+MAX_CLASS_ID = 2**31 - 1
+
+
 def _is_class(value: Any) -> bool:
-    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)
+                                      and 0 <= value <= MAX_CLASS_ID)
 
 
 class JsonlManifest(FileSource):
@@ -95,6 +101,7 @@ class JsonlManifest(FileSource):
         if not records:
             raise DataError(f"manifest {self.path} has no records (expected one JSON object per line)")
         self._check_paths_resolve(records)
+        self._warn_labelled_repeats(records)
         if label_kind is not None and label_kind[0] is str:
             names = {v for r in records for v in (r.label, *r.labels, *r.box_labels) if isinstance(v, str)}
             self.classes = sorted(names)
@@ -109,12 +116,38 @@ class JsonlManifest(FileSource):
             ]
         self.records = records
 
+    def _warn_labelled_repeats(self, records: list) -> None:
+        """A warning when labelled records name an image an earlier labelled record named: a k-NN over the manifest (the
+        online one folds over it) then finds the image itself among its neighbours, and reads too high (100% at random
+        initialization on 24 noise images listed 4 times). An image named once per caption is not labelled and not
+        warned about."""
+        first_line: dict[str, int] = {}
+        repeats = []
+        for number, record in enumerate(records, start=1):
+            if record.label is None:
+                continue
+            key = os.path.normpath(record.path)
+            if key in first_line:
+                repeats.append((record.path, first_line[key], number))
+            else:
+                first_line[key] = number
+        if repeats:
+            path, first, again = repeats[0]
+            warn_once(log, ("labelled repeats", str(self.path)), "manifest %s: %d labelled records name an image an "
+                      "earlier one named (e.g. %s, records %d and %d): a k-NN over these images finds each repeated "
+                      "one among its own neighbours, so its figure reads too high; list each image once", self.path,
+                      len(repeats), path, first, again)
+
     def _check_paths_resolve(self, records: list, first: int = 8) -> None:
         """A DataError when none of the first ``first`` image paths exists: the usual cause is paths written
         relative to another folder than the manifest's (each then failed "to decode", one warning per image)."""
         sample = records[:first]
         if any(os.path.exists(r.path) for r in sample):
             return
+        if any("\\" in str(r.path) for r in sample):  # a manifest written on Windows
+            raise DataError(f"manifest {self.path}: none of its first {len(sample)} images exists (e.g. {sample[0].path}); "
+                            "its paths separate folders with backslashes (\\), which name no folder here: write them "
+                            "with forward slashes (/)")
         raise DataError(f"manifest {self.path}: none of its first {len(sample)} images exists (e.g. {sample[0].path}); "
                         f"relative paths in a manifest are read from the manifest's folder ({self.path.parent}), not "
                         "the current one: write them relative to it, or absolute")
@@ -153,10 +186,11 @@ class JsonlManifest(FileSource):
 
         label = entry.get("label")
         if label is not None and not _is_class(label):
-            raise DataError(f'{where}: "label" must be a class name or an integer >= 0, got {label!r}')
+            raise DataError(f'{where}: "label" must be a class name or an integer id in [0, {MAX_CLASS_ID}] (give a larger id as '
+                            f'a string), got {label!r}')
         labels = _list_or_empty(entry.get("labels"))
         if not isinstance(labels, list) or not all(_is_class(v) for v in labels):
-            raise DataError(f'{where}: "labels" must be a list of class names or integers >= 0')
+            raise DataError(f'{where}: "labels" must be a list of class names or integer ids in [0, {MAX_CLASS_ID}]')
 
         boxes = _list_or_empty(entry.get("boxes"))
         box_labels = entry.get("box_labels")
@@ -190,7 +224,7 @@ class JsonlManifest(FileSource):
                                 "(x + w and y + h must be > 0)")
             category = obj.get("category")
             if category is not None and not _is_class(category):
-                raise DataError(f'{where}: objects[{k}] "category" must be a class name or an integer >= 0')
+                raise DataError(f'{where}: objects[{k}] "category" must be a class name or an integer id in [0, {MAX_CLASS_ID}]')
             pixel_boxes.append(tuple(float(v) for v in bbox))
             object_labels.append(category)
 

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from wildssl.data.decode import DEFAULT_MAX_PIXELS, FileSource, ImageTooLarge, _to_rgb, logger
+from wildssl.data.decode import DEFAULT_MAX_PIXELS, FileSource, ImageTooLarge, _to_rgb, logger, warn_once
 from wildssl.data.sample import DEFAULT_LOAD_SIZE
 from wildssl.errors import DataError
 
@@ -99,7 +99,7 @@ class VideoFrames(FileSource):
             raise DataError(f"no readable video in {self.path} ({self.num_unreadable} files could not be opened)")
         if self._slower:
             path, native = self._slower[0]
-            logger.warning("video fps=%g is above the frame rate of %d of the %d videos (%s: %g fps), so each of "
+            warn_once(logger, ("slower videos", str(self.path), self.fps), "video fps=%g is above the frame rate of %d of the %d videos (%s: %g fps), so each of "
                            "their frames is sampled about %d times in a row; give fps=%g or less to sample each "
                            "frame at most once", self.fps, len(self._slower), len(self.videos), path, float(native),
                            round(self.rate / native), float(min(rate for _, rate in self._slower)))
@@ -124,8 +124,9 @@ class VideoFrames(FileSource):
                 start = stream.start_time or 0
                 native = Fraction(stream.average_rate) if stream.average_rate else None
         except (self.av.FFmpegError, OSError, ValueError) as error:
-            self.num_unreadable += 1
-            logger.warning("skipping unreadable video %s (%s: %s)", path, type(error).__name__, error)
+            self.num_unreadable += 1  # the run counts it with its unreadable images (corrupt_images)
+            warn_once(logger, ("unreadable video", str(path)), "skipping unreadable video %s (%s: %s)", path,
+                      type(error).__name__, error)  # once: the online k-NN opens the source again
             return None
         if native is not None and native > 0 and self.rate > native:
             self._slower.append((path, native))

@@ -32,6 +32,7 @@ import torch
 
 from wildssl import distributed as dist
 from wildssl.data.photometric import loses_colour
+from wildssl.data.shard_stream import ShardStream
 from wildssl.errors import ConfigError
 from wildssl.eval.online_probe import make_online_probe
 from wildssl.train.logging import CollapseMonitor, MetricLogger, ProgressBar
@@ -42,6 +43,8 @@ from wildssl.train.step import StepResult, device_batches, training_step
 log = logging.getLogger("wildssl")
 
 # The eval.* keys the online k-NN's figures depend on: a resume that changes one measures the floor again.
+# A share of a source's images that, unreadable, raises a data alarm (engine's _Reporter._check_unreadable).
+UNREADABLE_SHARE = 0.1
 FLOOR_SETTINGS = ("knn_train", "knn_test", "knn_k", "knn_temperature", "pool", "image_size", "encoder")
 
 __all__ = ["train", "TrainingStopped", "pick_device"]
@@ -175,6 +178,7 @@ class _Reporter:
             metrics.update(means)
             for alarm in self.monitor.check(done, metrics):
                 self.alarm(done, alarm)
+            self._check_unreadable(done)
             self._log(done, metrics)
             if self.progress is not None:
                 self.progress.show(done, metrics, elapsed / max(self.window_steps, 1), self.alarms)
@@ -183,6 +187,20 @@ class _Reporter:
             self.window_sums, self.window_counts, self.window_skipped = {}, {}, None
         if self.progress is not None:
             self.progress.update()
+
+    def _check_unreadable(self, done: int) -> None:
+        """A data alarm, once per stream, when more than :data:`UNREADABLE_SHARE` of a map-style source's images
+        were unreadable (as far as this rank read): each is replaced by the next readable image, so those few are
+        drawn several times as often as the rest, and the run trains on far fewer images than its folder holds."""
+        for name, indices in self.run.corrupt_files.items():
+            source, kind = self.run.sources.get(name), f"unreadable data.{name}"
+            if kind in self._alarms or not hasattr(source, "__len__") or isinstance(source, ShardStream):
+                continue
+            if len(source) and len(indices) > UNREADABLE_SHARE * len(source):
+                self.alarm(done, f"data alarm: at least {len(indices)} of the {len(source)} images of data.{name} are "
+                                 f"unreadable ({100 * len(indices) / len(source):.0f}%): each is replaced by the next "
+                                 "readable one, so those are drawn more often than the rest; fix or remove the files "
+                                 "the log names", kind=kind)
 
     def epoch_end(self, done: int, epoch: int, metrics: dict | None) -> None:
         """Log the method's diagnostics of epoch ``epoch`` (0-based) at step ``done`` and check them for

@@ -103,7 +103,18 @@ class Run:
         """Add the unreadable images this rank's step skipped (each batch's ``corrupt`` indices)."""
         for name, batch in batches.items():
             self.corrupt_files.setdefault(name, set()).update(batch.get("corrupt", ()))
-        self.counters["corrupt_images"] = sum(len(indices) for indices in self.corrupt_files.values())
+        self.counters["corrupt_images"] = self._distinct_corrupt()
+
+    def _distinct_corrupt(self) -> int:
+        """Distinct unreadable files: streams that read the same data SPEC (an AB run bootstrapping on its own
+        images) index the same files, so they are counted once. Files a source left out when it was opened (a video
+        that cannot be opened) count too."""
+        files_of_data: dict[str, set[int]] = {}
+        for name, indices in self.corrupt_files.items():
+            files_of_data.setdefault(str(self.config["data"].get(name)), set()).update(indices)
+        skipped_at_open = {str(self.config["data"].get(name)): getattr(source, "num_unreadable", 0)
+                           for name, source in self.sources.items()}
+        return sum(len(indices) for indices in files_of_data.values()) + sum(skipped_at_open.values())
 
     def record_positions(self, batches: dict[str, dict]) -> None:
         """Remember where each streamed source's next batch starts (called after every step)."""
@@ -129,7 +140,7 @@ class Run:
             for ranks_files in everyone:
                 for name, indices in ranks_files.items():
                     self.corrupt_files.setdefault(name, set()).update(indices)
-        self.counters["corrupt_images"] = sum(len(indices) for indices in self.corrupt_files.values())
+        self.counters["corrupt_images"] = self._distinct_corrupt()
 
 
 def pick_device() -> torch.device:
