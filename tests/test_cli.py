@@ -375,8 +375,8 @@ def test_options_a_command_would_ignore_are_one_line_errors(tmp_path, capsys):
     --random-init and `plot --count/--seed` without --reconstructions used to be dropped without a word."""
     _train(tmp_path, capsys, "simclr")
     run, data = str(tmp_path / "run"), "synthetic:scenes?n=32&size=16"
-    for extra, expected in ((["--model", "base"], "--model only build an architecture for --random-init without a"),
-                            (["--patch-size", "8", "--random-init"], "--patch-size only build an architecture"),
+    for extra, expected in ((["--model", "base"], "--model only builds an architecture for --random-init without a"),
+                            (["--patch-size", "8", "--random-init"], "--patch-size only builds an architecture"),
                             (["--seed", "3"], "--seed only seeds --random-init's weights")):
         code, out, err = _run(capsys, "eval", "knn", run, "--train", data + "&split=train", "--test",
                               data + "&split=test", *extra)
@@ -387,7 +387,7 @@ def test_options_a_command_would_ignore_are_one_line_errors(tmp_path, capsys):
     assert code == 0 and json.loads(out.strip().splitlines()[-1])["network"] == "random-init", err
     for extra in (["--count", "3"], ["--seed", "1"]):
         code, out, err = _run(capsys, "plot", run, "--out", str(tmp_path / "curves.png"), *extra)
-        assert code == 2 and f"{extra[0]} only apply to --reconstructions" in err, err
+        assert code == 2 and f"{extra[0]} only applies to --reconstructions" in err, err
     assert not (tmp_path / "curves.png").exists()
 
 
@@ -491,3 +491,16 @@ def test_an_error_raised_in_a_data_worker_is_one_line(capsys, monkeypatch):
     assert main(["recipes"]) == 2
     assert capsys.readouterr().err.strip() == ("wildssl: error: tar shard x.tar: k.cls holds 'cat', expected an "
                                                "integer label >= 0")
+
+
+@pytest.mark.parametrize("override, said", [
+    ("method.photometric=bogus", "method.photometric='bogus' is not a photometric pipeline"),
+    ("method.centering=bogus", "method.centering='bogus' must be one of center, sinkhorn"),
+    ("model.name=foo", "unknown encoder 'foo'; valid names: tiny, small"),
+])
+def test_config_refuses_what_train_refuses_the_values_a_method_checks_itself(capsys, override, said):
+    """`wildssl config` printed these configs and exited 0, though `train` refused them (after opening the data, for
+    model.name): the method is built on the meta device first, by both."""
+    code, out, err = _run(capsys, "config", "dino_quick", "--set", override)
+    assert code == 2 and out == "" and err.strip().splitlines() == [f"wildssl: error: {err.split('error: ', 1)[1].strip()}"]
+    assert said in err

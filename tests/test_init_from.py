@@ -1,7 +1,6 @@
 """``model.init_from`` across a chain of runs (MAE -> WSP -> LiT, a DINO run -> another method): which encoder
 it reads, what the run's random-init floor measures, resuming without the file, and its one-line errors."""
 import logging
-import shutil
 
 import pytest
 import torch

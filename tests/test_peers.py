@@ -190,7 +190,7 @@ def test_eval_knn_reads_a_peers_file_as_the_probes_do_and_its_random_init_floor(
         assert figures[extra]["knn_top1"] == expected
     assert main(["eval", "knn", str(tmp_path / "dino.pth"), "--model", "small", "--random-init",
                  "--train", data + "&split=train", "--test", data + "&split=test"]) == 2
-    assert "--model only build an architecture" in capsys.readouterr().err
+    assert "--model only builds an architecture" in capsys.readouterr().err
 
 
 def test_a_peer_layout_on_a_folder_says_it_reads_one_file(tmp_path):

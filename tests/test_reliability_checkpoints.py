@@ -219,7 +219,8 @@ def test_export_to_a_read_only_place_or_below_a_file_is_one_line(tiny_run, tmp_p
     a_file = tmp_path / "a-file"
     a_file.write_text("")
     code, _, err = _cli(capsys, "export", "--checkpoint", str(tiny_run), "--out", str(a_file / "e.safetensors"))
-    _assert_one_line(code, err, f"cannot write {a_file / 'e.safetensors'}", "nothing was written")
+    line = _assert_one_line(code, err, f"cannot write {a_file / 'e.safetensors'}", "nothing was written")
+    assert f"{a_file} is a file, not a folder" in line and "free some space" not in line  # it said "File exists"
 
     read_only = tmp_path / "read-only"
     read_only.mkdir()

@@ -119,6 +119,7 @@ def cmd_train(args) -> int:
     out = Path(args.out or Path("runs") / f"{config['method']['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
     check_out_dir(config, out, args.resume)  # before the online k-NN opens its data
     check_out_is_new_or_a_run(config, out)
+    _check_method_builds(config)
     dist.setup_distributed()
     main_process = dist.is_main_process()  # asked before the group is gone: afterwards every rank is "rank 0"
     try:
@@ -140,10 +141,24 @@ def cmd_train(args) -> int:
 
 # ----------------------------------------------------------------------------- config
 
+def _check_method_builds(config: dict) -> None:
+    """Build the config's method on the meta device (shapes only, no weights, ``model.init_from`` not read): the
+    checks its constructor makes on its own values (``model.name``, ``method.photometric``, ``method.centering``,
+    ...) then fail here in one line, not after the data is opened."""
+    import torch
+
+    from wildssl.methods import build_method
+
+    with torch.device("meta"):
+        build_method(config, load_init_from=False)
+
+
 def cmd_config(args) -> int:
     from wildssl.train.config import dump_config
 
-    print(dump_config(_config_from_args(args)), end="")
+    config = _config_from_args(args)
+    _check_method_builds(config)  # what train would refuse, refused here too
+    print(dump_config(config), end="")
     return 0
 
 
@@ -193,7 +208,7 @@ def _knn_encoder(args):
         return build_encoder_from_config(model_config).eval(), model_config, "random-init"
     if args.model is not None or args.patch_size is not None:
         given = " and ".join(f for f, v in (("--model", args.model), ("--patch-size", args.patch_size)) if v is not None)
-        raise WildsslError(f"{given} only build an architecture for --random-init without a checkpoint; the "
+        raise WildsslError(f"{given} only {'build' if ' and ' in given else 'builds'} an architecture for --random-init without a checkpoint; the "
                            f"checkpoint {args.checkpoint} has its own (leave {given} out)")
     path = Path(args.checkpoint)
     if not reads_as_wildssl(path, args.layout):
@@ -441,10 +456,12 @@ def _add_suite_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-heads", type=int, help="attention heads of a peer's ViT of non-standard width")
     parser.add_argument("--random-init", action="store_true",
                         help="evaluate CHECKPOINT's architecture at its initial weights (the floor)")
-    parser.add_argument("--seed", type=int, help="seed of --random-init, the splits and the probes (default: the "
-                                                 "suite's seed, else 0)")
-    parser.add_argument("--batch-size", type=int, help="images per encoder pass (default: the suite's, else 256)")
-    parser.add_argument("--num-workers", type=int, help="data loader processes (default: the suite's, else 0)")
+    parser.add_argument("--seed", type=int, help="seed of --random-init, the splits and the probes (default 0; "
+                                                 "under eval all, the suite file's seed)")
+    parser.add_argument("--batch-size", type=int, help="images per encoder pass (default 256; under eval all, the "
+                                                       "suite file's)")
+    parser.add_argument("--num-workers", type=int, help="data loader processes (default 0; under eval all, the suite "
+                                                        "file's)")
     parser.add_argument("--cache-dir", help="feature cache folder (default $XDG_CACHE_HOME/wildssl/features)")
     parser.add_argument("--no-cache", action="store_true", help="keep features in memory only")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON line")
@@ -518,7 +535,7 @@ def cmd_plot(args) -> int:
     if not args.reconstructions:
         given = [flag for flag, value in (("--count", args.count), ("--seed", args.seed)) if value is not None]
         if given:
-            raise WildsslError(f"{' and '.join(given)} only apply to --reconstructions IMAGES (an MAE run's "
+            raise WildsslError(f"{' and '.join(given)} only {'apply' if len(given) > 1 else 'applies'} to --reconstructions IMAGES (an MAE run's "
                                "reconstructions); the plot you asked for has none")
     if args.reconstructions and args.neighbours is not None:  # --neighbours was dropped without a word
         raise WildsslError("--reconstructions and --neighbours draw two different plots; give one of them")
@@ -766,10 +783,11 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--load-size", type=int, help="decode size of the sources (default: the eval resolution)")
     k.add_argument("--max-pixels", type=int, default=40_000_000,
                    help="skip images with more pixels to decode, as data.max_pixels does in training")
-    k.add_argument("--k", type=int, default=20)
-    k.add_argument("--temperature", type=float, default=0.07)
-    k.add_argument("--batch-size", type=int, default=256)
-    k.add_argument("--num-workers", type=int, default=0)
+    k.add_argument("--k", type=int, default=20, help="neighbours that vote (default 20)")
+    k.add_argument("--temperature", type=float, default=0.07,
+                   help="a neighbour at cosine similarity s votes exp(s / T) (default 0.07)")
+    k.add_argument("--batch-size", type=int, default=256, help="images per encoder pass (default 256)")
+    k.add_argument("--num-workers", type=int, default=0, help="data loader processes (default 0)")
     k.add_argument("--seed", type=int, help="seed of --random-init's weights (default 0)")
     k.add_argument("--json", action="store_true", help="end with one JSON line {\"knn_top1\": ...}")
     k.set_defaults(func=cmd_eval_knn)
@@ -810,8 +828,8 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--templates", metavar="FILE", help="prompt templates, one per line with {} for the class name "
                                                        "(replaces the default set of 8 CLIP templates)")
     z.add_argument("--image-size", type=int, help="eval resolution (default: the run's crop size)")
-    z.add_argument("--batch-size", type=int, default=256)
-    z.add_argument("--num-workers", type=int, default=0)
+    z.add_argument("--batch-size", type=int, default=256, help="images per encoder pass (default 256)")
+    z.add_argument("--num-workers", type=int, default=0, help="data loader processes (default 0)")
     z.add_argument("--json", action="store_true", help="print the figures as one JSON line")
     z.set_defaults(func=cmd_eval_zeroshot)
 
@@ -819,12 +837,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_checkpoint_argument(p, "run directory or checkpoint file")
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--timm", action="store_true", help="write exactly the state dict timm's ViT loads")
-    p.add_argument("--encoder", choices=("auto", "teacher", "student"), default="auto")
+    p.add_argument("--encoder", choices=("auto", "teacher", "student"), default="auto",
+                   help="which encoder of the run (auto: the one its evaluations read; DINO's teacher)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="short pre-training + k-NN vs random init on embedded synthetic scenes")
     p.add_argument("--out", help="run directory (default runs/demo-<time>)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
     p.set_defaults(func=cmd_demo)
 

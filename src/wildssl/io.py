@@ -38,6 +38,10 @@ def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    blocking = next((folder for folder in (path.parent, *path.parent.parents) if folder.exists()), None)
+    if blocking is not None and not blocking.is_dir():  # "File exists" from mkdir, and advice about free space
+        raise CheckpointError(f"cannot write {path}: {blocking} is a file, not a folder; nothing was written (choose "
+                              "a path in a folder)")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(contiguous, str(tmp), metadata=metadata)

@@ -102,8 +102,9 @@ def evaluate_knn(encoder: nn.Module, train, test, *, image_size: int, load_size:
     load_size = load_size or image_size
     train, test = (os.fspath(spec) if isinstance(spec, os.PathLike) else spec for spec in (train, test))  # a Path
     if isinstance(train, str) and isinstance(test, str) and same_data(train, test):
-        log.warning("k-NN: the test images are the memory's own (%s): each is its own nearest neighbour, so the "
-                    "figure is near 100%% for any encoder; give held-out test images", test)
+        log.warning("k-NN: the test images are the memory's own (%s): each is its own nearest neighbour and casts "
+                    "the largest vote, so the figure reads high for any encoder and says nothing about new images; "
+                    "give held-out test images", test)
     train_source = open_source(train, load_size, max_pixels) if isinstance(train, str) else train
     test_source = open_source(test, load_size, max_pixels) if isinstance(test, str) else test
     if warn_unseen:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -90,7 +91,9 @@ def read_peer_file(path: Path) -> dict:
     if path.suffix == ".safetensors":
         return read_safetensors(path)[0]
     try:
-        raw = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on old pickle protocols printed as raw two-line warnings
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError or OSError for what it refuses
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"cannot read {path} with torch.load(weights_only=True): {first} (a training "
