@@ -517,6 +517,10 @@ def test_an_ab_run_on_its_own_images_counts_each_unreadable_file_once_and_raises
                                   "train.batch_size=8", "train.steps=3", "train.log_every=1")
     summary = train(build_config(None, overrides), tmp_path / "run")
     assert summary["corrupt_images"] == 3
+    # their names are kept in the run folder (the checkpoint holds indices, and the log may be gone)
+    listed = (tmp_path / "run" / "unreadable_files.txt").read_text().splitlines()
+    assert {line.split("\t")[1] for line in listed} == {str(folder / "a" / f"bad{i}.png") for i in range(3)}
+    assert {line.split("\t")[0] for line in listed} <= {"data.annotation", "data.bootstrap"}
     alarms = [a for a in summary["alarms"] if a.startswith("data alarm")]
     assert alarms and "of the 9 images of data.annotation are unreadable" in alarms[0], summary["alarms"]
 

@@ -36,8 +36,8 @@ from wildssl.data.shard_stream import ShardStream
 from wildssl.errors import ConfigError
 from wildssl.eval.online_probe import make_online_probe
 from wildssl.train.logging import CollapseMonitor, MetricLogger, ProgressBar
-from wildssl.train.run import (Run, TrainingStopped, build_run, checkpoint_location, loader_spans, make_loaders,
-                               pick_device, save_checkpoint, warn_about_the_schedule)
+from wildssl.train.run import (UNREADABLE_LIST, Run, TrainingStopped, build_run, checkpoint_location, loader_spans,
+                               make_loaders, pick_device, save_checkpoint, warn_about_the_schedule)
 from wildssl.train.step import StepResult, device_batches, training_step
 
 log = logging.getLogger("wildssl")
@@ -361,6 +361,11 @@ def train(config: dict, out_dir: str | Path, resume: bool = False, knn_evaluator
     finally:
         reporter.close()
     run.gather_corrupt()
+    run.write_unreadable_list()
+    if run.main and run.counters["corrupt_images"]:
+        log.warning("%d unreadable files were skipped%s", run.counters["corrupt_images"],
+                    f"; they are listed in {run.out_dir / UNREADABLE_LIST}"
+                    if (run.out_dir / UNREADABLE_LIST).is_file() else "")
     summary = {"run_dir": str(run.out_dir), "start_step": run.start_step, "total_steps": run.total_steps,
                "steps": done, "images_per_step": run.images_per_step, **run.counters, "alarms": reporter.alarms,
                "final_metrics": {**reporter.knn_random, **reporter.last_metrics}}

@@ -27,6 +27,7 @@ from wildssl.data.sampler import StepBatchSampler, check_batch_fits, stream_seed
 from wildssl.data.shard_stream import START, ShardStream, StreamBatches
 from wildssl.data.workers import resolve_num_workers, resolve_prefetch
 from wildssl.errors import CheckpointError, ConfigError, WildsslError
+from wildssl.io import atomic_write_text
 from wildssl.methods import build_initial_method
 from wildssl.methods.base import Method
 from wildssl.models.loading import CHECKPOINT_NAME, read_checkpoint_config
@@ -41,6 +42,8 @@ log = logging.getLogger("wildssl")
 # Keys that may differ between a checkpoint's config and the config of the run that resumes it.
 RESUMABLE_CHANGES = ("train.steps", "train.epochs", "train.images", "train.log_every", "train.checkpoint_every", "train.keep_every", "train.progress",
                      "train.tensorboard", "data.num_workers", "data.prefetch", "train.compile", "train.max_nonfinite")
+# The run directory's list of the unreadable files met (Run.write_unreadable_list).
+UNREADABLE_LIST = "unreadable_files.txt"
 # Counters that survive a resume (stored in the checkpoint).
 COUNTERS = ("nonfinite_steps", "corrupt_images")
 
@@ -115,6 +118,22 @@ class Run:
         skipped_at_open = {str(self.config["data"].get(name)): getattr(source, "num_unreadable", 0)
                            for name, source in self.sources.items()}
         return sum(len(indices) for indices in files_of_data.values()) + sum(skipped_at_open.values())
+
+    def write_unreadable_list(self) -> None:
+        """``UNREADABLE_LIST`` in the run directory (main process): one line per unreadable file met so far,
+        ``data.<stream>`` and the file's name, so that after a long job whose log is gone the files can still be found
+        (the checkpoint keeps only their indices). Written with the checkpoints and at the end of the run."""
+        if not self.main or not any(self.corrupt_files.values()):
+            return
+        lines = []
+        for name, indices in sorted(self.corrupt_files.items()):
+            source = self.sources.get(name)
+            readable_name = getattr(source, "_name", None) if not isinstance(source, ShardStream) else None
+            lines += [f"data.{name}\t{readable_name(i) if readable_name else f'item {i}'}" for i in sorted(indices)]
+        try:
+            atomic_write_text(self.out_dir / UNREADABLE_LIST, "".join(line + "\n" for line in lines))
+        except OSError as error:  # the list is a convenience: the checkpoint and the log hold the facts
+            log.warning("cannot write %s: %s", self.out_dir / UNREADABLE_LIST, error.strerror or error)
 
     def record_positions(self, batches: dict[str, dict]) -> None:
         """Remember where each streamed source's next batch starts (called after every step)."""
@@ -516,6 +535,7 @@ def save_checkpoint(run: Run, step: int) -> None:
                               f"({len(bad)} tensors, e.g. {bad[0]}); nothing was written, the last good "
                               f"checkpoint is {kept}")
     run.gather_corrupt()
+    run.write_unreadable_list()
     failure = None
     positions = run.gather_positions()
     if run.main:
@@ -547,6 +567,7 @@ def _save_sharded_checkpoint(run: Run, step: int) -> None:
         raise TrainingStopped(f"training stopped at step {step}: the weights hold non-finite values; nothing was "
                               f"written, the last good checkpoint is {run.last_good_checkpoint or 'none yet'}")
     run.gather_corrupt()
+    run.write_unreadable_list()
     positions = run.gather_positions()
     extra = {**run.counters, "corrupt_files": {name: sorted(v) for name, v in run.corrupt_files.items()}}
     if positions:
