@@ -504,3 +504,50 @@ def test_config_refuses_what_train_refuses_the_values_a_method_checks_itself(cap
     code, out, err = _run(capsys, "config", "dino_quick", "--set", override)
     assert code == 2 and out == "" and err.strip().splitlines() == [f"wildssl: error: {err.split('error: ', 1)[1].strip()}"]
     assert said in err
+
+
+def test_data_replaces_a_recipes_synthetic_knn_sets_so_the_online_knn_measures_the_users_data(tmp_path, capsys):
+    """wsp_quick pins its online k-NN to synthetic scenes: with --data FOLDER the k-NN, its quality alarm and the
+    final trained-vs-random line still measured the scenes (with --val, a memory of scenes against the user's test
+    images, matched by integer label)."""
+    import yaml
+
+    def knn_sets(*argv):
+        code, out, err = _run(capsys, "config", "wsp_quick", *argv)
+        assert code == 0, err
+        ecfg = yaml.safe_load(out)["eval"]
+        return ecfg["knn_train"], ecfg["knn_test"], err
+
+    photos, val = str(tmp_path / "photos"), str(tmp_path / "val")
+    assert knn_sets("--data", photos)[:2] == (None, None)  # the data's labelled images, in folds
+    memory, test, err = knn_sets("--data", photos, "--val", val)
+    assert (memory, test) == (None, val) and "not the recipe's synthetic scenes (eval.knn_train left out)" in err
+    memory, test, _ = knn_sets("--data", photos, "--set", "eval.knn_train=synthetic:scenes?n=64&split=train")
+    assert memory == "synthetic:scenes?n=64&split=train" and test is None  # what the user sets stays
+    assert knn_sets()[0].startswith("synthetic:")  # the recipe alone keeps its sets
+
+
+@pytest.mark.parametrize("method", ["mae", "ijepa"])
+def test_eval_random_init_of_a_run_is_the_runs_own_floor(tmp_path, capsys, monkeypatch, method):
+    """MAE's and I-JEPA's runs fix their position table to sine-cosine; `eval knn RUN --random-init` built the bare
+    architecture with a random table, so its floor (24.8% on CIFAR-10) was not the run's (27.0%), nor were the
+    probes'. The encoder it evaluates is now the run's initial one, tensor for tensor."""
+    import wildssl.eval.evaluate as evaluate_module
+    from wildssl.methods import build_initial_method
+    from wildssl.train.config import build_config
+
+    argv = ["train", f"{method}_quick", "--out", str(tmp_path / "run")]
+    for item in tiny_overrides(method, "train.steps=1", "eval.knn_every=0"):
+        argv += ["--set", item]
+    code, out, err = _run(capsys, *argv)
+    assert code == 0, err
+    seen = []
+    monkeypatch.setattr(evaluate_module, "evaluate_knn", lambda encoder, *a, **k: seen.append(encoder) or
+                        {"knn_top1": 0.0})
+    code, out, err = _run(capsys, "eval", "knn", str(tmp_path / "run"), "--random-init", "--train", TINY_DATA,
+                          "--test", TINY_DATA, "--json")
+    assert code == 0 and len(seen) == 1, err
+    initial = build_initial_method(build_config(f"{method}_quick", tiny_overrides(method)), load_init_from=False)
+    expected = initial.encoder(None).state_dict()
+    for key, value in seen[0].state_dict().items():
+        assert torch.equal(value, expected[key]), key

@@ -91,7 +91,25 @@ def _config_from_args(args):
                       "scenes; --set data.bootstrap=SPEC bootstraps on other images", file=sys.stderr)
     if getattr(args, "val", None):
         extra.append(f"eval.knn_test={args.val}")
+    if getattr(args, "data", None):
+        extra += _knn_follows_data(config, overrides, args.data, getattr(args, "val", None))
     return build_config(args.recipe, overrides + extra) if extra else config
+
+
+def _knn_follows_data(config: dict, overrides: list[str], data: str, val: str | None) -> list[str]:
+    """A recipe's own k-NN sets (``eval.knn_train``/``knn_test`` on synthetic scenes: wsp_quick's, the demo's) left
+    out when the run trains on the user's ``--data``: the online k-NN then measures that data (its labelled images in
+    folds, or against ``--val``), not the scenes. Keys set on the command line stay."""
+    from wildssl.train.config import parse_overrides
+
+    given = {key for key, _ in parse_overrides(overrides)}
+    cleared = [key for key in ("knn_train", "knn_test")
+               if f"eval.{key}" not in given and str(config["eval"][key] or "").startswith("synthetic:")
+               and not (key == "knn_test" and val) and not data.startswith("synthetic:")]
+    if cleared and _first_process():
+        print(f"wildssl: the online k-NN measures --data ({data}){' against --val' if val else ''}, not the recipe's "
+              f"synthetic scenes ({', '.join('eval.' + k for k in cleared)} left out)", file=sys.stderr)
+    return [f"eval.{key}=null" for key in cleared]
 
 
 def _bootstrap_follows_data(config: dict, streams: tuple, overrides: list[str], data: str) -> bool:
@@ -186,6 +204,24 @@ def cmd_bench(args) -> int:
 
 # ----------------------------------------------------------------------------- eval knn
 
+def _run_initial_encoder(checkpoint, teacher: bool | None, seed: int | None):
+    """The encoder a wildssl run of ``checkpoint`` started from, at ``seed`` (None: the run's ``train.seed``): its
+    method rebuilt as the engine builds it (so MAE's and I-JEPA's fixed sine-cosine positions are those of the run,
+    not a random table), the network its evaluations read. None for a file that holds no method config (an export):
+    the caller builds the bare architecture."""
+    from wildssl.methods import build_initial_method
+    from wildssl.models.loading import read_checkpoint_config
+    from wildssl.train.config import build_config
+
+    stored = read_checkpoint_config(checkpoint)
+    if "method" not in stored or "train" not in stored:
+        return None
+    config = build_config(stored)
+    if seed is not None:
+        config["train"]["seed"] = seed
+    return build_initial_method(config, load_init_from=False).encoder(teacher).eval()
+
+
 def _knn_encoder(args):
     """The encoder to evaluate, its model config and what it is (``"wildssl"``, a peer's layout, or
     ``"random-init"`` without a checkpoint): trained weights, or the same architecture at init."""
@@ -219,9 +255,12 @@ def _knn_encoder(args):
         return encoder, {"img_size": encoder.img_size}, layout
     _refuse_num_heads(args)
     model_config = checkpoint_model_config(args.checkpoint, teacher)  # header only: no weights read
-    if args.random_init:
-        torch.manual_seed(seed)
-        return build_encoder_from_config(model_config).eval(), model_config, "wildssl"
+    if args.random_init:  # the run's own floor (its seed unless --seed says otherwise), else the architecture's
+        encoder = _run_initial_encoder(args.checkpoint, teacher, args.seed)
+        if encoder is None:
+            torch.manual_seed(seed)
+            encoder = build_encoder_from_config(model_config).eval()
+        return encoder, model_config, "wildssl"
     return load_encoder(args.checkpoint, teacher=teacher), model_config, "wildssl"
 
 
@@ -309,9 +348,12 @@ def _suite_encoder(args):
     if kind == "wildssl":
         _refuse_num_heads(args)
     network = evaluated_network(args.checkpoint, teacher) if kind == "wildssl" else f"{kind} layout"
-    if args.random_init:
-        torch.manual_seed(args.seed)  # wildssl runs: the run's initial weights when --seed is its train.seed
-        return random_like(encoder), "random-init"
+    if args.random_init:  # wildssl runs: the run's initial weights when --seed is its train.seed
+        initial = _run_initial_encoder(args.checkpoint, teacher, args.seed) if kind == "wildssl" else None
+        if initial is None:
+            torch.manual_seed(args.seed)
+            initial = random_like(encoder)
+        return initial, "random-init"
     return encoder, network
 
 
@@ -788,7 +830,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a neighbour at cosine similarity s votes exp(s / T) (default 0.07)")
     k.add_argument("--batch-size", type=int, default=256, help="images per encoder pass (default 256)")
     k.add_argument("--num-workers", type=int, default=0, help="data loader processes (default 0)")
-    k.add_argument("--seed", type=int, help="seed of --random-init's weights (default 0)")
+    k.add_argument("--seed", type=int, help="seed of --random-init's weights (default: a run's train.seed, so "
+                                            "that the floor is the run's own; 0 for an export or a peer's file)")
     k.add_argument("--json", action="store_true", help="end with one JSON line {\"knn_top1\": ...}")
     k.set_defaults(func=cmd_eval_knn)
 
