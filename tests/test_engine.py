@@ -49,6 +49,35 @@ def test_resume_after_ctrl_c_is_bit_identical_to_an_unbroken_run(tmp_path, monke
     assert any(k.startswith("method.teacher.") for k in straight)
 
 
+@pytest.mark.parametrize("signal_name, status", [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_a_schedulers_sigterm_or_a_closed_terminal_saves_a_checkpoint_as_ctrl_c_does(tmp_path, monkeypatch, capsys,
+                                                                                      signal_name, status):
+    """SLURM and Kubernetes preempt with SIGTERM (then SIGKILL after a grace period); a closed terminal sends SIGHUP.
+    Both ended the run at once, with no checkpoint and no word (exit 143 / 129): all training since the last
+    checkpoint was lost. They are handled as Ctrl-C is: a checkpoint at the end of the step, one line, 128 + the
+    signal as the exit status, and --resume continues the run."""
+    from wildssl.cli import main
+
+    original = DINO.forward
+
+    def forward(self, batch, step):
+        if step.step == 2:
+            os.kill(os.getpid(), getattr(signal, signal_name))
+        return original(self, batch, step)
+
+    monkeypatch.setattr(DINO, "forward", forward)
+    argv = ["train", "dino_quick", "--out", str(tmp_path / "run")]
+    for item in tiny_overrides("dino", "train.steps=6", "train.checkpoint_every=0"):
+        argv += ["--set", item]
+    assert main(argv) == status
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"wildssl: interrupted ({signal_name}) at step 3; checkpoint saved to "
+                       f"{tmp_path / 'run' / CHECKPOINT_NAME} (continue with --resume)")
+    monkeypatch.undo()
+    assert main(argv + ["--resume"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["start_step"] == 3
+
+
 def test_training_changes_the_weights_and_logs_each_step_once(tmp_path):
     from wildssl.methods import build_initial_method
 
@@ -350,3 +379,21 @@ def test_a_gradient_of_exactly_zero_raises_a_training_alarm_from_the_first_logge
                                                        "method.patch_out_dim=64", "method.koleo_weight=0"))
     summary = train(config, tmp_path)
     assert any("the gradient is exactly 0" in alarm for alarm in summary["alarms"]), summary["alarms"]
+
+
+def test_a_run_started_again_before_its_first_checkpoint_logs_its_floor_once(tmp_path):
+    """A run killed before its first checkpoint, started again (with --resume, as a requeued job does), kept the
+    killed attempt's step-0 rows and logged the random-init floor a second time."""
+    from wildssl.io import read_metrics
+
+    config = _config("simclr", "train.steps=2", "train.checkpoint_every=0", "eval.knn_every=2",
+                     "eval.knn_train=synthetic:scenes?n=32&size=16&split=train",
+                     "eval.knn_test=synthetic:scenes?n=32&size=16&split=test")
+    from wildssl.eval.evaluate import make_online_knn
+
+    train(config, tmp_path, knn_evaluator=make_online_knn(config, "cpu"))
+    (tmp_path / CHECKPOINT_NAME).unlink()  # as if killed before its first checkpoint: its rows are on the disk
+    train(config, tmp_path, resume=True, knn_evaluator=make_online_knn(config, "cpu"))
+    floors = [r for r in read_metrics(tmp_path) if "knn_top1_random_init" in r]
+    steps = [r["step"] for r in read_metrics(tmp_path) if "loss" in r]
+    assert len(floors) == 1 and steps == sorted(set(steps)), (floors, steps)

@@ -974,7 +974,7 @@ def main(argv: list[str] | None = None) -> int:
         message = str(interrupt) or "interrupted"
         if _first_process():  # every rank was interrupted at the same step, with the same checkpoint
             print(f"wildssl: {message}", file=sys.stderr)
-        return 130
+        return 128 + int(getattr(interrupt, "signal_number", 2))  # 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
 
 
 if __name__ == "__main__":

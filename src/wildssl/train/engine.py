@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -51,28 +52,38 @@ __all__ = ["train", "TrainingStopped", "pick_device"]
 
 
 class _InterruptFlag:
-    """SIGINT (Ctrl-C) asks the loop to save a checkpoint at the next step boundary and exit."""
+    """SIGINT (Ctrl-C), SIGTERM (a scheduler's preemption: SLURM, Kubernetes) and SIGHUP (a closed terminal) ask the
+    loop to save a checkpoint at the next step boundary and exit; a second signal stops at once. ``signal_number``
+    is the first one received (the exit status is 128 + it, as a shell reports a process it ended)."""
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
     def __init__(self):
         self.raised = False
-        self.previous = None
+        self.signal_number = None
+        self.previous: dict = {}
+        self.pid = os.getpid()
 
     def __enter__(self):
-        try:
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread (e.g. a notebook executor): Ctrl-C keeps its default
-            self.previous = None
+        for number in self.SIGNALS:
+            try:
+                self.previous[number] = signal.signal(number, self._handle)
+            except ValueError:  # not the main thread (e.g. a notebook executor): the signal keeps its default
+                pass
         return self
 
     def _handle(self, signum, frame):
-        if self.raised:  # a second Ctrl-C stops at once
+        if os.getpid() != self.pid:  # a DataLoader worker, which inherited the handler: the trainer says it once
+            return
+        if self.raised:  # a second signal stops at once
             raise KeyboardInterrupt
-        self.raised = True
-        log.warning("interrupt received: saving a checkpoint at the end of this step (Ctrl-C again to abort)")
+        self.raised, self.signal_number = True, signum
+        log.warning("%s received: saving a checkpoint at the end of this step (Ctrl-C again to abort)",
+                    signal.Signals(signum).name)
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for number, previous in self.previous.items():
+            signal.signal(number, previous)
         return False
 
 
@@ -95,8 +106,10 @@ class _Reporter:
         self.run = run
         self.knn_evaluator = knn_evaluator
         try:
+            # rows after the checkpoint's step are replayed; a run that starts at step 0 measures its floor again,
+            # so a killed first attempt's rows (its step-0 floor among them) all go
             self.logger = MetricLogger(run.out_dir, tensorboard=tcfg["tensorboard"],
-                                       truncate_after=run.start_step) if run.main else None
+                                       truncate_after=run.start_step if run.start_step else -1) if run.main else None
         except OSError as error:  # a full disk while dropping the rows of replayed steps
             raise ConfigError(f"cannot write the run directory {run.out_dir}: {error.strerror or error}; "
                               "free some space or choose another --out") from None
@@ -351,8 +364,11 @@ def train(config: dict, out_dir: str | Path, resume: bool = False, knn_evaluator
                     if result.interrupted:
                         save_checkpoint(run, done)
                         saved = checkpoint_location(tcfg["sharding"], run.out_dir)
-                        raise KeyboardInterrupt(f"interrupted at step {done}; checkpoint saved to {saved} "
-                                                "(continue with --resume)")
+                        name = signal.Signals(interrupt.signal_number).name if interrupt.signal_number else "SIGINT"
+                        stopped = KeyboardInterrupt(f"interrupted ({name}) at step {done}; checkpoint saved to {saved} "
+                                                    "(continue with --resume)")
+                        stopped.signal_number = interrupt.signal_number or signal.SIGINT
+                        raise stopped
                     # a kept copy (train.keep_every) is a checkpoint too, whatever train.checkpoint_every says
                     if done == run.total_steps or any(every and done % every == 0
                                                       for every in (tcfg["checkpoint_every"], tcfg["keep_every"])):
