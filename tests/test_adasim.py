@@ -191,3 +191,24 @@ def test_a_neighbour_topk_above_the_data_size_keeps_every_image_with_a_warning(c
     assert method.topk == 64 and method.window.state_dict()
     assert max(t.numel() for t in method.window.state_dict().values()) <= 64 * 64 * method.window_size
     assert "method.neighbour_topk=100000 is above the 64 images" in caplog.text
+
+
+def test_a_run_shorter_than_the_window_is_told_it_trains_standard_pairs_only(tmp_path, caplog):
+    """110 steps against a 3-epoch window: adasim_simsiam_quick ended identical to simsiam_quick to the last digit,
+    every neighbour ratio 0, and nothing said why."""
+    import logging
+
+    steps_per_epoch = 64 // 16  # TINY_DATA's 64 images at the tiny batch of 16
+    short = _config("adasim_dino", "dino", "method.adasim_window=3", f"train.steps={3 * steps_per_epoch}")
+    with caplog.at_level(logging.WARNING, logger="wildssl"):
+        train(short, tmp_path / "short")
+    said = [r.getMessage() for r in caplog.records if "draws a neighbour" in r.getMessage()]
+    assert said == [f"method adasim_dino draws a neighbour as an image's partner only after 3 completed epochs "
+                    f"(method.adasim_window), {3 * steps_per_epoch} steps, and the run has {3 * steps_per_epoch}: every "
+                    "step trains on standard pairs, as its base method would; lengthen the run or lower "
+                    "method.adasim_window"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="wildssl"):
+        train(_config("adasim_dino", "dino", "method.adasim_window=3", f"train.steps={3 * steps_per_epoch + 1}"),
+              tmp_path / "long")
+    assert not [r for r in caplog.records if "draws a neighbour" in r.getMessage()]

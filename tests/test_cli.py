@@ -62,8 +62,10 @@ def test_train_ends_with_one_plain_line_of_trained_against_random_init_knn(tmp_p
     summary = json.loads(out.strip().splitlines()[-1])
     trained, floor = 100 * summary["knn_top1"], 100 * summary["knn_top1_random_init"]
     lines = [line for line in err.splitlines() if line.startswith("wildssl: k-NN top-1")]
+    # which network was read, and how (a summary said neither; the eval verbs did)
+    assert summary["knn_network"] == "student" and summary["knn_pool"] == "avg"
     assert lines == [f"wildssl: k-NN top-1 {trained:.1f}% trained, {floor:.1f}% for the same encoder at random "
-                     f"initialization ({trained - floor:+.1f} points)"]
+                     f"initialization ({trained - floor:+.1f} points; the student, mean patch token)"]
 
 
 def test_a_resumed_run_compares_with_the_random_init_figure_it_recorded_before_step_0(tmp_path, capsys):

@@ -87,3 +87,17 @@ def test_a_run_resumes_without_its_init_from_file_and_a_missing_one_names_the_ke
     with pytest.raises(CheckpointError, match=rf"^model.init_from: checkpoint not found: {source}"):
         train(config(3), tmp_path / "new")
     assert not (tmp_path / "new").exists()
+
+
+def test_the_quality_alarm_of_a_locked_encoder_names_init_from_not_the_learning_rate(dino_run, tmp_path, monkeypatch):
+    """LiT's tower is locked: its k-NN can only show what model.init_from loaded, yet the alarm said "check the
+    learning rate, the augmentations and the budget", none of which moves it."""
+    from wildssl.methods.lit import LiT
+    from wildssl.methods.simclr import SimCLR
+
+    assert LiT.locks_encoder and not SimCLR.locks_encoder
+    monkeypatch.setattr(SimCLR, "locks_encoder", True)  # a locked stand-in, trained as LiT would be
+    summary = train(tiny_config("simclr", "train.steps=1", "eval.knn_every=1", f"model.init_from={dino_run}"),
+                    tmp_path / "run", knn_evaluator=lambda method: {"knn_top1": 0.25})
+    (alarm,) = [a for a in summary["alarms"] if a.startswith("quality alarm")]
+    assert f"locks the encoder model.init_from loaded ({dino_run})" in alarm and "learning rate" not in alarm

@@ -123,8 +123,8 @@ def test_stale_temporary_files_of_an_interrupted_write_are_removed_at_start(tmp_
     stale = ["checkpoint.safetensors.tmp", "checkpoint_0000010.safetensors.tmp", ".tmpAb12Cd"]  # ours; the writer's
     for name in kept + stale:
         (tmp_path / name).write_bytes(b"x")
-    prepare_out_dir(tmp_path, resume=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+    prepare_out_dir(tmp_path, resume=True).close()  # it returns the run directory's lock, taken before the cleanup
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + [".wildssl.lock"])
 
 
 # -- a full disk, a read-only place ----------------------------------------------------------------------
@@ -442,3 +442,36 @@ def test_eval_encoder_teacher_on_a_method_without_one_is_refused_before_training
 
     with pytest.raises(ConfigError, match="^eval.encoder=teacher, but method simclr has no teacher encoder"):
         train(tiny_config("simclr", "train.steps=1", "eval.encoder=teacher"), tmp_path / "run")
+
+
+def test_a_second_process_cannot_train_a_run_directory_that_is_being_trained(tmp_path, capsys):
+    """Two `wildssl train` of one --out at once interleaved their metrics rows (steps 0, 0, 10, 10, ...), a later
+    start dropped the first's rows, and both exited 0 while the checkpoint on the disk was only one of them: the
+    run directory is locked while a process trains it, and the lock goes with the process."""
+    import subprocess
+    import sys
+    import textwrap
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from wildssl.train.run import prepare_out_dir
+        lock = prepare_out_dir(Path({str(out)!r}), False)
+        print("locked", flush=True)
+        time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, _, err = _cli(capsys, "train", "simclr_quick", "--out", str(out), *_set(tiny_overrides("simclr")))
+        _assert_one_line(code, err, f"run directory {out} is being trained by process {holder.pid} on ",
+                         "wait for it to end")
+        assert not (out / "metrics.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    code, _, err = _cli(capsys, "train", "simclr_quick", "--out", str(out), *_set(tiny_overrides("simclr", "train.steps=1")))
+    assert code == 0, err  # the lock went with the process that held it
+    code, _, err = _cli(capsys, "train", "simclr_quick", "--out", str(out), "--resume",
+                        *_set(tiny_overrides("simclr", "train.steps=2")))
+    assert code == 0, err  # and with this one, at the end of its run

@@ -125,3 +125,25 @@ def test_wsp_trained_encoder_beats_its_random_initialization_on_knn(wsp_shapes_r
     trained_knn = evaluate_knn(load_encoder(run_dir / CHECKPOINT_NAME), *specs, image_size=32, pool="cls")["knn_top1"]
     initial_knn = evaluate_knn(initial, *specs, image_size=32, pool="cls")["knn_top1"]
     assert trained_knn > initial_knn + KNN_MARGIN, (trained_knn, initial_knn)
+
+
+def test_wsp_on_an_image_folder_says_it_has_no_captions_and_that_its_classes_can_be_learned(tmp_path):
+    """`wildssl train wsp_quick --data FOLDER` failed with "the caption files hold no caption words", naming caption
+    files the user never gave, and not method.labels=manifest, with which a folder's classes train."""
+    from PIL import Image
+
+    from conftest import tiny_config
+    from wildssl.errors import ConfigError
+    from wildssl.train.engine import train
+
+    for name in ("cat", "dog"):
+        (tmp_path / "photos" / name).mkdir(parents=True)
+        for i in range(8):
+            Image.new("RGB", (16, 16), (30 * i, 100 if name == "cat" else 200, 0)).save(tmp_path / "photos" / name / f"{i}.png")
+    folder = f"data.train={tmp_path / 'photos'}"
+    with pytest.raises(ConfigError, match=r"learns the words of data.train's captions, and data.train \(image folder "
+                                          r".*\) has none .* set method.labels=manifest to learn those"):
+        train(tiny_config("wsp", folder, "train.steps=1", "train.batch_size=8"), tmp_path / "run")
+    summary = train(tiny_config("wsp", folder, "method.labels=manifest", "train.steps=1", "train.batch_size=8"),
+                    tmp_path / "labels")
+    assert summary["steps"] == 1

@@ -125,6 +125,9 @@ def _bootstrap_follows_data(config: dict, streams: tuple, overrides: list[str], 
     return str(config["data"].get("bootstrap") or "").startswith("synthetic:")
 
 
+POOL_NAMES = {"cls": "class token", "avg": "mean patch token"}  # what eval.pool reads, in words
+
+
 def cmd_train(args) -> int:
     from wildssl import distributed as dist
     from wildssl.eval.evaluate import make_online_knn
@@ -151,8 +154,10 @@ def cmd_train(args) -> int:
             print(f"wildssl: WARNING: {alarm}", file=sys.stderr)
         if "knn_top1" in line and "knn_top1_random_init" in line:
             trained, floor = 100 * line["knn_top1"], 100 * line["knn_top1_random_init"]
+            read = f"; the {line['knn_network']}, {POOL_NAMES.get(line.get('knn_pool'), line.get('knn_pool'))}" \
+                if "knn_network" in line else ""
             print(f"wildssl: k-NN top-1 {trained:.1f}% trained, {floor:.1f}% for the same encoder at random "
-                  f"initialization ({trained - floor:+.1f} points)", file=sys.stderr)
+                  f"initialization ({trained - floor:+.1f} points{read})", file=sys.stderr)
         print(json.dumps(line))
     return 0
 

@@ -161,6 +161,21 @@ class NeighbourPairs:
             self.oracle_probability = np.linspace(start, end, total_steps, dtype=np.float64)
         return values
 
+    def schedule_warnings(self, total_steps: int, steps_per_epoch: int) -> list[str]:
+        """A run that ends before the first partner can be drawn trains on standard pairs only (its base method):
+        AdaSim needs ``adasim_window`` completed epochs of records, nearest-neighbour pairing one."""
+        if self.pairing == "adasim":
+            epochs = self.window_size if self.tau > 0 else 0  # tau 0 is the base method on purpose
+        else:
+            epochs = 1 if self.pairing == "nn" else 0
+        if not epochs or total_steps > epochs * steps_per_epoch:
+            return []
+        key = " (method.adasim_window)" if self.pairing == "adasim" else ""
+        return [f"method {self.name} draws a neighbour as an image's partner only after {epochs} completed epochs"
+                f"{key}, {epochs * steps_per_epoch} steps, and the run has {total_steps}: every step trains on "
+                "standard pairs, as its base method would; lengthen the run"
+                + (" or lower method.adasim_window" if key else "")]
+
     def _require_prepared(self) -> None:
         if self.cache is None or self.window is None:
             raise RuntimeError(f"method {self.name}: call prepare(sources, run_dir) before training (the engine does)")

@@ -134,6 +134,10 @@ class Method(nn.Module):
     """Base class: subclasses set ``name``, ``defaults`` (the ``method.*`` config keys) and implement
     :meth:`forward`. Call :meth:`make_teacher` to get an EMA teacher."""
 
+    # True for a method that trains nothing of the encoder it evaluates (LiT's locked image tower): its k-NN can only
+    # show what model.init_from loaded, and the quality alarm says so
+    locks_encoder = False
+
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
     # Data streams, each configured as data.<stream>; the first defines the epoch and train.batch_size.
@@ -265,6 +269,11 @@ class Method(nn.Module):
     def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
         """Extra per-iteration schedules the method reads from ``StepContext.values``."""
         return {}
+
+    def schedule_warnings(self, total_steps: int, steps_per_epoch: int) -> list[str]:
+        """What the method's own keys cannot do in a run of this length (the engine logs each line once at the
+        start, beside its warnings about the learning-rate schedule); none by default."""
+        return []
 
     def index_hook(self, stream: str) -> IndexHook | None:
         """A function that chooses the dataset indices a step of ``stream`` reads (see

@@ -41,6 +41,8 @@ class LiT(CLIP):
     form, and the text tower projects to the encoder's width), ``embed_dim`` (null: the encoder's width),
     ``cache_features`` (see the module docstring)."""
 
+    locks_encoder = True  # the evaluated encoder is model.init_from's, unchanged by training
+
     name = "lit"
     defaults = CLIP.defaults | {"embed_dim": None, "image_head": True, "cache_features": False}
     frozen_modules = ("backbone",)

@@ -99,11 +99,18 @@ class WSP(Method):
         if o["labels"] == "manifest":
             classes = getattr(sources["train"], "classes", None)
             if not classes:
-                raise ConfigError("method.labels=manifest needs a .jsonl manifest whose 'labels' are class names "
+                raise ConfigError("method.labels=manifest needs class names: an image folder with class subfolders, "
+                                  "or a .jsonl manifest whose 'labels' are class names "
                                   f"(data.train={self.config['data']['train']!r} has none); or use "
                                   "method.labels=captions")
             self.class_names = list(classes)
         else:
+            source = sources["train"]
+            if not o["vocabulary"] and getattr(source, "captioned_count", lambda: None)() == 0:
+                labelled = "; it has class names: set method.labels=manifest to learn those" if getattr(
+                    source, "classes", None) else ""
+                raise ConfigError(f"method.labels=captions learns the words of data.train's captions, and data.train "
+                                  f"({source.describe()}) has none (give a .jsonl with 'captions'){labelled}")
             path = Path(run_dir) / VOCABULARY_FILENAME
             if dist.is_main_process() and not path.is_file():
                 if o["vocabulary"]:

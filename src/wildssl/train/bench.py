@@ -336,6 +336,7 @@ def bench(config: dict, recipe: str, steps: int = 10, warmup: int = 2, pipeline_
                                   "compile": False, "images": None, "epochs": None}}
     with tempfile.TemporaryDirectory(prefix="wildssl-bench-") as out_dir:
         run = build_run(config, out_dir)
+        run.release_lock()  # the folder goes now: a bench writes no run
     device, precision = run.device, config["train"]["precision"]
     run.method.train()
     pipeline, batches = measure_pipeline(run, pipeline_steps)

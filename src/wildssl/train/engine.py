@@ -39,6 +39,7 @@ from wildssl.eval.online_probe import make_online_probe
 from wildssl.train.logging import CollapseMonitor, MetricLogger, ProgressBar
 from wildssl.train.run import (UNREADABLE_LIST, Run, TrainingStopped, build_run, checkpoint_location, loader_spans,
                                make_loaders, pick_device, save_checkpoint, warn_about_the_schedule)
+from wildssl.train.checkpoint import run_eval_network
 from wildssl.train.step import StepResult, device_batches, training_step
 
 log = logging.getLogger("wildssl")
@@ -292,6 +293,12 @@ class _Reporter:
             self.alarm(done, f"quality alarm: k-NN top-1 is {100 * floor:.1f}% already at random initialization, so "
                              "this k-NN set cannot show what training adds (give a harder labelled split with --val)",
                        kind="quality")
+        elif result["knn_top1"] <= floor and self.run.method.locks_encoder:  # training cannot move the figure
+            self.alarm(done, f"quality alarm: k-NN top-1 {100 * result['knn_top1']:.1f}% at step {done} is not above "
+                             f"the same encoder at random initialization ({100 * floor:.1f}%): method "
+                             f"{self.run.method.name} locks the encoder model.init_from loaded "
+                             f"({self.run.config['model']['init_from']}), so that encoder is no better than random on "
+                             "this data; pre-train it longer or on data closer to this", kind="quality")
         elif result["knn_top1"] <= floor:  # one standing alarm, with the latest figure
             self.alarm(done, f"quality alarm: k-NN top-1 {100 * result['knn_top1']:.1f}% at step {done} is not above "
                              f"the same encoder at random initialization ({100 * floor:.1f}%): the encoder got no "
@@ -328,6 +335,14 @@ def train(config: dict, out_dir: str | Path, resume: bool = False, knn_evaluator
     :func:`wildssl.eval.evaluate.make_online_knn`). With ``eval.online_probe`` a linear probe trains on
     detached features of every finite step's first-stream batch (:mod:`wildssl.eval.online_probe`)."""
     run = build_run(config, out_dir, resume)
+    try:
+        return _train_run(run, knn_evaluator)
+    finally:
+        run.release_lock()  # another process may train the run directory now (it was locked while this one trained)
+
+
+def _train_run(run: Run, knn_evaluator) -> dict:
+    """:func:`train` once the run is built: the loop, the evaluations and the summary."""
     config = run.config  # resolved by build_run: a hand-built dict's missing sections filled, its values checked
     warn_about_the_schedule(run)
     tcfg = config["train"]
@@ -385,6 +400,8 @@ def train(config: dict, out_dir: str | Path, resume: bool = False, knn_evaluator
     summary = {"run_dir": str(run.out_dir), "start_step": run.start_step, "total_steps": run.total_steps,
                "steps": done, "images_per_step": run.images_per_step, **run.counters, "alarms": reporter.alarms,
                "final_metrics": {**reporter.knn_random, **reporter.last_metrics}}
+    if knn_evaluator is not None and config["eval"]["knn_every"]:  # which network the k-NN read, and how pooled
+        summary["final_metrics"].update(knn_network=run_eval_network(run.method, config), knn_pool=config["eval"]["pool"])
     if math.isfinite(reporter.last_metrics.get("loss", float("nan"))):
         summary["final_loss"] = reporter.last_metrics["loss"]
     return summary

@@ -12,8 +12,10 @@ import logging
 import math
 import os
 import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -76,6 +78,8 @@ class Run:
     last_good_checkpoint: Path | None = None
     # the checkpoint's config when the run resumed one (its eval.* may differ from ``config``'s), else None
     saved_config: dict | None = None
+    # the open lock file of the run directory (main process; lock_run_dir), closed by release_lock
+    lock: Any = None
     # stream -> indices of the unreadable images met so far; ``corrupt_images`` counts them (distinct
     # files, not skip events: a corrupt file is met again every epoch, and by its neighbours' requests)
     corrupt_files: dict[str, set[int]] = field(default_factory=dict)
@@ -85,6 +89,12 @@ class Run:
     # data.decode=gpu: stream -> the decoder that finishes its batches on the device (streams whose
     # workers leave JPEGs undecoded); empty when the CPU decodes everything
     decoders: dict[str, DeviceDecoder] = field(default_factory=dict)
+
+    def release_lock(self) -> None:
+        """Let another process train this run directory (the end of :func:`wildssl.train.engine.train`)."""
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
 
     @property
     def main(self) -> bool:
@@ -217,8 +227,38 @@ def check_resume_config(saved: dict, current: dict, where: str) -> None:
 STALE_WRITES = re.compile(r"^(?:.+\.safetensors\.tmp|\.tmp[A-Za-z0-9]{6})$")
 
 
-def prepare_out_dir(out_dir: Path, resume: bool) -> None:
-    """Create the run directory (one-line errors) and remove what a killed run can leave behind."""
+# Held (flock) by the process that trains a run directory, for as long as it trains: a second process (the same
+# command started twice, a requeued job while the first still runs) is refused instead of interleaving its
+# checkpoints and metrics rows with the first's. The kernel lets go when the process ends, however it ends.
+RUN_LOCK = ".wildssl.lock"
+
+
+def lock_run_dir(out_dir: Path):
+    """The open lock file of ``out_dir`` (keep it open while training; close it to let go), or a ConfigError naming
+    the process that holds it. None where the platform has no ``flock``."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: runs are not locked
+        return None
+    handle = open(out_dir / RUN_LOCK, "a+")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ConfigError(f"run directory {out_dir} is being trained by {holder} now; wait for it to end (then "
+                          "--resume continues it) or choose another --out") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"process {os.getpid()} on {socket.gethostname()}")
+    handle.flush()
+    return handle
+
+
+def prepare_out_dir(out_dir: Path, resume: bool):
+    """Create the run directory (one-line errors), lock it (:func:`lock_run_dir`; returns the lock) and remove what a
+    killed run can leave behind (after the lock: a live run's temporary files are its own)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir} is a file, not a directory; choose another --out")
     try:
@@ -229,10 +269,12 @@ def prepare_out_dir(out_dir: Path, resume: bool) -> None:
     except OSError as error:
         raise ConfigError(f"cannot write the run directory {out_dir}: {error.strerror or error}; "
                           "choose a writable --out") from None
+    lock = lock_run_dir(out_dir)
     for stale in out_dir.iterdir():
         if STALE_WRITES.match(stale.name) and not stale.is_dir():
             stale.unlink(missing_ok=True)
             log.info("removed %s, left by an interrupted checkpoint write", stale)
+    return lock
 
 
 def _buffer_sync(method: Method) -> dict:
@@ -351,6 +393,8 @@ def warn_about_the_schedule(run: Run) -> None:
         log.warning("optim.min_lr=%g is above the peak learning rate %.3g (optim.lr at this batch), so the rate "
                     "rises over the run instead of decaying to it; give a min_lr below the peak",
                     config["optim"]["min_lr"], peak)
+    for line in run.method.schedule_warnings(run.total_steps, run.steps_per_epoch):
+        log.warning("%s", line)
 
 
 def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
@@ -379,8 +423,19 @@ def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
     if tcfg["activation_checkpointing"] and not sharded and rank == 0:
         log.warning("train.activation_checkpointing=true recomputes activations under train.sharding=fsdp only; "
                     "this run (train.sharding=ddp) keeps them as usual")
-    if rank == 0:
-        prepare_out_dir(out_dir, resume)
+    lock = prepare_out_dir(out_dir, resume) if rank == 0 else None
+    try:
+        return _build_the_rest(config, out_dir, resume, method, device, rank, world, checkpoint_path, sharded, lock)
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+
+
+def _build_the_rest(config: dict, out_dir: Path, resume: bool, method: Method, device: torch.device, rank: int,
+                    world: int, checkpoint_path: Path, sharded: bool, lock) -> Run:
+    """:func:`build_run` once the run directory is made and locked: sources, optimizer, the checkpoint's state."""
+    tcfg = config["train"]
     dist.barrier()
 
     streams = type(method).streams
@@ -434,7 +489,7 @@ def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
               freeze_steps=int(round(config["optim"]["freeze_last_layer_epochs"] * steps_per_epoch)),
               start_step=0,
               stream_positions={name: list(START) for name, source in sources.items() if isinstance(source, ShardStream)},
-              decoders=decoders)
+              decoders=decoders, lock=lock)
 
     if checkpoint_path.is_file():
         if sharded:
