@@ -273,7 +273,8 @@ def test_a_log_line_printed_while_the_progress_bar_runs_starts_a_line_of_its_own
     level = log.level
     log.setLevel(logging.INFO)
     try:
-        bar = ProgressBar(SimpleNamespace(total_steps=4, start_step=0, config={"method": {"name": "dino"}}))
+        bar = ProgressBar(SimpleNamespace(total_steps=4, start_step=0, config={"method": {"name": "dino"}}),
+                          terminal=True)
         bar.update()
         bar.show(1, {"loss": 1.0, "images_per_s": 10.0}, 0.1, [])
         log.info("step 1: knn_top1=0.5000")
@@ -286,6 +287,38 @@ def test_a_log_line_printed_while_the_progress_bar_runs_starts_a_line_of_its_own
     err = capsys.readouterr().err
     assert re.search(r"(^|[\r\n])step 1: knn_top1=0\.5000\n", err), repr(err)
     assert err.count("step 1: knn_top1") == 1
+
+
+def test_without_a_terminal_progress_is_a_plain_line_now_and_then_not_a_bar_per_step(capsys):
+    """`wildssl train ... > log.txt 2>&1` (a batch job) wrote tqdm's carriage-return update for every step into the
+    file: 33 KB of one "line" for 300 steps, about 1 KB/s on a fast GPU. Without a terminal a plain line is printed at
+    the first logged step, then at most every PLAIN_PROGRESS_SECONDS, and at the last step."""
+    import logging
+    import sys
+    from types import SimpleNamespace
+
+    from wildssl.train.logging import ProgressBar
+
+    root, log = logging.getLogger(), logging.getLogger("wildssl")
+    console = logging.StreamHandler(sys.stderr)
+    root.addHandler(console)
+    level = log.level
+    log.setLevel(logging.INFO)
+    try:
+        bar = ProgressBar(SimpleNamespace(total_steps=40, start_step=0, config={"method": {"name": "dino"}}),
+                          terminal=False)
+        for done in range(1, 41):
+            bar.update()
+            if done % 10 == 0:
+                bar.show(done, {"loss": 1.0 / done, "images_per_s": 10.0}, 0.1, [])
+        bar.close()
+    finally:
+        root.removeHandler(console)
+        log.setLevel(level)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert err.splitlines() == ["dino: step 10/40 (25%), loss 0.1000, img/s 10, eta 0:00:03",
+                                "dino: step 40/40 (100%), loss 0.0250, img/s 10, eta 0:00:00"]
 
 
 @pytest.mark.parametrize("checkpoint_every", [0, 2])

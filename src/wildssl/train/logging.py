@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -145,32 +146,54 @@ class CollapseMonitor:
                 "(all embeddings coincide)")
 
 
+# Seconds between two progress lines when the console is not a terminal (a batch job's log file).
+PLAIN_PROGRESS_SECONDS = 30.0
+
+
 class ProgressBar:
     """The run's tqdm bar: loss, images/s, ETA, and the first alarm. While it is open, log lines printed to the
-    console go through tqdm, so that a k-NN or alarm line starts a line of its own instead of trailing the bar."""
+    console go through tqdm, so that a k-NN or alarm line starts a line of its own instead of trailing the bar.
 
-    def __init__(self, run) -> None:
-        from tqdm.auto import tqdm
-        from tqdm.contrib.logging import logging_redirect_tqdm
+    When stderr is not a terminal (``> log.txt 2>&1``, ``| tee``, a batch job), a bar would write one carriage-return
+    update per step into the file (33 KB of one "line" for 300 steps); there it prints a plain line instead (step,
+    loss, images/s, ETA), at most every :data:`PLAIN_PROGRESS_SECONDS` and at the last step."""
 
+    def __init__(self, run, terminal: bool | None = None) -> None:
         self.total = run.total_steps
-        self.bar = tqdm(total=run.total_steps, initial=run.start_step, desc=run.config["method"]["name"],
-                        unit="step", dynamic_ncols=True)
+        self.name = run.config["method"]["name"]
+        self.terminal = sys.stderr.isatty() if terminal is None else terminal
+        self._last_line = -math.inf  # the first logged step prints at once: its ETA is the first a user wants
+        self.bar = None
         self._console = ExitStack()  # the console handlers come back on close
-        self._console.enter_context(logging_redirect_tqdm())
+        if self.terminal:
+            from tqdm.auto import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            self.bar = tqdm(total=run.total_steps, initial=run.start_step, desc=self.name, unit="step",
+                            dynamic_ncols=True)
+            self._console.enter_context(logging_redirect_tqdm())
 
     def show(self, done: int, metrics: dict, seconds_per_step: float, alarms: list[str]) -> None:
         postfix = {"loss": f"{metrics['loss']:.4f}", "img/s": f"{metrics['images_per_s']:.0f}",
                    "eta": format_duration((self.total - done) * seconds_per_step)}
         if alarms:
             postfix["ALARM"] = alarms[0].split(":")[1].split("(")[0].strip()
-        self.bar.set_postfix(postfix, refresh=False)
+        if self.bar is not None:
+            self.bar.set_postfix(postfix, refresh=False)
+            return
+        now = time.monotonic()
+        if now - self._last_line >= PLAIN_PROGRESS_SECONDS or done == self.total:
+            self._last_line = now
+            log.info("%s: step %d/%d (%d%%), %s", self.name, done, self.total, 100 * done // max(self.total, 1),
+                     ", ".join(f"{k} {v}" for k, v in postfix.items()))
 
     def update(self) -> None:
-        self.bar.update(1)
+        if self.bar is not None:
+            self.bar.update(1)
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
         self._console.close()
 
 
