@@ -116,3 +116,20 @@ def test_cache_invalidates_when_an_image_moves_to_another_class_folder_or_is_rep
     Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "data" / "b" / "b0.png")
     os.utime(tmp_path / "data" / "b" / "b0.png", ns=(1, 10**18))  # another image under the same name
     assert labels()[1] == 1
+
+
+def test_a_cache_that_cannot_be_written_keeps_the_features_in_memory_with_one_warning(tmp_path, caplog):
+    """An unwritable cache (a read-only or full ~/.cache on a cluster) ended `eval linear` after the extraction, with
+    advice about free space: the features are kept in memory for the command, and one warning says how to cache."""
+    import logging
+
+    _export(tmp_path / "encoder.safetensors", 0)
+    (tmp_path / "a-file").write_text("")
+    store = FeatureStore(load_encoder(tmp_path / "encoder.safetensors"), cache_dir=tmp_path / "a-file" / "cache")
+    with caplog.at_level(logging.WARNING, logger="wildssl"):
+        first = store.features(DATA, 16)
+        store.features(DATA.replace("n=", "n=1"), 16)  # another set: no second warning
+        again = store.features(DATA, 16)
+    said = [r.getMessage() for r in caplog.records if "cannot keep the features" in r.getMessage()]
+    assert len(said) == 1 and "--cache-dir a writable folder, or --no-cache" in said[0]
+    assert again is first and store.extractions == 2

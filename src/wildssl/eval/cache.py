@@ -195,8 +195,13 @@ class FeatureStore:
         self._memory[keys[0]] = features
         path = self._path(keys[0])
         if path is not None:
-            save_feature_set(path, features, {"spec": spec, "image_size": image_size, "load_size": load_size,
-                                              "patch": with_patch, "masks": with_masks})
+            try:
+                save_feature_set(path, features, {"spec": spec, "image_size": image_size, "load_size": load_size,
+                                                  "patch": with_patch, "masks": with_masks})
+            except CheckpointError as error:  # a full or read-only cache (a cluster's ~/.cache quota): keep going
+                log.warning("cannot keep the features in the cache (%s); they stay in memory for this command (give "
+                            "--cache-dir a writable folder, or --no-cache)", error)
+                self.cache_dir = None  # one warning, not one per feature set
         return features
 
     def _path(self, key: str) -> Path | None:
