@@ -553,3 +553,27 @@ def test_eval_random_init_of_a_run_is_the_runs_own_floor(tmp_path, capsys, monke
     expected = initial.encoder(None).state_dict()
     for key, value in seen[0].state_dict().items():
         assert torch.equal(value, expected[key]), key
+
+
+def test_a_resume_reports_the_runs_figures_and_measures_a_lost_floor_again(tmp_path, capsys, caplog):
+    """A resume with nothing left to train printed a summary without final_loss or k-NN (scripts that read it broke);
+    a resume whose metrics.jsonl was deleted lost its floor without a word, and with it the quality alarm."""
+    knn = ["eval.knn_every=2", "eval.knn_train=" + TINY_DATA, "eval.knn_test=synthetic:scenes?n=32&size=16&split=test"]
+
+    def run(steps, resume):
+        argv = ["train", "simclr_quick", "--out", str(tmp_path / "run"), *(["--resume"] if resume else [])]
+        for item in tiny_overrides("simclr", f"train.steps={steps}", *knn):
+            argv += ["--set", item]
+        code, out, err = _run(capsys, *argv)
+        assert code == 0, err
+        return json.loads(out.strip().splitlines()[-1])
+
+    first = run(2, False)
+    again = run(2, True)  # nothing left to train
+    for key in ("final_loss", "knn_top1", "knn_top1_random_init"):
+        assert again[key] == first[key], key
+    (tmp_path / "run" / "metrics.jsonl").unlink()
+    caplog.set_level("WARNING", logger="wildssl")
+    resumed = run(4, True)
+    assert resumed["knn_top1_random_init"] == first["knn_top1_random_init"]  # the same initialization, measured again
+    assert "the floor measured before step 0 is not in" in caplog.text

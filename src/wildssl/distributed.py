@@ -36,6 +36,15 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
+def broadcast_flag(flag: bool) -> bool:
+    """``flag`` as the main process has it, on every rank (itself in a single process)."""
+    if not is_distributed():
+        return bool(flag)
+    box = [bool(flag)]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
+
+
 def barrier() -> None:
     """Wait for every rank; no-op when not distributed."""
     if is_distributed():

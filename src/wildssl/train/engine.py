@@ -255,18 +255,24 @@ class _Reporter:
         or it was off then: the floor of the new settings, at the run's random initialization, logged at the step
         the run resumes from."""
         self.knn_random = recorded_random_init(self.run.out_dir) if self.run.main else {}
+        if self.run.main:  # the figures up to the checkpoint: a resume with nothing left to train still reports them
+            self.last_metrics = recorded_last_metrics(self.run.out_dir)
         if self.knn_evaluator is None or not self.run.config["eval"]["knn_every"]:
             return
-        # decided from the two configs alone, so that every rank takes the same path (the evaluation has a barrier)
         saved, now = (self.run.saved_config or {}).get("eval", {}), self.run.config["eval"]
         changed = [f"eval.{key}: {saved.get(key)!r} -> {now[key]!r}" for key in FLOOR_SETTINGS
                    if saved.get(key) != now[key]]
-        if saved.get("knn_every") and not changed:
+        # the main process reads the metrics file; every rank must take the same path (the evaluation has a barrier)
+        lost = dist.broadcast_flag(self.run.main and bool(saved.get("knn_every")) and not changed
+                                   and not self.knn_random)
+        if saved.get("knn_every") and not changed and not lost:
             return
         if self.run.main:
-            log.info("online k-NN: %s, so the random-initialization floor is measured again now",
-                     f"its settings changed since the floor was measured ({', '.join(changed)})"
-                     if saved.get("knn_every") else "it was off when the run started, so no floor was measured")
+            reason = (f"its settings changed since the floor was measured ({', '.join(changed)})" if changed else
+                      f"the floor measured before step 0 is not in {self.run.out_dir / 'metrics.jsonl'} any more"
+                      if lost else "it was off when the run started, so no floor was measured")
+            log.log(logging.WARNING if lost else logging.INFO,
+                    "online k-NN: %s, so the random-initialization floor is measured again now", reason)
         self.evaluate(self.run.start_step, random_init=True)
 
     def _floor_method(self):
@@ -313,6 +319,16 @@ class _Reporter:
             self.progress.close()
         if self.logger is not None:
             self.logger.close()
+
+
+def recorded_last_metrics(run_dir: Path) -> dict:
+    """The latest value of each figure in the run's ``metrics.jsonl`` (its loss, k-NN, ...), or ``{}``."""
+    from wildssl.io import read_metrics
+
+    latest: dict = {}
+    for record in read_metrics(run_dir):
+        latest.update({k: v for k, v in record.items() if k not in ("step", "time") and not k.endswith("_random_init")})
+    return latest
 
 
 def recorded_random_init(run_dir: Path) -> dict:
