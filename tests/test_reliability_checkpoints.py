@@ -475,3 +475,31 @@ def test_a_second_process_cannot_train_a_run_directory_that_is_being_trained(tmp
     code, _, err = _cli(capsys, "train", "simclr_quick", "--out", str(out), "--resume",
                         *_set(tiny_overrides("simclr", "train.steps=2")))
     assert code == 0, err  # and with this one, at the end of its run
+
+
+def test_a_run_started_with_a_relative_data_path_resumes_from_another_working_directory(tmp_path, monkeypatch, capsys):
+    """A requeued job starts in another directory: the relative --data was "not found" there, and the absolute path
+    was refused as another config ('images' -> '/.../images'). A path that ends with the recorded one is the same."""
+    from PIL import Image
+
+    for name in ("a", "b"):
+        (tmp_path / "project" / "images" / name).mkdir(parents=True)
+        for i in range(8):
+            Image.new("RGB", (16, 16), (30 * i, 90, 10)).save(tmp_path / "project" / "images" / name / f"{i}.png")
+    (tmp_path / "elsewhere").mkdir()
+    argv = ["train", "simclr_quick", "--out", str(tmp_path / "run"),
+            *_set(tiny_overrides("simclr", "train.batch_size=8", "eval.knn_every=0"))]
+    monkeypatch.chdir(tmp_path / "project")
+    code, _, err = _cli(capsys, *argv, "--data", "images", "--set", "train.steps=2")
+    assert code == 0, err
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    for spelling in (str(tmp_path / "project" / "images"), "../project/images"):
+        steps = 3 if spelling.startswith("/") else 4
+        code, out, err = _cli(capsys, *argv, "--data", spelling, "--set", f"train.steps={steps}", "--resume")
+        assert code == 0, err
+        assert json.loads(out.strip().splitlines()[-1])["start_step"] == steps - 1
+    import shutil
+
+    shutil.copytree(tmp_path / "project" / "images", tmp_path / "other" / "data")  # other files: not the same path
+    code, _, err = _cli(capsys, *argv, "--data", str(tmp_path / "other" / "data"), "--set", "train.steps=5", "--resume")
+    assert code == 2 and "the config differs from the checkpoint's (data.train:" in err

@@ -105,7 +105,7 @@ class WSP(Method):
                                   "method.labels=captions")
             self.class_names = list(classes)
         else:
-            source = sources["train"]
+            source = sources.get("train")
             if not o["vocabulary"] and getattr(source, "captioned_count", lambda: None)() == 0:
                 labelled = "; it has class names: set method.labels=manifest to learn those" if getattr(
                     source, "classes", None) else ""

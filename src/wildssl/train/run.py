@@ -206,12 +206,43 @@ def total_steps_of(config: dict, first_source_size: int, images_per_step: int) -
     return steps
 
 
+def _same_path_spec(saved, current) -> bool:
+    """Whether two data SPECs name the same files though spelt differently: ``current`` exists, and ``saved`` is the
+    same path, or a relative one that ``current`` ends with (the run was started from another working directory:
+    ``cifar10/train`` then, ``/data/cifar10/train`` or ``../data/cifar10/train`` now). Prefixes (``stream:``,
+    ``video:``) and ``?`` parameters must be equal; patterns (``{0..9}``) and ``synthetic:`` never match."""
+    if not isinstance(saved, str) or not isinstance(current, str):
+        return False
+
+    def split(spec: str) -> tuple[str, str, str]:
+        prefix = next((p for p in ("stream:", "video:") if spec.startswith(p)), "")
+        body, _, query = spec[len(prefix):].partition("?")
+        return prefix, body, query
+
+    (prefix, before, query), (prefix_now, now, query_now) = split(saved), split(current)
+    if prefix != prefix_now or query != query_now or not before or not now or before.startswith("synthetic:"):
+        return False
+    here = Path(os.path.expanduser(now))
+    if not here.exists():
+        return False
+    then = Path(os.path.normpath(os.path.expanduser(before)))
+    if then.is_absolute():
+        return then.exists() and then.resolve() == here.resolve()
+    return here.resolve().parts[-len(then.parts):] == then.parts
+
+
 def check_resume_config(saved: dict, current: dict, where: str) -> None:
-    """A resumed run must train the same thing: only :data:`RESUMABLE_CHANGES` and ``eval.*`` may differ."""
+    """A resumed run must train the same thing: only :data:`RESUMABLE_CHANGES` and ``eval.*`` may differ, and a data
+    path may be spelt otherwise when it names the same files (:func:`_same_path_spec`)."""
     saved_flat, current_flat = flatten(saved), flatten(current)
+    moved = [k for k in set(saved_flat) & set(current_flat) if k.startswith("data.")
+             and saved_flat[k] != current_flat[k] and _same_path_spec(saved_flat[k], current_flat[k])]
+    for key in sorted(moved):
+        log.info("%s: %r and %r name the same data (the run started in another working directory); it goes on "
+                 "with %r", key, saved_flat[key], current_flat[key], current_flat[key])
     differing = sorted(k for k in set(saved_flat) | set(current_flat)
                        if saved_flat.get(k) != current_flat.get(k) and k not in RESUMABLE_CHANGES
-                       and not k.startswith("eval."))
+                       and not k.startswith("eval.") and k not in moved)
     if differing:
         if "method.name" in differing:  # another method: its other keys differ too, and say less than this one
             differing = ["method.name"] + [k for k in differing if k != "method.name"]
