@@ -79,3 +79,14 @@ def test_series_keeps_only_records_with_the_key():
 def test_plot_of_a_run_without_metrics_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="no metrics to plot"):
         plot_run(tmp_path)
+
+
+def test_slotmims_slots_in_use_get_a_panel(tmp_path):
+    """SlotMIM logs how many of its prototypes are in use (its collapse signal), but the plot never drew them."""
+    pytest.importorskip("matplotlib")
+    records = [{"step": s, "loss": 1.0 / s, "active_slots": 20 - s, "active_slots_mean": 21 - s} for s in (1, 2, 3)]
+    figure = metrics_figure(records)
+    (panel,) = [axis for axis in figure.axes if axis.get_title() == "slots in use (collapse: few)"]
+    lines = {line.get_label(): line for line in panel.get_lines()}
+    assert set(lines) == {"active_slots", "active_slots_mean"}
+    assert list(lines["active_slots"].get_ydata()) == [19, 18, 17]

@@ -45,9 +45,11 @@ def metrics_figure(records: list[dict], title: str = ""):
     accuracy = [k for k in ("knn_top1", "online_probe_top1") if k in keys]
     neighbours = [k for k in NEIGHBOUR_KEYS if k in keys]
     spread = [k for k in ("embedding_std", "cache_embedding_std") if k in keys]
+    slots = [k for k in ("active_slots", "active_slots_mean") if k in keys]  # SlotMIM's prototypes in use
     panels = [("loss", losses), (ACCURACY_PANEL, accuracy),
               ("bootstrap top-1 agreement by IoU", (["agreement"] if "agreement" in keys else []) + buckets),
-              ("neighbour pairs (per epoch)", neighbours), ("spread of embeddings (collapse: near 0)", spread)]
+              ("neighbour pairs (per epoch)", neighbours), ("spread of embeddings (collapse: near 0)", spread),
+              ("slots in use (collapse: few)", slots)]
     panels = [(name, names) for name, names in panels if names]
     figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for axis, (name, names) in zip(axes[0], panels):
