@@ -110,6 +110,7 @@ def test_discovery_scores_constructed_attention_as_computed_by_hand(tmp_path):
     # cells, box (.5, .75, 1, 1) vs (.75, .75, 1, 1): IoU 0.5, a hit (the top-left cell would miss).
     assert result["corloc"] == pytest.approx(1.0) and result["num_corloc_images"] == 2
     assert result["jaccard"] == pytest.approx(64 / 72) and result["num_jaccard_images"] == 1
+    assert result["background"] == 0  # what the Jaccard's foreground excludes, recorded with the figure
     assert (tmp_path / result["pictures"][0]).is_file()
 
 

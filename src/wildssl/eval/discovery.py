@@ -158,8 +158,11 @@ def discover(encoder, data: str | Source, *, image_size: int, load_size: int | N
         log.warning("object discovery: no mask of %s holds the background value %d, so every pixel counts as "
                     "foreground and the Jaccard compares each attention mask with the whole image; set the "
                     "discovery option 'background' to your masks' background value", source.describe(), background)
-    if jaccards:
-        result.update(jaccard=float(np.mean(jaccards)), num_jaccard_images=len(jaccards))
+    if jaccards:  # what the figure measures depends on which mask value is background: say it with the figure
+        result.update(jaccard=float(np.mean(jaccards)), num_jaccard_images=len(jaccards), background=background)
+        log.info("object discovery: Jaccard over %d masks, foreground = every mask value but background=%d (and "
+                 "ignore_index=%d); if %d is an object class of these masks (CamVid's 0 is Sky), set the discovery "
+                 "option 'background'", len(jaccards), background, ignore_index, background)
     if hits:
         result.update(corloc=float(np.mean(hits)), num_corloc_images=len(hits))
     if not jaccards and not hits:
