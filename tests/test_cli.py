@@ -572,6 +572,8 @@ def test_a_resume_reports_the_runs_figures_and_measures_a_lost_floor_again(tmp_p
     again = run(2, True)  # nothing left to train
     for key in ("final_loss", "knn_top1", "knn_top1_random_init"):
         assert again[key] == first[key], key
+    run(1, True)  # shorter than the run: nothing trained, and config.yaml keeps the length it was trained to
+    assert "steps: 2\n" in (tmp_path / "run" / "config.yaml").read_text()
     (tmp_path / "run" / "metrics.jsonl").unlink()
     caplog.set_level("WARNING", logger="wildssl")
     resumed = run(4, True)

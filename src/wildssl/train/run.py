@@ -543,7 +543,9 @@ def _build_the_rest(config: dict, out_dir: Path, resume: bool, method: Method, d
         # a warning, not an error: a preemptible job's script passes --resume on its first start too
         log.warning("--resume: no checkpoint in %s yet, so this run starts at step 0 (is that the run directory "
                     "you meant?)", out_dir)
-    if run.main:
+    # not when a resume has nothing to train (a length at or below the checkpoint's step): config.yaml keeps the
+    # length the run was trained to, not one it never ran
+    if run.main and not (run.start_step and run.start_step >= run.total_steps):
         try:
             (out_dir / "config.yaml").write_text(dump_config(config))
         except OSError as error:  # a full disk: the probe in prepare_out_dir wrote no bytes
