@@ -1,3 +1,4 @@
+import contextlib
 import json
 import math
 import os
@@ -257,33 +258,47 @@ def test_the_engines_random_init_knn_is_the_knn_of_build_initial_method(tmp_path
     assert rebuilt["knn_top5"] == logged["knn_top5_random_init"]
 
 
+@contextlib.contextmanager
+def _console_logging():
+    """The console handler the CLI's logging.basicConfig installs, with wildssl's info lines on; removed after."""
+    import logging
+    import sys
+
+    root, log = logging.getLogger(), logging.getLogger("wildssl")
+    console = logging.StreamHandler(sys.stderr)
+    root.addHandler(console)
+    level = log.level
+    log.setLevel(logging.INFO)
+    try:
+        yield console
+    finally:
+        root.removeHandler(console)
+        log.setLevel(level)
+
+
+def _bar(total_steps: int, terminal: bool):
+    from types import SimpleNamespace
+
+    from wildssl.train.logging import ProgressBar
+
+    return ProgressBar(SimpleNamespace(total_steps=total_steps, start_step=0, config={"method": {"name": "dino"}}),
+                       terminal=terminal)
+
+
 def test_a_log_line_printed_while_the_progress_bar_runs_starts_a_line_of_its_own(capsys):
     """The online k-NN's and the alarms' lines go through tqdm while the bar is open: they start a line instead of
     trailing the bar ("...eta=0:00:03]step 30: knn_top1=..."), and the console handler is back after the run."""
     import logging
     import re
-    import sys
-    from types import SimpleNamespace
 
-    from wildssl.train.logging import ProgressBar
-
-    root, log = logging.getLogger(), logging.getLogger("wildssl")
-    console = logging.StreamHandler(sys.stderr)  # what the CLI's logging.basicConfig installs
-    root.addHandler(console)
-    level = log.level
-    log.setLevel(logging.INFO)
-    try:
-        bar = ProgressBar(SimpleNamespace(total_steps=4, start_step=0, config={"method": {"name": "dino"}}),
-                          terminal=True)
+    with _console_logging() as console:
+        bar = _bar(4, terminal=True)
         bar.update()
         bar.show(1, {"loss": 1.0, "images_per_s": 10.0}, 0.1, [])
-        log.info("step 1: knn_top1=0.5000")
+        logging.getLogger("wildssl").info("step 1: knn_top1=0.5000")
         bar.update()
         bar.close()
-        assert console in root.handlers
-    finally:
-        root.removeHandler(console)
-        log.setLevel(level)
+        assert console in logging.getLogger().handlers
     err = capsys.readouterr().err
     assert re.search(r"(^|[\r\n])step 1: knn_top1=0\.5000\n", err), repr(err)
     assert err.count("step 1: knn_top1") == 1
@@ -293,28 +308,13 @@ def test_without_a_terminal_progress_is_a_plain_line_now_and_then_not_a_bar_per_
     """`wildssl train ... > log.txt 2>&1` (a batch job) wrote tqdm's carriage-return update for every step into the
     file: 33 KB of one "line" for 300 steps, about 1 KB/s on a fast GPU. Without a terminal a plain line is printed at
     the first logged step, then at most every PLAIN_PROGRESS_SECONDS, and at the last step."""
-    import logging
-    import sys
-    from types import SimpleNamespace
-
-    from wildssl.train.logging import ProgressBar
-
-    root, log = logging.getLogger(), logging.getLogger("wildssl")
-    console = logging.StreamHandler(sys.stderr)
-    root.addHandler(console)
-    level = log.level
-    log.setLevel(logging.INFO)
-    try:
-        bar = ProgressBar(SimpleNamespace(total_steps=40, start_step=0, config={"method": {"name": "dino"}}),
-                          terminal=False)
+    with _console_logging():
+        bar = _bar(40, terminal=False)
         for done in range(1, 41):
             bar.update()
             if done % 10 == 0:
                 bar.show(done, {"loss": 1.0 / done, "images_per_s": 10.0}, 0.1, [])
         bar.close()
-    finally:
-        root.removeHandler(console)
-        log.setLevel(level)
     err = capsys.readouterr().err
     assert "\r" not in err
     assert err.splitlines() == ["dino: step 10/40 (25%), loss 0.1000, img/s 10, eta 0:00:03",
