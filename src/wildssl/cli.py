@@ -131,6 +131,7 @@ POOL_NAMES = {"cls": "class token", "avg": "mean patch token"}  # what eval.pool
 def cmd_train(args) -> int:
     from wildssl import distributed as dist
     from wildssl.eval.evaluate import make_online_knn
+    from wildssl.methods import build_meta_method
     from wildssl.train.engine import train
     from wildssl.train.run import check_out_dir, check_out_is_new_or_a_run
 
@@ -140,7 +141,7 @@ def cmd_train(args) -> int:
     out = Path(args.out or Path("runs") / f"{config['method']['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
     check_out_dir(config, out, args.resume)  # before the online k-NN opens its data
     check_out_is_new_or_a_run(config, out)
-    _check_method_builds(config)
+    build_meta_method(config)  # a value the method checks itself fails here, before the online k-NN opens data
     dist.setup_distributed()
     main_process = dist.is_main_process()  # asked before the group is gone: afterwards every rank is "rank 0"
     try:
@@ -164,23 +165,12 @@ def cmd_train(args) -> int:
 
 # ----------------------------------------------------------------------------- config
 
-def _check_method_builds(config: dict) -> None:
-    """Build the config's method on the meta device (shapes only, no weights, ``model.init_from`` not read): the
-    checks its constructor makes on its own values (``model.name``, ``method.photometric``, ``method.centering``,
-    ...) then fail here in one line, not after the data is opened."""
-    import torch
-
-    from wildssl.methods import build_method
-
-    with torch.device("meta"):
-        build_method(config, load_init_from=False)
-
-
 def cmd_config(args) -> int:
+    from wildssl.methods import build_meta_method
     from wildssl.train.config import dump_config
 
     config = _config_from_args(args)
-    _check_method_builds(config)  # what train would refuse, refused here too
+    build_meta_method(config)  # the values the method checks itself (model.name, ...): what train would refuse
     print(dump_config(config), end="")
     return 0
 
@@ -249,8 +239,8 @@ def _knn_encoder(args):
         return build_encoder_from_config(model_config).eval(), model_config, "random-init"
     if args.model is not None or args.patch_size is not None:
         given = " and ".join(f for f, v in (("--model", args.model), ("--patch-size", args.patch_size)) if v is not None)
-        raise WildsslError(f"{given} only {'build' if ' and ' in given else 'builds'} an architecture for --random-init without a checkpoint; the "
-                           f"checkpoint {args.checkpoint} has its own (leave {given} out)")
+        raise WildsslError(f"{given} only {'build' if ' and ' in given else 'builds'} an architecture for --random-init "
+                           f"without a checkpoint; the checkpoint {args.checkpoint} has its own (leave {given} out)")
     path = Path(args.checkpoint)
     if not reads_as_wildssl(path, args.layout):
         encoder, layout = load_peer_encoder(path, args.layout, teacher, args.num_heads)  # a peer's file, as eval all
@@ -548,15 +538,12 @@ def cmd_export(args) -> int:
         state = fsdp.read_run_state(sharded)
         network = state["eval_network"] if teacher is None else ("teacher" if teacher else "student")
         check_export_target(Path(args.out), sharded / fsdp.RUN_STATE)
-        pool = state["config"].get("eval", {}).get("pool")
-        if not args.timm:
-            fsdp.export_consolidated(sharded, args.out, state["config"]["model"], network, pool)
-            print(f"wrote {args.out} (the {network} encoder of the sharded checkpoint {sharded})")
-            return 0
-        with tempfile.TemporaryDirectory() as scratch:  # consolidated first, then written as timm reads it
-            consolidated = Path(scratch) / "encoder.safetensors"
-            fsdp.export_consolidated(sharded, consolidated, state["config"]["model"], network, pool)
-            kwargs = save_encoder_export(Path(args.out), consolidated, timm=True)
+        with tempfile.TemporaryDirectory() as scratch:  # --timm: consolidated first, then written as timm reads it
+            consolidated = Path(scratch) / "encoder.safetensors" if args.timm else args.out
+            fsdp.export_consolidated(sharded, consolidated, state["config"]["model"], network,
+                                     state["config"].get("eval", {}).get("pool"))
+            if args.timm:
+                kwargs = save_encoder_export(Path(args.out), consolidated, timm=True)
         print(f"wrote {args.out} (the {network} encoder of the sharded checkpoint {sharded})")
     else:
         kwargs = save_encoder_export(Path(args.out), args.checkpoint, teacher=teacher, timm=args.timm)
@@ -582,8 +569,8 @@ def cmd_plot(args) -> int:
     if not args.reconstructions:
         given = [flag for flag, value in (("--count", args.count), ("--seed", args.seed)) if value is not None]
         if given:
-            raise WildsslError(f"{' and '.join(given)} only {'apply' if len(given) > 1 else 'applies'} to --reconstructions IMAGES (an MAE run's "
-                               "reconstructions); the plot you asked for has none")
+            raise WildsslError(f"{' and '.join(given)} only {'apply' if len(given) > 1 else 'applies'} to "
+                               "--reconstructions IMAGES (an MAE run's reconstructions); the plot you asked for has none")
     if args.reconstructions and args.neighbours is not None:  # --neighbours was dropped without a word
         raise WildsslError("--reconstructions and --neighbours draw two different plots; give one of them")
     if args.reconstructions:

@@ -407,13 +407,12 @@ def entry_methods(configs: dict) -> dict[str, tuple[dict, object]]:
     """``{label: (config, method)}``: each entry's method built once on the meta device (shapes only: no weights,
     ``model.init_from`` not read, since an entry's run may start from one not trained yet), from its first seed's
     config, for the checks made before any training."""
-    from wildssl.methods import build_method
+    from wildssl.methods import build_meta_method
 
     methods = {}
     for (label, _), (config, _) in configs.items():
         if label not in methods:
-            with torch.device("meta"):  # I-JEPA's ViT-B took 16 s to build with its weights, 0.05 s here
-                methods[label] = (config, build_method(config, load_init_from=False))
+            methods[label] = (config, build_meta_method(config))
     return methods
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -38,13 +39,12 @@ def _left_out_kind(name: str) -> str | None:
     return None
 
 
+@functools.cache
 def _pillow_extensions() -> frozenset[str]:
+    """The extensions of the formats Pillow opens (its plugins register them when first asked)."""
     from PIL import Image
 
-    if not hasattr(_pillow_extensions, "found"):
-        _pillow_extensions.found = frozenset(ext for ext, kind in Image.registered_extensions().items()
-                                             if kind in Image.OPEN)
-    return _pillow_extensions.found
+    return frozenset(ext for ext, kind in Image.registered_extensions().items() if kind in Image.OPEN)
 
 
 def _scan_images(root: Path) -> list[str]:

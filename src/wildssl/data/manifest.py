@@ -145,8 +145,8 @@ class JsonlManifest(FileSource):
         if any(os.path.exists(r.path) for r in sample):
             return
         if any("\\" in str(r.path) for r in sample):  # a manifest written on Windows
-            raise DataError(f"manifest {self.path}: none of its first {len(sample)} images exists (e.g. {sample[0].path}); "
-                            "its paths separate folders with backslashes (\\), which name no folder here: write them "
+            raise DataError(f"manifest {self.path}: none of its first {len(sample)} images exists (e.g. "
+                            f"{sample[0].path}); its paths separate folders with backslashes (\\), which name no folder here: write them "
                             "with forward slashes (/)")
         raise DataError(f"manifest {self.path}: none of its first {len(sample)} images exists (e.g. {sample[0].path}); "
                         f"relative paths in a manifest are read from the manifest's folder ({self.path.parent}), not "
@@ -186,8 +186,8 @@ class JsonlManifest(FileSource):
 
         label = entry.get("label")
         if label is not None and not _is_class(label):
-            raise DataError(f'{where}: "label" must be a class name or an integer id in [0, {MAX_CLASS_ID}] (give a larger id as '
-                            f'a string), got {label!r}')
+            raise DataError(f'{where}: "label" must be a class name or an integer id in [0, {MAX_CLASS_ID}] (give '
+                            f'a larger id as a string), got {label!r}')
         labels = _list_or_empty(entry.get("labels"))
         if not isinstance(labels, list) or not all(_is_class(v) for v in labels):
             raise DataError(f'{where}: "labels" must be a list of class names or integer ids in [0, {MAX_CLASS_ID}]')
@@ -224,7 +224,8 @@ class JsonlManifest(FileSource):
                                 "(x + w and y + h must be > 0)")
             category = obj.get("category")
             if category is not None and not _is_class(category):
-                raise DataError(f'{where}: objects[{k}] "category" must be a class name or an integer id in [0, {MAX_CLASS_ID}]')
+                raise DataError(f'{where}: objects[{k}] "category" must be a class name or an integer id in '
+                                f'[0, {MAX_CLASS_ID}]')
             pixel_boxes.append(tuple(float(v) for v in bbox))
             object_labels.append(category)
 

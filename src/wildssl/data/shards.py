@@ -228,11 +228,12 @@ def index_shard(path: Path, shard: int) -> ShardIndex:
             cut_key = cut_key if cut_key is not None else next(reversed(members), None)
             lost = members.pop(cut_key, None) is not None
             # once per shard and process: the online k-NN, the workers and each epoch index it again
-            warn_once(logger, ("truncated shard", str(path), os.path.getsize(path)), "tar shard %s is truncated (%s); indexing the %d keys "
-                      "before it%s", path, cut, len(members), f" (key {cut_key}, at the cut, is left out)" if lost else "")
+            warn_once(logger, ("truncated shard", str(path), file_size), "tar shard %s is truncated (%s); indexing "
+                      "the %d keys before it%s", path, cut, len(members),
+                      f" (key {cut_key}, at the cut, is left out)" if lost else "")
     if num_duplicates > 1:
-        warn_once(logger, ("repeated members", str(path), os.path.getsize(path)), "tar shard %s: %d members repeat an earlier one of the same "
-                  "key and extension; the later of each is read", path, num_duplicates)
+        warn_once(logger, ("repeated members", str(path), file_size), "tar shard %s: %d members repeat an earlier "
+                  "one of the same key and extension; the later of each is read", path, num_duplicates)
     with open(path, "rb") as raw:
         for key, parts in members.items():
             image = next((parts[e] for e in _TAR_IMAGE_EXTENSIONS if e in parts), None)

@@ -35,6 +35,7 @@ from wildssl import distributed as dist
 from wildssl.data.photometric import loses_colour
 from wildssl.data.shard_stream import ShardStream
 from wildssl.errors import ConfigError
+from wildssl.io import read_metrics
 from wildssl.eval.online_probe import make_online_probe
 from wildssl.train.logging import CollapseMonitor, MetricLogger, ProgressBar
 from wildssl.train.run import (UNREADABLE_LIST, Run, TrainingStopped, build_run, checkpoint_location, loader_spans,
@@ -44,9 +45,9 @@ from wildssl.train.step import StepResult, device_batches, training_step
 
 log = logging.getLogger("wildssl")
 
-# The eval.* keys the online k-NN's figures depend on: a resume that changes one measures the floor again.
-# A share of a source's images that, unreadable, raises a data alarm (engine's _Reporter._check_unreadable).
+# A share of a source's images that, unreadable, raises a data alarm (_Reporter._check_unreadable).
 UNREADABLE_SHARE = 0.1
+# The eval.* keys the online k-NN's figures depend on: a resume that changes one measures the floor again.
 FLOOR_SETTINGS = ("knn_train", "knn_test", "knn_k", "knn_temperature", "pool", "image_size", "encoder")
 
 __all__ = ["train", "TrainingStopped", "pick_device"]
@@ -254,9 +255,9 @@ class _Reporter:
         a new one when the online k-NN's settings changed since it was measured (``eval.*`` may change on resume)
         or it was off then: the floor of the new settings, at the run's random initialization, logged at the step
         the run resumes from."""
-        self.knn_random = recorded_random_init(self.run.out_dir) if self.run.main else {}
         if self.run.main:  # the figures up to the checkpoint: a resume with nothing left to train still reports them
-            self.last_metrics = recorded_last_metrics(self.run.out_dir)
+            records = read_metrics(self.run.out_dir)
+            self.knn_random, self.last_metrics = recorded_random_init(records), recorded_last_metrics(records)
         if self.knn_evaluator is None or not self.run.config["eval"]["knn_every"]:
             return
         saved, now = (self.run.saved_config or {}).get("eval", {}), self.run.config["eval"]
@@ -321,23 +322,19 @@ class _Reporter:
             self.logger.close()
 
 
-def recorded_last_metrics(run_dir: Path) -> dict:
-    """The latest value of each figure in the run's ``metrics.jsonl`` (its loss, k-NN, ...), or ``{}``."""
-    from wildssl.io import read_metrics
-
+def recorded_last_metrics(records: list[dict]) -> dict:
+    """The latest value of each figure in a run's ``metrics.jsonl`` records (its loss, k-NN, ...), or ``{}``."""
     latest: dict = {}
-    for record in read_metrics(run_dir):
+    for record in records:
         latest.update({k: v for k, v in record.items() if k not in ("step", "time") and not k.endswith("_random_init")})
     return latest
 
 
-def recorded_random_init(run_dir: Path) -> dict:
-    """The ``knn_*_random_init`` figures the run recorded last (its ``metrics.jsonl``: before step 0, or at a resume
+def recorded_random_init(records: list[dict]) -> dict:
+    """The ``knn_*_random_init`` figures a run's ``metrics.jsonl`` records hold last (before step 0, or at a resume
     whose k-NN settings changed), or ``{}``."""
-    from wildssl.io import read_metrics
-
     found = {}
-    for record in read_metrics(run_dir):
+    for record in records:
         if "knn_top1_random_init" in record:
             found = {k: v for k, v in record.items() if k.startswith("knn_top") and k.endswith("_random_init")}
     return found

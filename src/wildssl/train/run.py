@@ -456,17 +456,19 @@ def build_run(config: dict, out_dir: str | Path, resume: bool = False) -> Run:
                     "this run (train.sharding=ddp) keeps them as usual")
     lock = prepare_out_dir(out_dir, resume) if rank == 0 else None
     try:
-        return _build_the_rest(config, out_dir, resume, method, device, rank, world, checkpoint_path, sharded, lock)
+        return _build_the_rest(config, out_dir, resume, method, device, lock)
     except BaseException:
         if lock is not None:
             lock.close()
         raise
 
 
-def _build_the_rest(config: dict, out_dir: Path, resume: bool, method: Method, device: torch.device, rank: int,
-                    world: int, checkpoint_path: Path, sharded: bool, lock) -> Run:
-    """:func:`build_run` once the run directory is made and locked: sources, optimizer, the checkpoint's state."""
+def _build_the_rest(config: dict, out_dir: Path, resume: bool, method: Method, device: torch.device, lock) -> Run:
+    """:func:`build_run` once the method is built and the run directory made and locked (``lock``: the main
+    process's; closed by the caller if this fails): sources, optimizer, the checkpoint's state."""
     tcfg = config["train"]
+    rank, world = dist.get_rank(), dist.get_world_size()
+    checkpoint_path, sharded = run_checkpoint_path(config, out_dir), tcfg["sharding"] == "fsdp"
     dist.barrier()
 
     streams = type(method).streams
